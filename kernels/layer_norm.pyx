@@ -1,0 +1,184 @@
+# LayerNorm kernels: normalise each row of a (n, d) matrix.
+#
+# Contract (normffn/layer_norm.py and _checks.py guarantee it; nothing here re-checks):
+#   * x, y, dy, dx are C-contiguous (n, d) of one float dtype, n >= 1, d >= 1, no output overlaps
+#     an input; weight/bias are contiguous (d,) or None; mean/rstd are contiguous (n,).
+#   * The GIL is released once per call; all loops run without bounds checks.
+# Threads: rows are split statically over OpenMP threads (each row is independent in forward and
+# in dx).  dweight/dbias are reduced deterministically: rows are cut into a fixed number of
+# blocks that depends only on (n, d) — never on the thread count — each block accumulates its
+# partial sums in float64, and the partials are added in block order.  So 1 and N threads give
+# bitwise-identical results.
+import numpy as np
+
+from cython cimport floating
+from cython.parallel cimport parallel, prange
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+
+from _common cimport (NF_G, nf_stream_bytes, n_threads_for, nf_ln_bwd_rows_f32,
+                      nf_ln_bwd_rows_f64, nf_ln_fwd_row_f32, nf_ln_fwd_row_f64,
+                      nf_stream_fence)
+
+# Below this many elements per thread the fork/join costs more than it saves.
+cdef Py_ssize_t MIN_ELEMS_PER_THREAD = 32768
+# dweight/dbias partials: at most this many float64 scratch values per row of x ...
+cdef Py_ssize_t SCRATCH_BUDGET = 1 << 16
+# ... but never fewer than MIN_BLOCKS (so threads have work) nor more than MAX_BLOCKS blocks.
+cdef Py_ssize_t MIN_BLOCKS = 8
+cdef Py_ssize_t MAX_BLOCKS = 64
+
+
+cdef Py_ssize_t n_row_blocks(Py_ssize_t n, Py_ssize_t d) noexcept nogil:
+    """Number of dweight/dbias partial blocks: a function of (n, d) only."""
+    cdef Py_ssize_t nb = SCRATCH_BUDGET // d
+    if nb > MAX_BLOCKS:
+        nb = MAX_BLOCKS
+    if nb < MIN_BLOCKS:
+        nb = MIN_BLOCKS
+    if nb > n:
+        nb = n
+    return nb
+
+
+# ---------------------------------------------------------------- forward
+# mean[i] = sum_j x[i, j] / d
+# rstd[i] = 1 / sqrt(sum_j (x[i, j] - mean[i])^2 / d + eps)            (biased variance)
+# y[i, j] = (x[i, j] - mean[i]) * rstd[i] * weight[j] + bias[j]
+cdef int _forward(floating[:, ::1] y, floating[::1] mean, floating[::1] rstd,     # OUT
+                  const floating[:, ::1] x,                                         # IN
+                  const floating[::1] weight, const floating[::1] bias,             # IN or None
+                  double eps) except -1:
+    cdef Py_ssize_t n = x.shape[0], d = x.shape[1], i
+    cdef const floating *w = NULL
+    cdef const floating *b = NULL
+    cdef floating *yp = &y[0, 0]
+    cdef floating *mp = &mean[0]
+    cdef floating *rp = &rstd[0]
+    cdef const floating *xp = &x[0, 0]
+    if weight is not None:
+        w = &weight[0]
+    if bias is not None:
+        b = &bias[0]
+    cdef int stream = <size_t>(n * d) * sizeof(floating) >= nf_stream_bytes()
+    cdef int nt = n_threads_for(n * d, MIN_ELEMS_PER_THREAD)
+    with nogil, parallel(num_threads=nt):
+        for i in prange(n, schedule='static'):
+            if floating is float:
+                nf_ln_fwd_row_f32(yp + i * d, mp + i, rp + i, xp + i * d, w, b, d, eps, stream)
+            else:
+                nf_ln_fwd_row_f64(yp + i * d, mp + i, rp + i, xp + i * d, w, b, d, eps, stream)
+        if stream:
+            nf_stream_fence()
+    return 0
+
+
+# ---------------------------------------------------------------- backward
+# xhat = (x - mean) * rstd,   g = dy * weight   (g = dy without weight)
+# c1 = mean_j(g * xhat),      c2 = mean_j(g)
+# dx = rstd * (g - xhat * c1 - c2)
+# dweight = sum_i dy * xhat,  dbias = sum_i dy
+# Rows are cut into nb fixed blocks; block k accumulates its dweight/dbias partial in
+# scratch[k] (float64) group by group (NF_G rows at a time); the partials are then added in
+# block order, one column per thread.
+cdef int _backward(floating[:, ::1] dx,                                            # OUT
+                   floating[::1] dweight, floating[::1] dbias,                       # OUT or None
+                   const floating[:, ::1] dy, const floating[:, ::1] x,              # IN
+                   const floating[::1] weight,                                       # IN or None
+                   const floating[::1] mean, const floating[::1] rstd) except -1:    # IN
+    cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
+    cdef Py_ssize_t i, j, g, blk, r0, r1, nb, rows_per_block
+    cdef const floating *w = NULL
+    cdef floating *dxp = &dx[0, 0]
+    cdef const floating *dyp = &dy[0, 0]
+    cdef const floating *xp = &x[0, 0]
+    cdef const floating *mp = &mean[0]
+    cdef const floating *rp = &rstd[0]
+    cdef floating *dwp = NULL
+    cdef floating *dbp = NULL
+    cdef double *scratch = NULL
+    cdef double *acc_w
+    cdef double *acc_b
+    cdef double sw, sb
+    # dweight exists iff weight does (the row helpers rely on it)
+    cdef bint need_w = weight is not None, need_b = dbias is not None
+    cdef Py_ssize_t width = (<Py_ssize_t>need_w + <Py_ssize_t>need_b) * d
+    if weight is not None:
+        w = &weight[0]
+    if need_w:
+        dwp = &dweight[0]
+    if need_b:
+        dbp = &dbias[0]
+    cdef int stream = <size_t>(n * d) * sizeof(floating) >= nf_stream_bytes()
+
+    nb = n_row_blocks(n, d)
+    rows_per_block = (n + nb - 1) // nb
+    nb = (n + rows_per_block - 1) // rows_per_block
+    if width > 0:
+        scratch = <double *> malloc(nb * width * sizeof(double))
+        if scratch == NULL:
+            raise MemoryError("layer_norm_backward: cannot allocate dweight/dbias scratch")
+    cdef int nt = n_threads_for(n * d, MIN_ELEMS_PER_THREAD)
+    with nogil, parallel(num_threads=nt):
+        for blk in prange(nb, schedule='static'):
+            acc_w = NULL
+            acc_b = NULL
+            if need_w:
+                acc_w = scratch + blk * width
+            if need_b:
+                acc_b = scratch + blk * width + (d if need_w else 0)
+            if width > 0:
+                memset(scratch + blk * width, 0, width * sizeof(double))
+            r0 = blk * rows_per_block
+            r1 = r0 + rows_per_block
+            if r1 > n:
+                r1 = n
+            i = r0
+            while i < r1:
+                g = r1 - i
+                if g > NF_G:
+                    g = NF_G
+                if floating is float:
+                    nf_ln_bwd_rows_f32(dxp + i * d, acc_w, acc_b, dyp + i * d, xp + i * d, w,
+                                       mp + i, rp + i, g, d, stream)
+                else:
+                    nf_ln_bwd_rows_f64(dxp + i * d, acc_w, acc_b, dyp + i * d, xp + i * d, w,
+                                       mp + i, rp + i, g, d, stream)
+                i = i + g
+        if stream:
+            nf_stream_fence()
+    if width > 0:
+        # Combine the block partials in block order; each column is owned by one thread.
+        with nogil:
+            for j in prange(d, schedule='static',
+                            num_threads=n_threads_for(nb * d, MIN_ELEMS_PER_THREAD)):
+                sw = 0.0
+                sb = 0.0
+                for blk in range(nb):
+                    if need_w:
+                        sw = sw + scratch[blk * width + j]
+                    if need_b:
+                        sb = sb + scratch[blk * width + (d if need_w else 0) + j]
+                if need_w:
+                    dwp[j] = <floating> sw
+                if need_b:
+                    dbp[j] = <floating> sb
+        free(scratch)
+    return 0
+
+
+# ---------------------------------------------------------------- Python entry points
+def forward(y, mean, rstd, x, weight, bias, double eps):
+    """y, mean, rstd <- LayerNorm(x) over rows.  Arguments already validated (see module doc)."""
+    if x.dtype == np.float32:
+        _forward[float](y, mean, rstd, x, weight, bias, eps)
+    else:
+        _forward[double](y, mean, rstd, x, weight, bias, eps)
+
+
+def backward(dx, dweight, dbias, dy, x, weight, mean, rstd):
+    """dx, dweight, dbias <- LayerNorm backward.  Arguments already validated."""
+    if x.dtype == np.float32:
+        _backward[float](dx, dweight, dbias, dy, x, weight, mean, rstd)
+    else:
+        _backward[double](dx, dweight, dbias, dy, x, weight, mean, rstd)

@@ -1,0 +1,14 @@
+"""normffn: fast, accurate CPU kernels for the transformer's building blocks.
+
+NumPy arrays in, NumPy arrays out; signatures follow ``torch.nn.functional``.
+Every op has three entry points: ``op(...) -> y``, ``op_forward(...) -> (y, ctx)`` and
+``op_backward(dy, ctx) -> grads``.  ``normffn.reference`` holds float64 references of each,
+``normffn.testing`` the comparison helpers.
+"""
+from .layer_norm import LayerNormContext, layer_norm, layer_norm_backward, layer_norm_forward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerNormContext", "layer_norm", "layer_norm_forward", "layer_norm_backward",
+]

@@ -1,0 +1,155 @@
+"""Argument validation shared by every op.
+
+The Cython kernels run without bounds checks and without the GIL: they trust their arguments.
+This module is why they may.  Every public entry point passes its arguments through these
+helpers before touching a kernel, and every failure is a ``TypeError`` (wrong kind of thing) or
+``ValueError`` (right kind, wrong value) whose message names the argument and what was expected.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# Kernels index with Py_ssize_t, but BLAS (cython_blas, LP64) takes 32-bit ints: sizes that feed
+# a GEMM must stay below this.
+INT32_MAX = 2**31 - 1
+
+
+def float_array(a, name: str) -> np.ndarray:
+    """Return ``a`` as an ndarray of dtype float32 or float64 (no copy if it already is one).
+
+    Array-likes (lists, CPU tensors with ``__array__``) are converted; integer, bool, float16,
+    complex, object and structured data are a ``TypeError``.
+    """
+    if a is None:
+        raise TypeError(f"{name} must be a float32 or float64 array, got None")
+    if not isinstance(a, np.ndarray):
+        try:
+            a = np.asarray(a)
+        except Exception as exc:  # noqa: BLE001 - report any conversion failure the same way
+            raise TypeError(f"{name} must be a float32 or float64 array, got "
+                            f"{type(a).__name__} ({exc})") from None
+    dt = a.dtype
+    if dt.kind != "f" or dt.itemsize not in (4, 8) or dt.fields is not None:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {dt}")
+    if not dt.isnative:
+        a = a.astype(dt.newbyteorder("="))
+    return a
+
+
+def same_dtype(dtype: np.dtype, name: str, a: np.ndarray) -> None:
+    if a.dtype != dtype:
+        raise TypeError(f"{name} has dtype {a.dtype}, expected {dtype} (the dtype of x); "
+                        "mixing dtypes is not supported")
+
+
+def optional_param(a, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray | None:
+    """A per-feature parameter (weight, bias, running stats...): None, or an array of ``shape``
+    and ``dtype``, returned C-contiguous (copied only if it is not)."""
+    if a is None:
+        return None
+    a = float_array(a, name)
+    same_dtype(dtype, name, a)
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {a.shape}, expected {tuple(shape)}")
+    return np.ascontiguousarray(a)
+
+
+def finite_float(value, name: str, *, low: float | None = None, low_inclusive: bool = True,
+                 high: float | None = None) -> float:
+    """A real scalar, finite, within [low, high] (or (low, high] if not low_inclusive)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if low is not None and (v < low or (v == low and not low_inclusive)):
+        bound = f">= {low}" if low_inclusive else f"> {low}"
+        raise ValueError(f"{name} must be {bound}, got {v}")
+    if high is not None and v > high:
+        raise ValueError(f"{name} must be <= {high}, got {v}")
+    return v
+
+
+def eps(value, *, strictly_positive: bool = False) -> float:
+    return finite_float(value, "eps", low=0.0, low_inclusive=not strictly_positive)
+
+
+def normalized_shape(value, x_shape: tuple) -> tuple:
+    """Normalise ``normalized_shape`` (int or sequence of ints) and check it matches the
+    trailing dims of x."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError("normalized_shape must be an int or a tuple of ints, got bool")
+    try:
+        shape = (operator.index(value),)
+    except TypeError:
+        try:
+            shape = tuple(operator.index(v) for v in value)
+        except TypeError:
+            raise TypeError("normalized_shape must be an int or a tuple of ints, got "
+                            f"{value!r}") from None
+    if len(shape) == 0:
+        raise ValueError("normalized_shape must have at least one dimension, got ()")
+    if any(s <= 0 for s in shape):
+        raise ValueError(f"normalized_shape must contain positive sizes, got {shape}")
+    if len(shape) > len(x_shape):
+        raise ValueError(f"normalized_shape {shape} has more dims than x (shape {x_shape})")
+    if tuple(x_shape[len(x_shape) - len(shape):]) != shape:
+        raise ValueError(f"normalized_shape {shape} does not match the trailing dims of x "
+                         f"(shape {x_shape})")
+    return shape
+
+
+def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=10_000))
+    except np.exceptions.TooHardError:
+        return True
+
+
+def out_array(out, name: str, shape: tuple, dtype: np.dtype, inputs=()) -> np.ndarray:
+    """Validate a caller-provided output buffer: ndarray of the exact shape and dtype,
+    C-contiguous, writeable, not overlapping any of ``inputs``."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise ValueError(f"{name} has dtype {out.dtype}, expected {dtype}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {out.shape}, expected {tuple(shape)}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} must be writeable")
+    for a in inputs:
+        if a is not None and _overlaps(out, a):
+            raise ValueError(f"{name} overlaps an input array; pass a separate buffer")
+    return out
+
+
+def new_or_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    return out_array(out, name, shape, dtype, inputs)
+
+
+def context(ctx, cls, op: str):
+    if not isinstance(ctx, cls):
+        raise TypeError(f"ctx must be the {cls.__name__} returned by {op}_forward, got "
+                        f"{type(ctx).__name__}")
+    return ctx
+
+
+def grad_output(dy, ctx_shape: tuple, dtype: np.dtype, name: str = "dy") -> np.ndarray:
+    dy = float_array(dy, name)
+    same_dtype(dtype, name, dy)
+    if dy.shape != tuple(ctx_shape):
+        raise ValueError(f"{name} has shape {dy.shape}, expected {tuple(ctx_shape)} "
+                         "(the shape of the forward output)")
+    return dy
