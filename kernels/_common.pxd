@@ -16,12 +16,12 @@ cdef extern from "rows.h" nogil:
     size_t nf_stream_bytes()
     int NF_G
     void nf_stream_fence()
-    void nf_ln_fwd_row_f32(float *y, float *mean, float *rstd, const float *x,
+    void nf_ln_fwd_row_f32(float *y, double *mean, double *rstd, const float *x,
                            const float *w, const float *b, nf_index n, double eps, int stream)
     void nf_ln_fwd_row_f64(double *y, double *mean, double *rstd, const double *x,
                            const double *w, const double *b, nf_index n, double eps, int stream)
     void nf_ln_bwd_rows_f32(float *dx, double *dw_acc, double *db_acc, const float *dy,
-                            const float *x, const float *w, const float *mean, const float *rstd,
+                            const float *x, const float *w, const double *mean, const double *rstd,
                             nf_index g, nf_index n, int stream)
     void nf_ln_bwd_rows_f64(double *dx, double *dw_acc, double *db_acc, const double *dy,
                             const double *x, const double *w, const double *mean,

@@ -45,7 +45,7 @@ cdef Py_ssize_t n_row_blocks(Py_ssize_t n, Py_ssize_t d) noexcept nogil:
 # mean[i] = sum_j x[i, j] / d
 # rstd[i] = 1 / sqrt(sum_j (x[i, j] - mean[i])^2 / d + eps)            (biased variance)
 # y[i, j] = (x[i, j] - mean[i]) * rstd[i] * weight[j] + bias[j]
-cdef int _forward(floating[:, ::1] y, floating[::1] mean, floating[::1] rstd,     # OUT
+cdef int _forward(floating[:, ::1] y, double[::1] mean, double[::1] rstd,         # OUT
                   const floating[:, ::1] x,                                         # IN
                   const floating[::1] weight, const floating[::1] bias,             # IN or None
                   double eps) except -1:
@@ -53,8 +53,8 @@ cdef int _forward(floating[:, ::1] y, floating[::1] mean, floating[::1] rstd,   
     cdef const floating *w = NULL
     cdef const floating *b = NULL
     cdef floating *yp = &y[0, 0]
-    cdef floating *mp = &mean[0]
-    cdef floating *rp = &rstd[0]
+    cdef double *mp = &mean[0]
+    cdef double *rp = &rstd[0]
     cdef const floating *xp = &x[0, 0]
     if weight is not None:
         w = &weight[0]
@@ -85,15 +85,15 @@ cdef int _backward(floating[:, ::1] dx,                                         
                    floating[::1] dweight, floating[::1] dbias,                       # OUT or None
                    const floating[:, ::1] dy, const floating[:, ::1] x,              # IN
                    const floating[::1] weight,                                       # IN or None
-                   const floating[::1] mean, const floating[::1] rstd) except -1:    # IN
+                   const double[::1] mean, const double[::1] rstd) except -1:        # IN
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
     cdef Py_ssize_t i, j, g, blk, r0, r1, nb, rows_per_block
     cdef const floating *w = NULL
     cdef floating *dxp = &dx[0, 0]
     cdef const floating *dyp = &dy[0, 0]
     cdef const floating *xp = &x[0, 0]
-    cdef const floating *mp = &mean[0]
-    cdef const floating *rp = &rstd[0]
+    cdef const double *mp = &mean[0]
+    cdef const double *rp = &rstd[0]
     cdef floating *dwp = NULL
     cdef floating *dbp = NULL
     cdef double *scratch = NULL
@@ -182,3 +182,9 @@ def backward(dx, dweight, dbias, dy, x, weight, mean, rstd):
         _backward[float](dx, dweight, dbias, dy, x, weight, mean, rstd)
     else:
         _backward[double](dx, dweight, dbias, dy, x, weight, mean, rstd)
+
+
+def max_threads():
+    """The OpenMP thread count a large kernel call would use now (OMP_NUM_THREADS,
+    threadpoolctl)."""
+    return n_threads_for(1 << 40, 1)

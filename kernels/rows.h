@@ -166,14 +166,14 @@ NF_DEF_AFFINE(nf_affine_f64, double)
 /* One LayerNorm row: mean, rstd (two-pass, float64 sums), then y.  With `stream`, y is built in
  * an L1 chunk and streamed out (see NF_STREAM_BYTES). */
 #define NF_DEF_LN_FWD(NAME, T, SUM, SSD, AFFINE)                                              \
-static void NAME(T *restrict y, T *mean_out, T *rstd_out, const T *restrict x,                \
+static void NAME(T *restrict y, double *mean_out, double *rstd_out, const T *restrict x,      \
                  const T *restrict w, const T *restrict b, nf_index n, double eps, int stream) \
 {                                                                                             \
     double mean = SUM(x, n) / (double)n;                                                      \
     double var = SSD(x, n, mean) / (double)n;                                                 \
     double rstd = 1.0 / sqrt(var + eps);                                                      \
-    *mean_out = (T)mean;                                                                      \
-    *rstd_out = (T)rstd;                                                                      \
+    *mean_out = mean;                                                                         \
+    *rstd_out = rstd;                                                                         \
     T mh, ml;                                                                                 \
     if (sizeof(T) == sizeof(float)) { float h, l; nf_split(mean, &h, &l); mh = h; ml = l; }   \
     else { mh = (T)mean; ml = 0; }                                                            \
@@ -284,15 +284,15 @@ NF_DEF_LN_BWD_DX(nf_ln_bwd_dxG_f64, double, nf_ln_bwd_dx_body_f64, NF_G)
 #define NF_DEF_LN_BWD(NAME, T, STATS, DX1, DXG)                                               \
 static void NAME(T *restrict dx, double *restrict dw_acc, double *restrict db_acc,            \
                  const T *restrict dy, const T *restrict x, const T *restrict w,              \
-                 const T *mean, const T *rstd, nf_index g, nf_index n, int stream)            \
+                 const double *mean, const double *rstd, nf_index g, nf_index n, int stream)  \
 {                                                                                             \
     T mh[NF_G], ml[NF_G], r[NF_G], c1[NF_G], c2[NF_G];                                        \
     for (nf_index k = 0; k < g; k++) {                                                        \
         double s1, s2;                                                                        \
         if (sizeof(T) == sizeof(float)) {                                                     \
-            float h, l; nf_split((double)mean[k], &h, &l); mh[k] = h; ml[k] = l;              \
-        } else { mh[k] = mean[k]; ml[k] = 0; }                                                \
-        r[k] = rstd[k];                                                                       \
+            float h, l; nf_split(mean[k], &h, &l); mh[k] = h; ml[k] = l;                      \
+        } else { mh[k] = (T)mean[k]; ml[k] = 0; }                                             \
+        r[k] = (T)rstd[k];                                                                    \
         STATS(&s1, &s2, dy + k * n, x + k * n, w, n, mh[k], ml[k], r[k]);                     \
         c1[k] = (T)s1; c2[k] = (T)s2;                                                         \
     }                                                                                         \

@@ -22,8 +22,10 @@ class LayerNormContext:
     Attributes
     ----------
     mean, rstd : ndarray of shape ``x.shape[:x.ndim - len(normalized_shape)]``
-        Per-row mean and ``1 / sqrt(var + eps)`` (biased variance), in x's dtype — the same
-        values as the 2nd and 3rd outputs of ``torch.native_layer_norm``, squeezed.
+        Per-row mean and ``1 / sqrt(var + eps)`` (biased variance) — the same values as the
+        2nd and 3rd outputs of ``torch.native_layer_norm``, squeezed.  Always float64: a
+        float32 mean of a row of ``1e4 + noise`` is off by up to half an ulp of 1e4, which
+        would cost backward (which recomputes ``xhat`` from it) three digits.
     normalized_shape : tuple of int
     eps : float
     x : ndarray, C-contiguous, shape of the forward input (backward recomputes ``xhat`` from it)
@@ -59,9 +61,9 @@ class LayerNormContext:
         lead = x.shape[:x.ndim - k]
         for name in ("mean", "rstd"):
             a = getattr(self, name)
-            if not isinstance(a, np.ndarray) or a.dtype != x.dtype or a.shape != lead \
+            if not isinstance(a, np.ndarray) or a.dtype != np.float64 or a.shape != lead \
                     or not a.flags.c_contiguous:
-                raise ValueError(f"ctx.{name} must be a C-contiguous {x.dtype} array of shape "
+                raise ValueError(f"ctx.{name} must be a C-contiguous float64 array of shape "
                                  f"{lead}")
         for name in ("weight", "bias"):
             a = getattr(self, name)
@@ -91,7 +93,8 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     -------
     y : ndarray of x's shape and dtype
     ctx : LayerNormContext
-        ``ctx.mean`` and ``ctx.rstd`` have shape ``x.shape[:x.ndim - len(normalized_shape)]``.
+        ``ctx.mean`` and ``ctx.rstd`` (float64) have shape
+        ``x.shape[:x.ndim - len(normalized_shape)]``.
 
     Raises
     ------
@@ -114,8 +117,8 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     lead = x.shape[:x.ndim - len(nshape)]
     n, d = math.prod(lead), math.prod(nshape)
     xc = np.ascontiguousarray(x)
-    mean = np.empty(lead, dtype=dtype)
-    rstd = np.empty(lead, dtype=dtype)
+    mean = np.empty(lead, dtype=np.float64)
+    rstd = np.empty(lead, dtype=np.float64)
     if n > 0:
         _kernel.forward(y.reshape(n, d), mean.reshape(n), rstd.reshape(n), xc.reshape(n, d),
                         weight if weight is None else weight.reshape(d),
