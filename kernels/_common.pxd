@@ -3,29 +3,30 @@
 # Table of contents
 #   nf_ln_*           LayerNorm row helpers: forward per row, backward per group of NF_G rows
 #   nf_stream_*       non-temporal output stores for outputs >= the last-level cache (rows.h)
-#   nf_sum_*/nf_ssd_* blocked sums and sums of squared deviations (rows.h)
+#   nf_reduce_blocks  fixed-order sum of float64 block partials (rows.h)
 #   n_threads_for     how many OpenMP threads a kernel may use for `work` units
 
 cdef extern from "rows.h" nogil:
     ctypedef Py_ssize_t nf_index
     int nf_omp_max_threads()
-    double nf_sum_f32(const float *x, nf_index n)
-    double nf_sum_f64(const double *x, nf_index n)
-    double nf_ssd_f32(const float *x, nf_index n, double mean)
-    double nf_ssd_f64(const double *x, nf_index n, double mean)
     size_t nf_stream_bytes()
     int NF_G
     void nf_stream_fence()
+    void nf_reduce_blocks(double *work, nf_index nb, nf_index width, nf_index j0, nf_index j1)
     void nf_ln_fwd_row_f32(float *y, double *mean, double *rstd, const float *x,
-                           const float *w, const float *b, nf_index n, double eps, int stream)
+                           const float *w, const float *b, nf_index n, double eps, int stream,
+                           const float *next_x)
     void nf_ln_fwd_row_f64(double *y, double *mean, double *rstd, const double *x,
-                           const double *w, const double *b, nf_index n, double eps, int stream)
+                           const double *w, const double *b, nf_index n, double eps, int stream,
+                           const double *next_x)
     void nf_ln_bwd_rows_f32(float *dx, double *dw_acc, double *db_acc, const float *dy,
                             const float *x, const float *w, const double *mean, const double *rstd,
-                            nf_index g, nf_index n, int stream)
+                            nf_index g, nf_index n, int stream, const float *next_dy,
+                            const float *next_x, nf_index next_g)
     void nf_ln_bwd_rows_f64(double *dx, double *dw_acc, double *db_acc, const double *dy,
                             const double *x, const double *w, const double *mean,
-                            const double *rstd, nf_index g, nf_index n, int stream)
+                            const double *rstd, nf_index g, nf_index n, int stream,
+                            const double *next_dy, const double *next_x, nf_index next_g)
 
 
 cdef inline int n_threads_for(Py_ssize_t work, Py_ssize_t min_work_per_thread) noexcept nogil:

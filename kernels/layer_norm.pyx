@@ -13,12 +13,11 @@ import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 
 from _common cimport (NF_G, nf_stream_bytes, n_threads_for, nf_ln_bwd_rows_f32,
                       nf_ln_bwd_rows_f64, nf_ln_fwd_row_f32, nf_ln_fwd_row_f64,
-                      nf_stream_fence)
+                      nf_reduce_blocks, nf_stream_fence)
 
 # Below this many elements per thread the fork/join costs more than it saves.
 cdef Py_ssize_t MIN_ELEMS_PER_THREAD = 32768
@@ -27,6 +26,8 @@ cdef Py_ssize_t SCRATCH_BUDGET = 1 << 16
 # ... but never fewer than MIN_BLOCKS (so threads have work) nor more than MAX_BLOCKS blocks.
 cdef Py_ssize_t MIN_BLOCKS = 8
 cdef Py_ssize_t MAX_BLOCKS = 64
+# Columns per task when the partials are combined.
+cdef Py_ssize_t REDUCE_CHUNK = 512
 
 
 cdef Py_ssize_t n_row_blocks(Py_ssize_t n, Py_ssize_t d) noexcept nogil:
@@ -41,6 +42,12 @@ cdef Py_ssize_t n_row_blocks(Py_ssize_t n, Py_ssize_t d) noexcept nogil:
     return nb
 
 
+cdef Py_ssize_t block_rows(Py_ssize_t n, Py_ssize_t nb) noexcept nogil:
+    """Rows per block: n/nb rounded up to a whole number of NF_G-row groups."""
+    cdef Py_ssize_t r = (n + nb - 1) // nb
+    return ((r + NF_G - 1) // NF_G) * NF_G
+
+
 # ---------------------------------------------------------------- forward
 # mean[i] = sum_j x[i, j] / d
 # rstd[i] = 1 / sqrt(sum_j (x[i, j] - mean[i])^2 / d + eps)            (biased variance)
@@ -49,7 +56,7 @@ cdef int _forward(floating[:, ::1] y, double[::1] mean, double[::1] rstd,       
                   const floating[:, ::1] x,                                         # IN
                   const floating[::1] weight, const floating[::1] bias,             # IN or None
                   double eps) except -1:
-    cdef Py_ssize_t n = x.shape[0], d = x.shape[1], i
+    cdef Py_ssize_t n = x.shape[0], d = x.shape[1], i, nxt
     cdef const floating *w = NULL
     cdef const floating *b = NULL
     cdef floating *yp = &y[0, 0]
@@ -64,10 +71,13 @@ cdef int _forward(floating[:, ::1] y, double[::1] mean, double[::1] rstd,       
     cdef int nt = n_threads_for(n * d, MIN_ELEMS_PER_THREAD)
     with nogil, parallel(num_threads=nt):
         for i in prange(n, schedule='static'):
+            nxt = i + 1 if i + 1 < n else i   # the row to prefetch while this one is in L1
             if floating is float:
-                nf_ln_fwd_row_f32(yp + i * d, mp + i, rp + i, xp + i * d, w, b, d, eps, stream)
+                nf_ln_fwd_row_f32(yp + i * d, mp + i, rp + i, xp + i * d, w, b, d, eps, stream,
+                                  xp + nxt * d)
             else:
-                nf_ln_fwd_row_f64(yp + i * d, mp + i, rp + i, xp + i * d, w, b, d, eps, stream)
+                nf_ln_fwd_row_f64(yp + i * d, mp + i, rp + i, xp + i * d, w, b, d, eps, stream,
+                                  xp + nxt * d)
         if stream:
             nf_stream_fence()
     return 0
@@ -85,9 +95,10 @@ cdef int _backward(floating[:, ::1] dx,                                         
                    floating[::1] dweight, floating[::1] dbias,                       # OUT or None
                    const floating[:, ::1] dy, const floating[:, ::1] x,              # IN
                    const floating[::1] weight,                                       # IN or None
-                   const double[::1] mean, const double[::1] rstd) except -1:        # IN
+                   const double[::1] mean, const double[::1] rstd,                   # IN
+                   double[::1] scratch) except -1:                                   # WORK
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
-    cdef Py_ssize_t i, j, g, blk, r0, r1, nb, rows_per_block
+    cdef Py_ssize_t i, j, g, gn, blk, r0, r1, nb, rows_per_block, c, nc, j0, j1
     cdef const floating *w = NULL
     cdef floating *dxp = &dx[0, 0]
     cdef const floating *dyp = &dy[0, 0]
@@ -96,10 +107,9 @@ cdef int _backward(floating[:, ::1] dx,                                         
     cdef const double *rp = &rstd[0]
     cdef floating *dwp = NULL
     cdef floating *dbp = NULL
-    cdef double *scratch = NULL
+    cdef double *work = NULL
     cdef double *acc_w
     cdef double *acc_b
-    cdef double sw, sb
     # dweight exists iff weight does (the row helpers rely on it)
     cdef bint need_w = weight is not None, need_b = dbias is not None
     cdef Py_ssize_t width = (<Py_ssize_t>need_w + <Py_ssize_t>need_b) * d
@@ -112,23 +122,23 @@ cdef int _backward(floating[:, ::1] dx,                                         
     cdef int stream = <size_t>(n * d) * sizeof(floating) >= nf_stream_bytes()
 
     nb = n_row_blocks(n, d)
-    rows_per_block = (n + nb - 1) // nb
+    rows_per_block = block_rows(n, nb)
     nb = (n + rows_per_block - 1) // rows_per_block
     if width > 0:
-        scratch = <double *> malloc(nb * width * sizeof(double))
-        if scratch == NULL:
-            raise MemoryError("layer_norm_backward: cannot allocate dweight/dbias scratch")
+        if scratch is None or scratch.shape[0] < nb * width:
+            raise ValueError("layer_norm backward: scratch too small (see scratch_size)")
+        work = &scratch[0]
     cdef int nt = n_threads_for(n * d, MIN_ELEMS_PER_THREAD)
     with nogil, parallel(num_threads=nt):
         for blk in prange(nb, schedule='static'):
             acc_w = NULL
             acc_b = NULL
             if need_w:
-                acc_w = scratch + blk * width
+                acc_w = work + blk * width
             if need_b:
-                acc_b = scratch + blk * width + (d if need_w else 0)
+                acc_b = work + blk * width + (d if need_w else 0)
             if width > 0:
-                memset(scratch + blk * width, 0, width * sizeof(double))
+                memset(work + blk * width, 0, width * sizeof(double))
             r0 = blk * rows_per_block
             r1 = r0 + rows_per_block
             if r1 > n:
@@ -138,32 +148,39 @@ cdef int _backward(floating[:, ::1] dx,                                         
                 g = r1 - i
                 if g > NF_G:
                     g = NF_G
+                gn = r1 - i - g    # rows of the next group (prefetched meanwhile)
+                if gn > NF_G:
+                    gn = NF_G
                 if floating is float:
                     nf_ln_bwd_rows_f32(dxp + i * d, acc_w, acc_b, dyp + i * d, xp + i * d, w,
-                                       mp + i, rp + i, g, d, stream)
+                                       mp + i, rp + i, g, d, stream,
+                                       dyp + (i + g) * d, xp + (i + g) * d, gn)
                 else:
                     nf_ln_bwd_rows_f64(dxp + i * d, acc_w, acc_b, dyp + i * d, xp + i * d, w,
-                                       mp + i, rp + i, g, d, stream)
+                                       mp + i, rp + i, g, d, stream,
+                                       dyp + (i + g) * d, xp + (i + g) * d, gn)
                 i = i + g
         if stream:
             nf_stream_fence()
     if width > 0:
-        # Combine the block partials in block order; each column is owned by one thread.
+        # Combine the block partials in block order: columns are split into fixed chunks, each
+        # chunk summed over blocks 0..nb-1 in order into block 0, then cast.
+        nc = (width + REDUCE_CHUNK - 1) // REDUCE_CHUNK
         with nogil:
-            for j in prange(d, schedule='static',
-                            num_threads=n_threads_for(nb * d, MIN_ELEMS_PER_THREAD)):
-                sw = 0.0
-                sb = 0.0
-                for blk in range(nb):
-                    if need_w:
-                        sw = sw + scratch[blk * width + j]
-                    if need_b:
-                        sb = sb + scratch[blk * width + (d if need_w else 0) + j]
-                if need_w:
-                    dwp[j] = <floating> sw
-                if need_b:
-                    dbp[j] = <floating> sb
-        free(scratch)
+            for c in prange(nc, schedule='static',
+                            num_threads=n_threads_for(nb * width, MIN_ELEMS_PER_THREAD)):
+                j0 = c * REDUCE_CHUNK
+                j1 = j0 + REDUCE_CHUNK
+                if j1 > width:
+                    j1 = width
+                nf_reduce_blocks(work, nb, width, j0, j1)
+                for j in range(j0, j1):
+                    if need_w and j < d:
+                        dwp[j] = <floating> work[j]
+                    elif need_w:
+                        dbp[j - d] = <floating> work[j]
+                    else:
+                        dbp[j] = <floating> work[j]
     return 0
 
 
@@ -176,12 +193,24 @@ def forward(y, mean, rstd, x, weight, bias, double eps):
         _forward[double](y, mean, rstd, x, weight, bias, eps)
 
 
-def backward(dx, dweight, dbias, dy, x, weight, mean, rstd):
-    """dx, dweight, dbias <- LayerNorm backward.  Arguments already validated."""
+def scratch_size(Py_ssize_t n, Py_ssize_t d, bint need_w, bint need_b):
+    """float64 elements of scratch `backward` needs for dweight/dbias partials."""
+    cdef Py_ssize_t nb, rpb
+    if n < 1 or d < 1:
+        return 0
+    nb = n_row_blocks(n, d)
+    rpb = block_rows(n, nb)
+    nb = (n + rpb - 1) // rpb
+    return nb * (<Py_ssize_t>need_w + <Py_ssize_t>need_b) * d
+
+
+def backward(dx, dweight, dbias, dy, x, weight, mean, rstd, scratch):
+    """dx, dweight, dbias <- LayerNorm backward.  Arguments already validated; `scratch` holds
+    at least scratch_size(...) float64 values (or is None when no dweight/dbias is wanted)."""
     if x.dtype == np.float32:
-        _backward[float](dx, dweight, dbias, dy, x, weight, mean, rstd)
+        _backward[float](dx, dweight, dbias, dy, x, weight, mean, rstd, scratch)
     else:
-        _backward[double](dx, dweight, dbias, dy, x, weight, mean, rstd)
+        _backward[double](dx, dweight, dbias, dy, x, weight, mean, rstd, scratch)
 
 
 def max_threads():

@@ -4,14 +4,16 @@
  * dtypes and contiguity); `n >= 1`.  The helpers are plain C that GCC auto-vectorises; each is
  * compiled three times (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, and the portable baseline)
  * with `target_clones` and picked at load time, so the wheel still runs on any x86-64 CPU.
+ * Dispatch happens once per row (or group of rows): the per-pass helpers are always_inline.
  *
  * Numerics:
- *  - Sums use NF_LANES independent accumulators (several vector registers), which both hides
- *    add latency and makes the summation error grow like n/NF_LANES instead of n.  float32 data
- *    is summed in float64.
- *  - Variances are two-pass (sum of squared deviations from the mean): rows are in L1/L2 by the
- *    second pass, so stability costs arithmetic, not memory traffic.
- *  - float32 outputs are computed as ((x - mean_hi) - mean_lo) * rstd with mean split into two
+ *  - Sums use NF_LANES independent accumulators (several vector registers), blocked: partial
+ *    sums in the input precision over NF_BLOCK elements, then float64 (see NF_BLOCK), then a
+ *    fixed tree.  The error does not grow with n, and the order is fixed.
+ *  - Variances are two-pass (sum of squared deviations from the mean, with the Chan-Golub-LeVeque
+ *    correction of the mean): rows are in L1/L2 by the second pass, so stability costs
+ *    arithmetic, not memory traffic, and the mean is accurate to ~eps*std, not eps*|mean|.
+ *  - float32 values are centred as ((x - mean_hi) - mean_lo) with mean split into two
  *    floats: x - mean_hi is exact when x is near the mean (Sterbenz), so a row of 1e4 + tiny noise
  *    normalises as accurately as in float64, without converting every element to double.
  *  - No -ffast-math: NaN and Inf propagate through every helper.
@@ -29,7 +31,28 @@
 #define NF_CLONES
 #endif
 
-#define NF_LANES 16
+/* Helpers that are only called from a cloned row function: inlined into each clone, so one
+ * dispatch per row picks the ISA for all of them. */
+#define NF_INLINE static inline __attribute__((always_inline))
+
+#define NF_LANES 32   /* independent accumulators (nf_tree_sum assumes 32) */
+
+/* Sum acc[0:NF_LANES] pairwise (a fixed tree: deterministic, short dependency chain). */
+static inline __attribute__((always_inline)) double nf_tree_sum(double *acc)
+{
+#define NF_HALVE(W) for (int k = 0; k < (W); k++) acc[k] += acc[k + (W)]
+    NF_HALVE(16); NF_HALVE(8); NF_HALVE(4); NF_HALVE(2); NF_HALVE(1);
+#undef NF_HALVE
+    return acc[0];
+}
+
+/* Prefetch the NF_LANES elements at p into L2 (one call per NF_LANES-element step of a loop
+ * that streams through another row): used to pull the next row in while this one is in L1. */
+#define NF_PREFETCH_LANES(p, T)                                                              \
+    do {                                                                                     \
+        for (size_t o_ = 0; o_ < NF_LANES * sizeof(T); o_ += 64)                             \
+            __builtin_prefetch((const char *)(p) + o_, 0, 2);                                 \
+    } while (0)
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -50,36 +73,66 @@ static inline void nf_split(double v, float *hi, float *lo)
 
 /* ---------------------------------------------------------------- sums */
 
+/* Sums are blocked: NF_LANES partial sums in the input precision over a block of NF_BLOCK
+ * elements, then flushed into NF_LANES float64 accumulators, then a fixed tree.  A float32 sum's
+ * error is then ~(NF_BLOCK/NF_LANES) ulps of the block — it does not grow with n — and the hot
+ * loop stays in float32 SIMD (converting every element to double would halve its width). */
+#define NF_BLOCK 256
+
 #define NF_DEF_SUM(NAME, T)                                                  \
-NF_CLONES static double NAME(const T *x, nf_index n)                         \
+NF_INLINE double NAME(const T *x, nf_index n)                                \
 {                                                                            \
     double acc[NF_LANES] = {0};                                              \
     nf_index i = 0;                                                          \
-    for (; i + NF_LANES <= n; i += NF_LANES)                                 \
-        for (int k = 0; k < NF_LANES; k++) acc[k] += (double)x[i + k];       \
+    while (i + NF_LANES <= n) {                                              \
+        T p[NF_LANES] = {0};                                                 \
+        nf_index end = i + NF_BLOCK < n ? i + NF_BLOCK : n;                  \
+        for (; i + NF_LANES <= end; i += NF_LANES)                           \
+            for (int k = 0; k < NF_LANES; k++) p[k] += x[i + k];             \
+        for (int k = 0; k < NF_LANES; k++) acc[k] += (double)p[k];           \
+    }                                                                        \
     double s = 0.0;                                                          \
     for (; i < n; i++) s += (double)x[i];                                    \
-    for (int k = 0; k < NF_LANES; k++) s += acc[k];                          \
-    return s;                                                                \
+    return s + nf_tree_sum(acc);                                             \
 }
 NF_DEF_SUM(nf_sum_f32, float)
 NF_DEF_SUM(nf_sum_f64, double)
 
-/* sum((x - mean)^2) */
+/* Returns sum((x - mean)^2) and stores sum(x - mean) in *dev (the corrected two-pass
+ * algorithm of Chan, Golub & LeVeque: mean + dev/n is the mean with the first pass's rounding
+ * error removed, and ssd - dev^2/n the matching sum of squares).  x - mean is formed in the
+ * input precision from mean split into hi + lo (exact near the mean).  Meanwhile prefetches
+ * pf[0:n] (the next row; may equal x). */
 #define NF_DEF_SSD(NAME, T)                                                  \
-NF_CLONES static double NAME(const T *x, nf_index n, double mean)            \
+NF_INLINE double NAME(const T *x, nf_index n, double mean,                  \
+                             const T *pf, double *dev)                       \
 {                                                                            \
-    double acc[NF_LANES] = {0};                                              \
+    double acc[NF_LANES] = {0}, accd[NF_LANES] = {0};                        \
+    T mh, ml;                                                                \
+    if (sizeof(T) == sizeof(float)) { float h, l; nf_split(mean, &h, &l); mh = h; ml = l; } \
+    else { mh = (T)mean; ml = 0; }                                           \
     nf_index i = 0;                                                          \
-    for (; i + NF_LANES <= n; i += NF_LANES)                                 \
-        for (int k = 0; k < NF_LANES; k++) {                                 \
-            double t = (double)x[i + k] - mean;                              \
-            acc[k] += t * t;                                                 \
+    while (i + NF_LANES <= n) {                                              \
+        T p[NF_LANES] = {0}, pd[NF_LANES] = {0};                             \
+        nf_index end = i + NF_BLOCK < n ? i + NF_BLOCK : n;                  \
+        for (; i + NF_LANES <= end; i += NF_LANES) {                         \
+            NF_PREFETCH_LANES(pf + i, T);                                    \
+            for (int k = 0; k < NF_LANES; k++) {                             \
+                T t = (x[i + k] - mh) - ml;                                  \
+                pd[k] += t;                                                  \
+                p[k] += t * t;                                               \
+            }                                                                \
         }                                                                    \
-    double s = 0.0;                                                          \
-    for (; i < n; i++) { double t = (double)x[i] - mean; s += t * t; }       \
-    for (int k = 0; k < NF_LANES; k++) s += acc[k];                          \
-    return s;                                                                \
+        for (int k = 0; k < NF_LANES; k++) {                                 \
+            acc[k] += (double)p[k];                                          \
+            accd[k] += (double)pd[k];                                        \
+        }                                                                    \
+    }                                                                        \
+    if (i < n) __builtin_prefetch(pf + i, 0, 2);                             \
+    double s = 0.0, sd = 0.0;                                                \
+    for (; i < n; i++) { double t = (double)x[i] - mean; sd += t; s += t * t; } \
+    *dev = sd + nf_tree_sum(accd);                                           \
+    return s + nf_tree_sum(acc);                                             \
 }
 NF_DEF_SSD(nf_ssd_f32, float)
 NF_DEF_SSD(nf_ssd_f64, double)
@@ -91,21 +144,32 @@ NF_DEF_SSD(nf_ssd_f64, double)
  * ordinary store pays (a norm's traffic drops from read x + read y + write y to read x +
  * write y).  Smaller outputs are stored normally: they stay in cache for whoever reads them
  * next, and measured here that beats streaming. */
+/* Rows are produced in L1-sized chunks, then streamed out. */
+#define NF_CHUNK 1024
+
+#include <stdio.h>
 #include <unistd.h>
 static size_t nf_stream_bytes(void)
 {
+    /* Benign race: every thread computes the same value. */
     static size_t cached = 0;
     if (!cached) {
         long l3 = -1;
+        /* sysfs first: glibc's sysconf misreports AMD's L3 under some hypervisors (320 MB). */
+        FILE *f = fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r");
+        if (f) {
+            long v; char unit = 0;
+            if (fscanf(f, "%ld%c", &v, &unit) >= 1)
+                l3 = unit == 'K' ? v << 10 : unit == 'M' ? v << 20 : v;
+            fclose(f);
+        }
 #ifdef _SC_LEVEL3_CACHE_SIZE
-        l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+        if (l3 <= 0) l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
-        cached = l3 > (1L << 20) ? (size_t)l3 : ((size_t)32 << 20);
+        cached = l3 > (1L << 20) && l3 < (1L << 30) ? (size_t)l3 : ((size_t)32 << 20);
     }
     return cached;
 }
-/* Rows are produced in L1-sized chunks, then streamed out. */
-#define NF_CHUNK 1024
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
@@ -147,7 +211,7 @@ static inline void nf_stream_fence(void) {}
 /* Write y[0:n] = ((x - mh) - ml) * r [* w] [+ b] for float32, (x - mh) * r ... for float64
  * (ml == 0 there).  T is the element type. */
 #define NF_DEF_AFFINE(NAME, T)                                                                \
-NF_CLONES static void NAME(T *restrict y, const T *restrict x, const T *restrict w,           \
+NF_INLINE void NAME(T *restrict y, const T *restrict x, const T *restrict w,                  \
                            const T *restrict b, nf_index n, T mh, T ml, T r)                  \
 {                                                                                             \
     if (w && b) {                                                                             \
@@ -164,13 +228,18 @@ NF_DEF_AFFINE(nf_affine_f32, float)
 NF_DEF_AFFINE(nf_affine_f64, double)
 
 /* One LayerNorm row: mean, rstd (two-pass, float64 sums), then y.  With `stream`, y is built in
- * an L1 chunk and streamed out (see NF_STREAM_BYTES). */
+ * an L1 chunk and streamed out (see nf_stream_bytes).  The first pass reads x from memory; the
+ * second (in L1/L2) prefetches next_x, the next row this thread will normalise. */
 #define NF_DEF_LN_FWD(NAME, T, SUM, SSD, AFFINE)                                              \
-static void NAME(T *restrict y, double *mean_out, double *rstd_out, const T *restrict x,      \
-                 const T *restrict w, const T *restrict b, nf_index n, double eps, int stream) \
+NF_CLONES static void NAME(T *restrict y, double *mean_out, double *rstd_out, const T *restrict x,      \
+                 const T *restrict w, const T *restrict b, nf_index n, double eps, int stream, \
+                 const T *next_x)                                                             \
 {                                                                                             \
-    double mean = SUM(x, n) / (double)n;                                                      \
-    double var = SSD(x, n, mean) / (double)n;                                                 \
+    double mean0 = SUM(x, n) / (double)n, dev;                                                \
+    double ssd = SSD(x, n, mean0, next_x, &dev);                                              \
+    double mean = mean0 + dev / (double)n;                                                    \
+    double var = (ssd - dev * (dev / (double)n)) / (double)n;                                 \
+    if (var < 0) var = 0; /* cannot happen in exact arithmetic; guards rounding */            \
     double rstd = 1.0 / sqrt(var + eps);                                                      \
     *mean_out = mean;                                                                         \
     *rstd_out = rstd;                                                                         \
@@ -201,18 +270,23 @@ NF_DEF_LN_FWD(nf_ln_fwd_row_f64, double, nf_sum_f64, nf_ssd_f64, nf_affine_f64)
 #define NF_G 4
 
 #define NF_DEF_LN_BWD_STATS(NAME, T)                                                          \
-NF_CLONES static void NAME(double *c1, double *c2, const T *restrict dy, const T *restrict x, \
+NF_INLINE void NAME(double *c1, double *c2, const T *restrict dy, const T *restrict x,        \
                            const T *restrict w, nf_index n, T mh, T ml, T r)                  \
 {                                                                                             \
     double a1[NF_LANES] = {0}, a2[NF_LANES] = {0};                                            \
     nf_index i = 0;                                                                           \
-    for (; i + NF_LANES <= n; i += NF_LANES)                                                  \
-        for (int k = 0; k < NF_LANES; k++) {                                                  \
-            T xh = ((x[i + k] - mh) - ml) * r;                                                \
-            T g = w ? dy[i + k] * w[i + k] : dy[i + k];                                       \
-            a1[k] += (double)g * (double)xh;                                                  \
-            a2[k] += (double)g;                                                               \
-        }                                                                                     \
+    while (i + NF_LANES <= n) {                                                               \
+        T p1[NF_LANES] = {0}, p2[NF_LANES] = {0};                                             \
+        nf_index end = i + NF_BLOCK < n ? i + NF_BLOCK : n;                                   \
+        for (; i + NF_LANES <= end; i += NF_LANES)                                            \
+            for (int k = 0; k < NF_LANES; k++) {                                              \
+                T xh = ((x[i + k] - mh) - ml) * r;                                            \
+                T g = w ? dy[i + k] * w[i + k] : dy[i + k];                                   \
+                p1[k] += g * xh;                                                              \
+                p2[k] += g;                                                                   \
+            }                                                                                 \
+        for (int k = 0; k < NF_LANES; k++) { a1[k] += (double)p1[k]; a2[k] += (double)p2[k]; }\
+    }                                                                                         \
     double s1 = 0, s2 = 0;                                                                    \
     for (; i < n; i++) {                                                                      \
         T xh = ((x[i] - mh) - ml) * r;                                                        \
@@ -220,9 +294,8 @@ NF_CLONES static void NAME(double *c1, double *c2, const T *restrict dy, const T
         s1 += (double)g * (double)xh;                                                         \
         s2 += (double)g;                                                                      \
     }                                                                                         \
-    for (int k = 0; k < NF_LANES; k++) { s1 += a1[k]; s2 += a2[k]; }                          \
-    *c1 = s1 / (double)n;                                                                     \
-    *c2 = s2 / (double)n;                                                                     \
+    *c1 = (s1 + nf_tree_sum(a1)) / (double)n;                                                 \
+    *c2 = (s2 + nf_tree_sum(a2)) / (double)n;                                                 \
 }
 NF_DEF_LN_BWD_STATS(nf_ln_bwd_stats_f32, float)
 NF_DEF_LN_BWD_STATS(nf_ln_bwd_stats_f64, double)
@@ -230,61 +303,80 @@ NF_DEF_LN_BWD_STATS(nf_ln_bwd_stats_f64, double)
 /* dx for G rows over columns [0, m) (row k at dx[k*ldx], dy[k*ld], x[k*ld]); with HAS_W, w is
  * the weight and the group's column sums of dy*xhat go to dw_acc; with HAS_B, those of dy go to
  * db_acc.  G, HAS_W, HAS_B are compile-time constants after inlining, so each instantiation is a
- * branch-free loop over j that GCC vectorises. */
+ * branch-free loop that GCC vectorises.  Columns go one cache line at a time; each line step
+ * also prefetches the same line of the next group's rows (pf_dy/pf_x, pf_g rows), so the next
+ * group's first pass finds them in L2. */
+#define NF_LN_BWD_DX_ELEM(T, j)                                                                \
+    do {                                                                                      \
+        T wj = HAS_W ? w[j] : (T)1;                                                           \
+        T sw = 0, sb = 0;     /* G <= 4 terms in the input precision, then float64 */         \
+        for (int k = 0; k < G; k++) {                                                         \
+            T d = dy[k * ld + (j)];                                                           \
+            T xh = ((x[k * ld + (j)] - mh[k]) - ml[k]) * r[k];                                \
+            T g = HAS_W ? d * wj : d;                                                         \
+            dx[k * ldx + (j)] = r[k] * ((g - xh * c1[k]) - c2[k]);                            \
+            if (HAS_W) sw += d * xh;                                                          \
+            if (HAS_B) sb += d;                                                               \
+        }                                                                                     \
+        if (HAS_W) dw_acc[j] += (double)sw;                                                   \
+        if (HAS_B) db_acc[j] += (double)sb;                                                   \
+    } while (0)
+
 #define NF_DEF_LN_BWD_DX_BODY(NAME, T)                                                        \
 static inline __attribute__((always_inline)) void NAME(                                       \
     T *restrict dx, nf_index ldx, double *restrict dw_acc, double *restrict db_acc,           \
     const T *restrict dy, const T *restrict x, nf_index ld, const T *restrict w, nf_index m,  \
     const T *mh_, const T *ml_, const T *r_, const T *c1_, const T *c2_,                      \
+    const T *pf_dy, const T *pf_x, nf_index pf_g,                                             \
     const int G, const int HAS_W, const int HAS_B)                                            \
 {                                                                                             \
+    enum { L = 64 / sizeof(T) };                                                              \
     T mh[NF_G], ml[NF_G], r[NF_G], c1[NF_G], c2[NF_G];                                        \
     for (int k = 0; k < G; k++) {                                                             \
         mh[k] = mh_[k]; ml[k] = ml_[k]; r[k] = r_[k]; c1[k] = c1_[k]; c2[k] = c2_[k];         \
     }                                                                                         \
-    for (nf_index j = 0; j < m; j++) {                                                        \
-        T wj = HAS_W ? w[j] : (T)1;                                                           \
-        double sw = 0, sb = 0;                                                                \
-        for (int k = 0; k < G; k++) {                                                         \
-            T d = dy[k * ld + j];                                                             \
-            T xh = ((x[k * ld + j] - mh[k]) - ml[k]) * r[k];                                  \
-            T g = HAS_W ? d * wj : d;                                                         \
-            dx[k * ldx + j] = r[k] * ((g - xh * c1[k]) - c2[k]);                              \
-            if (HAS_W) sw += (double)d * (double)xh;                                          \
-            if (HAS_B) sb += (double)d;                                                       \
+    nf_index jb = 0;                                                                          \
+    for (; jb + L <= m; jb += L) {                                                            \
+        for (nf_index k = 0; k < pf_g; k++) {                                                 \
+            __builtin_prefetch(pf_dy + k * ld + jb, 0, 2);                                    \
+            __builtin_prefetch(pf_x + k * ld + jb, 0, 2);                                     \
         }                                                                                     \
-        if (HAS_W) dw_acc[j] += sw;                                                           \
-        if (HAS_B) db_acc[j] += sb;                                                           \
+        for (nf_index j = jb; j < jb + L; j++) NF_LN_BWD_DX_ELEM(T, j);                          \
     }                                                                                         \
+    for (nf_index j = jb; j < m; j++) NF_LN_BWD_DX_ELEM(T, j);                                   \
 }
 NF_DEF_LN_BWD_DX_BODY(nf_ln_bwd_dx_body_f32, float)
 NF_DEF_LN_BWD_DX_BODY(nf_ln_bwd_dx_body_f64, double)
 
 #define NF_DEF_LN_BWD_DX(NAME, T, BODY, G)                                                    \
-NF_CLONES static void NAME(T *restrict dx, nf_index ldx, double *restrict dw_acc,             \
+NF_INLINE void NAME(T *restrict dx, nf_index ldx, double *restrict dw_acc,                    \
                            double *restrict db_acc, const T *restrict dy, const T *restrict x,\
                            nf_index ld, const T *restrict w, nf_index m,                      \
-                           const T *mh, const T *ml, const T *r, const T *c1, const T *c2)    \
+                           const T *mh, const T *ml, const T *r, const T *c1, const T *c2,    \
+                           const T *pf_dy, const T *pf_x, nf_index pf_g)                      \
 {                                                                                             \
     if (w && db_acc)                                                                          \
-        BODY(dx, ldx, dw_acc, db_acc, dy, x, ld, w, m, mh, ml, r, c1, c2, G, 1, 1);           \
+        BODY(dx, ldx, dw_acc, db_acc, dy, x, ld, w, m, mh, ml, r, c1, c2, pf_dy, pf_x, pf_g, G, 1, 1);           \
     else if (w)                                                                               \
-        BODY(dx, ldx, dw_acc, db_acc, dy, x, ld, w, m, mh, ml, r, c1, c2, G, 1, 0);           \
+        BODY(dx, ldx, dw_acc, db_acc, dy, x, ld, w, m, mh, ml, r, c1, c2, pf_dy, pf_x, pf_g, G, 1, 0);           \
     else if (db_acc)                                                                          \
-        BODY(dx, ldx, dw_acc, db_acc, dy, x, ld, w, m, mh, ml, r, c1, c2, G, 0, 1);           \
+        BODY(dx, ldx, dw_acc, db_acc, dy, x, ld, w, m, mh, ml, r, c1, c2, pf_dy, pf_x, pf_g, G, 0, 1);           \
     else                                                                                      \
-        BODY(dx, ldx, dw_acc, db_acc, dy, x, ld, w, m, mh, ml, r, c1, c2, G, 0, 0);           \
+        BODY(dx, ldx, dw_acc, db_acc, dy, x, ld, w, m, mh, ml, r, c1, c2, pf_dy, pf_x, pf_g, G, 0, 0);           \
 }
 NF_DEF_LN_BWD_DX(nf_ln_bwd_dx1_f32, float, nf_ln_bwd_dx_body_f32, 1)
 NF_DEF_LN_BWD_DX(nf_ln_bwd_dx1_f64, double, nf_ln_bwd_dx_body_f64, 1)
 NF_DEF_LN_BWD_DX(nf_ln_bwd_dxG_f32, float, nf_ln_bwd_dx_body_f32, NF_G)
 NF_DEF_LN_BWD_DX(nf_ln_bwd_dxG_f64, double, nf_ln_bwd_dx_body_f64, NF_G)
 
-/* Backward for g (1..NF_G) consecutive rows of length n starting at dx/dy/x (row stride n). */
+/* Backward for g (1..NF_G) consecutive rows of length n starting at dx/dy/x (row stride n).
+ * While the dx pass works on a chunk (in L1/L2), the same chunk of the next group's dy and x
+ * (next_g rows at next_dy/next_x; next_g may be 0) is prefetched. */
 #define NF_DEF_LN_BWD(NAME, T, STATS, DX1, DXG)                                               \
-static void NAME(T *restrict dx, double *restrict dw_acc, double *restrict db_acc,            \
+NF_CLONES static void NAME(T *restrict dx, double *restrict dw_acc, double *restrict db_acc,            \
                  const T *restrict dy, const T *restrict x, const T *restrict w,              \
-                 const double *mean, const double *rstd, nf_index g, nf_index n, int stream)  \
+                 const double *mean, const double *rstd, nf_index g, nf_index n, int stream,  \
+                 const T *next_dy, const T *next_x, nf_index next_g)                          \
 {                                                                                             \
     T mh[NF_G], ml[NF_G], r[NF_G], c1[NF_G], c2[NF_G];                                        \
     for (nf_index k = 0; k < g; k++) {                                                        \
@@ -304,11 +396,13 @@ static void NAME(T *restrict dx, double *restrict dw_acc, double *restrict db_ac
         double *aw = dw_acc ? dw_acc + c : NULL, *ab = db_acc ? db_acc + c : NULL;            \
         const T *wc = w ? w + c : NULL;                                                       \
         if (g == NF_G) {                                                                      \
-            DXG(out, ldo, aw, ab, dy + c, x + c, n, wc, m, mh, ml, r, c1, c2);                \
+            DXG(out, ldo, aw, ab, dy + c, x + c, n, wc, m, mh, ml, r, c1, c2,                 \
+                next_dy + c, next_x + c, next_g);                                             \
         } else {                                                                              \
             for (nf_index k = 0; k < g; k++)                                                  \
                 DX1(out + k * ldo, ldo, aw, ab, dy + k * n + c, x + k * n + c, n, wc, m,      \
-                    mh + k, ml + k, r + k, c1 + k, c2 + k);                                   \
+                    mh + k, ml + k, r + k, c1 + k, c2 + k,                                    \
+                    next_dy + c, next_x + c, k == 0 ? next_g : 0);                            \
         }                                                                                     \
         if (stream)                                                                           \
             for (nf_index k = 0; k < g; k++)                                                  \
@@ -317,5 +411,20 @@ static void NAME(T *restrict dx, double *restrict dw_acc, double *restrict db_ac
 }
 NF_DEF_LN_BWD(nf_ln_bwd_rows_f32, float, nf_ln_bwd_stats_f32, nf_ln_bwd_dx1_f32, nf_ln_bwd_dxG_f32)
 NF_DEF_LN_BWD(nf_ln_bwd_rows_f64, double, nf_ln_bwd_stats_f64, nf_ln_bwd_dx1_f64, nf_ln_bwd_dxG_f64)
+
+/* ---------------------------------------------------------------- block reductions */
+
+/* work holds nb blocks of `width` float64 partial sums (block b at work + b*width).  Adds blocks
+ * 1..nb-1 into block 0, in block order, for columns [j0, j1): the fixed order that makes the
+ * result independent of how columns are split over threads. */
+NF_CLONES static void nf_reduce_blocks(double *work, nf_index nb, nf_index width,
+                                       nf_index j0, nf_index j1)
+{
+    for (nf_index b = 1; b < nb; b++) {
+        const double *restrict src = work + b * width;
+        double *restrict dst = work;
+        for (nf_index j = j0; j < j1; j++) dst[j] += src[j];
+    }
+}
 
 #endif /* NORMFFN_ROWS_H */

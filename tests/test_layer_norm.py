@@ -42,8 +42,8 @@ def _check_all(x, nshape, w, b, dy, dtype, context):
     k = 1 if np.ndim(nshape) == 0 else len(nshape)
     assert ctx.mean.shape == ctx.rstd.shape == x.shape[:x.ndim - k]
     assert_close(y, y_r, name="y", context=context)
-    assert_close(ctx.mean, ctx_r.mean, name="mean", context=context)
-    assert_close(ctx.rstd, ctx_r.rstd, name="rstd", context=context)
+    assert_close(ctx.mean, ctx_r.mean, dtype=dtype, name="mean", context=context)
+    assert_close(ctx.rstd, ctx_r.rstd, dtype=dtype, name="rstd", context=context)
     dx, dw, db = normffn.layer_norm_backward(dy, ctx)
     dx_r, dw_r, db_r = ref.layer_norm_backward(dy, ctx_r)
     assert_close(dx, dx_r, name="dx", context=context)

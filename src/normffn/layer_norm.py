@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks
+from ._workspace import workspace
 from ._kernels import layer_norm as _kernel
 
 __all__ = ["LayerNormContext", "layer_norm", "layer_norm_forward", "layer_norm_backward"]
@@ -170,10 +171,12 @@ def layer_norm_backward(dy, ctx, *, out=None):
                 g.fill(0)
         return dx, dweight, dbias
     dyc = np.ascontiguousarray(dy)
+    work = _kernel.scratch_size(n, d, dweight is not None, dbias is not None)
     _kernel.backward(dx.reshape(n, d),
                      None if dweight is None else dweight.reshape(d),
                      None if dbias is None else dbias.reshape(d),
                      dyc.reshape(n, d), ctx.x.reshape(n, d),
                      None if ctx.weight is None else ctx.weight.reshape(d),
-                     ctx.mean.reshape(n), ctx.rstd.reshape(n))
+                     ctx.mean.reshape(n), ctx.rstd.reshape(n),
+                     workspace("layer_norm_backward", work) if work else None)
     return dx, dweight, dbias
