@@ -10,6 +10,7 @@ cdef extern from "rows.h" nogil:
     ctypedef Py_ssize_t nf_index
     int nf_omp_max_threads()
     size_t nf_stream_bytes()
+    void nf_set_stream_bytes(size_t v)
     int NF_G
     void nf_stream_fence()
     void nf_reduce_blocks(double *work, nf_index nb, nf_index width, nf_index j0, nf_index j1)

@@ -15,7 +15,7 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.string cimport memset
 
-from _common cimport (NF_G, nf_stream_bytes, n_threads_for, nf_ln_bwd_rows_f32,
+from _common cimport (NF_G, nf_set_stream_bytes, nf_stream_bytes, n_threads_for, nf_ln_bwd_rows_f32,
                       nf_ln_bwd_rows_f64, nf_ln_fwd_row_f32, nf_ln_fwd_row_f64,
                       nf_reduce_blocks, nf_stream_fence)
 
@@ -217,3 +217,11 @@ def max_threads():
     """The OpenMP thread count a large kernel call would use now (OMP_NUM_THREADS,
     threadpoolctl)."""
     return n_threads_for(1 << 40, 1)
+
+
+def stream_bytes(size_t value=0):
+    """Outputs of at least this many bytes get non-temporal stores (default: the L3 size).
+    Pass a value to override it for this module (tests use 1 to exercise the streaming path on
+    small arrays); 0 restores the default.  Returns the threshold now in force."""
+    nf_set_stream_bytes(value)
+    return nf_stream_bytes()

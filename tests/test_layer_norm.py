@@ -321,3 +321,26 @@ def test_every_combination_of_none(rng):
         w = randn(rng, (5,), np.float64) if has_w else None
         b = randn(rng, (5,), np.float64) if has_b else None
         _check_all(x, 5, w, b, randn(rng, (3, 5), np.float64), np.float64, f"{has_w}{has_b}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(5, 3), (37, 769), (9, 2100)])
+def test_streaming_stores_path_is_bitwise_identical(rng, dtype, shape):
+    """Large outputs use non-temporal stores; force that path on small arrays."""
+    from normffn._kernels import layer_norm as k
+
+    x = randn(rng, shape, dtype) * 3 + 1
+    dy = randn(rng, shape, dtype)
+    d = shape[-1]
+    w, b = _params(rng, (d,), dtype, True)
+    plain = normffn.layer_norm_forward(x, d, w, b)
+    plain_grads = normffn.layer_norm_backward(dy, plain[1])
+    try:
+        assert k.stream_bytes(1) == 1
+        streamed = normffn.layer_norm_forward(x, d, w, b)
+        streamed_grads = normffn.layer_norm_backward(dy, streamed[1])
+    finally:
+        k.stream_bytes(0)
+    np.testing.assert_array_equal(plain[0], streamed[0])
+    for a, c in zip(plain_grads, streamed_grads):
+        np.testing.assert_array_equal(a, c)
