@@ -7,6 +7,8 @@
   the max abs/rel error and where it occurred; NaN/Inf must sit exactly where the reference
   puts them.
 - :func:`gradcheck` — central finite differences in float64 against analytic gradients.
+- :func:`run_comparison`, :func:`compare_outputs`, :func:`documented_tolerance` — the machinery
+  of ``python -m normffn compare`` (defined in :mod:`normffn.compare`), for your own scripts.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["tolerance", "error_stats", "ErrorStats", "assert_close", "gradcheck"]
+__all__ = ["tolerance", "error_stats", "ErrorStats", "assert_close", "gradcheck",
+           "documented_tolerance", "compare_outputs", "run_comparison", "ComparisonRow"]
 
 # Documented accuracy against the float64 reference: |actual - ref| <= atol * scale + rtol * |ref|
 # with scale = max(1, max |ref|) over finite values.  float32 kernels compute in float32 with
@@ -156,3 +159,13 @@ def gradcheck(fn, inputs, grads, dy, *, h: float = 1e-6, rtol: float = 1e-5,
                 raise AssertionError(f"gradcheck failed for {names[k]} at {where}: analytic "
                                      f"{ana!r}, finite difference {num!r} "
                                      f"(|diff| {abs(num - ana):.3e})")
+
+
+def __getattr__(name):
+    # The comparison helpers live in normffn.compare (they import the ops); re-exported here so
+    # users' comparison scripts need only ``normffn.testing``.
+    if name in ("documented_tolerance", "compare_outputs", "run_comparison", "ComparisonRow",
+                "format_rows", "INPUT_KINDS"):
+        from . import compare
+        return getattr(compare, name)
+    raise AttributeError(f"module 'normffn.testing' has no attribute {name!r}")
