@@ -16,7 +16,9 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-OPS = ["layer_norm"]
+OPS = ["layer_norm", "batch_norm", "ffn"]
+# Not ops: machine-limit probes used by `python -m normffn bench`.
+HELPERS = ["_bench"]
 
 
 def _flag(name):
@@ -80,7 +82,7 @@ extensions = [
         include_dirs=["kernels", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
-    for op in OPS
+    for op in OPS + HELPERS
 ]
 
 setup(

@@ -6,9 +6,14 @@ Every op has three entry points: ``op(...) -> y``, ``op_forward(...) -> (y, ctx)
 ``normffn.testing`` the comparison helpers.
 """
 from .layer_norm import LayerNormContext, layer_norm, layer_norm_backward, layer_norm_forward
+from .batch_norm import (BatchNormContext, batch_norm, batch_norm_backward,
+                         batch_norm_forward)
+from .ffn import FFNContext, ffn, ffn_backward, ffn_forward
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LayerNormContext", "layer_norm", "layer_norm_forward", "layer_norm_backward",
+    "BatchNormContext", "batch_norm", "batch_norm_forward", "batch_norm_backward",
+    "FFNContext", "ffn", "ffn_forward", "ffn_backward",
 ]

@@ -153,3 +153,27 @@ def grad_output(dy, ctx_shape: tuple, dtype: np.dtype, name: str = "dy") -> np.n
         raise ValueError(f"{name} has shape {dy.shape}, expected {tuple(ctx_shape)} "
                          "(the shape of the forward output)")
     return dy
+
+
+def blas_matrix(a: np.ndarray) -> np.ndarray:
+    """Return the 2-D float array ``a`` in a layout BLAS reads directly — rows contiguous
+    (C order) or columns contiguous (F order, e.g. PyTorch's ``weight.T``), the other stride a
+    positive multiple of the itemsize no smaller than the contiguous extent and below 2**31
+    elements — without a copy when ``a`` already is one, else as a C-contiguous copy."""
+    it = a.itemsize
+    rows, cols = a.shape
+    s0, s1 = a.strides
+    if a.flags.c_contiguous or a.flags.f_contiguous:
+        if max(rows, cols) <= INT32_MAX:
+            return a
+    elif (s1 == it and s0 > 0 and s0 % it == 0 and cols <= s0 // it <= INT32_MAX) or \
+            (s0 == it and s1 > 0 and s1 % it == 0 and rows <= s1 // it <= INT32_MAX):
+        return a
+    return np.ascontiguousarray(a)
+
+
+def gemm_size(value: int, name: str) -> int:
+    """A matrix dimension that reaches BLAS (scipy's cython_blas takes 32-bit ints)."""
+    if value > INT32_MAX:
+        raise ValueError(f"{name} = {value} is too large: BLAS (LP64) takes sizes below 2**31")
+    return value

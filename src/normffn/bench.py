@@ -166,10 +166,104 @@ def _batch_norm_cases(shape, dtype, rng):
     return cases
 
 
+# ---------------------------------------------------------------- FFN
+def _gemm_limit(n, d, h, dtype, rng, backward):
+    """A callable running the FFN's bare GEMMs (2 forward, 6 forward+backward) with scipy's BLAS
+    (the BLAS normffn calls), on preallocated buffers, no copies: the machine's GEMM rate."""
+    from scipy.linalg import blas
+
+    gemm = blas.sgemm if np.dtype(dtype) == np.float32 else blas.dgemm
+
+    def fmat(m):  # (array BLAS reads as is, transpose flag) for a 2-D operand
+        return (m, 0) if m.flags.f_contiguous else (m.T, 1)
+
+    def mm(a, b, c, beta=0.0):  # row-major c = a @ b  <=>  column-major c^T = b^T a^T
+        bb, tb = fmat(b.T)
+        aa, ta = fmat(a.T)
+        gemm(1.0, bb, aa, beta=beta, c=c.T, trans_a=tb, trans_b=ta, overwrite_c=1)
+
+    x, dy = (rng.standard_normal((n, d)).astype(dtype) for _ in range(2))
+    w1 = rng.standard_normal((d, h)).astype(dtype)
+    w2 = rng.standard_normal((h, d)).astype(dtype)
+    hid, dhid = np.empty((n, h), dtype), np.empty((n, h), dtype)
+    y, dx = np.empty((n, d), dtype), np.empty((n, d), dtype)
+    dw1, dw2 = np.empty((d, h), dtype), np.empty((h, d), dtype)
+
+    def fwd():
+        mm(x, w1, hid)
+        mm(hid, w2, y)
+
+    def fwd_bwd():
+        fwd()
+        mm(dy, w2.T, dhid)
+        mm(hid.T, dy, dw2)
+        mm(dhid, w1.T, dx)
+        mm(x.T, dhid, dw1)
+
+    return fwd_bwd if backward else fwd
+
+
+def _ffn_cases(shape, dtype, rng):
+    import normffn as nf
+
+    n, d, h = shape
+    x = rng.standard_normal((n, d)).astype(dtype)
+    w1 = (rng.standard_normal((d, h)) / math.sqrt(d)).astype(dtype)
+    w2 = (rng.standard_normal((h, d)) / math.sqrt(h)).astype(dtype)
+    b1 = (0.1 * rng.standard_normal(h)).astype(dtype)
+    b2 = (0.1 * rng.standard_normal(d)).astype(dtype)
+    dy = rng.standard_normal((n, d)).astype(dtype)
+    y = np.empty_like(x)
+    shp = f"{n}x{d}x{h}"
+    dt = np.dtype(dtype).name
+    flops = 2.0 * n * d * h          # one GEMM
+
+    def fb(recompute):
+        def call():
+            _, ctx = nf.ffn_forward(x, w1, b1, w2, b2, "relu", recompute=recompute)
+            return nf.ffn_backward(dy, ctx)
+        return call
+
+    fwd = {"normffn out=": lambda: nf.ffn(x, w1, b1, w2, b2, "relu", out=y),
+           "normffn forward": lambda: nf.ffn_forward(x, w1, b1, w2, b2, "relu")}
+    both = {"normffn": fb(False), "normffn recompute": fb(True)}
+    torch = _torch()
+    if torch is not None:
+        lin1, lin2 = torch.nn.Linear(d, h, dtype=getattr(torch, dt)), \
+            torch.nn.Linear(h, d, dtype=getattr(torch, dt))
+        with torch.no_grad():  # same weights, PyTorch's (out, in) layout
+            lin1.weight.copy_(torch.from_numpy(w1.T.copy()))
+            lin1.bias.copy_(torch.from_numpy(b1))
+            lin2.weight.copy_(torch.from_numpy(w2.T.copy()))
+            lin2.bias.copy_(torch.from_numpy(b2))
+        xt = torch.from_numpy(x).requires_grad_(True)
+        dyt = torch.from_numpy(dy)
+        params = [xt, *lin1.parameters(), *lin2.parameters()]
+
+        def torch_fb():
+            for p in params:
+                p.grad = None
+            lin2(torch.relu(lin1(xt))).backward(dyt)
+
+        def torch_fwd():
+            with torch.no_grad():
+                return lin2(torch.relu(lin1(xt)))
+
+        fwd["torch"] = torch_fwd
+        both["torch"] = torch_fb
+    return [
+        Case("ffn", "forward", shp, dt, 2 * flops, "GFLOP/s", fwd,
+             "gemm", _gemm_limit(n, d, h, dtype, rng, False), 2 * flops),
+        Case("ffn", "fwd+bwd", shp, dt, 6 * flops, "GFLOP/s", both,
+             "gemm", _gemm_limit(n, d, h, dtype, rng, True), 6 * flops),
+    ]
+
+
 # op name -> (case builder, default shapes)
 OPS = {
     "layer_norm": (_layer_norm_cases, [(8192, 768), (2048, 4096)]),
     "batch_norm": (_batch_norm_cases, [(32, 64, 56, 56), (8192, 768)]),
+    "ffn": (_ffn_cases, [(2048, 768, 3072), (8192, 512, 2048), (512, 1024, 4096)]),
 }
 
 

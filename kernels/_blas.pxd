@@ -1,0 +1,51 @@
+# Row-major GEMM over scipy's BLAS (scipy.linalg.cython_blas), as scikit-learn's
+# sklearn/utils/_cython_blas.pyx calls it.
+#
+# Table of contents
+#   gemm          C (m, n) = alpha op(A) op(B) + beta C, all row-major: swaps the operands and
+#                 calls the column-major sgemm/dgemm (C^T = op(B)^T op(A)^T), no copy
+#   blas_layout   how BLAS should read a 2-D memoryview: 'N' (rows contiguous) or 'T' (columns
+#                 contiguous), and its leading dimension, read from the strides
+#   flip          'N' <-> 'T' (to use the transpose of a matrix described by blas_layout)
+#
+# scipy's cython_blas is LP64: sizes and leading dimensions are C ints.  The Python layer
+# rejects (or copies) anything that would not fit; nothing here re-checks.
+from cython cimport floating
+from scipy.linalg.cython_blas cimport dgemm, sgemm
+
+
+cdef inline void gemm(char ta, char tb, int m, int n, int k,
+                      floating alpha, const floating *A, int lda,
+                      const floating *B, int ldb,
+                      floating beta, floating *C, int ldc) noexcept nogil:
+    """Row-major C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C (op: c'N' or c'T').
+
+    A row-major matrix is its column-major transpose, so this is the column-major
+    C^T = op(B)^T op(A)^T: B goes first.  (The casts drop const: scipy's pxd has none.)"""
+    if floating is float:
+        sgemm(&tb, &ta, &n, &m, &k, &alpha, <float *> B, &ldb, <float *> A, &lda,
+              &beta, C, &ldc)
+    else:
+        dgemm(&tb, &ta, &n, &m, &k, &alpha, <double *> B, &ldb, <double *> A, &lda,
+              &beta, C, &ldc)
+
+
+cdef inline char blas_layout(const floating[:, :] a, int *ld) noexcept nogil:
+    """c'N' if a's rows are contiguous (row-major; ld = row stride), c'T' if its columns are
+    (a is then the row-major transpose of a C-contiguous matrix, e.g. torch's weight.T;
+    ld = column stride).  Size-1 axes carry arbitrary strides in NumPy: ld is then the smallest
+    BLAS accepts.  The Python layer (_checks.blas_matrix) guarantees one case applies."""
+    cdef Py_ssize_t rows = a.shape[0], cols = a.shape[1], sz = sizeof(floating)
+    if cols == 1 or a.strides[1] == sz:
+        ld[0] = <int> (a.strides[0] // sz if rows > 1 else cols)
+        if ld[0] < cols:
+            ld[0] = <int> cols
+        return c'N'
+    ld[0] = <int> (a.strides[1] // sz if cols > 1 else rows)
+    if ld[0] < rows:
+        ld[0] = <int> rows
+    return c'T'
+
+
+cdef inline char flip(char t) noexcept nogil:
+    return c'T' if t == c'N' else c'N'

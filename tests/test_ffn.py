@@ -1,0 +1,337 @@
+"""Fused FFN: y = act(x @ w1 + b1) @ w2 + b2 against normffn.reference, forward and backward."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+import normffn
+from normffn import reference as ref
+from normffn.testing import assert_close, gradcheck
+
+from conftest import DTYPES
+
+F = sys.modules["normffn.ffn"]   # the module (normffn.ffn is the function)
+ACTS = ["relu", "gelu", "gelu_tanh", "silu"]
+SIZES = [(1, 3), (3, 1), (65, 259), (259, 65)]        # (d, h)
+LEADS = [(), (1,), (2, 5)]
+GRAD_NAMES = ["dx", "dw1", "db1", "dw2", "db2"]
+
+
+@pytest.fixture(params=["split", "plain"])
+def kernel_path(request, monkeypatch):
+    """Both kernel variants: "split" (GEMMs split over OpenMP threads, one BLAS thread each;
+    needs OpenBLAS's openblas_set_num_threads_local) and "plain" (threaded BLAS)."""
+    monkeypatch.setattr(F, "_SPLIT_KERNELS", request.param == "split")
+    if request.param == "split" and F._split_addr() == 0:
+        pytest.skip("scipy's BLAS has no openblas_set_num_threads_local")
+    return request.param
+
+
+def make_params(rng, d, h, dtype, *, layout="C", bias=(True, True)):
+    """x-independent parameters scaled so activations stay O(1); layout "F" gives PyTorch-style
+    transposed weights (w = weight.T with weight C-contiguous)."""
+    w1 = rng.standard_normal((d, h)) / np.sqrt(d)
+    w2 = rng.standard_normal((h, d)) / np.sqrt(h)
+    if layout == "F":
+        w1, w2 = np.asfortranarray(w1), np.asfortranarray(w2)
+    b1 = 0.5 * rng.standard_normal(h) if bias[0] else None
+    b2 = 0.5 * rng.standard_normal(d) if bias[1] else None
+    cast = (lambda a: None if a is None else a.astype(dtype, order="K"))
+    return cast(w1), cast(b1), cast(w2), cast(b2)
+
+
+def grad_tol(dtype):
+    # grads are sums over rows and hidden units: allow a few more float32 ulps than y
+    return dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else {}
+
+
+def check_all(x, params, act, recompute, dy, label):
+    y, ctx = normffn.ffn_forward(x, *params, activation=act, recompute=recompute)
+    yr, cr = ref.ffn_forward(x, *params, activation=act)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_close(y, yr, name="y", context=label)
+    grads = normffn.ffn_backward(dy, ctx)
+    grads_r = ref.ffn_backward(dy, cr)
+    for name, g, gr in zip(GRAD_NAMES, grads, grads_r):
+        if gr is None:
+            assert g is None, name
+            continue
+        assert g.dtype == x.dtype and g.shape == gr.shape, name
+        assert_close(g, gr, name=name, context=label, **grad_tol(x.dtype))
+    if act == "relu":
+        np.testing.assert_array_equal(ctx.dead_units, cr.dead_units)
+    else:
+        assert ctx.dead_units is None
+    return y, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("d,h", SIZES, ids=lambda v: str(v))
+@pytest.mark.parametrize("lead", LEADS, ids=lambda v: "lead" + "x".join(map(str, v)))
+@pytest.mark.parametrize("layout", ["C", "F"])
+def test_matches_reference(rng, kernel_path, dtype, act, d, h, lead, layout):
+    params = make_params(rng, d, h, dtype, layout=layout)
+    x = rng.standard_normal(lead + (d,)).astype(dtype)
+    dy = rng.standard_normal(lead + (d,)).astype(dtype)
+    label = f"act={act} lead={lead} d={d} h={h} layout={layout}"
+    y0, g0 = check_all(x, params, act, False, dy, label)
+    y1, g1 = check_all(x, params, act, True, dy, label + " recompute")
+    # recompute changes only where the hidden comes from, not the maths
+    np.testing.assert_array_equal(y0, y1)
+    for name, a, b in zip(GRAD_NAMES, g0, g1):
+        if a is not None:
+            assert_close(a, b, name=name, context="recompute on/off", rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(normffn.ffn(x, *params, activation=act), y0)
+
+
+@pytest.mark.parametrize("bias", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_biases_none(rng, bias, act):
+    params = make_params(rng, 65, 259, np.float64, bias=bias)
+    x = rng.standard_normal((7, 65))
+    dy = rng.standard_normal((7, 65))
+    _, grads = check_all(x, params, act, False, dy, f"bias={bias}")
+    assert (grads[2] is None) == (not bias[0]) and (grads[4] is None) == (not bias[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
+@pytest.mark.parametrize("act", ["relu", "silu"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_many_blocks(rng, monkeypatch, kernel_path, dtype, act, recompute):
+    """Small blocks (ragged split of 301 rows) reach the block loop, dw accumulation over blocks
+    and the full-dw2 path; results match the reference and the one-block run."""
+    params = make_params(rng, 65, 259, dtype, layout="F")
+    x = rng.standard_normal((301, 65)).astype(dtype)
+    dy = rng.standard_normal((301, 65)).astype(dtype)
+    y_one, g_one = check_all(x, params, act, recompute, dy, "one block")
+    monkeypatch.setattr(F, "_MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(F, "_BLOCK_BYTES", 37 * 259 * np.dtype(dtype).itemsize)
+    assert F._block_rows(301, 259, np.dtype(dtype).itemsize) < 301
+    y_blk, g_blk = check_all(x, params, act, recompute, dy, "blocks")
+    # not bitwise: BLAS may round a row differently in a GEMM of another shape
+    assert_close(y_blk, y_one, name="y", context="blocked vs one block")
+    for name, a, b in zip(GRAD_NAMES, g_one, g_blk):
+        if a is not None:
+            assert_close(b, a, name=name, context="blocked vs one block", **grad_tol(dtype))
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gradcheck(rng, act, recompute):
+    d, h = 5, 7
+    w1, b1, w2, b2 = make_params(rng, d, h, np.float64)
+    x = rng.standard_normal((2, 3, d))
+    dy = rng.standard_normal((2, 3, d))
+    _, ctx = normffn.ffn_forward(x, w1, b1, w2, b2, act, recompute=recompute)
+    grads = normffn.ffn_backward(dy, ctx)
+    fn = (lambda x_, w1_, b1_, w2_, b2_: normffn.ffn(x_, w1_, b1_, w2_, b2_, act))
+    order = [0, 1, 2, 3, 4]
+    gradcheck(fn, [x, w1, b1, w2, b2], [grads[i] for i in order], dy,
+              names=["x", "w1", "b1", "w2", "b2"], rtol=1e-5, atol=1e-7)
+
+
+def test_dead_units(rng):
+    d, h = 9, 20
+    w1, b1, w2, b2 = make_params(rng, d, h, np.float32)
+    b1[[2, 5, 11]] = -100.0     # never let through
+    x = rng.standard_normal((50, d)).astype(np.float32)
+    _, ctx = normffn.ffn_forward(x, w1, b1, w2, b2)
+    _, cr = ref.ffn_forward(x, w1, b1, w2, b2)
+    assert ctx.dead_units.dtype == bool and ctx.dead_units.shape == (h,)
+    np.testing.assert_array_equal(ctx.dead_units, cr.dead_units)
+    assert ctx.dead_units[[2, 5, 11]].all() and ctx.dead_units.sum() == cr.dead_units.sum()
+    _, ctx_r = normffn.ffn_forward(x, w1, b1, w2, b2, recompute=True)
+    np.testing.assert_array_equal(ctx_r.dead_units, cr.dead_units)
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=str)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_zero_rows(rng, lead, recompute):
+    w1, b1, w2, b2 = make_params(rng, 4, 6, np.float32)
+    x = np.empty(lead + (4,), np.float32)
+    assert normffn.ffn(x, w1, b1, w2, b2).shape == x.shape
+    y, ctx = normffn.ffn_forward(x, w1, b1, w2, b2, recompute=recompute)
+    assert y.shape == x.shape and ctx.dead_units.all()
+    dx, dw1, db1, dw2, db2 = normffn.ffn_backward(np.empty_like(x), ctx)
+    assert dx.shape == x.shape
+    for g, shape in ((dw1, (4, 6)), (db1, (6,)), (dw2, (6, 4)), (db2, (4,))):
+        assert g.shape == shape and g.dtype == np.float32 and not g.any()
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_nan_propagates(rng, kernel_path, act):
+    d, h = 6, 10
+    params = make_params(rng, d, h, np.float32)
+    x = rng.standard_normal((5, d)).astype(np.float32)
+    x[2, 3] = np.nan
+    dy = rng.standard_normal((5, d)).astype(np.float32)
+    y, _ = check_all(x, params, act, False, dy, "NaN in x[2, 3]")
+    assert np.isnan(y[2]).all() and np.isfinite(np.delete(y, 2, axis=0)).all()
+    check_all(x, params, act, True, dy, "NaN in x[2, 3], recompute")
+
+
+def test_inputs_not_modified(rng):
+    x = rng.standard_normal((2, 8, 5)).astype(np.float32)
+    params = make_params(rng, 5, 12, np.float32, layout="F")
+    dy = rng.standard_normal((2, 8, 5)).astype(np.float32)
+    before = [None if a is None else a.copy() for a in (x, *params, dy)]
+    for act in ACTS:
+        for rec in (False, True):
+            normffn.ffn(x, *params, activation=act)
+            _, ctx = normffn.ffn_forward(x, *params, activation=act, recompute=rec)
+            hidden = None if ctx.hidden is None else ctx.hidden.copy()
+            normffn.ffn_backward(dy, ctx)
+            if hidden is not None:
+                np.testing.assert_array_equal(ctx.hidden, hidden)
+    for a, b in zip((x, *params, dy), before):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+
+
+def test_weights_not_copied(rng):
+    """C- and F-ordered weights reach BLAS as they are; other layouts are copied once."""
+    x = rng.standard_normal((4, 5))
+    w1c, b1, w2f, b2 = make_params(rng, 5, 7, np.float64)
+    w2f = np.asfortranarray(w2f)
+    _, ctx = normffn.ffn_forward(x, w1c, b1, w2f, b2)
+    assert ctx.w1 is w1c and ctx.w2 is w2f
+    torch_like = np.ascontiguousarray(w1c.T).T          # Linear.weight.T
+    big = np.zeros((10, 7))
+    big[::2] = w1c                                        # rows contiguous, row stride 14
+    odd = np.repeat(w1c[:, :, None], 2, axis=2)[:, :, 0]  # neither axis contiguous
+    for w in (torch_like, big[::2], odd):
+        y, ctx = normffn.ffn_forward(x, w, b1, w2f, b2)
+        assert_close(y, ref.ffn(x, w1c, b1, w2f, b2))
+    assert normffn.ffn_forward(x, big[::2], b1, w2f, b2)[1].w1.base is big
+
+
+def test_out(rng):
+    x = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    params = make_params(rng, 5, 6, np.float32)
+    out = np.full(x.shape, np.nan, np.float32)
+    assert normffn.ffn(x, *params, out=out) is out
+    np.testing.assert_array_equal(out, normffn.ffn(x, *params))
+    with pytest.raises(ValueError, match="out"):
+        normffn.ffn(x, *params, out=np.empty((3, 4, 6), np.float32))
+    with pytest.raises(ValueError, match="out"):
+        normffn.ffn(x, *params, out=np.empty(x.shape, np.float64))
+    with pytest.raises(ValueError, match="overlaps"):
+        normffn.ffn(x, *params, out=x)
+
+
+def test_threads_identical(rng, monkeypatch, kernel_path):
+    """1 and 2 OpenMP threads give bitwise-identical results (BLAS threads left as they are):
+    the elementwise passes split columns in fixed tiles and sum rows in order."""
+    monkeypatch.setattr(F, "_EW_THREADS", 0)      # let OpenMP use every thread it is allowed
+    params = make_params(rng, 65, 600, np.float32)
+    x = rng.standard_normal((300, 65)).astype(np.float32)
+    dy = rng.standard_normal((300, 65)).astype(np.float32)
+    results = []
+    for n in (1, 2):
+        with threadpool_limits(limits=n, user_api="openmp"):
+            out = []
+            for act in ("relu", "gelu"):
+                y, ctx = normffn.ffn_forward(x, *params, activation=act)
+                out += [y, *normffn.ffn_backward(dy, ctx)]
+            results.append(out)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_blas_threads_restored(rng, kernel_path):
+    """The split kernels set BLAS to one thread inside their OpenMP team only: the caller's
+    BLAS thread count is the same afterwards."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    before = blas_threads()
+    params = make_params(rng, 65, 600, np.float32)
+    x = rng.standard_normal((300, 65)).astype(np.float32)
+    _, ctx = normffn.ffn_forward(x, *params)
+    normffn.ffn_backward(x, ctx)
+    normffn.ffn(x, *params)
+    assert blas_threads() == before
+
+
+def test_threads_fixture_matches_reference(rng, threads):
+    params = make_params(rng, 33, 140, np.float64, layout="F")
+    x = rng.standard_normal((257, 33))
+    dy = rng.standard_normal((257, 33))
+    check_all(x, params, "gelu_tanh", False, dy, f"threads={threads}")
+
+
+# ---------------------------------------------------------------- bad inputs
+def _good(rng):
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    w1, b1, w2, b2 = make_params(rng, 4, 6, np.float32)
+    return dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2)
+
+
+BAD = [
+    # (what to change, exception, the argument the message must name)
+    (dict(x=np.float32(1.0)), ValueError, "x"),
+    (dict(x=np.zeros((3, 4), np.int64)), TypeError, "x"),
+    (dict(x=np.zeros((3, 5), np.float32)), ValueError, "w1"),
+    (dict(x=np.zeros((3, 0), np.float32)), ValueError, "x"),
+    (dict(w1=np.zeros((4, 0), np.float32)), ValueError, "w1"),
+    (dict(w1=np.zeros((4, 6), np.float64)), TypeError, "w1"),
+    (dict(w1=np.zeros(24, np.float32)), ValueError, "w1"),
+    (dict(w1=np.zeros((5, 6), np.float32)), ValueError, "w1"),
+    (dict(w2=np.zeros((6, 5), np.float32)), ValueError, "w2"),
+    (dict(w2=np.zeros((4, 6), np.float32)), ValueError, "w2"),
+    (dict(w2=np.zeros((6, 4), np.float16)), TypeError, "w2"),
+    (dict(b1=np.zeros(5, np.float32)), ValueError, "b1"),
+    (dict(b1=np.zeros(6, np.float64)), TypeError, "b1"),
+    (dict(b2=np.zeros(6, np.float32)), ValueError, "b2"),
+    (dict(b2=np.zeros((1, 4), np.float32)), ValueError, "b2"),
+    (dict(activation="tanh"), ValueError, "activation"),
+    (dict(activation=None), TypeError, "activation"),
+]
+
+
+@pytest.mark.parametrize("change,exc,name", BAD,
+                         ids=[f"{next(iter(c))}-{e.__name__}" for c, e, _ in BAD])
+@pytest.mark.parametrize("entry", ["ffn", "ffn_forward"])
+def test_bad_inputs(rng, change, exc, name, entry):
+    args = _good(rng)
+    change = dict(change)
+    act = change.pop("activation", "relu") if "activation" in change else "relu"
+    args.update(change)
+    with pytest.raises(exc, match=name):
+        getattr(normffn, entry)(args["x"], args["w1"], args["b1"], args["w2"], args["b2"],
+                                activation=act)
+
+
+def test_bad_recompute_and_dy(rng):
+    a = _good(rng)
+    with pytest.raises(TypeError, match="recompute"):
+        normffn.ffn_forward(a["x"], a["w1"], a["b1"], a["w2"], a["b2"], recompute="yes")
+    _, ctx = normffn.ffn_forward(a["x"], a["w1"], a["b1"], a["w2"], a["b2"])
+    with pytest.raises(ValueError, match="dy"):
+        normffn.ffn_backward(np.zeros((3, 5), np.float32), ctx)
+    with pytest.raises(ValueError, match="dy"):
+        normffn.ffn_backward(np.zeros((4,), np.float32), ctx)
+    with pytest.raises(TypeError, match="dy"):
+        normffn.ffn_backward(np.zeros((3, 4), np.float64), ctx)
+    with pytest.raises(TypeError, match="ctx"):
+        normffn.ffn_backward(np.zeros((3, 4), np.float32), object())
+
+
+@pytest.mark.parametrize("field,value", [
+    ("hidden", None), ("hidden", np.zeros((3, 5), np.float32)),
+    ("w2", np.zeros((6, 5), np.float32)), ("b1", np.zeros(2, np.float32)),
+    ("activation", "tanh"), ("x", np.zeros((3, 4), np.float64)),
+    ("w1", np.zeros((4, 12), np.float32)[:, ::2]), ("recompute", True),
+])
+def test_tampered_context(rng, field, value):
+    a = _good(rng)
+    _, ctx = normffn.ffn_forward(a["x"], a["w1"], a["b1"], a["w2"], a["b2"])
+    bad = dataclasses.replace(ctx, **{field: value})
+    with pytest.raises(ValueError, match="ctx"):
+        normffn.ffn_backward(np.zeros((3, 4), np.float32), bad)
