@@ -20,9 +20,11 @@ cdef extern from "channels.h" nogil:
     void nf_bn_row_affine_f64(double *y, const double *x, nf_index n, double mh, double ml,
                               double a, double b, int stream)
     void nf_bn_row_bwd_sums_f32(double *sdy, double *sdyx, const float *dy, const float *x,
-                                nf_index n, float mh, float ml)
+                                nf_index n, float mh, float ml, const float *pf_dy,
+                                const float *pf_x)
     void nf_bn_row_bwd_sums_f64(double *sdy, double *sdyx, const double *dy, const double *x,
-                                nf_index n, double mh, double ml)
+                                nf_index n, double mh, double ml, const double *pf_dy,
+                                const double *pf_x)
     void nf_bn_row_dx_f32(float *dx, const float *dy, const float *x, nf_index n, float mh,
                           float ml, float k1, float c2, float k2, int stream)
     void nf_bn_row_dx_f64(double *dx, const double *dy, const double *x, nf_index n, double mh,
@@ -35,15 +37,15 @@ cdef extern from "channels.h" nogil:
     void nf_bn_cols_chan(double *mean, double *m2, double na, const double *bm,
                          const double *bm2, double nb, nf_index K)
     void nf_bn_cols_affine_f32(float *y, const float *x, nf_index rows, nf_index K,
-                               const float *mh, const float *ml, const float *a,
-                               const float *b, int stream)
+                               const float *mh, const float *a, const float *b, int stream)
     void nf_bn_cols_affine_f64(double *y, const double *x, nf_index rows, nf_index K,
-                               const double *mh, const double *ml, const double *a,
-                               const double *b, int stream)
-    void nf_bn_cols_bwd_sums_f32(double *sdy, double *sdyx, const float *dy, const float *x,
-                                 nf_index rows, nf_index K, const float *mh, const float *ml)
-    void nf_bn_cols_bwd_sums_f64(double *sdy, double *sdyx, const double *dy, const double *x,
-                                 nf_index rows, nf_index K, const double *mh, const double *ml)
+                               const double *mh, const double *a, const double *b, int stream)
+    void nf_bn_cols_bwd_sums_f32(double *sdy, double *sdyx, float *tmp, const float *dy,
+                                 const float *x, nf_index rows, nf_index K, const float *mh,
+                                 const float *ml)
+    void nf_bn_cols_bwd_sums_f64(double *sdy, double *sdyx, double *tmp, const double *dy,
+                                 const double *x, nf_index rows, nf_index K, const double *mh,
+                                 const double *ml)
     void nf_bn_cols_dx_f32(float *dx, const float *dy, const float *x, nf_index rows,
                            nf_index K, const float *mh, const float *ml, const float *k1,
                            const float *c2, const float *k2, int stream)

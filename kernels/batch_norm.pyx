@@ -15,18 +15,22 @@
 #
 # Threads and determinism.  Every reduction is cut into blocks fixed by the shape alone — one
 # block per (n, c) row (segments of NF_BN_SEG within long rows) in the rows view, blocks of
-# nf_bn_block_rows rows grouped into a fixed number of parts in the columns view — each block's
-# statistics come from a two-pass sum in float64 while the block is in cache, and blocks are
-# merged (Chan/Welford, or plain float64 sums in backward) in index order.  Which thread computes
+# nf_bn_block_rows (<= NF_BLOCK) rows grouped into a fixed number of parts in the columns view —
+# each block's statistics come from a corrected two-pass sum while the block is in cache, with
+# partial sums in the input precision over at most NF_BLOCK values and float64 beyond (rows.h's
+# scheme: the hot loops stay float32 SIMD), and blocks are merged (Chan/Welford, or plain
+# float64 sums in backward) in index order.  Which thread computes
 # a block never changes its value, so 1 and N threads are bitwise identical.
 #   rows view: with enough channels each thread owns whole channels (prange over c): it computes
 #     the channel's statistics, then normalises the channel's slab while it is still in L2
 #     (≈ 400 KB at 32x64x56x56), so x is read from memory once.  With few channels (C < 8 per
 #     thread and not a multiple of the thread count) the (n, c) rows are shared out instead,
 #     and the per-row partials are merged in the same order.
-#   columns view: row parts in parallel for the statistics, then row blocks in parallel for the
-#     elementwise pass (x is read twice: the statistics need every row first).
-# With `stream`, outputs are written with non-temporal stores (no read-for-ownership; rows.h).
+#   columns view: thread t takes a fixed run of row parts (thread_blocks) for the statistics and
+#     the same rows, walked backwards, for the elementwise pass: x is read twice (the statistics
+#     need every row first), and the second read starts with what the first left in cache.
+# With `stream` (the Python layer decides: outputs >= stream_bytes(), rows view), outputs are
+# written with non-temporal stores (no read-for-ownership; rows.h).
 import numpy as np
 
 from cython cimport floating
@@ -35,7 +39,7 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
-from _common cimport n_threads_for, nf_stream_fence
+from _common cimport n_threads_for, nf_set_stream_bytes, nf_stream_bytes, nf_stream_fence
 from _channels cimport *
 
 # Below this many elements per thread the fork/join costs more than it saves.
@@ -100,11 +104,13 @@ cdef inline void row_affine(floating *y, const floating *x, Py_ssize_t n, floati
 
 
 cdef inline void row_bwd_sums(double *sdy, double *sdyx, const floating *dy, const floating *x,
-                              Py_ssize_t n, floating mh, floating ml) noexcept nogil:
+                              Py_ssize_t n, floating mh, floating ml, const floating *pf_dy,
+                              const floating *pf_x) noexcept nogil:
+    """Prefetches pf_dy[0:n] and pf_x[0:n] (the next row to read) meanwhile."""
     if floating is float:
-        nf_bn_row_bwd_sums_f32(sdy, sdyx, dy, x, n, mh, ml)
+        nf_bn_row_bwd_sums_f32(sdy, sdyx, dy, x, n, mh, ml, pf_dy, pf_x)
     else:
-        nf_bn_row_bwd_sums_f64(sdy, sdyx, dy, x, n, mh, ml)
+        nf_bn_row_bwd_sums_f64(sdy, sdyx, dy, x, n, mh, ml, pf_dy, pf_x)
 
 
 cdef inline void row_dx(floating *dx, const floating *dy, const floating *x, Py_ssize_t n,
@@ -221,12 +227,14 @@ cdef void _rows_channel_bwd(floating *dx, double *sdy, double *sdyx, const float
     """Backward of one whole channel: its sums, then dx while dy and x are in L2."""
     cdef double s1 = 0, s2 = 0, a1, a2
     cdef floating mh, ml, k1, c2, k2
-    cdef Py_ssize_t n
+    cdef Py_ssize_t n, nx
     split(mean[c], &mh, &ml)
     if sums:
         for n in range(N):
+            nx = (n + 1 if n + 1 < N else n) * C + c
             row_bwd_sums(&a1, &a2, dy + (n * C + c) * S,
-                         x + (n * C + c) * S if x != NULL else NULL, S, mh, ml)
+                         x + (n * C + c) * S if x != NULL else NULL, S, mh, ml,
+                         dy + nx * S, x + nx * S if x != NULL else dy + nx * S)
             s1 = s1 + a1
             s2 = s2 + a2
     sdy[c] = s1
@@ -239,13 +247,14 @@ cdef void _rows_channel_bwd(floating *dx, double *sdy, double *sdyx, const float
 
 
 cdef void _rows_row_bwd_sums(double *part, const floating *dy, const floating *x,
-                             const double *mean, Py_ssize_t r, Py_ssize_t C,
+                             const double *mean, Py_ssize_t r, Py_ssize_t R, Py_ssize_t C,
                              Py_ssize_t S) noexcept nogil:
     """Backward sums of row r = (n, c) into part[2r], part[2r + 1]."""
     cdef floating mh, ml
+    cdef Py_ssize_t nx = r + 1 if r + 1 < R else r
     split(mean[r % C], &mh, &ml)
     row_bwd_sums(&part[2 * r], &part[2 * r + 1], dy + r * S, x + r * S if x != NULL else NULL,
-                 S, mh, ml)
+                 S, mh, ml, dy + nx * S, x + nx * S if x != NULL else dy + nx * S)
 
 
 cdef int _backward_rows(floating[:, :, ::1] dx, double[::1] sdy, double[::1] sdyx,   # OUT
@@ -286,7 +295,7 @@ cdef int _backward_rows(floating[:, :, ::1] dx, double[::1] sdy, double[::1] sdy
         else:
             if sums:
                 for r in prange(N * C, schedule='static', num_threads=nt):
-                    _rows_row_bwd_sums(part, dyp, xs, mp, r, C, S)
+                    _rows_row_bwd_sums(part, dyp, xs, mp, r, N * C, C, S)
             else:
                 memset(part, 0, 2 * N * C * sizeof(double))
             for c in range(C):
@@ -327,19 +336,21 @@ cdef inline void col_stats(double *bm, double *bm2, double *tmp, const floating 
 
 cdef inline void col_affine(floating *y, const floating *x, Py_ssize_t rows, Py_ssize_t K,
                             const floating *k, int stream) noexcept nogil:
-    # k holds the K-vectors mh, ml, a, b back to back
+    # k holds the K-vectors mh, a, b - ml * a back to back
     if floating is float:
-        nf_bn_cols_affine_f32(y, x, rows, K, k, k + K, k + 2 * K, k + 3 * K, stream)
+        nf_bn_cols_affine_f32(y, x, rows, K, k, k + K, k + 2 * K, stream)
     else:
-        nf_bn_cols_affine_f64(y, x, rows, K, k, k + K, k + 2 * K, k + 3 * K, stream)
+        nf_bn_cols_affine_f64(y, x, rows, K, k, k + K, k + 2 * K, stream)
 
 
-cdef inline void col_bwd_sums(double *sdy, double *sdyx, const floating *dy, const floating *x,
-                              Py_ssize_t rows, Py_ssize_t K, const floating *k) noexcept nogil:
+cdef inline void col_bwd_sums(double *sdy, double *sdyx, double *tmp, const floating *dy,
+                              const floating *x, Py_ssize_t rows, Py_ssize_t K,
+                              const floating *k) noexcept nogil:
+    # tmp: 2*K floating values of scratch (2*K doubles hold them for either type)
     if floating is float:
-        nf_bn_cols_bwd_sums_f32(sdy, sdyx, dy, x, rows, K, k, k + K)
+        nf_bn_cols_bwd_sums_f32(sdy, sdyx, <float *>tmp, dy, x, rows, K, k, k + K)
     else:
-        nf_bn_cols_bwd_sums_f64(sdy, sdyx, dy, x, rows, K, k, k + K)
+        nf_bn_cols_bwd_sums_f64(sdy, sdyx, <double *>tmp, dy, x, rows, K, k, k + K)
 
 
 cdef inline void col_dx(floating *dx, const floating *dy, const floating *x, Py_ssize_t rows,
@@ -453,12 +464,12 @@ cdef int _forward_cols(floating[:, ::1] y, double[::1] mean, double[::1] var,   
                 vp[c] = cm2 / cn
         for c in range(C):
             fwd_consts(&mh, &ml, &a, &bb, mp[c], vp[c], eps, w, b, c)
+            bb = <floating>(<double>bb - <double>ml * <double>a)   # fold mean_lo into b
             for s in range(S):
                 j = c * S + s
                 k[j] = mh
-                k[K + j] = ml
-                k[2 * K + j] = a
-                k[3 * K + j] = bb
+                k[K + j] = a
+                k[2 * K + j] = bb
         # each thread walks its own rows backwards: the most recently read first
         for t in prange(nt, schedule='static', num_threads=nt):
             thread_blocks(t, nt, P, nb, &p0, &p1, &b0, &b1)
@@ -473,9 +484,9 @@ cdef int _forward_cols(floating[:, ::1] y, double[::1] mean, double[::1] var,   
     return 0
 
 
-cdef void _cols_part_bwd_sums(double *s1, double *s2, const floating *dy, const floating *x,
-                              Py_ssize_t M, Py_ssize_t K, Py_ssize_t RB, Py_ssize_t b0,
-                              Py_ssize_t b1, const floating *k) noexcept nogil:
+cdef void _cols_part_bwd_sums(double *s1, double *s2, double *tmp, const floating *dy,
+                              const floating *x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t RB,
+                              Py_ssize_t b0, Py_ssize_t b1, const floating *k) noexcept nogil:
     cdef Py_ssize_t j, blk, r0, rows
     for j in range(K):
         s1[j] = 0
@@ -483,7 +494,7 @@ cdef void _cols_part_bwd_sums(double *s1, double *s2, const floating *dy, const 
     for blk in range(b0, b1):
         r0 = blk * RB
         rows = M - r0 if M - r0 < RB else RB
-        col_bwd_sums(s1, s2, dy + r0 * K, x + r0 * K if x != NULL else NULL, rows, K, k)
+        col_bwd_sums(s1, s2, tmp, dy + r0 * K, x + r0 * K if x != NULL else NULL, rows, K, k)
 
 
 cdef int _backward_cols(floating[:, ::1] dx, double[::1] sdy, double[::1] sdyx,      # OUT
@@ -508,7 +519,8 @@ cdef int _backward_cols(floating[:, ::1] dx, double[::1] sdy, double[::1] sdyx, 
     cdef const double *rp = &rstd[0]
     cdef double s1, s2
     cdef floating mh, ml, k1, c2, k2
-    cdef double *scratch = <double *> malloc(2 * P * K * sizeof(double))
+    # per part: sum(dy), sum(dy * (x - mean)) and a block temp (K doubles each, 2K for the temp)
+    cdef double *scratch = <double *> malloc(4 * P * K * sizeof(double))
     cdef floating *k = <floating *> malloc(5 * K * sizeof(floating))
     if weight is not None:
         w = &weight[0]
@@ -517,6 +529,9 @@ cdef int _backward_cols(floating[:, ::1] dx, double[::1] sdy, double[::1] sdyx, 
         free(scratch)
         raise MemoryError("batch_norm_backward: cannot allocate scratch")
     cdef int nt = n_threads_for(M * K, MIN_ELEMS_PER_THREAD)
+    if nt > P:
+        nt = <int>P
+    cdef Py_ssize_t t, p0, p1, b0, b1
     with nogil:
         for c in range(C):
             split(mp[c], &mh, &ml)
@@ -524,18 +539,21 @@ cdef int _backward_cols(floating[:, ::1] dx, double[::1] sdy, double[::1] sdyx, 
                 k[c * S + s] = mh
                 k[K + c * S + s] = ml
         if sums:
-            for p in prange(P, schedule='static', num_threads=nt if nt < P else P):
-                _cols_part_bwd_sums(scratch + 2 * p * K, scratch + (2 * p + 1) * K, dyp, xs,
-                                    M, K, RB, p * nb // P, (p + 1) * nb // P, k)
+            for t in prange(nt, schedule='static', num_threads=nt):
+                thread_blocks(t, nt, P, nb, &p0, &p1, &b0, &b1)
+                for p in range(p0, p1):
+                    _cols_part_bwd_sums(scratch + 4 * p * K, scratch + (4 * p + 1) * K,
+                                        scratch + (4 * p + 2) * K, dyp, xs, M, K, RB,
+                                        p * nb // P, (p + 1) * nb // P, k)
         else:
-            memset(scratch, 0, 2 * P * K * sizeof(double))
+            memset(scratch, 0, 4 * P * K * sizeof(double))
         for c in range(C):
             s1 = 0
             s2 = 0
             for s in range(S):
                 for p in range(P):
-                    s1 = s1 + scratch[2 * p * K + c * S + s]
-                    s2 = s2 + scratch[(2 * p + 1) * K + c * S + s]
+                    s1 = s1 + scratch[4 * p * K + c * S + s]
+                    s2 = s2 + scratch[(4 * p + 1) * K + c * S + s]
             s1p[c] = s1
             s2p[c] = s2
             bwd_consts(&mh, &ml, &k1, &c2, &k2, mp[c], rp[c], s1, s2, <double>(M * S),
@@ -545,11 +563,14 @@ cdef int _backward_cols(floating[:, ::1] dx, double[::1] sdy, double[::1] sdyx, 
                 k[2 * K + j] = k1
                 k[3 * K + j] = c2
                 k[4 * K + j] = k2
-        for i in prange(nb, schedule='static', num_threads=nt):
-            r0 = i * RB
-            rows = M - r0 if M - r0 < RB else RB
-            col_dx(dxp + r0 * K, dyp + r0 * K, xp + r0 * K if training else NULL, rows, K, k,
-                   stream)
+        # each thread walks its own rows backwards: the most recently read first
+        for t in prange(nt, schedule='static', num_threads=nt):
+            thread_blocks(t, nt, P, nb, &p0, &p1, &b0, &b1)
+            for i in range(b1 - 1, b0 - 1, -1):
+                r0 = i * RB
+                rows = M - r0 if M - r0 < RB else RB
+                col_dx(dxp + r0 * K, dyp + r0 * K, xp + r0 * K if training else NULL, rows, K,
+                       k, stream)
         if stream:
             nf_stream_fence()
     free(k)
@@ -590,3 +611,13 @@ def backward(dx, sdy, sdyx, dy, x, weight, mean, rstd, bint training, bint need_
         else:
             _backward_cols[double](dx, sdy, sdyx, dy, x, weight, mean, rstd, training, need_x,
                                    sums, S, stream)
+
+
+def stream_bytes(value=None):
+    """Outputs of at least this many bytes may get non-temporal stores (default: a quarter of
+    the L3 size, rows.h's nf_stream_bytes).  Pass a value to override it for this module (tests
+    use 1 to exercise the streaming path on small arrays); 0 restores the default.  Returns the
+    threshold now in force."""
+    if value is not None:
+        nf_set_stream_bytes(<size_t>value)
+    return nf_stream_bytes()

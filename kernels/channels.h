@@ -7,7 +7,8 @@
  *               (N, C, S) array with small S seen as (N, C*S)); column k has its own parameters,
  *               passed as K-vectors.  Inner loops run along k (contiguous) and vectorise.
  *
- * From rows.h it uses only NF_CLONES, nf_index and the streaming stores (nf_stream_copy/fence).
+ * From rows.h it uses NF_CLONES/NF_INLINE, nf_index, NF_BLOCK/NF_LANES with the blocked sums
+ * (nf_sum_*, nf_ssd_*, nf_tree_sum, NF_PREFETCH_LANES) and the streaming stores.
  *
  * Contract: pointers are valid for the sizes given (the Python layer validated everything),
  * sizes >= 1.  Same build rules as rows.h: plain C auto-vectorised by GCC, compiled per ISA with
@@ -16,8 +17,10 @@
  *
  * Numerics:
  *  - Statistics are exact-order Chan/Welford merges of blocks whose (mean, M2) come from a
- *    two-pass sum over the block while it is in L1/L2: stable (no E[x^2] - E[x]^2), float64
- *    throughout, and x is read from memory once for the statistics.
+ *    corrected two-pass sum over the block while it is in L1/L2: stable (no E[x^2] - E[x]^2),
+ *    x read from memory once for the statistics.  Sums run in the input precision over at most
+ *    NF_BLOCK values, then float64 (rows.h's blocked scheme): converting every element to
+ *    double halved the throughput of these passes.
  *  - Normalisation uses ((x - mean_hi) - mean_lo) * a + b with the float64 mean split into two
  *    floats for float32 data (see rows.h): an offset of 1e3..1e4 costs no accuracy.
  *  - Block sizes depend only on the problem's shape, and blocks are merged in a fixed order:
@@ -102,34 +105,51 @@ NF_DEF_BN_ROW_AFFINE(nf_bn_row_affine_f32, float, nf_bn_row_affine1_f32)
 NF_DEF_BN_ROW_AFFINE(nf_bn_row_affine_f64, double, nf_bn_row_affine1_f64)
 
 /* Backward sums of one row: *sdy = sum(dy), *sdyx = sum(dy * ((x - mh) - ml)) (x may be NULL:
- * then only sdy). */
+ * then only sdy).  Blocked as rows.h's sums: NF_LANES partials in the input precision over
+ * NF_BLOCK values, flushed to float64 lanes, then a fixed tree.  Meanwhile the next row this
+ * thread reads (pf_dy, pf_x; may equal dy, x) is prefetched. */
 #define NF_DEF_BN_ROW_BWD_SUMS(NAME, T)                                                       \
 NF_CLONES static void NAME(double *sdy, double *sdyx, const T *restrict dy,                   \
-                           const T *restrict x, nf_index n, T mh, T ml)                       \
+                           const T *restrict x, nf_index n, T mh, T ml,                       \
+                           const T *pf_dy, const T *pf_x)                                     \
 {                                                                                             \
-    double a1[NF_BN_LANES] = {0}, a2[NF_BN_LANES] = {0};                                            \
+    double a1[NF_LANES] = {0}, a2[NF_LANES] = {0};                                            \
     double s1 = 0, s2 = 0;                                                                    \
     nf_index i = 0;                                                                           \
     if (x) {                                                                                  \
-        for (; i + NF_BN_LANES <= n; i += NF_BN_LANES)                                              \
-            for (int k = 0; k < NF_BN_LANES; k++) {                                              \
-                T xc = (x[i + k] - mh) - ml;                                                  \
-                a1[k] += (double)dy[i + k];                                                   \
-                a2[k] += (double)dy[i + k] * (double)xc;                                      \
+        while (i + NF_LANES <= n) {                                                           \
+            T p1[NF_LANES] = {0}, p2[NF_LANES] = {0};                                         \
+            nf_index end = i + NF_BLOCK < n ? i + NF_BLOCK : n;                               \
+            for (; i + NF_LANES <= end; i += NF_LANES) {                                      \
+                NF_PREFETCH_LANES(pf_dy + i, T);                                              \
+                NF_PREFETCH_LANES(pf_x + i, T);                                               \
+                for (int k = 0; k < NF_LANES; k++) {                                          \
+                    T xc = (x[i + k] - mh) - ml;                                              \
+                    p1[k] += dy[i + k];                                                       \
+                    p2[k] += dy[i + k] * xc;                                                  \
+                }                                                                             \
             }                                                                                 \
+            for (int k = 0; k < NF_LANES; k++) { a1[k] += (double)p1[k]; a2[k] += (double)p2[k]; } \
+        }                                                                                     \
         for (; i < n; i++) {                                                                  \
             T xc = (x[i] - mh) - ml;                                                          \
             s1 += (double)dy[i];                                                              \
             s2 += (double)dy[i] * (double)xc;                                                 \
         }                                                                                     \
     } else {                                                                                  \
-        for (; i + NF_BN_LANES <= n; i += NF_BN_LANES)                                              \
-            for (int k = 0; k < NF_BN_LANES; k++) a1[k] += (double)dy[i + k];                    \
+        while (i + NF_LANES <= n) {                                                           \
+            T p1[NF_LANES] = {0};                                                             \
+            nf_index end = i + NF_BLOCK < n ? i + NF_BLOCK : n;                               \
+            for (; i + NF_LANES <= end; i += NF_LANES) {                                      \
+                NF_PREFETCH_LANES(pf_dy + i, T);                                              \
+                for (int k = 0; k < NF_LANES; k++) p1[k] += dy[i + k];                        \
+            }                                                                                 \
+            for (int k = 0; k < NF_LANES; k++) a1[k] += (double)p1[k];                        \
+        }                                                                                     \
         for (; i < n; i++) s1 += (double)dy[i];                                               \
     }                                                                                         \
-    for (int k = 0; k < NF_BN_LANES; k++) { s1 += a1[k]; s2 += a2[k]; }                          \
-    *sdy = s1;                                                                                \
-    *sdyx = s2;                                                                               \
+    *sdy = s1 + nf_tree_sum(a1);                                                              \
+    *sdyx = s2 + nf_tree_sum(a2);                                                             \
 }
 NF_DEF_BN_ROW_BWD_SUMS(nf_bn_row_bwd_sums_f32, float)
 NF_DEF_BN_ROW_BWD_SUMS(nf_bn_row_bwd_sums_f64, double)
@@ -246,26 +266,27 @@ NF_CLONES static void nf_bn_cols_chan(double *restrict mean, double *restrict m2
     }
 }
 
-/* y[r, k] = ((x[r, k] - mh[k]) - ml[k]) * a[k] + b[k] over `rows` rows of length K
- * (NF_BN_RU rows per step: the four K-vectors are loaded once per step, not once per row). */
-#define NF_BN_AFF(i) yr[(i) * K + k] = (((xr[(i) * K + k] - m1) - m2) * a1) + b1
+/* y[r, k] = (x[r, k] - mh[k]) * a[k] + b[k] over `rows` rows of length K, NF_BN_RU rows per
+ * step (the K-vectors are loaded once per step).  The caller folds the low part of the split
+ * mean into b (b = bias - ml * a, in float64): x - mh is exact near the mean (Sterbenz), so
+ * offset data keeps its accuracy with three K-vectors instead of four. */
+#define NF_BN_AFF(i) yr[(i) * K + k] = ((xr[(i) * K + k] - m1) * a1) + b1
 #define NF_DEF_BN_COLS_AFFINE1(NAME, T)                                                       \
 NF_INLINE void NAME(T *restrict y, const T *restrict x, nf_index rows, nf_index K,            \
-                    const T *restrict mh, const T *restrict ml, const T *restrict a,          \
-                    const T *restrict b)                                                      \
+                    const T *restrict mh, const T *restrict a, const T *restrict b)           \
 {                                                                                             \
     nf_index r = 0;                                                                           \
     for (; r + NF_BN_RU <= rows; r += NF_BN_RU) {                                             \
         T *restrict yr = y + r * K;                                                           \
         const T *restrict xr = x + r * K;                                                     \
         for (nf_index k = 0; k < K; k++) {                                                    \
-            T m1 = mh[k], m2 = ml[k], a1 = a[k], b1 = b[k];                                   \
+            T m1 = mh[k], a1 = a[k], b1 = b[k];                                               \
             NF_BN_AFF(0); NF_BN_AFF(1); NF_BN_AFF(2); NF_BN_AFF(3);                           \
         }                                                                                     \
     }                                                                                         \
     for (; r < rows; r++)                                                                     \
         for (nf_index k = 0; k < K; k++)                                                      \
-            y[r * K + k] = (((x[r * K + k] - mh[k]) - ml[k]) * a[k]) + b[k];                  \
+            y[r * K + k] = ((x[r * K + k] - mh[k]) * a[k]) + b[k];                            \
 }
 NF_DEF_BN_COLS_AFFINE1(nf_bn_cols_affine1_f32, float)
 NF_DEF_BN_COLS_AFFINE1(nf_bn_cols_affine1_f64, double)
@@ -295,22 +316,22 @@ NF_DEF_BN_COLS_DX1(nf_bn_cols_dx1_f64, double)
  * when a row is longer than a chunk), then streamed out. */
 #define NF_DEF_BN_COLS_AFFINE(NAME, T, AFF1)                                                  \
 NF_CLONES static void NAME(T *restrict y, const T *restrict x, nf_index rows, nf_index K,     \
-                           const T *mh, const T *ml, const T *a, const T *b, int stream)      \
+                           const T *mh, const T *a, const T *b, int stream)            \
 {                                                                                             \
-    if (!stream) { AFF1(y, x, rows, K, mh, ml, a, b); return; }                               \
+    if (!stream) { AFF1(y, x, rows, K, mh, a, b); return; }                               \
     T tmp[NF_BN_COLS_CHUNK];                                                                  \
     if (K <= NF_BN_COLS_CHUNK) {                                                              \
         nf_index g = NF_BN_COLS_CHUNK / K;                                                    \
         for (nf_index r = 0; r < rows; r += g) {                                              \
             nf_index m = rows - r < g ? rows - r : g;                                         \
-            AFF1(tmp, x + r * K, m, K, mh, ml, a, b);                                         \
+            AFF1(tmp, x + r * K, m, K, mh, a, b);                                         \
             nf_stream_copy(y + r * K, tmp, (size_t)(m * K) * sizeof(T));                      \
         }                                                                                     \
     } else {                                                                                  \
         for (nf_index r = 0; r < rows; r++)                                                   \
             for (nf_index c = 0; c < K; c += NF_BN_COLS_CHUNK) {                              \
                 nf_index m = K - c < NF_BN_COLS_CHUNK ? K - c : NF_BN_COLS_CHUNK;             \
-                AFF1(tmp, x + r * K + c, 1, m, mh + c, ml + c, a + c, b + c);                 \
+                AFF1(tmp, x + r * K + c, 1, m, mh + c, a + c, b + c);                 \
                 nf_stream_copy(y + r * K + c, tmp, (size_t)m * sizeof(T));                    \
             }                                                                                 \
     }                                                                                         \
@@ -345,36 +366,42 @@ static void NAME(T *restrict dx, const T *restrict dy, const T *restrict x, nf_i
 NF_DEF_BN_COLS_DX(nf_bn_cols_dx_f32, float, nf_bn_cols_dx1_f32)
 NF_DEF_BN_COLS_DX(nf_bn_cols_dx_f64, double, nf_bn_cols_dx1_f64)
 
-/* Backward column sums over `rows` rows, accumulated (+=) into sdy[k] (sum dy) and, when x is
- * given, sdyx[k] (sum dy * ((x - mh[k]) - ml[k])).  Rows are taken NF_BN_RU at a time from the
- * block's first row: the order of additions depends only on the block. */
+/* Backward column sums over `rows` rows (rows <= NF_BLOCK: one column block), accumulated (+=)
+ * into sdy[k] (sum dy) and, when x is given, sdyx[k] (sum dy * ((x - mh[k]) - ml[k])).  The
+ * block's sums run in the input precision (tmp: 2*K values), NF_BN_RU rows per step from the
+ * block's first row, and are added to the float64 sums once per block: the order of additions
+ * depends only on the block. */
 #define NF_DEF_BN_COLS_BWD_SUMS(NAME, T)                                                      \
-NF_CLONES static void NAME(double *restrict sdy, double *restrict sdyx, const T *restrict dy, \
-                           const T *restrict x, nf_index rows, nf_index K,                    \
-                           const T *restrict mh, const T *restrict ml)                        \
+NF_CLONES static void NAME(double *restrict sdy, double *restrict sdyx, T *restrict tmp,      \
+                           const T *restrict dy, const T *restrict x, nf_index rows,          \
+                           nf_index K, const T *restrict mh, const T *restrict ml)            \
 {                                                                                             \
+    T *restrict p1 = tmp, *restrict p2 = tmp + K;                                             \
     nf_index r = 0;                                                                           \
+    for (nf_index k = 0; k < K; k++) { p1[k] = 0; p2[k] = 0; }                                \
     for (; r + NF_BN_RU <= rows; r += NF_BN_RU) {                                             \
         const T *d0 = dy + r * K, *d1 = d0 + K, *d2 = d1 + K, *d3 = d2 + K;                   \
-        for (nf_index k = 0; k < K; k++)                                                      \
-            sdy[k] += ((double)d0[k] + (double)d1[k]) + ((double)d2[k] + (double)d3[k]);      \
+        for (nf_index k = 0; k < K; k++) p1[k] += (d0[k] + d1[k]) + (d2[k] + d3[k]);          \
         if (x) {                                                                              \
             const T *x0 = x + r * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;                \
             for (nf_index k = 0; k < K; k++) {                                                \
-                double p0 = (double)d0[k] * (double)((x0[k] - mh[k]) - ml[k]);                \
-                double p1 = (double)d1[k] * (double)((x1[k] - mh[k]) - ml[k]);                \
-                double p2 = (double)d2[k] * (double)((x2[k] - mh[k]) - ml[k]);                \
-                double p3 = (double)d3[k] * (double)((x3[k] - mh[k]) - ml[k]);                \
-                sdyx[k] += (p0 + p1) + (p2 + p3);                                             \
+                T q0 = d0[k] * ((x0[k] - mh[k]) - ml[k]);                                     \
+                T q1 = d1[k] * ((x1[k] - mh[k]) - ml[k]);                                     \
+                T q2 = d2[k] * ((x2[k] - mh[k]) - ml[k]);                                     \
+                T q3 = d3[k] * ((x3[k] - mh[k]) - ml[k]);                                     \
+                p2[k] += (q0 + q1) + (q2 + q3);                                               \
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
     for (; r < rows; r++) {                                                                   \
-        for (nf_index k = 0; k < K; k++) sdy[k] += (double)dy[r * K + k];                     \
+        for (nf_index k = 0; k < K; k++) p1[k] += dy[r * K + k];                              \
         if (x)                                                                                \
             for (nf_index k = 0; k < K; k++)                                                  \
-                sdyx[k] += (double)dy[r * K + k] * (double)((x[r * K + k] - mh[k]) - ml[k]);  \
+                p2[k] += dy[r * K + k] * ((x[r * K + k] - mh[k]) - ml[k]);                    \
     }                                                                                         \
+    for (nf_index k = 0; k < K; k++) sdy[k] += (double)p1[k];                                 \
+    if (x)                                                                                    \
+        for (nf_index k = 0; k < K; k++) sdyx[k] += (double)p2[k];                            \
 }
 NF_DEF_BN_COLS_BWD_SUMS(nf_bn_cols_bwd_sums_f32, float)
 NF_DEF_BN_COLS_BWD_SUMS(nf_bn_cols_bwd_sums_f64, double)

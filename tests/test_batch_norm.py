@@ -238,6 +238,34 @@ def test_threads_bitwise_identical(rng, dtype, shape, layout):
         assert a1.tobytes() == a2.tobytes()
 
 
+@pytest.mark.parametrize("shape,layout", [((4, 16, 33, 33), "contiguous"),
+                                          ((8, 3, 64, 64), "contiguous"),
+                                          ((1024, 96), "contiguous"),
+                                          ((4, 8, 9, 9), "channels_last")], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_streaming_stores_path_is_bitwise_identical(rng, dtype, shape, layout, monkeypatch):
+    """Large outputs use non-temporal stores; force that path (both kernels) on small arrays."""
+    import importlib
+
+    bn_module = importlib.import_module("normffn.batch_norm")
+    from normffn._kernels import batch_norm as k
+
+    x = _layout(randn(rng, shape, dtype) + 3, layout)
+    dy = _layout(randn(rng, shape, dtype), layout)
+    C = shape[1]
+    w, b = randn(rng, C, dtype), randn(rng, C, dtype)
+    rm, rv = _running(rng, C, dtype)
+    plain = _run_all(x, w, b, dy, rm.copy(), rv.copy())
+    monkeypatch.setattr(bn_module, "_STREAM_COLUMNS", True)
+    try:
+        assert k.stream_bytes(1) == 1
+        streamed = _run_all(x, w, b, dy, rm.copy(), rv.copy())
+    finally:
+        k.stream_bytes(0)
+    for a1, a2 in zip(plain, streamed):
+        assert a1.tobytes() == a2.tobytes()
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_inputs_not_modified_and_out(rng, layout):
     shape = (4, 6, 5, 7)

@@ -22,10 +22,15 @@ __all__ = ["BatchNormContext", "batch_norm", "batch_norm_forward", "batch_norm_b
 # matrix through the column kernel: per-row calls on runs of a few values would cost more.
 _SMALL_S = 16
 _SMALL_S_MAX_WIDTH = 1 << 16
-# Outputs at least this large are written with non-temporal stores (a streaming store skips the
-# read-for-ownership).  Measured on the development machine (Zen 4 VM, 25 MB outputs) streaming
-# was slower in eval, channels-last and (8192, 768), so it is off; the kernels keep the path.
-_STREAM_BYTES = 1 << 62
+# Outputs of at least _kernel.stream_bytes() (a quarter of the L3) are written with non-temporal
+# stores (no read-for-ownership) by the rows kernel (NCHW).  Measured here (Zen 4 VM, 25 MB
+# outputs, 2 threads) that made eval 25% and training ~8% faster; in the column kernel
+# (channels-last, (N, C)) it was 0-15% slower, so that kernel stores normally.
+_STREAM_COLUMNS = False
+
+
+def _stream(y: np.ndarray, xk: np.ndarray) -> bool:
+    return y.nbytes >= _kernel.stream_bytes() and (xk.ndim == 3 or _STREAM_COLUMNS)
 
 
 def _is_channels_last(a: np.ndarray) -> bool:
@@ -249,8 +254,7 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
     if x.size > 0:
         xk, s = _kernel_view(x, channels_last)
         yk, _ = _kernel_view(y, channels_last)
-        _kernel.forward(yk, mean64, var64, xk, weight, bias, eps, training, s,
-                        y.nbytes >= _STREAM_BYTES)
+        _kernel.forward(yk, mean64, var64, xk, weight, bias, eps, training, s, _stream(y, xk))
     with np.errstate(divide="ignore", invalid="ignore"):
         rstd64 = 1.0 / np.sqrt(var64 + eps)
     if training and running_mean is not None:
@@ -319,7 +323,7 @@ def batch_norm_backward(dy, ctx, *, out=None):
         need_x = ctx.training or ctx.weight is not None
         sums = need_x or ctx.bias is not None
         _kernel.backward(dxk, sdy, sdyx, dyk, xk, ctx.weight, mean64, rstd64, bool(ctx.training),
-                         need_x, sums, s, dx.nbytes >= _STREAM_BYTES)
+                         need_x, sums, s, _stream(dx, xk))
     dweight = None if ctx.weight is None else (sdyx * rstd64).astype(dtype)
     dbias = None if ctx.bias is None else sdy.astype(dtype)
     return dx, dweight, dbias
