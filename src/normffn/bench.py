@@ -1,7 +1,7 @@
 """``python -m normffn bench``: normffn vs the NumPy reference vs torch, side by side.
 
-Every case is measured in one process, providers interleaved round by round (so the machine's
-drift hits all of them alike), after warm-up, and reported as median with the inter-quartile
+Every case is measured in one process, providers interleaved round by round in a rotating order
+(so the machine's drift and cache effects hit all of them alike), after warm-up, and reported as median with the inter-quartile
 spread.  Norms report GB/s (forward moves 2·numel·itemsize, backward 3·) and the fraction of the
 copy bandwidth measured in the same run; the FFN reports GFLOP/s and the fraction of the bare
 GEMMs' rate measured in the same run.
@@ -284,8 +284,12 @@ def _measure(case: Case, repeat: int, min_time: float, progress) -> None:
     one_round = max(time.perf_counter() - t0, 1e-6)
     rounds = max(repeat, min(10 * repeat, int(min_time / one_round)))
     times = {k: [] for k in calls}
+    order = list(calls.items())
     for r in range(rounds):
-        for k, f in calls.items():
+        # Rotate the order every round: each provider follows every other one equally often,
+        # so none keeps inheriting a warm (or a trashed) cache from the same predecessor.
+        shift = r % len(order)
+        for k, f in order[shift:] + order[:shift]:
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
