@@ -80,10 +80,12 @@ class BatchNormContext:
 
     Attributes
     ----------
-    mean, rstd : ndarray of shape (C,), in x's dtype
+    mean, rstd : ndarray of shape (C,), float64
         Training: the batch mean and ``1 / sqrt(biased_var + eps)`` (the ``save_mean`` and
         ``save_invstd`` of ``torch.native_batch_norm``).  Eval: the running mean and
-        ``1 / sqrt(running_var + eps)``.
+        ``1 / sqrt(running_var + eps)``.  Always float64, as in LayerNormContext: a float32
+        mean of data offset by 1e3 is off by ~1e-4, which backward (it recomputes ``xhat``
+        from it) would pay for.
     x : ndarray of the forward input's shape, C-contiguous or channels-last (backward recomputes
         ``xhat`` from it and returns dx in its layout)
     weight, bias : ndarray of shape (C,) or None
@@ -98,10 +100,6 @@ class BatchNormContext:
     training: bool
     mean: np.ndarray
     rstd: np.ndarray
-    # float64 copies of mean/rstd kept by the forward for an accurate backward (a float32 mean
-    # of data offset by 1e3 is off by ~1e-4); used only while they round to mean/rstd.
-    _mean64: np.ndarray | None = None
-    _rstd64: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple:
@@ -117,7 +115,7 @@ class BatchNormContext:
 
     def _validate(self) -> tuple[np.ndarray, np.ndarray]:
         """Check the context is internally consistent (a hand-built or tampered context must
-        raise, not reach the kernel); return the float64 (mean, rstd) backward uses."""
+        raise, not reach the kernel); return the (mean, rstd) backward uses."""
         x = self.x
         if not isinstance(x, np.ndarray) or x.dtype not in _checks.FLOAT_DTYPES or x.ndim < 2 \
                 or not (x.flags.c_contiguous or _is_channels_last(x)):
@@ -126,9 +124,9 @@ class BatchNormContext:
         C = x.shape[1]
         for name in ("mean", "rstd"):
             a = getattr(self, name)
-            if not isinstance(a, np.ndarray) or a.dtype != x.dtype or a.shape != (C,) \
+            if not isinstance(a, np.ndarray) or a.dtype != np.float64 or a.shape != (C,) \
                     or not a.flags.c_contiguous:
-                raise ValueError(f"ctx.{name} must be a C-contiguous {x.dtype} array of shape "
+                raise ValueError(f"ctx.{name} must be a C-contiguous float64 array of shape "
                                  f"({C},)")
         for name in ("weight", "bias"):
             a = getattr(self, name)
@@ -138,14 +136,7 @@ class BatchNormContext:
                                  f"of shape ({C},)")
         if not isinstance(self.training, (bool, np.bool_)):
             raise ValueError("ctx.training must be a bool")
-        stats = []
-        for name, pub in (("_mean64", self.mean), ("_rstd64", self.rstd)):
-            a = getattr(self, name)
-            ok = (isinstance(a, np.ndarray) and a.dtype == np.float64 and a.shape == (C,)
-                  and a.flags.c_contiguous
-                  and np.array_equal(a.astype(x.dtype), pub, equal_nan=True))
-            stats.append(a if ok else np.ascontiguousarray(pub, dtype=np.float64))
-        return stats[0], stats[1]
+        return self.mean, self.rstd
 
 
 def _running_stat(a, name: str, C: int, dtype: np.dtype) -> np.ndarray:
@@ -264,8 +255,7 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
         running_mean[...] = new_mean
         running_var[...] = new_var
     ctx = BatchNormContext(x=x, weight=weight, bias=bias, eps=eps, training=training,
-                           mean=mean64.astype(dtype), rstd=rstd64.astype(dtype),
-                           _mean64=mean64, _rstd64=rstd64)
+                           mean=mean64, rstd=rstd64)
     return y, ctx
 
 
