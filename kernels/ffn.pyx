@@ -14,25 +14,18 @@
 # elementwise work (bias + activation forward; activation derivative or ReLU mask, db1, db2
 # backward) touches the block between two GEMMs, while it is still in cache.
 #
-# Threads, two variants of each kernel (same blocks, same maths):
-#   * split (_forward_split/_backward_split; opt-in, normffn.ffn._SPLIT_KERNELS, and only where
-#     OpenBLAS's openblas_set_num_threads_local is found): one OpenMP team; every GEMM is split
-#     by output columns into one part per thread, each part a single-threaded BLAS call, and
-#     the thread applies bias/activation/derivative (and db1, dead units) to the columns it just
-#     produced.  OpenMP
-#     threads x BLAS threads = team size <= cores, and the elementwise work is parallel.  Alone
-#     it matches the plain variant; beside other threaded libraries (OpenBLAS pools, torch's
-#     OpenMP) their spinning workers and ours slow each other down, hence opt-in.
-#   * plain (_forward/_backward, any BLAS): BLAS threads itself and is never called inside an
-#     OpenMP parallel region; the elementwise work runs between GEMMs under prange over fixed
-#     column tiles, on ew_threads threads (the Python layer passes 1: OpenBLAS's idle workers
-#     spin-yield after each GEMM and libgomp's spin after each region, so on 2 cores a 2-thread
-#     elementwise pass fights the BLAS threads and costs more than it saves).
-# Determinism: every column is owned by one thread (a fixed tile or a part fixed by the team
-# size), which walks the block's rows in order: db1/db2 (float64) and dead-unit flags are sums
+# Threads: BLAS threads itself and is never called inside an OpenMP parallel region (OpenMP
+# threads x BLAS threads never exceed the cores); the elementwise work runs between GEMMs under
+# prange over fixed column tiles, on ew_threads threads (the Python layer passes 1: OpenBLAS's
+# idle workers spin-yield after each GEMM and libgomp's spin after each region, so on 2 cores a
+# 2-thread elementwise pass fights the BLAS threads and costs more than it saves).  A variant
+# that split every GEMM by columns over an OpenMP team with one BLAS thread each was measured
+# and dropped: alone it matched this one, beside other threaded libraries (OpenBLAS pools,
+# torch's OpenMP) it lost badly.
+# Determinism: every column is owned by one thread (a fixed tile), which walks the block's rows in order: db1/db2 (float64) and dead-unit flags are sums
 # in row order, identical for any thread count.  dw1/dw2 are accumulated by BLAS block after
 # block in block order (beta = 1); each element comes from GEMMs over the same k in the same
-# order whichever column split computes it, so results depend on the thread count at most as
+# order, so results depend on the thread count at most as
 # far as the BLAS itself does (bitwise equal with scipy's OpenBLAS in the tests).
 from cython cimport floating
 from cython.parallel cimport parallel, prange
@@ -267,249 +260,10 @@ cdef int _backward(floating[:, ::1] dx,                                        #
     return 0
 
 
-# ---------------------------------------------------------------- split variants
-# The same blocks and the same maths, but each GEMM is split by output columns over the OpenMP
-# team and every thread calls single-threaded BLAS (openblas_set_num_threads_local(1) in each
-# thread, restored on exit): OpenMP threads x BLAS threads = team size <= cores.  Each thread
-# then applies the bias/activation/derivative to the columns it just produced, while they are in
-# its cache, and nobody spins against anybody: with a threaded BLAS the idle BLAS workers spin
-# (sched_yield) through our elementwise passes and libgomp's workers spin through the GEMMs.
-# The column split of part p of P is fixed by P only; each output element is computed by one
-# single-threaded GEMM over the same k in the same order, and db1/db2 are per-column sums in row
-# order, so the results do not depend on which thread runs which part.
-ctypedef int (*set_threads_fn)(int) noexcept nogil
-
-
-cdef inline Py_ssize_t split_at(Py_ssize_t cols, Py_ssize_t p, Py_ssize_t parts) noexcept nogil:
-    """Start column of part p (parts + 1 boundaries, multiples of 16 except the last)."""
-    if p >= parts:
-        return cols
-    return (cols * p // parts) // 16 * 16
-
-
-cdef inline Py_ssize_t at(char t, int ld, Py_ssize_t r, Py_ssize_t c) noexcept nogil:
-    """Offset of element (r, c) of a matrix BLAS reads with layout t and leading dim ld."""
-    return r * ld + c if t == c'N' else c * ld + r
-
-
-cdef int _forward_split(floating[:, ::1] y, floating[:, ::1] hidden, unsigned char[::1] alive,
-                        floating[:, ::1] scratch, const floating[:, ::1] x,
-                        const floating[:, :] w1, const floating[::1] b1,
-                        const floating[:, :] w2, const floating[::1] b2,
-                        int act, Py_ssize_t blk, size_t set_threads_addr,
-                        int parts) except -1:
-    cdef set_threads_fn set_threads = <set_threads_fn> set_threads_addr
-    cdef Py_ssize_t n = x.shape[0], d = x.shape[1], h = w1.shape[1]
-    cdef int ld1, ld2
-    cdef char t1 = blas_layout(w1, &ld1), t2 = blas_layout(w2, &ld2)
-    cdef const floating *w1p = &w1[0, 0]
-    cdef const floating *w2p = &w2[0, 0]
-    cdef const floating *b1p = NULL
-    cdef const floating *b2p = NULL
-    cdef const floating *xp = &x[0, 0]
-    cdef floating *yp = &y[0, 0]
-    cdef floating *hp = NULL
-    cdef floating *sp = NULL
-    cdef unsigned char *alp = NULL
-    cdef floating *zp
-    cdef floating *ap
-    cdef floating *a_sep
-    cdef floating beta2 = 0
-    cdef Py_ssize_t r0, m, p, c0, c1, e0, e1
-    cdef int old
-    if b1 is not None:
-        b1p = &b1[0]
-    if b2 is not None:
-        b2p = &b2[0]
-        beta2 = 1
-    if hidden is not None:
-        hp = &hidden[0, 0]
-    if scratch is not None:
-        sp = &scratch[0, 0]
-    if alive is not None:
-        alp = &alive[0]
-    # The main thread's BLAS thread count is saved and restored around the region; each team
-    # thread sets 1 for itself inside it (the setting is per thread in OpenBLAS >= 0.3.27; where
-    # a build keeps it global, the restore after the region's final barrier still wins).
-    old = set_threads(1)
-    with nogil, parallel(num_threads=parts):
-        set_threads(1)
-        r0 = 0
-        while r0 < n:
-            m = n - r0 if n - r0 < blk else blk
-            zp = hp + r0 * h if hp != NULL else sp
-            a_sep = sp if (hp != NULL and act != NF_ACT_RELU) else NULL
-            ap = a_sep if a_sep != NULL else zp
-            for p in prange(parts, schedule='static', chunksize=1):
-                c0 = split_at(h, p, parts)
-                c1 = split_at(h, p + 1, parts)
-                if c1 > c0:
-                    gemm(c'N', t1, <int> m, <int> (c1 - c0), <int> d, <floating> 1,
-                         xp + r0 * d, <int> d, w1p + at(t1, ld1, 0, c0), ld1,
-                         <floating> 0, zp + c0, <int> h)
-                    if floating is float:
-                        nf_ffn_act_fwd_f32(zp + c0, h, a_sep + c0 if a_sep != NULL else NULL, h,
-                                           b1p + c0 if b1p != NULL else NULL,
-                                           alp + c0 if alp != NULL else NULL, m, c1 - c0, act)
-                    else:
-                        nf_ffn_act_fwd_f64(zp + c0, h, a_sep + c0 if a_sep != NULL else NULL, h,
-                                           b1p + c0 if b1p != NULL else NULL,
-                                           alp + c0 if alp != NULL else NULL, m, c1 - c0, act)
-                e0 = split_at(d, p, parts)
-                e1 = split_at(d, p + 1, parts)
-                if e1 > e0 and b2p != NULL:
-                    if floating is float:
-                        nf_fill_rows_f32(yp + r0 * d + e0, d, b2p + e0, m, e1 - e0)
-                    else:
-                        nf_fill_rows_f64(yp + r0 * d + e0, d, b2p + e0, m, e1 - e0)
-            # (implicit barrier: GEMM 2 reads every column of a)
-            for p in prange(parts, schedule='static', chunksize=1):
-                e0 = split_at(d, p, parts)
-                e1 = split_at(d, p + 1, parts)
-                if e1 > e0:
-                    gemm(c'N', t2, <int> m, <int> (e1 - e0), <int> h, <floating> 1, ap, <int> h,
-                         w2p + at(t2, ld2, 0, e0), ld2, beta2, yp + r0 * d + e0, <int> d)
-            r0 = r0 + m
-    set_threads(old)
-    return 0
-
-
-cdef int _backward_split(floating[:, ::1] dx, floating[:, ::1] dw1, floating[:, ::1] dw2,
-                         double[::1] db1_acc, double[::1] db2_acc,
-                         floating[:, ::1] gbuf, floating[:, ::1] zbuf,
-                         const floating[:, ::1] dy, const floating[:, ::1] hidden,
-                         const floating[:, ::1] x,
-                         const floating[:, :] w1, const floating[::1] b1,
-                         const floating[:, :] w2,
-                         int act, Py_ssize_t blk, bint full_dw2, size_t set_threads_addr,
-                         int parts) except -1:
-    cdef set_threads_fn set_threads = <set_threads_fn> set_threads_addr
-    cdef Py_ssize_t n = x.shape[0], d = x.shape[1], h = w1.shape[1]
-    cdef int ld1, ld2
-    cdef char t1 = blas_layout(w1, &ld1), t2 = blas_layout(w2, &ld2)
-    cdef const floating *w1p = &w1[0, 0]
-    cdef const floating *w2p = &w2[0, 0]
-    cdef const floating *b1p = NULL
-    cdef const floating *xp = &x[0, 0]
-    cdef const floating *dyp = &dy[0, 0]
-    cdef const floating *hp = NULL
-    cdef floating *dxp = &dx[0, 0]
-    cdef floating *dw1p = &dw1[0, 0]
-    cdef floating *dw2p = &dw2[0, 0]
-    cdef floating *gp = &gbuf[0, 0]
-    cdef floating *zb = NULL
-    cdef double *db1p = NULL
-    cdef double *db2p = NULL
-    cdef floating *hb
-    cdef floating *a_out
-    cdef const floating *bias
-    cdef const floating *ap
-    cdef floating beta
-    cdef Py_ssize_t r0, m, p, c0, c1, e0, e1
-    cdef int old
-    cdef bint recompute = hidden is None
-    cdef bint dw2_in_loop = not (full_dw2 and not recompute and act == NF_ACT_RELU)
-    if b1 is not None:
-        b1p = &b1[0]
-    if hidden is not None:
-        hp = &hidden[0, 0]
-    if zbuf is not None:
-        zb = &zbuf[0, 0]
-    if db1_acc is not None:
-        db1p = &db1_acc[0]
-    if db2_acc is not None:
-        db2p = &db2_acc[0]
-    # The main thread's BLAS thread count is saved and restored around the region; each team
-    # thread sets 1 for itself inside it (the setting is per thread in OpenBLAS >= 0.3.27; where
-    # a build keeps it global, the restore after the region's final barrier still wins).
-    old = set_threads(1)
-    with nogil, parallel(num_threads=parts):
-        set_threads(1)
-        r0 = 0
-        while r0 < n:
-            m = n - r0 if n - r0 < blk else blk
-            beta = 0 if r0 == 0 else 1
-            if recompute:
-                hb = zb
-                a_out = zb
-                bias = b1p
-            else:
-                hb = <floating *> hp + r0 * h
-                a_out = NULL if act == NF_ACT_RELU else zb
-                bias = NULL
-            ap = a_out if a_out != NULL else hb
-            # part p owns hidden columns [c0, c1) and feature columns [e0, e1)
-            for p in prange(parts, schedule='static', chunksize=1):
-                c0 = split_at(h, p, parts)
-                c1 = split_at(h, p + 1, parts)
-                if c1 > c0:
-                    if recompute:
-                        gemm(c'N', t1, <int> m, <int> (c1 - c0), <int> d, <floating> 1,
-                             xp + r0 * d, <int> d, w1p + at(t1, ld1, 0, c0), ld1,
-                             <floating> 0, zb + c0, <int> h)
-                    # g[:, c0:c1] = dyb @ w2^T[:, c0:c1]  (rows c0:c1 of w2)
-                    gemm(c'N', flip(t2), <int> m, <int> (c1 - c0), <int> d, <floating> 1,
-                         dyp + r0 * d, <int> d, w2p + at(t2, ld2, c0, 0), ld2,
-                         <floating> 0, gp + c0, <int> h)
-                    if floating is float:
-                        nf_ffn_act_bwd_f32(gp + c0, h, hb + c0, h,
-                                           bias + c0 if bias != NULL else NULL,
-                                           a_out + c0 if a_out != NULL else NULL, h,
-                                           db1p + c0 if db1p != NULL else NULL, m, c1 - c0, act)
-                    else:
-                        nf_ffn_act_bwd_f64(gp + c0, h, hb + c0, h,
-                                           bias + c0 if bias != NULL else NULL,
-                                           a_out + c0 if a_out != NULL else NULL, h,
-                                           db1p + c0 if db1p != NULL else NULL, m, c1 - c0, act)
-                    if dw2_in_loop:
-                        gemm(c'T', c'N', <int> (c1 - c0), <int> d, <int> m, <floating> 1,
-                             ap + c0, <int> h, dyp + r0 * d, <int> d, beta, dw2p + c0 * d,
-                             <int> d)
-                    gemm(c'T', c'N', <int> d, <int> (c1 - c0), <int> m, <floating> 1,
-                         xp + r0 * d, <int> d, gp + c0, <int> h, beta, dw1p + c0, <int> h)
-                e0 = split_at(d, p, parts)
-                e1 = split_at(d, p + 1, parts)
-                if e1 > e0 and db2p != NULL:
-                    if floating is float:
-                        nf_colsum_f32(db2p + e0, dyp + r0 * d + e0, d, m, e1 - e0)
-                    else:
-                        nf_colsum_f64(db2p + e0, dyp + r0 * d + e0, d, m, e1 - e0)
-            # (implicit barrier: dx reads every column of dH)
-            for p in prange(parts, schedule='static', chunksize=1):
-                e0 = split_at(d, p, parts)
-                e1 = split_at(d, p + 1, parts)
-                if e1 > e0:
-                    # dxb[:, e0:e1] = dH @ w1^T[:, e0:e1]  (rows e0:e1 of w1)
-                    gemm(c'N', flip(t1), <int> m, <int> (e1 - e0), <int> h, <floating> 1,
-                         gp, <int> h, w1p + at(t1, ld1, e0, 0), ld1, <floating> 0,
-                         dxp + r0 * d + e0, <int> d)
-            r0 = r0 + m
-        if not dw2_in_loop:
-            for p in prange(parts, schedule='static', chunksize=1):
-                c0 = split_at(h, p, parts)
-                c1 = split_at(h, p + 1, parts)
-                if c1 > c0:
-                    gemm(c'T', c'N', <int> (c1 - c0), <int> d, <int> n, <floating> 1, hp + c0,
-                         <int> h, dyp, <int> d, <floating> 0, dw2p + c0 * d, <int> d)
-    set_threads(old)
-    return 0
-
-
 # ---------------------------------------------------------------- Python entry points
 def forward(y, hidden, alive, scratch, x, w1, b1, w2, b2, int act, Py_ssize_t blk,
-            int ew_threads, size_t set_threads_addr=0):
-    """y (and hidden, alive) <- the FFN forward.  Arguments already validated (module doc).
-    With set_threads_addr (openblas_set_num_threads_local), the split variant: GEMMs split over
-    the OpenMP threads, single-threaded BLAS in each."""
-    cdef int parts = n_threads_for(x.shape[0] * w1.shape[1], MIN_ELEMS_PER_THREAD)
-    if set_threads_addr != 0:
-        if x.dtype == np.float32:
-            _forward_split[float](y, hidden, alive, scratch, x, w1, b1, w2, b2, act, blk,
-                                  set_threads_addr, parts)
-        else:
-            _forward_split[double](y, hidden, alive, scratch, x, w1, b1, w2, b2, act, blk,
-                                   set_threads_addr, parts)
-        return
+            int ew_threads):
+    """y (and hidden, alive) <- the FFN forward.  Arguments already validated (module doc)."""
     if x.dtype == np.float32:
         _forward[float](y, hidden, alive, scratch, x, w1, b1, w2, b2, act, blk, ew_threads)
     else:
@@ -517,18 +271,8 @@ def forward(y, hidden, alive, scratch, x, w1, b1, w2, b2, int act, Py_ssize_t bl
 
 
 def backward(dx, dw1, dw2, db1_acc, db2_acc, gbuf, zbuf, dy, hidden, x, w1, b1, w2, int act,
-             Py_ssize_t blk, bint full_dw2, int ew_threads, size_t set_threads_addr=0):
-    """dx, dw1, dw2, db1_acc, db2_acc <- the FFN backward.  Arguments already validated.
-    set_threads_addr: as in forward."""
-    cdef int parts = n_threads_for(x.shape[0] * w1.shape[1], MIN_ELEMS_PER_THREAD)
-    if set_threads_addr != 0:
-        if x.dtype == np.float32:
-            _backward_split[float](dx, dw1, dw2, db1_acc, db2_acc, gbuf, zbuf, dy, hidden, x, w1,
-                                   b1, w2, act, blk, full_dw2, set_threads_addr, parts)
-        else:
-            _backward_split[double](dx, dw1, dw2, db1_acc, db2_acc, gbuf, zbuf, dy, hidden, x,
-                                    w1, b1, w2, act, blk, full_dw2, set_threads_addr, parts)
-        return
+             Py_ssize_t blk, bint full_dw2, int ew_threads):
+    """dx, dw1, dw2, db1_acc, db2_acc <- the FFN backward.  Arguments already validated."""
     if x.dtype == np.float32:
         _backward[float](dx, dw1, dw2, db1_acc, db2_acc, gbuf, zbuf, dy, hidden, x, w1, b1, w2,
                          act, blk, full_dw2, ew_threads)

@@ -21,16 +21,6 @@ LEADS = [(), (1,), (2, 5)]
 GRAD_NAMES = ["dx", "dw1", "db1", "dw2", "db2"]
 
 
-@pytest.fixture(params=["split", "plain"])
-def kernel_path(request, monkeypatch):
-    """Both kernel variants: "split" (GEMMs split over OpenMP threads, one BLAS thread each;
-    needs OpenBLAS's openblas_set_num_threads_local) and "plain" (threaded BLAS)."""
-    monkeypatch.setattr(F, "_SPLIT_KERNELS", request.param == "split")
-    if request.param == "split" and F._split_addr() == 0:
-        pytest.skip("scipy's BLAS has no openblas_set_num_threads_local")
-    return request.param
-
-
 def make_params(rng, d, h, dtype, *, layout="C", bias=(True, True)):
     """x-independent parameters scaled so activations stay O(1); layout "F" gives PyTorch-style
     transposed weights (w = weight.T with weight C-contiguous)."""
@@ -74,7 +64,7 @@ def check_all(x, params, act, recompute, dy, label):
 @pytest.mark.parametrize("d,h", SIZES, ids=lambda v: str(v))
 @pytest.mark.parametrize("lead", LEADS, ids=lambda v: "lead" + "x".join(map(str, v)))
 @pytest.mark.parametrize("layout", ["C", "F"])
-def test_matches_reference(rng, kernel_path, dtype, act, d, h, lead, layout):
+def test_matches_reference(rng, dtype, act, d, h, lead, layout):
     params = make_params(rng, d, h, dtype, layout=layout)
     x = rng.standard_normal(lead + (d,)).astype(dtype)
     dy = rng.standard_normal(lead + (d,)).astype(dtype)
@@ -102,7 +92,7 @@ def test_biases_none(rng, bias, act):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: np.dtype(t).name)
 @pytest.mark.parametrize("act", ["relu", "silu"])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_many_blocks(rng, monkeypatch, kernel_path, dtype, act, recompute):
+def test_many_blocks(rng, monkeypatch, dtype, act, recompute):
     """Small blocks (ragged split of 301 rows) reach the block loop, dw accumulation over blocks
     and the full-dw2 path; results match the reference and the one-block run."""
     params = make_params(rng, 65, 259, dtype, layout="F")
@@ -164,7 +154,7 @@ def test_zero_rows(rng, lead, recompute):
 
 
 @pytest.mark.parametrize("act", ACTS)
-def test_nan_propagates(rng, kernel_path, act):
+def test_nan_propagates(rng, act):
     d, h = 6, 10
     params = make_params(rng, d, h, np.float32)
     x = rng.standard_normal((5, d)).astype(np.float32)
@@ -224,7 +214,7 @@ def test_out(rng):
         normffn.ffn(x, *params, out=x)
 
 
-def test_threads_identical(rng, monkeypatch, kernel_path):
+def test_threads_identical(rng, monkeypatch):
     """1 and 2 OpenMP threads give bitwise-identical results (BLAS threads left as they are):
     the elementwise passes split columns in fixed tiles and sum rows in order."""
     monkeypatch.setattr(F, "_EW_THREADS", 0)      # let OpenMP use every thread it is allowed
@@ -243,9 +233,8 @@ def test_threads_identical(rng, monkeypatch, kernel_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_blas_threads_restored(rng, kernel_path):
-    """The split kernels set BLAS to one thread inside their OpenMP team only: the caller's
-    BLAS thread count is the same afterwards."""
+def test_blas_threads_restored(rng):
+    """The caller's BLAS thread count is the same after every entry point."""
     from threadpoolctl import threadpool_info
 
     def blas_threads():

@@ -40,55 +40,6 @@ _FULL_DW2 = True
 _EW_THREADS = 1
 
 
-def _find_blas_set_threads_local() -> int:
-    """Address of ``openblas_set_num_threads_local`` in the OpenBLAS that scipy's cython_blas
-    calls (scipy wheels ship it as scipy.libs/libscipy_openblas*.so; OpenBLAS >= 0.3.27), or 0
-    when it cannot be found (another BLAS, an older OpenBLAS): the kernels then let BLAS thread
-    itself and run the elementwise passes on one thread."""
-    try:
-        import ctypes
-        import glob
-        import os
-
-        import scipy
-        import scipy.linalg.cython_blas  # noqa: F401 - makes sure its BLAS is loaded
-
-        with open("/proc/self/maps") as f:
-            loaded = {line.split()[-1] for line in f if "openblas" in line.lower()}
-        libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)),
-                                      "scipy.libs", "*openblas*.so*"))
-        for path in libs:
-            if os.path.realpath(path) not in {os.path.realpath(p) for p in loaded}:
-                continue
-            fn = getattr(ctypes.CDLL(path), "openblas_set_num_threads_local", None)
-            if fn is not None:
-                return int(ctypes.cast(fn, ctypes.c_void_p).value or 0)
-    except Exception:  # noqa: BLE001 - any failure means "not available": use the fallback
-        pass
-    return 0
-
-
-# The split kernels (every GEMM split by columns over the OpenMP team, one BLAS thread each,
-# the elementwise work done by the thread that produced the columns; kernels/ffn.pyx) are opt-in.
-# Measured on the 2-core reference machine (python -m normffn bench --op ffn, float32): alone
-# they match the plain kernels, but beside other threaded libraries they lose badly — OpenBLAS's
-# pool workers (after any threaded GEMM, e.g. numpy's) and other OpenMP runtimes (torch's) keep
-# spinning on the cores the team needs, and our team's spinning slows them in turn (torch's
-# forward 1.6x slower next to it).  The plain kernels stay within a few % either way.
-_SPLIT_KERNELS = False
-_BLAS_SET_THREADS_LOCAL = None   # its address, found on first use (0: absent)
-
-
-def _split_addr() -> int:
-    """openblas_set_num_threads_local's address when the split kernels are on, else 0."""
-    global _BLAS_SET_THREADS_LOCAL
-    if not _SPLIT_KERNELS:
-        return 0
-    if _BLAS_SET_THREADS_LOCAL is None:
-        _BLAS_SET_THREADS_LOCAL = _find_blas_set_threads_local()
-    return _BLAS_SET_THREADS_LOCAL
-
-
 def _block_rows(n: int, h: int, itemsize: int, recompute: bool = False) -> int:
     """Rows per block: about _BLOCK_BYTES of hidden activation (_RECOMPUTE_BLOCK_BYTES with
     recompute), split
@@ -244,8 +195,7 @@ def _run_forward(y2, hidden, alive, x2, w1, b1, w2, b2, activation, n, h, recomp
     # without a saved hidden, of v then a) needs scratch.
     scratch = None if (hidden is not None and activation == "relu") \
         else np.empty((blk, h), dtype=x2.dtype)
-    _kernel.forward(y2, hidden, alive, scratch, x2, w1, b1, w2, b2, act, blk, _EW_THREADS,
-                    _split_addr())
+    _kernel.forward(y2, hidden, alive, scratch, x2, w1, b1, w2, b2, act, blk, _EW_THREADS)
 
 
 def ffn_forward(x, w1, b1, w2, b2, activation="relu", recompute=False):
@@ -380,8 +330,7 @@ def ffn_backward(dy, ctx):
         _kernel.backward(dx.reshape(n, d), dw1, dw2, db1_acc, db2_acc, gbuf, zbuf,
                          np.ascontiguousarray(dy).reshape(n, d), ctx.hidden,
                          ctx.x.reshape(n, d), ctx.w1, ctx.b1, ctx.w2,
-                         ACTIVATIONS[ctx.activation], blk, full_dw2, _EW_THREADS,
-                         _split_addr())
+                         ACTIVATIONS[ctx.activation], blk, full_dw2, _EW_THREADS)
     db1 = None if db1_acc is None else db1_acc.astype(dtype)
     db2 = None if db2_acc is None else db2_acc.astype(dtype)
     return dx, dw1, db1, dw2, db2
