@@ -26,6 +26,14 @@ cdef Py_ssize_t SCRATCH_BUDGET = 1 << 16
 # ... but never fewer than MIN_BLOCKS (so threads have work) nor more than MAX_BLOCKS blocks.
 cdef Py_ssize_t MIN_BLOCKS = 8
 cdef Py_ssize_t MAX_BLOCKS = 64
+# Forward prefetches a row at least PF_BYTES (and 2 rows) ahead while row i is in L1.  Measured
+# at 8192x768 float32, 2 threads: 1 row ahead 1.51-1.70 ms, 2 rows 1.26-1.29, 4-8 rows the same.
+cdef Py_ssize_t PF_BYTES = 8192
+cdef Py_ssize_t PF_MAX_ROWS = 16
+# Backward prefetches the group of rows BWD_PF_GROUPS groups ahead while a group is in L1/L2.
+# Measured (2 threads, float32, side by side): 8192x768 1 group ahead 2.26-2.86 ms, 3 groups
+# 2.13-2.69, 5 groups 2.07-2.59; 2048x4096 3.98 / 3.86 / 3.81 ms.
+cdef Py_ssize_t BWD_PF_GROUPS = 5
 # Columns per task when the partials are combined.
 cdef Py_ssize_t REDUCE_CHUNK = 512
 
@@ -69,9 +77,14 @@ cdef int _forward(floating[:, ::1] y, double[::1] mean, double[::1] rstd,       
         b = &bias[0]
     cdef int stream = <size_t>(n * d) * sizeof(floating) >= nf_stream_bytes()
     cdef int nt = n_threads_for(n * d, MIN_ELEMS_PER_THREAD)
+    cdef Py_ssize_t ahead = PF_BYTES // (d * <Py_ssize_t>sizeof(floating))
+    if ahead < 2:
+        ahead = 2
+    if ahead > PF_MAX_ROWS:
+        ahead = PF_MAX_ROWS
     with nogil, parallel(num_threads=nt):
         for i in prange(n, schedule='static'):
-            nxt = i + 1 if i + 1 < n else i   # the row to prefetch while this one is in L1
+            nxt = i + ahead if i + ahead < n else n - 1   # prefetched while row i is in L1
             if floating is float:
                 nf_ln_fwd_row_f32(yp + i * d, mp + i, rp + i, xp + i * d, w, b, d, eps, stream,
                                   xp + nxt * d)
@@ -98,7 +111,7 @@ cdef int _backward(floating[:, ::1] dx,                                         
                    const double[::1] mean, const double[::1] rstd,                   # IN
                    double[::1] scratch) except -1:                                   # WORK
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
-    cdef Py_ssize_t i, j, g, gn, blk, r0, r1, nb, rows_per_block, c, nc, j0, j1
+    cdef Py_ssize_t i, j, g, gn, pf, blk, r0, r1, nb, rows_per_block, c, nc, j0, j1
     cdef const floating *w = NULL
     cdef floating *dxp = &dx[0, 0]
     cdef const floating *dyp = &dy[0, 0]
@@ -148,17 +161,21 @@ cdef int _backward(floating[:, ::1] dx,                                         
                 g = r1 - i
                 if g > NF_G:
                     g = NF_G
-                gn = r1 - i - g    # rows of the next group (prefetched meanwhile)
+                pf = i + g + (BWD_PF_GROUPS - 1) * NF_G   # rows prefetched meanwhile
+                gn = n - pf
                 if gn > NF_G:
                     gn = NF_G
+                if gn < 0:
+                    gn = 0
+                    pf = i
                 if floating is float:
                     nf_ln_bwd_rows_f32(dxp + i * d, acc_w, acc_b, dyp + i * d, xp + i * d, w,
                                        mp + i, rp + i, g, d, stream,
-                                       dyp + (i + g) * d, xp + (i + g) * d, gn)
+                                       dyp + pf * d, xp + pf * d, gn)
                 else:
                     nf_ln_bwd_rows_f64(dxp + i * d, acc_w, acc_b, dyp + i * d, xp + i * d, w,
                                        mp + i, rp + i, g, d, stream,
-                                       dyp + (i + g) * d, xp + (i + g) * d, gn)
+                                       dyp + pf * d, xp + pf * d, gn)
                 i = i + g
         if stream:
             nf_stream_fence()
@@ -225,3 +242,5 @@ def stream_bytes(size_t value=0):
     small arrays); 0 restores the default.  Returns the threshold now in force."""
     nf_set_stream_bytes(value)
     return nf_stream_bytes()
+
+
