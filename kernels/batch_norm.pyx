@@ -26,7 +26,7 @@
 #     (≈ 400 KB at 32x64x56x56), so x is read from memory once.  With few channels (C < 8 per
 #     thread and not a multiple of the thread count) the (n, c) rows are shared out instead,
 #     and the per-row partials are merged in the same order.
-#   columns view: thread t takes a fixed run of row parts (thread_blocks) for the statistics and
+#   columns view: thread t takes a fixed run of row parts (p0..p1) for the statistics and
 #     the same rows, walked backwards, for the elementwise pass: x is read twice (the statistics
 #     need every row first), and the second read starts with what the first left in cache.
 # With `stream` (the Python layer decides: outputs >= stream_bytes(), rows view), outputs are
@@ -372,15 +372,11 @@ cdef Py_ssize_t n_parts(Py_ssize_t nb, Py_ssize_t K) noexcept nogil:
     return p if p >= 1 else 1
 
 
-cdef inline void thread_blocks(Py_ssize_t t, Py_ssize_t nt, Py_ssize_t P, Py_ssize_t nb,
-                               Py_ssize_t *p0, Py_ssize_t *p1, Py_ssize_t *b0,
-                               Py_ssize_t *b1) noexcept nogil:
-    """Thread t of nt takes parts [p0, p1) = blocks [b0, b1): the same rows in every pass, so a
-    thread's second pass over x finds (the end of) its own first pass still in cache."""
-    p0[0] = t * P // nt
-    p1[0] = (t + 1) * P // nt
-    b0[0] = p0[0] * nb // P
-    b1[0] = p1[0] * nb // P
+# Thread t of nt takes parts [p0, p1) = blocks [b0, b1): the same rows in every pass, so a
+# thread's second pass over x finds (the end of) its own first pass still in cache.  The four
+# bounds are assigned directly in each prange body (never through a pointer): Cython makes a
+# prange variable thread-private only when the body assigns it, and a helper writing through
+# &p0 shared them between threads (a data race ASan found).
 
 
 cdef void _cols_part_stats(double *pm, double *pm2, double *tm, double *tm2, double *tmp,
@@ -438,7 +434,10 @@ cdef int _forward_cols(floating[:, ::1] y, double[::1] mean, double[::1] var,   
     with nogil:
         if training:
             for t in prange(nt, schedule='static', num_threads=nt):
-                thread_blocks(t, nt, P, nb, &p0, &p1, &b0, &b1)
+                p0 = t * P // nt
+                p1 = (t + 1) * P // nt
+                b0 = p0 * nb // P
+                b1 = p1 * nb // P
                 for p in range(p0, p1):
                     _cols_part_stats(scratch + 8 * p * K, scratch + (8 * p + 1) * K,
                                      scratch + (8 * p + 2) * K, scratch + (8 * p + 3) * K,
@@ -472,7 +471,10 @@ cdef int _forward_cols(floating[:, ::1] y, double[::1] mean, double[::1] var,   
                 k[2 * K + j] = bb
         # each thread walks its own rows backwards: the most recently read first
         for t in prange(nt, schedule='static', num_threads=nt):
-            thread_blocks(t, nt, P, nb, &p0, &p1, &b0, &b1)
+            p0 = t * P // nt
+            p1 = (t + 1) * P // nt
+            b0 = p0 * nb // P
+            b1 = p1 * nb // P
             for i in range(b1 - 1, b0 - 1, -1):
                 r0 = i * RB
                 rows = M - r0 if M - r0 < RB else RB
@@ -540,7 +542,10 @@ cdef int _backward_cols(floating[:, ::1] dx, double[::1] sdy, double[::1] sdyx, 
                 k[K + c * S + s] = ml
         if sums:
             for t in prange(nt, schedule='static', num_threads=nt):
-                thread_blocks(t, nt, P, nb, &p0, &p1, &b0, &b1)
+                p0 = t * P // nt
+                p1 = (t + 1) * P // nt
+                b0 = p0 * nb // P
+                b1 = p1 * nb // P
                 for p in range(p0, p1):
                     _cols_part_bwd_sums(scratch + 4 * p * K, scratch + (4 * p + 1) * K,
                                         scratch + (4 * p + 2) * K, dyp, xs, M, K, RB,
@@ -565,7 +570,10 @@ cdef int _backward_cols(floating[:, ::1] dx, double[::1] sdy, double[::1] sdyx, 
                 k[4 * K + j] = k2
         # each thread walks its own rows backwards: the most recently read first
         for t in prange(nt, schedule='static', num_threads=nt):
-            thread_blocks(t, nt, P, nb, &p0, &p1, &b0, &b1)
+            p0 = t * P // nt
+            p1 = (t + 1) * P // nt
+            b0 = p0 * nb // P
+            b1 = p1 * nb // P
             for i in range(b1 - 1, b0 - 1, -1):
                 r0 = i * RB
                 rows = M - r0 if M - r0 < RB else RB
