@@ -37,7 +37,8 @@ def float_array(a, name: str) -> np.ndarray:
     dt = a.dtype
     if dt.kind != "f" or dt.itemsize not in (4, 8) or dt.fields is not None:
         raise TypeError(f"{name} must have dtype float32 or float64, got {dt}")
-    if not dt.isnative:
+    if not dt.isnative or not a.flags.aligned:
+        # kernels load whole elements: native byte order and element-aligned data (one copy)
         a = a.astype(dt.newbyteorder("="))
     return a
 
@@ -127,6 +128,8 @@ def out_array(out, name: str, shape: tuple, dtype: np.dtype, inputs=()) -> np.nd
         raise ValueError(f"{name} must be C-contiguous")
     if not out.flags.writeable:
         raise ValueError(f"{name} must be writeable")
+    if not out.flags.aligned:
+        raise ValueError(f"{name} must be aligned to its itemsize")
     for a in inputs:
         if a is not None and _overlaps(out, a):
             raise ValueError(f"{name} overlaps an input array; pass a separate buffer")

@@ -150,6 +150,8 @@ def _running_stat(a, name: str, C: int, dtype: np.dtype) -> np.ndarray:
         raise ValueError(f"{name} must be C-contiguous (it is updated in place)")
     if not a.flags.writeable:
         raise ValueError(f"{name} must be writeable (it is updated in place)")
+    if not a.flags.aligned:
+        raise ValueError(f"{name} must be aligned to its itemsize (it is updated in place)")
     return a
 
 

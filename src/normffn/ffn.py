@@ -179,11 +179,12 @@ def _validate(x, w1, b1, w2, b2, activation):
     w2 = _weight(w2, "w2", dtype, f"(h, d) = {(h, d)}")
     if w2.shape != (h, d):
         raise ValueError(f"w2 has shape {w2.shape}, expected {(h, d)} (h from w1, d from x)")
+    # sizes before the biases: optional_param may copy a (huge, broadcast) bias
+    _checks.gemm_size(d, "d (the last dim of x)")
+    _checks.gemm_size(h, "h (the hidden size, w1.shape[1])")
     b1 = _checks.optional_param(b1, "b1", (h,), dtype)
     b2 = _checks.optional_param(b2, "b2", (d,), dtype)
     activation = _activation(activation)
-    _checks.gemm_size(d, "d (the last dim of x)")
-    _checks.gemm_size(h, "h (the hidden size, w1.shape[1])")
     n = math.prod(x.shape[:-1])
     return (x, _checks.blas_matrix(w1), b1, _checks.blas_matrix(w2), b2, activation, n, d, h)
 
