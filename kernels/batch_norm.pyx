@@ -35,7 +35,7 @@ import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.math cimport isinf, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
@@ -463,7 +463,10 @@ cdef int _forward_cols(floating[:, ::1] y, double[::1] mean, double[::1] var,   
                 vp[c] = cm2 / cn
         for c in range(C):
             fwd_consts(&mh, &ml, &a, &bb, mp[c], vp[c], eps, w, b, c)
-            bb = <floating>(<double>bb - <double>ml * <double>a)   # fold mean_lo into b
+            # fold mean_lo into b; not with an infinite scale (an Inf weight), where the fold
+            # would turn (x - mean) * inf + b into inf - inf = NaN instead of the reference's +-inf
+            if not isinf(<double>a):
+                bb = <floating>(<double>bb - <double>ml * <double>a)
             for s in range(S):
                 j = c * S + s
                 k[j] = mh

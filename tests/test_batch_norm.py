@@ -410,3 +410,19 @@ def test_backward_rejects_bad_dy_and_ctx(rng):
     _, ctx_r = ref.batch_norm_forward(x, None, None, np.ones(3), None, True)
     ctx_r.mean = ctx_r.mean + 1
     assert_close(dw2, ref.batch_norm_backward(x, ctx_r)[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, channels_last", [((6, 3), False), ((4, 3, 20), False),
+                                                  ((4, 3, 5, 5), True)])
+def test_infinite_weight_gives_inf_like_the_reference(dtype, shape, channels_last):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape).astype(dtype) + 2
+    if channels_last:
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    w = np.array([np.inf, -np.inf, 1.5], dtype)
+    for training in (True, False):
+        rm, rv = np.full(3, 2, dtype), np.ones(3, dtype)
+        y = normffn.batch_norm(x, rm.copy(), rv.copy(), w, None, training)
+        y_r = ref.batch_norm(x, rm.astype(np.float64), rv.astype(np.float64), w, None, training)
+        assert_close(y, y_r, name="y", context=f"training={training}")
