@@ -443,11 +443,13 @@ def plot(cases, path: str) -> None:
         raise SystemExit("--plot needs matplotlib: pip install 'normffn[plot]'") from None
     rows = [summarize(c) for c in cases]
     units = sorted({r["unit"] for r in rows})
-    fig, axes = plt.subplots(1, len(units), figsize=(7 * len(units), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(units), figsize=(8 * len(units), 5.5), squeeze=False)
     for ax, unit in zip(axes[0], units):
         sel = [r for r in rows if r["unit"] == unit]
-        labels = [f"{r['op']}\n{r['direction']}\n{r['shape']} {r['dtype']}" for r in sel]
-        names = [k for k in sel[0]["providers"]]
+        labels = [f"{r['op']} {r['direction']}\n{r['shape']} {r['dtype']}" for r in sel]
+        names = []
+        for r in sel:
+            names += [k for k in r["providers"] if k not in names]
         width = 0.8 / (len(names) + 1)
         xs = np.arange(len(sel))
         for i, k in enumerate(names):
@@ -455,7 +457,7 @@ def plot(cases, path: str) -> None:
                    width, label=k)
         ax.bar(xs + len(names) * width, [r.get("limit", {}).get("rate", 0) for r in sel], width,
                label="machine limit (same run)", color="0.7")
-        ax.set_xticks(xs + 0.4 - width / 2, labels, fontsize=7)
+        ax.set_xticks(xs + 0.4 - width / 2, labels, fontsize=7, rotation=35, ha="right")
         ax.set_ylabel(unit)
         ax.legend(fontsize=7)
         ax.set_title(f"normffn: achieved {unit}")
