@@ -36,7 +36,7 @@ COMPILER_DIRECTIVES = {
     "initializedcheck": DEBUG,
 }
 
-# -O3 but never -ffast-math (it breaks NaN/Inf semantics) and never -march=native: the
+# -O3 but never fast-math (it breaks NaN/Inf semantics) and never a native-arch build: the
 # kernels dispatch to AVX2/AVX-512 at run time through GCC target_clones (kernels/rows.h).
 OPT_ARGS = ["-O1", "-g", "-fno-omit-frame-pointer"] if DEBUG else ["-O3"]
 # Never contract a*b+c into an FMA behind our back: every CPU path (AVX-512, AVX2, baseline,
