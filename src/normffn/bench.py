@@ -323,12 +323,17 @@ def _progress_printer(label: str, stream):
 def run(ops=None, shapes=None, dtypes=("float32",), threads=None, repeat=15, min_time=1.0,
         progress_stream=sys.stderr, seed=0):
     """Build and measure cases; returns a list of :class:`Case` with ``results`` filled."""
-    from threadpoolctl import threadpool_limits
-
     ops = list(ops or OPS)
     rng = np.random.default_rng(seed)
     cases = []
-    limits = threadpool_limits(limits=threads) if threads else None
+    limits = None
+    if threads:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            raise SystemExit("--threads needs threadpoolctl: pip install 'normffn[bench]'") \
+                from None
+        limits = threadpool_limits(limits=threads)
     torch = _torch()
     old_torch_threads = torch.get_num_threads() if torch is not None else None
     if torch is not None and threads:
@@ -411,12 +416,15 @@ def format_table(cases) -> str:
 def machine_line(threads) -> str:
     import platform
 
-    from threadpoolctl import threadpool_info
-
+    try:
+        from threadpoolctl import threadpool_info
+        info = threadpool_info()
+    except ImportError:  # optional (the 'bench' extra): the line then says less
+        info = []
     torch = _torch()
     blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('num_threads')} thr)"
-            for i in threadpool_info() if i.get("user_api") == "blas"]
-    omp = [i.get("num_threads") for i in threadpool_info() if i.get("user_api") == "openmp"]
+            for i in info if i.get("user_api") == "blas"] or ["(install threadpoolctl to see)"]
+    omp = [i.get("num_threads") for i in info if i.get("user_api") == "openmp"]
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
