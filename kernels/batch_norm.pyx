@@ -326,21 +326,24 @@ cdef int _backward_rows(floating[:, :, ::1] dx, double[::1] sdy, double[::1] sdy
 # columns of each channel in column order.  Backward: the same structure with plain float64
 # sums.  The elementwise pass then runs over blocks with one constant vector per column.
 cdef inline void col_stats(double *bm, double *bm2, double *tmp, const floating *x,
-                           Py_ssize_t rows, Py_ssize_t K) noexcept nogil:
-    # tmp: 4*K floating values of scratch (2*K doubles hold them for either type)
+                           Py_ssize_t rows, Py_ssize_t K, const floating *pf,
+                           size_t pfbytes) noexcept nogil:
+    # tmp: 4*K floating values of scratch (2*K doubles hold them for either type);
+    # prefetches pf[0:pfbytes] (the next block) meanwhile
     if floating is float:
-        nf_bn_cols_stats_f32(bm, bm2, <float *>tmp, x, rows, K)
+        nf_bn_cols_stats_f32(bm, bm2, <float *>tmp, x, rows, K, pf, pfbytes)
     else:
-        nf_bn_cols_stats_f64(bm, bm2, <double *>tmp, x, rows, K)
+        nf_bn_cols_stats_f64(bm, bm2, <double *>tmp, x, rows, K, pf, pfbytes)
 
 
 cdef inline void col_affine(floating *y, const floating *x, Py_ssize_t rows, Py_ssize_t K,
-                            const floating *k, int stream) noexcept nogil:
-    # k holds the K-vectors mh, a, b - ml * a back to back
+                            const floating *k, int stream, const floating *pf,
+                            size_t pfbytes) noexcept nogil:
+    # k holds the K-vectors mh, a, b - ml * a back to back; prefetches pf[0:pfbytes] meanwhile
     if floating is float:
-        nf_bn_cols_affine_f32(y, x, rows, K, k, k + K, k + 2 * K, stream)
+        nf_bn_cols_affine_f32(y, x, rows, K, k, k + K, k + 2 * K, stream, pf, pfbytes)
     else:
-        nf_bn_cols_affine_f64(y, x, rows, K, k, k + K, k + 2 * K, stream)
+        nf_bn_cols_affine_f64(y, x, rows, K, k, k + K, k + 2 * K, stream, pf, pfbytes)
 
 
 cdef inline void col_bwd_sums(double *sdy, double *sdyx, double *tmp, const floating *dy,
@@ -354,12 +357,16 @@ cdef inline void col_bwd_sums(double *sdy, double *sdyx, double *tmp, const floa
 
 
 cdef inline void col_dx(floating *dx, const floating *dy, const floating *x, Py_ssize_t rows,
-                        Py_ssize_t K, const floating *k, int stream) noexcept nogil:
-    # k holds the K-vectors mh, ml, k1, c2, k2 back to back
+                        Py_ssize_t K, const floating *k, int stream, const floating *pf_dy,
+                        const floating *pf_x, size_t pfbytes) noexcept nogil:
+    # k holds the K-vectors mh, ml, k1, c2, k2 back to back; prefetches pf_dy[0:pfbytes] and
+    # pf_x[0:pfbytes] (pf_x may be NULL) meanwhile
     if floating is float:
-        nf_bn_cols_dx_f32(dx, dy, x, rows, K, k, k + K, k + 2 * K, k + 3 * K, k + 4 * K, stream)
+        nf_bn_cols_dx_f32(dx, dy, x, rows, K, k, k + K, k + 2 * K, k + 3 * K, k + 4 * K, stream,
+                          pf_dy, pf_x, pfbytes)
     else:
-        nf_bn_cols_dx_f64(dx, dy, x, rows, K, k, k + K, k + 2 * K, k + 3 * K, k + 4 * K, stream)
+        nf_bn_cols_dx_f64(dx, dy, x, rows, K, k, k + K, k + 2 * K, k + 3 * K, k + 4 * K, stream,
+                          pf_dy, pf_x, pfbytes)
 
 
 cdef Py_ssize_t n_parts(Py_ssize_t nb, Py_ssize_t K) noexcept nogil:
@@ -379,6 +386,15 @@ cdef Py_ssize_t n_parts(Py_ssize_t nb, Py_ssize_t K) noexcept nogil:
 # &p0 shared them between threads (a data race ASan found).
 
 
+cdef inline size_t block_bytes(Py_ssize_t M, Py_ssize_t K, Py_ssize_t RB, Py_ssize_t blk,
+                               Py_ssize_t end, size_t itemsize) noexcept nogil:
+    """Bytes of column block blk (of RB rows of K values; the last one may be short), or 0 if
+    blk is past end (the caller's last block)."""
+    if blk >= end:
+        return 0
+    return <size_t>((M - blk * RB if M - blk * RB < RB else RB) * K) * itemsize
+
+
 cdef void _cols_part_stats(double *pm, double *pm2, double *tm, double *tm2, double *tmp,
                            const floating *x,
                            Py_ssize_t M, Py_ssize_t K, Py_ssize_t RB, Py_ssize_t b0,
@@ -389,7 +405,8 @@ cdef void _cols_part_stats(double *pm, double *pm2, double *tm, double *tm2, dou
     for blk in range(b0, b1):
         r0 = blk * RB
         rows = M - r0 if M - r0 < RB else RB
-        col_stats(tm, tm2, tmp, x + r0 * K, rows, K)
+        col_stats(tm, tm2, tmp, x + r0 * K, rows, K, x + (r0 + rows) * K,
+                  block_bytes(M, K, RB, blk + 1, b1, sizeof(floating)))
         nf_bn_cols_chan(pm, pm2, na, tm, tm2, <double>rows, K)
         na = na + rows
 
@@ -472,16 +489,26 @@ cdef int _forward_cols(floating[:, ::1] y, double[::1] mean, double[::1] var,   
                 k[j] = mh
                 k[K + j] = a
                 k[2 * K + j] = bb
-        # each thread walks its own rows backwards: the most recently read first
+        # training: each thread walks its own rows backwards, the most recently read first;
+        # eval: one forward sweep per thread (nothing is in cache; the hardware prefetcher
+        # follows a forward stream best)
         for t in prange(nt, schedule='static', num_threads=nt):
             p0 = t * P // nt
             p1 = (t + 1) * P // nt
             b0 = p0 * nb // P
             b1 = p1 * nb // P
+            if not training:
+                r0 = b0 * RB
+                rows = (M if b1 * RB > M else b1 * RB) - r0
+                col_affine(yp + r0 * K, xp + r0 * K, rows, K, k, stream, xp, 0)
+                continue
             for i in range(b1 - 1, b0 - 1, -1):
                 r0 = i * RB
                 rows = M - r0 if M - r0 < RB else RB
-                col_affine(yp + r0 * K, xp + r0 * K, rows, K, k, stream)
+                # prefetch block i - 1 (full: only the last block may be short)
+                col_affine(yp + r0 * K, xp + r0 * K, rows, K, k, stream,
+                           xp + (r0 - RB) * K if i > b0 else xp,
+                           RB * K * sizeof(floating) if i > b0 else 0)
         if stream:
             nf_stream_fence()
     free(k)
@@ -581,7 +608,9 @@ cdef int _backward_cols(floating[:, ::1] dx, double[::1] sdy, double[::1] sdyx, 
                 r0 = i * RB
                 rows = M - r0 if M - r0 < RB else RB
                 col_dx(dxp + r0 * K, dyp + r0 * K, xp + r0 * K if training else NULL, rows, K,
-                       k, stream)
+                       k, stream, dyp + (r0 - RB) * K if i > b0 else dyp,
+                       (xp + (r0 - RB) * K if i > b0 else xp) if training else NULL,
+                       RB * K * sizeof(floating) if i > b0 else 0)
         if stream:
             nf_stream_fence()
     free(k)

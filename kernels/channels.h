@@ -202,10 +202,16 @@ static inline nf_index nf_bn_block_rows(nf_index K, size_t itemsize)
  * bm2[k] = column M2.  Corrected two-pass over the block (the second pass finds it in L1/L2),
  * with the column sums in the input precision (at most NF_BLOCK terms each, NF_BN_RU rows per
  * step) and only the per-block results in float64: the hot loops stay float32 SIMD.  The
- * centring uses the float64 block mean split into hi + lo (see rows.h).  tmp: 4*K values. */
+ * centring uses the float64 block mean split into hi + lo (see rows.h).  tmp: 4*K values.
+ * Meanwhile the pfbytes bytes at pf (the next block this thread reads; pfbytes may be 0) are
+ * prefetched, half during each pass, so memory keeps streaming while the block is re-read from
+ * cache: without it, DRAM idled during every second pass (the next block's first touch then
+ * waited for the hardware prefetcher to ramp up again). */
+#define NF_BN_PF_SPAN(pass, r) (pfbytes * (size_t)((pass) * rows + (r)) / (size_t)(2 * rows))
 #define NF_DEF_BN_COLS_STATS(NAME, T)                                                         \
 NF_CLONES static void NAME(double *restrict bm, double *restrict bm2, T *restrict tmp,        \
-                           const T *restrict x, nf_index rows, nf_index K)                    \
+                           const T *restrict x, nf_index rows, nf_index K,                    \
+                           const T *pf, size_t pfbytes)                                       \
 {                                                                                             \
     T *restrict s = tmp, *restrict q = tmp + K, *restrict mh = tmp + 2 * K,                   \
       *restrict ml = tmp + 3 * K;                                                             \
@@ -213,8 +219,10 @@ NF_CLONES static void NAME(double *restrict bm, double *restrict bm2, T *restric
     for (nf_index k = 0; k < K; k++) s[k] = 0;                                                \
     for (; r + NF_BN_RU <= rows; r += NF_BN_RU) {                                             \
         const T *x0 = x + r * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;                    \
+        nf_prefetch_range(pf, NF_BN_PF_SPAN(0, r), NF_BN_PF_SPAN(0, r + NF_BN_RU));           \
         for (nf_index k = 0; k < K; k++) s[k] += (x0[k] + x1[k]) + (x2[k] + x3[k]);           \
     }                                                                                         \
+    nf_prefetch_range(pf, NF_BN_PF_SPAN(0, r), NF_BN_PF_SPAN(1, 0));                          \
     for (; r < rows; r++)                                                                     \
         for (nf_index k = 0; k < K; k++) s[k] += x[r * K + k];                                \
     for (nf_index k = 0; k < K; k++) {                                                        \
@@ -227,6 +235,7 @@ NF_CLONES static void NAME(double *restrict bm, double *restrict bm2, T *restric
     }                                                                                         \
     for (r = 0; r + NF_BN_RU <= rows; r += NF_BN_RU) {                                        \
         const T *x0 = x + r * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;                    \
+        nf_prefetch_range(pf, NF_BN_PF_SPAN(1, r), NF_BN_PF_SPAN(1, r + NF_BN_RU));           \
         for (nf_index k = 0; k < K; k++) {                                                    \
             T t0 = (x0[k] - mh[k]) - ml[k], t1 = (x1[k] - mh[k]) - ml[k];                     \
             T t2 = (x2[k] - mh[k]) - ml[k], t3 = (x3[k] - mh[k]) - ml[k];                     \
@@ -234,6 +243,7 @@ NF_CLONES static void NAME(double *restrict bm, double *restrict bm2, T *restric
             q[k] += (t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3);                                \
         }                                                                                     \
     }                                                                                         \
+    nf_prefetch_range(pf, NF_BN_PF_SPAN(1, r), pfbytes);                                      \
     for (; r < rows; r++)                                                                     \
         for (nf_index k = 0; k < K; k++) {                                                    \
             T t = (x[r * K + k] - mh[k]) - ml[k];                                             \
@@ -266,72 +276,78 @@ NF_CLONES static void nf_bn_cols_chan(double *restrict mean, double *restrict m2
     }
 }
 
-/* y[r, k] = (x[r, k] - mh[k]) * a[k] + b[k] over `rows` rows of length K, NF_BN_RU rows per
- * step (the K-vectors are loaded once per step).  The caller folds the low part of the split
+/* y[r, k] = (x[r, k] - mh[k]) * a[k] + b[k] over `rows` rows of length K, one row at a time:
+ * loading the K-vectors once per NF_BN_RU rows instead was 15% slower at (8192, 768) — four x
+ * and four y rows in flight are more streams than the hardware prefetcher follows well, while
+ * the extra loads hit L1.  The caller folds the low part of the split
  * mean into b (b = bias - ml * a, in float64): x - mh is exact near the mean (Sterbenz), so
- * offset data keeps its accuracy with three K-vectors instead of four. */
-#define NF_BN_AFF(i) yr[(i) * K + k] = ((xr[(i) * K + k] - m1) * a1) + b1
+ * offset data keeps its accuracy with three K-vectors instead of four.  Meanwhile pfbytes at pf
+ * (the next block this thread reads) are prefetched, spread over the rows. */
+#define NF_BN_PF_ROWS(r) (pfbytes * (size_t)(r) / (size_t)rows)
 #define NF_DEF_BN_COLS_AFFINE1(NAME, T)                                                       \
 NF_INLINE void NAME(T *restrict y, const T *restrict x, nf_index rows, nf_index K,            \
-                    const T *restrict mh, const T *restrict a, const T *restrict b)           \
+                    const T *restrict mh, const T *restrict a, const T *restrict b,           \
+                    const T *pf, size_t pfbytes)                                              \
 {                                                                                             \
-    nf_index r = 0;                                                                           \
-    for (; r + NF_BN_RU <= rows; r += NF_BN_RU) {                                             \
-        T *restrict yr = y + r * K;                                                           \
-        const T *restrict xr = x + r * K;                                                     \
-        for (nf_index k = 0; k < K; k++) {                                                    \
-            T m1 = mh[k], a1 = a[k], b1 = b[k];                                               \
-            NF_BN_AFF(0); NF_BN_AFF(1); NF_BN_AFF(2); NF_BN_AFF(3);                           \
-        }                                                                                     \
-    }                                                                                         \
-    for (; r < rows; r++)                                                                     \
+    for (nf_index r = 0; r < rows; r++) {                                                     \
+        nf_prefetch_range(pf, NF_BN_PF_ROWS(r), NF_BN_PF_ROWS(r + 1));                        \
         for (nf_index k = 0; k < K; k++)                                                      \
             y[r * K + k] = ((x[r * K + k] - mh[k]) * a[k]) + b[k];                            \
+    }                                                                                         \
 }
 NF_DEF_BN_COLS_AFFINE1(nf_bn_cols_affine1_f32, float)
 NF_DEF_BN_COLS_AFFINE1(nf_bn_cols_affine1_f64, double)
 
 /* dx[r, k] = ((dy - c2[k]) - ((x - mh[k]) - ml[k]) * k1[k]) * k2[k]   (training)
- * dx[r, k] = dy * k2[k]                                              (x == NULL: eval) */
+ * dx[r, k] = dy * k2[k]                                              (x == NULL: eval)
+ * Meanwhile pfbytes of pf_dy and (training) of pf_x, the next block, are prefetched. */
 #define NF_DEF_BN_COLS_DX1(NAME, T)                                                           \
 NF_CLONES static void NAME(T *restrict dx, const T *restrict dy, const T *restrict x,         \
                            nf_index rows, nf_index K, const T *restrict mh,                   \
                            const T *restrict ml, const T *restrict k1, const T *restrict c2,  \
-                           const T *restrict k2)                                              \
+                           const T *restrict k2, const T *pf_dy, const T *pf_x,               \
+                           size_t pfbytes)                                                    \
 {                                                                                             \
     if (x) {                                                                                  \
-        for (nf_index r = 0; r < rows; r++)                                                   \
+        for (nf_index r = 0; r < rows; r++) {                                                 \
+            nf_prefetch_range(pf_dy, NF_BN_PF_ROWS(r), NF_BN_PF_ROWS(r + 1));                 \
+            nf_prefetch_range(pf_x, NF_BN_PF_ROWS(r), NF_BN_PF_ROWS(r + 1));                  \
             for (nf_index k = 0; k < K; k++)                                                  \
                 dx[r * K + k] = ((dy[r * K + k] - c2[k])                                      \
                                  - ((x[r * K + k] - mh[k]) - ml[k]) * k1[k]) * k2[k];         \
+        }                                                                                     \
     } else {                                                                                  \
-        for (nf_index r = 0; r < rows; r++)                                                   \
+        for (nf_index r = 0; r < rows; r++) {                                                 \
+            nf_prefetch_range(pf_dy, NF_BN_PF_ROWS(r), NF_BN_PF_ROWS(r + 1));                 \
             for (nf_index k = 0; k < K; k++) dx[r * K + k] = dy[r * K + k] * k2[k];           \
+        }                                                                                     \
     }                                                                                         \
 }
 NF_DEF_BN_COLS_DX1(nf_bn_cols_dx1_f32, float)
 NF_DEF_BN_COLS_DX1(nf_bn_cols_dx1_f64, double)
 
 /* Streaming wrappers: rows are produced in L1 chunks of whole rows (or of one row's columns
- * when a row is longer than a chunk), then streamed out. */
+ * when a row is longer than a chunk), then streamed out.  Only the unstreamed path prefetches
+ * (pf, pfbytes): batch_norm.py streams no column output (measured slower). */
 #define NF_DEF_BN_COLS_AFFINE(NAME, T, AFF1)                                                  \
 NF_CLONES static void NAME(T *restrict y, const T *restrict x, nf_index rows, nf_index K,     \
-                           const T *mh, const T *a, const T *b, int stream)            \
+                           const T *mh, const T *a, const T *b, int stream,                   \
+                           const T *pf, size_t pfbytes)                                       \
 {                                                                                             \
-    if (!stream) { AFF1(y, x, rows, K, mh, a, b); return; }                               \
+    if (!stream) { AFF1(y, x, rows, K, mh, a, b, pf, pfbytes); return; }                      \
     T tmp[NF_BN_COLS_CHUNK];                                                                  \
     if (K <= NF_BN_COLS_CHUNK) {                                                              \
         nf_index g = NF_BN_COLS_CHUNK / K;                                                    \
         for (nf_index r = 0; r < rows; r += g) {                                              \
             nf_index m = rows - r < g ? rows - r : g;                                         \
-            AFF1(tmp, x + r * K, m, K, mh, a, b);                                         \
+            AFF1(tmp, x + r * K, m, K, mh, a, b, NULL, 0);                                \
             nf_stream_copy(y + r * K, tmp, (size_t)(m * K) * sizeof(T));                      \
         }                                                                                     \
     } else {                                                                                  \
         for (nf_index r = 0; r < rows; r++)                                                   \
             for (nf_index c = 0; c < K; c += NF_BN_COLS_CHUNK) {                              \
                 nf_index m = K - c < NF_BN_COLS_CHUNK ? K - c : NF_BN_COLS_CHUNK;             \
-                AFF1(tmp, x + r * K + c, 1, m, mh + c, a + c, b + c);                 \
+                AFF1(tmp, x + r * K + c, 1, m, mh + c, a + c, b + c, NULL, 0);                \
                 nf_stream_copy(y + r * K + c, tmp, (size_t)m * sizeof(T));                    \
             }                                                                                 \
     }                                                                                         \
@@ -342,15 +358,15 @@ NF_DEF_BN_COLS_AFFINE(nf_bn_cols_affine_f64, double, nf_bn_cols_affine1_f64)
 #define NF_DEF_BN_COLS_DX(NAME, T, DX1)                                                       \
 static void NAME(T *restrict dx, const T *restrict dy, const T *restrict x, nf_index rows,    \
                  nf_index K, const T *mh, const T *ml, const T *k1, const T *c2, const T *k2, \
-                 int stream)                                                                  \
+                 int stream, const T *pf_dy, const T *pf_x, size_t pfbytes)                   \
 {                                                                                             \
-    if (!stream) { DX1(dx, dy, x, rows, K, mh, ml, k1, c2, k2); return; }                     \
+    if (!stream) { DX1(dx, dy, x, rows, K, mh, ml, k1, c2, k2, pf_dy, pf_x, pfbytes); return; } \
     T tmp[NF_BN_CHUNK];                                                                          \
     if (K <= NF_BN_CHUNK) {                                                                      \
         nf_index g = NF_BN_CHUNK / K;                                                            \
         for (nf_index r = 0; r < rows; r += g) {                                              \
             nf_index m = rows - r < g ? rows - r : g;                                         \
-            DX1(tmp, dy + r * K, x ? x + r * K : NULL, m, K, mh, ml, k1, c2, k2);             \
+            DX1(tmp, dy + r * K, x ? x + r * K : NULL, m, K, mh, ml, k1, c2, k2, NULL, NULL, 0); \
             nf_stream_copy(dx + r * K, tmp, (size_t)(m * K) * sizeof(T));                     \
         }                                                                                     \
     } else {                                                                                  \
@@ -358,7 +374,7 @@ static void NAME(T *restrict dx, const T *restrict dy, const T *restrict x, nf_i
             for (nf_index c = 0; c < K; c += NF_BN_CHUNK) {                                      \
                 nf_index m = K - c < NF_BN_CHUNK ? K - c : NF_BN_CHUNK;                             \
                 DX1(tmp, dy + r * K + c, x ? x + r * K + c : NULL, 1, m, mh + c, ml + c,      \
-                    k1 + c, c2 + c, k2 + c);                                                  \
+                    k1 + c, c2 + c, k2 + c, NULL, NULL, 0);                                   \
                 nf_stream_copy(dx + r * K + c, tmp, (size_t)m * sizeof(T));                   \
             }                                                                                 \
     }                                                                                         \
@@ -368,36 +384,24 @@ NF_DEF_BN_COLS_DX(nf_bn_cols_dx_f64, double, nf_bn_cols_dx1_f64)
 
 /* Backward column sums over `rows` rows (rows <= NF_BLOCK: one column block), accumulated (+=)
  * into sdy[k] (sum dy) and, when x is given, sdyx[k] (sum dy * ((x - mh[k]) - ml[k])).  The
- * block's sums run in the input precision (tmp: 2*K values), NF_BN_RU rows per step from the
- * block's first row, and are added to the float64 sums once per block: the order of additions
- * depends only on the block. */
+ * block's sums run in the input precision (tmp: 2*K values), row by row (two input streams; four
+ * rows per step, eight streams, was 10% slower), and are added to the float64 sums once per
+ * block: the order of additions depends only on the block. */
 #define NF_DEF_BN_COLS_BWD_SUMS(NAME, T)                                                      \
 NF_CLONES static void NAME(double *restrict sdy, double *restrict sdyx, T *restrict tmp,      \
                            const T *restrict dy, const T *restrict x, nf_index rows,          \
                            nf_index K, const T *restrict mh, const T *restrict ml)            \
 {                                                                                             \
     T *restrict p1 = tmp, *restrict p2 = tmp + K;                                             \
-    nf_index r = 0;                                                                           \
     for (nf_index k = 0; k < K; k++) { p1[k] = 0; p2[k] = 0; }                                \
-    for (; r + NF_BN_RU <= rows; r += NF_BN_RU) {                                             \
-        const T *d0 = dy + r * K, *d1 = d0 + K, *d2 = d1 + K, *d3 = d2 + K;                   \
-        for (nf_index k = 0; k < K; k++) p1[k] += (d0[k] + d1[k]) + (d2[k] + d3[k]);          \
-        if (x) {                                                                              \
-            const T *x0 = x + r * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;                \
-            for (nf_index k = 0; k < K; k++) {                                                \
-                T q0 = d0[k] * ((x0[k] - mh[k]) - ml[k]);                                     \
-                T q1 = d1[k] * ((x1[k] - mh[k]) - ml[k]);                                     \
-                T q2 = d2[k] * ((x2[k] - mh[k]) - ml[k]);                                     \
-                T q3 = d3[k] * ((x3[k] - mh[k]) - ml[k]);                                     \
-                p2[k] += (q0 + q1) + (q2 + q3);                                               \
-            }                                                                                 \
-        }                                                                                     \
-    }                                                                                         \
-    for (; r < rows; r++) {                                                                   \
-        for (nf_index k = 0; k < K; k++) p1[k] += dy[r * K + k];                              \
+    for (nf_index r = 0; r < rows; r++) {                                                     \
         if (x)                                                                                \
-            for (nf_index k = 0; k < K; k++)                                                  \
+            for (nf_index k = 0; k < K; k++) {                                                \
+                p1[k] += dy[r * K + k];                                                       \
                 p2[k] += dy[r * K + k] * ((x[r * K + k] - mh[k]) - ml[k]);                    \
+            }                                                                                 \
+        else                                                                                  \
+            for (nf_index k = 0; k < K; k++) p1[k] += dy[r * K + k];                          \
     }                                                                                         \
     for (nf_index k = 0; k < K; k++) sdy[k] += (double)p1[k];                                 \
     if (x)                                                                                    \

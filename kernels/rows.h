@@ -54,6 +54,17 @@ static inline __attribute__((always_inline)) double nf_tree_sum(double *acc)
             __builtin_prefetch((const char *)(p) + o_, 0, 2);                                 \
     } while (0)
 
+/* Prefetch bytes [from, to) of the buffer at p into L2, one call per cache line.  Used by
+ * kernels that walk a block twice (or walk blocks in an order the hardware prefetcher cannot
+ * follow): spread over the work on this block, it keeps memory busy fetching the next one.
+ * Prefetches never fault, but callers still keep [from, to) inside the buffer. */
+static inline __attribute__((always_inline)) void nf_prefetch_range(const void *p, size_t from,
+                                                                    size_t to)
+{
+    for (size_t o = from & ~(size_t)63; o < to; o += 64)
+        __builtin_prefetch((const char *)p + o, 0, 2);
+}
+
 #ifdef _OPENMP
 #include <omp.h>
 static inline int nf_omp_max_threads(void) { return omp_get_max_threads(); }
