@@ -100,11 +100,14 @@ def test_many_blocks(rng, monkeypatch, dtype, act, recompute):
     dy = rng.standard_normal((301, 65)).astype(dtype)
     y_one, g_one = check_all(x, params, act, recompute, dy, "one block")
     monkeypatch.setattr(F, "_MIN_BLOCK_ROWS", 1)
-    monkeypatch.setattr(F, "_BLOCK_BYTES", 37 * 259 * np.dtype(dtype).itemsize)
-    assert F._block_rows(301, 259, np.dtype(dtype).itemsize) < 301
+    small = 37 * 259 * np.dtype(dtype).itemsize
+    for budget in ("_BLOCK_BYTES", "_INFERENCE_BLOCK_BYTES", "_RECOMPUTE_BLOCK_BYTES"):
+        monkeypatch.setattr(F, budget, small)
+    assert F._block_rows(301, 259, np.dtype(dtype).itemsize, small) < 301
     y_blk, g_blk = check_all(x, params, act, recompute, dy, "blocks")
     # not bitwise: BLAS may round a row differently in a GEMM of another shape
     assert_close(y_blk, y_one, name="y", context="blocked vs one block")
+    assert_close(normffn.ffn(x, *params, act), y_one, name="y", context="ffn in blocks")
     for name, a, b in zip(GRAD_NAMES, g_one, g_blk):
         if a is not None:
             assert_close(b, a, name=name, context="blocked vs one block", **grad_tol(dtype))
