@@ -37,11 +37,9 @@ cdef extern from "channels.h" nogil:
     void nf_bn_cols_chan(double *mean, double *m2, double na, const double *bm,
                          const double *bm2, double nb, nf_index K)
     void nf_bn_cols_affine_f32(float *y, const float *x, nf_index rows, nf_index K,
-                               const float *mh, const float *a, const float *b, int stream,
-                               const float *pf, size_t pfbytes)
+                               const float *mh, const float *a, const float *b, int stream)
     void nf_bn_cols_affine_f64(double *y, const double *x, nf_index rows, nf_index K,
-                               const double *mh, const double *a, const double *b, int stream,
-                               const double *pf, size_t pfbytes)
+                               const double *mh, const double *a, const double *b, int stream)
     void nf_bn_cols_bwd_sums_f32(double *sdy, double *sdyx, float *tmp, const float *dy,
                                  const float *x, nf_index rows, nf_index K, const float *mh,
                                  const float *ml)
@@ -50,9 +48,7 @@ cdef extern from "channels.h" nogil:
                                  const double *ml)
     void nf_bn_cols_dx_f32(float *dx, const float *dy, const float *x, nf_index rows,
                            nf_index K, const float *mh, const float *ml, const float *k1,
-                           const float *c2, const float *k2, int stream,
-                           const float *pf_dy, const float *pf_x, size_t pfbytes)
+                           const float *c2, const float *k2, int stream)
     void nf_bn_cols_dx_f64(double *dx, const double *dy, const double *x, nf_index rows,
                            nf_index K, const double *mh, const double *ml, const double *k1,
-                           const double *c2, const double *k2, int stream,
-                           const double *pf_dy, const double *pf_x, size_t pfbytes)
+                           const double *c2, const double *k2, int stream)

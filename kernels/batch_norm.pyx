@@ -27,8 +27,8 @@
 #     thread and not a multiple of the thread count) the (n, c) rows are shared out instead,
 #     and the per-row partials are merged in the same order.
 #   columns view: thread t takes a fixed run of row parts (p0..p1) for the statistics and
-#     the same rows, walked backwards, for the elementwise pass: x is read twice (the statistics
-#     need every row first), and the second read starts with what the first left in cache.
+#     the same rows, in one forward sweep, for the elementwise pass: x is read twice (the
+#     statistics need every row first).
 # With `stream` (the Python layer decides: outputs >= stream_bytes(), rows view), outputs are
 # written with non-temporal stores (no read-for-ownership; rows.h).
 import numpy as np
@@ -337,13 +337,12 @@ cdef inline void col_stats(double *bm, double *bm2, double *tmp, const floating 
 
 
 cdef inline void col_affine(floating *y, const floating *x, Py_ssize_t rows, Py_ssize_t K,
-                            const floating *k, int stream, const floating *pf,
-                            size_t pfbytes) noexcept nogil:
-    # k holds the K-vectors mh, a, b - ml * a back to back; prefetches pf[0:pfbytes] meanwhile
+                            const floating *k, int stream) noexcept nogil:
+    # k holds the K-vectors mh, a, b - ml * a back to back
     if floating is float:
-        nf_bn_cols_affine_f32(y, x, rows, K, k, k + K, k + 2 * K, stream, pf, pfbytes)
+        nf_bn_cols_affine_f32(y, x, rows, K, k, k + K, k + 2 * K, stream)
     else:
-        nf_bn_cols_affine_f64(y, x, rows, K, k, k + K, k + 2 * K, stream, pf, pfbytes)
+        nf_bn_cols_affine_f64(y, x, rows, K, k, k + K, k + 2 * K, stream)
 
 
 cdef inline void col_bwd_sums(double *sdy, double *sdyx, double *tmp, const floating *dy,
@@ -357,16 +356,12 @@ cdef inline void col_bwd_sums(double *sdy, double *sdyx, double *tmp, const floa
 
 
 cdef inline void col_dx(floating *dx, const floating *dy, const floating *x, Py_ssize_t rows,
-                        Py_ssize_t K, const floating *k, int stream, const floating *pf_dy,
-                        const floating *pf_x, size_t pfbytes) noexcept nogil:
-    # k holds the K-vectors mh, ml, k1, c2, k2 back to back; prefetches pf_dy[0:pfbytes] and
-    # pf_x[0:pfbytes] (pf_x may be NULL) meanwhile
+                        Py_ssize_t K, const floating *k, int stream) noexcept nogil:
+    # k holds the K-vectors mh, ml, k1, c2, k2 back to back
     if floating is float:
-        nf_bn_cols_dx_f32(dx, dy, x, rows, K, k, k + K, k + 2 * K, k + 3 * K, k + 4 * K, stream,
-                          pf_dy, pf_x, pfbytes)
+        nf_bn_cols_dx_f32(dx, dy, x, rows, K, k, k + K, k + 2 * K, k + 3 * K, k + 4 * K, stream)
     else:
-        nf_bn_cols_dx_f64(dx, dy, x, rows, K, k, k + K, k + 2 * K, k + 3 * K, k + 4 * K, stream,
-                          pf_dy, pf_x, pfbytes)
+        nf_bn_cols_dx_f64(dx, dy, x, rows, K, k, k + K, k + 2 * K, k + 3 * K, k + 4 * K, stream)
 
 
 cdef Py_ssize_t n_parts(Py_ssize_t nb, Py_ssize_t K) noexcept nogil:
@@ -379,11 +374,10 @@ cdef Py_ssize_t n_parts(Py_ssize_t nb, Py_ssize_t K) noexcept nogil:
     return p if p >= 1 else 1
 
 
-# Thread t of nt takes parts [p0, p1) = blocks [b0, b1): the same rows in every pass, so a
-# thread's second pass over x finds (the end of) its own first pass still in cache.  The four
-# bounds are assigned directly in each prange body (never through a pointer): Cython makes a
-# prange variable thread-private only when the body assigns it, and a helper writing through
-# &p0 shared them between threads (a data race ASan found).
+# Thread t of nt takes parts [p0, p1): the same rows in every pass.  The bounds are assigned
+# directly in each prange body (never through a pointer): Cython makes a prange variable
+# thread-private only when the body assigns it, and a helper writing through &p0 shared them
+# between threads (a data race ASan found).
 
 
 cdef inline size_t block_bytes(Py_ssize_t M, Py_ssize_t K, Py_ssize_t RB, Py_ssize_t blk,
@@ -447,14 +441,12 @@ cdef int _forward_cols(floating[:, ::1] y, double[::1] mean, double[::1] var,   
     cdef int nt = n_threads_for(M * K, MIN_ELEMS_PER_THREAD)
     if nt > P:
         nt = <int>P
-    cdef Py_ssize_t t, p0, p1, b0, b1
+    cdef Py_ssize_t t, p0, p1
     with nogil:
         if training:
             for t in prange(nt, schedule='static', num_threads=nt):
                 p0 = t * P // nt
                 p1 = (t + 1) * P // nt
-                b0 = p0 * nb // P
-                b1 = p1 * nb // P
                 for p in range(p0, p1):
                     _cols_part_stats(scratch + 8 * p * K, scratch + (8 * p + 1) * K,
                                      scratch + (8 * p + 2) * K, scratch + (8 * p + 3) * K,
@@ -489,26 +481,15 @@ cdef int _forward_cols(floating[:, ::1] y, double[::1] mean, double[::1] var,   
                 k[j] = mh
                 k[K + j] = a
                 k[2 * K + j] = bb
-        # training: each thread walks its own rows backwards, the most recently read first;
-        # eval: one forward sweep per thread (nothing is in cache; the hardware prefetcher
-        # follows a forward stream best)
+        # one forward sweep per thread over its own rows (walking blocks backwards to reuse
+        # what the statistics left in cache measured no better: the hardware prefetcher follows
+        # a forward stream, and y's read-for-ownership misses either way)
         for t in prange(nt, schedule='static', num_threads=nt):
             p0 = t * P // nt
             p1 = (t + 1) * P // nt
-            b0 = p0 * nb // P
-            b1 = p1 * nb // P
-            if not training:
-                r0 = b0 * RB
-                rows = (M if b1 * RB > M else b1 * RB) - r0
-                col_affine(yp + r0 * K, xp + r0 * K, rows, K, k, stream, xp, 0)
-                continue
-            for i in range(b1 - 1, b0 - 1, -1):
-                r0 = i * RB
-                rows = M - r0 if M - r0 < RB else RB
-                # prefetch block i - 1 (full: only the last block may be short)
-                col_affine(yp + r0 * K, xp + r0 * K, rows, K, k, stream,
-                           xp + (r0 - RB) * K if i > b0 else xp,
-                           RB * K * sizeof(floating) if i > b0 else 0)
+            r0 = (p0 * nb // P) * RB
+            rows = ((p1 * nb // P) * RB if (p1 * nb // P) * RB < M else M) - r0
+            col_affine(yp + r0 * K, xp + r0 * K, rows, K, k, stream)
         if stream:
             nf_stream_fence()
     free(k)
@@ -563,7 +544,7 @@ cdef int _backward_cols(floating[:, ::1] dx, double[::1] sdy, double[::1] sdyx, 
     cdef int nt = n_threads_for(M * K, MIN_ELEMS_PER_THREAD)
     if nt > P:
         nt = <int>P
-    cdef Py_ssize_t t, p0, p1, b0, b1
+    cdef Py_ssize_t t, p0, p1
     with nogil:
         for c in range(C):
             split(mp[c], &mh, &ml)
@@ -574,8 +555,6 @@ cdef int _backward_cols(floating[:, ::1] dx, double[::1] sdy, double[::1] sdyx, 
             for t in prange(nt, schedule='static', num_threads=nt):
                 p0 = t * P // nt
                 p1 = (t + 1) * P // nt
-                b0 = p0 * nb // P
-                b1 = p1 * nb // P
                 for p in range(p0, p1):
                     _cols_part_bwd_sums(scratch + 4 * p * K, scratch + (4 * p + 1) * K,
                                         scratch + (4 * p + 2) * K, dyp, xs, M, K, RB,
@@ -598,19 +577,14 @@ cdef int _backward_cols(floating[:, ::1] dx, double[::1] sdy, double[::1] sdyx, 
                 k[2 * K + j] = k1
                 k[3 * K + j] = c2
                 k[4 * K + j] = k2
-        # each thread walks its own rows backwards: the most recently read first
+        # one forward sweep per thread over the rows of its sums (as in the forward pass)
         for t in prange(nt, schedule='static', num_threads=nt):
             p0 = t * P // nt
             p1 = (t + 1) * P // nt
-            b0 = p0 * nb // P
-            b1 = p1 * nb // P
-            for i in range(b1 - 1, b0 - 1, -1):
-                r0 = i * RB
-                rows = M - r0 if M - r0 < RB else RB
-                col_dx(dxp + r0 * K, dyp + r0 * K, xp + r0 * K if training else NULL, rows, K,
-                       k, stream, dyp + (r0 - RB) * K if i > b0 else dyp,
-                       (xp + (r0 - RB) * K if i > b0 else xp) if training else NULL,
-                       RB * K * sizeof(floating) if i > b0 else 0)
+            r0 = (p0 * nb // P) * RB
+            rows = ((p1 * nb // P) * RB if (p1 * nb // P) * RB < M else M) - r0
+            col_dx(dxp + r0 * K, dyp + r0 * K, xp + r0 * K if training else NULL, rows, K, k,
+                   stream)
         if stream:
             nf_stream_fence()
     free(k)

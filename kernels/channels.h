@@ -281,73 +281,59 @@ NF_CLONES static void nf_bn_cols_chan(double *restrict mean, double *restrict m2
  * and four y rows in flight are more streams than the hardware prefetcher follows well, while
  * the extra loads hit L1.  The caller folds the low part of the split
  * mean into b (b = bias - ml * a, in float64): x - mh is exact near the mean (Sterbenz), so
- * offset data keeps its accuracy with three K-vectors instead of four.  Meanwhile pfbytes at pf
- * (the next block this thread reads) are prefetched, spread over the rows. */
-#define NF_BN_PF_ROWS(r) (pfbytes * (size_t)(r) / (size_t)rows)
+ * offset data keeps its accuracy with three K-vectors instead of four. */
 #define NF_DEF_BN_COLS_AFFINE1(NAME, T)                                                       \
 NF_INLINE void NAME(T *restrict y, const T *restrict x, nf_index rows, nf_index K,            \
-                    const T *restrict mh, const T *restrict a, const T *restrict b,           \
-                    const T *pf, size_t pfbytes)                                              \
+                    const T *restrict mh, const T *restrict a, const T *restrict b)           \
 {                                                                                             \
-    for (nf_index r = 0; r < rows; r++) {                                                     \
-        nf_prefetch_range(pf, NF_BN_PF_ROWS(r), NF_BN_PF_ROWS(r + 1));                        \
+    for (nf_index r = 0; r < rows; r++)                                                       \
         for (nf_index k = 0; k < K; k++)                                                      \
             y[r * K + k] = ((x[r * K + k] - mh[k]) * a[k]) + b[k];                            \
-    }                                                                                         \
 }
 NF_DEF_BN_COLS_AFFINE1(nf_bn_cols_affine1_f32, float)
 NF_DEF_BN_COLS_AFFINE1(nf_bn_cols_affine1_f64, double)
 
 /* dx[r, k] = ((dy - c2[k]) - ((x - mh[k]) - ml[k]) * k1[k]) * k2[k]   (training)
- * dx[r, k] = dy * k2[k]                                              (x == NULL: eval)
- * Meanwhile pfbytes of pf_dy and (training) of pf_x, the next block, are prefetched. */
+ * dx[r, k] = dy * k2[k]                                              (x == NULL: eval) */
 #define NF_DEF_BN_COLS_DX1(NAME, T)                                                           \
 NF_CLONES static void NAME(T *restrict dx, const T *restrict dy, const T *restrict x,         \
                            nf_index rows, nf_index K, const T *restrict mh,                   \
                            const T *restrict ml, const T *restrict k1, const T *restrict c2,  \
-                           const T *restrict k2, const T *pf_dy, const T *pf_x,               \
-                           size_t pfbytes)                                                    \
+                           const T *restrict k2)                                              \
 {                                                                                             \
     if (x) {                                                                                  \
-        for (nf_index r = 0; r < rows; r++) {                                                 \
-            nf_prefetch_range(pf_dy, NF_BN_PF_ROWS(r), NF_BN_PF_ROWS(r + 1));                 \
-            nf_prefetch_range(pf_x, NF_BN_PF_ROWS(r), NF_BN_PF_ROWS(r + 1));                  \
+        for (nf_index r = 0; r < rows; r++)                                                   \
             for (nf_index k = 0; k < K; k++)                                                  \
                 dx[r * K + k] = ((dy[r * K + k] - c2[k])                                      \
                                  - ((x[r * K + k] - mh[k]) - ml[k]) * k1[k]) * k2[k];         \
-        }                                                                                     \
     } else {                                                                                  \
-        for (nf_index r = 0; r < rows; r++) {                                                 \
-            nf_prefetch_range(pf_dy, NF_BN_PF_ROWS(r), NF_BN_PF_ROWS(r + 1));                 \
+        for (nf_index r = 0; r < rows; r++)                                                   \
             for (nf_index k = 0; k < K; k++) dx[r * K + k] = dy[r * K + k] * k2[k];           \
-        }                                                                                     \
     }                                                                                         \
 }
 NF_DEF_BN_COLS_DX1(nf_bn_cols_dx1_f32, float)
 NF_DEF_BN_COLS_DX1(nf_bn_cols_dx1_f64, double)
 
 /* Streaming wrappers: rows are produced in L1 chunks of whole rows (or of one row's columns
- * when a row is longer than a chunk), then streamed out.  Only the unstreamed path prefetches
- * (pf, pfbytes): batch_norm.py streams no column output (measured slower). */
+ * when a row is longer than a chunk), then streamed out. */
 #define NF_DEF_BN_COLS_AFFINE(NAME, T, AFF1)                                                  \
 NF_CLONES static void NAME(T *restrict y, const T *restrict x, nf_index rows, nf_index K,     \
-                           const T *mh, const T *a, const T *b, int stream,                   \
-                           const T *pf, size_t pfbytes)                                       \
+                           const T *mh, const T *a, const T *b, int stream)                   \
 {                                                                                             \
-    if (!stream) { AFF1(y, x, rows, K, mh, a, b, pf, pfbytes); return; }                      \
+    if (!stream) { AFF1(y, x, rows, K, mh, a, b); return; }                                   \
     T tmp[NF_BN_COLS_CHUNK];                                                                  \
     if (K <= NF_BN_COLS_CHUNK) {                                                              \
         nf_index g = NF_BN_COLS_CHUNK / K;                                                    \
         for (nf_index r = 0; r < rows; r += g) {                                              \
             nf_index m = rows - r < g ? rows - r : g;                                         \
-            AFF1(tmp, x + r * K, m, K, mh, a, b, NULL, 0);                                \
+            AFF1(tmp, x + r * K, m, K, mh, a, b);                                         \
             nf_stream_copy(y + r * K, tmp, (size_t)(m * K) * sizeof(T));                      \
         }                                                                                     \
     } else {                                                                                  \
         for (nf_index r = 0; r < rows; r++)                                                   \
             for (nf_index c = 0; c < K; c += NF_BN_COLS_CHUNK) {                              \
                 nf_index m = K - c < NF_BN_COLS_CHUNK ? K - c : NF_BN_COLS_CHUNK;             \
-                AFF1(tmp, x + r * K + c, 1, m, mh + c, a + c, b + c, NULL, 0);                \
+                AFF1(tmp, x + r * K + c, 1, m, mh + c, a + c, b + c);                         \
                 nf_stream_copy(y + r * K + c, tmp, (size_t)m * sizeof(T));                    \
             }                                                                                 \
     }                                                                                         \
@@ -358,15 +344,15 @@ NF_DEF_BN_COLS_AFFINE(nf_bn_cols_affine_f64, double, nf_bn_cols_affine1_f64)
 #define NF_DEF_BN_COLS_DX(NAME, T, DX1)                                                       \
 static void NAME(T *restrict dx, const T *restrict dy, const T *restrict x, nf_index rows,    \
                  nf_index K, const T *mh, const T *ml, const T *k1, const T *c2, const T *k2, \
-                 int stream, const T *pf_dy, const T *pf_x, size_t pfbytes)                   \
+                 int stream)                                                                  \
 {                                                                                             \
-    if (!stream) { DX1(dx, dy, x, rows, K, mh, ml, k1, c2, k2, pf_dy, pf_x, pfbytes); return; } \
+    if (!stream) { DX1(dx, dy, x, rows, K, mh, ml, k1, c2, k2); return; }                     \
     T tmp[NF_BN_CHUNK];                                                                          \
     if (K <= NF_BN_CHUNK) {                                                                      \
         nf_index g = NF_BN_CHUNK / K;                                                            \
         for (nf_index r = 0; r < rows; r += g) {                                              \
             nf_index m = rows - r < g ? rows - r : g;                                         \
-            DX1(tmp, dy + r * K, x ? x + r * K : NULL, m, K, mh, ml, k1, c2, k2, NULL, NULL, 0); \
+            DX1(tmp, dy + r * K, x ? x + r * K : NULL, m, K, mh, ml, k1, c2, k2);             \
             nf_stream_copy(dx + r * K, tmp, (size_t)(m * K) * sizeof(T));                     \
         }                                                                                     \
     } else {                                                                                  \
@@ -374,7 +360,7 @@ static void NAME(T *restrict dx, const T *restrict dy, const T *restrict x, nf_i
             for (nf_index c = 0; c < K; c += NF_BN_CHUNK) {                                      \
                 nf_index m = K - c < NF_BN_CHUNK ? K - c : NF_BN_CHUNK;                             \
                 DX1(tmp, dy + r * K + c, x ? x + r * K + c : NULL, 1, m, mh + c, ml + c,      \
-                    k1 + c, c2 + c, k2 + c, NULL, NULL, 0);                                   \
+                    k1 + c, c2 + c, k2 + c);                                                  \
                 nf_stream_copy(dx + r * K + c, tmp, (size_t)m * sizeof(T));                   \
             }                                                                                 \
     }                                                                                         \
