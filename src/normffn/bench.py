@@ -1,8 +1,9 @@
 """``python -m normffn bench``: normffn vs the NumPy reference vs torch, side by side.
 
-Every case is measured in one process, providers interleaved round by round in a rotating order
-(so the machine's drift and cache effects hit all of them alike), after warm-up, and reported as median with the inter-quartile
-spread.  Norms report GB/s (forward moves 2·numel·itemsize, backward 3·) and the fraction of the
+Every case is measured in one process, providers interleaved round by round in a fresh random
+order (so the machine's drift and cache effects hit all of them alike), a short call right after
+an untimed call of the same provider (so another library's spinning thread pool does not count
+against it), after warm-up, and reported as median with the inter-quartile spread.  Norms report GB/s (forward moves 2·numel·itemsize, backward 3·) and the fraction of the
 copy bandwidth measured in the same run; the FFN reports GFLOP/s and the fraction of the bare
 GEMMs' rate measured in the same run.
 
@@ -268,6 +269,10 @@ OPS = {
 
 
 # ---------------------------------------------------------------- measuring
+# Providers whose call takes less than this get one untimed call right before each timed one
+# (see _measure).
+SETTLE_BELOW_S = 0.05
+
 def _measure(case: Case, repeat: int, min_time: float, progress) -> None:
     """Interleave providers (and the limit probe) round by round; keep per-provider times."""
     calls = dict(case.providers)
@@ -278,18 +283,28 @@ def _measure(case: Case, repeat: int, min_time: float, progress) -> None:
         f()
         f()
     # calibrate: each provider gets at least `repeat` rounds, more if it is fast
-    t0 = time.perf_counter()
-    for f in calls.values():
+    one_call = {}
+    for k, f in calls.items():
+        t0 = time.perf_counter()
         f()
-    one_round = max(time.perf_counter() - t0, 1e-6)
+        one_call[k] = time.perf_counter() - t0
+    one_round = max(sum(one_call.values()), 1e-6)
     rounds = max(repeat, min(10 * repeat, int(min_time / one_round)))
     times = {k: [] for k in calls}
     order = list(calls.items())
+    shuffle = np.random.default_rng(0)
     for r in range(rounds):
-        # Rotate the order every round: each provider follows every other one equally often,
-        # so none keeps inheriting a warm (or a trashed) cache from the same predecessor.
-        shift = r % len(order)
-        for k, f in order[shift:] + order[:shift]:
+        # A fresh random order every round, so no provider keeps inheriting a warm (or a
+        # trashed) cache, or a neighbour's spinning thread pool, from the same predecessor.  (A
+        # rotating order does not do that: it keeps every provider's cyclic predecessor.)
+        for i in shuffle.permutation(len(order)):
+            k, f = order[i]
+            if one_call[k] < SETTLE_BELOW_S:
+                # An untimed call first, as in a user's own loop: the previous provider's
+                # OpenMP workers (torch's and normffn's libgomp are separate pools) spin for a
+                # while after their parallel region and would otherwise take a core from a
+                # millisecond-long kernel — a cost of alternating libraries, not of the kernel.
+                f()
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
@@ -500,8 +515,10 @@ def main(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise SystemExit("--threads must be >= 1")
     print(machine_line(args.threads))
-    print("medians over interleaved rounds (± half the inter-quartile range); 'out=' reuses a "
-          "preallocated output; copy = all-thread memcpy of the same bytes, same run\n")
+    print("medians over interleaved rounds in random order, calls under "
+          f"{SETTLE_BELOW_S * 1e3:.0f} ms timed right after an untimed one (± half the "
+          "inter-quartile range); 'out=' reuses a preallocated output; copy = all-thread memcpy "
+          "of the same bytes, same run\n")
     cases = run(ops=args.op, shapes=args.shape, dtypes=args.dtype or ["float32"],
                 threads=args.threads, repeat=args.repeat, min_time=args.min_time)
     print(format_table(cases))
