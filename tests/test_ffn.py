@@ -327,3 +327,36 @@ def test_tampered_context(rng, field, value):
     bad = dataclasses.replace(ctx, **{field: value})
     with pytest.raises(ValueError, match="ctx"):
         normffn.ffn_backward(np.zeros((3, 4), np.float32), bad)
+
+
+def test_extra_memory_is_blocks(rng, monkeypatch):
+    """Beyond its outputs, ffn() holds one (block, h) scratch and recompute=True two — never an
+    (n, h) buffer; recompute=False keeps the (n, h) hidden (tracemalloc sees NumPy's buffers)."""
+    import tracemalloc
+
+    n, d, h = 4096, 16, 512
+    block = 1 << 20                               # 256 rows of h float64
+    for budget in ("_BLOCK_BYTES", "_INFERENCE_BLOCK_BYTES", "_RECOMPUTE_BLOCK_BYTES"):
+        monkeypatch.setattr(F, budget, block)
+    w1, b1, w2, b2 = make_params(rng, d, h, np.float64)
+    x = rng.standard_normal((n, d))
+    dy = rng.standard_normal((n, d))
+    slack = 64 << 10                               # small vectors: biases, flags, float64 sums
+
+    def extra(fn):
+        tracemalloc.start()
+        try:
+            outs = fn()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        return peak - sum(a.nbytes for a in outs if a is not None)
+
+    def train(recompute):
+        y, ctx = normffn.ffn_forward(x, w1, b1, w2, b2, recompute=recompute)
+        return (y, *normffn.ffn_backward(dy, ctx))
+
+    assert extra(lambda: [normffn.ffn(x, w1, b1, w2, b2)]) <= block + slack
+    assert extra(lambda: train(True)) <= 2 * block + slack
+    kept = extra(lambda: train(False))              # the hidden, plus at most one dA block
+    assert n * h * 8 <= kept <= n * h * 8 + block + slack

@@ -193,7 +193,10 @@ def _validate(x, w1, b1, w2, b2, activation):
 
 
 def _scratch(key: str, blk: int, h: int, dtype) -> np.ndarray:
-    """A (blk, h) scratch block, reused across calls (see _workspace: no page faults)."""
+    """A (blk, h) scratch block, reused across calls (see _workspace: no page faults).  Two keys
+    only — "ffn.hidden_block" (forward's a or v block, backward's recomputed or activated block)
+    and "ffn.grad_block" (backward's dA block) — so with recompute=True the forward's cached block
+    is the backward's, and the extra memory stays two blocks."""
     return workspace(key, blk * h, dtype).reshape(blk, h)
 
 
@@ -209,7 +212,7 @@ def _run_forward(y2, hidden, alive, x2, w1, b1, w2, b2, activation, n, h, recomp
         budget = (_RECOMPUTE_BLOCK_BYTES if recompute else
                   _BLOCK_BYTES if hidden is not None else _INFERENCE_BLOCK_BYTES)
         blk = _block_rows(n, h, x2.itemsize, budget)
-        scratch = _scratch("ffn.a", blk, h, x2.dtype)
+        scratch = _scratch("ffn.hidden_block", blk, h, x2.dtype)
     _kernel.forward(y2, hidden, alive, scratch, x2, w1, b1, w2, b2, act, blk, _EW_THREADS)
 
 
@@ -340,9 +343,9 @@ def ffn_backward(dy, ctx):
     else:
         blk = _block_rows(n, h, dx.itemsize,
                           _RECOMPUTE_BLOCK_BYTES if ctx.recompute else _BLOCK_BYTES)
-        gbuf = _scratch("ffn.g", blk, h, dtype)
+        gbuf = _scratch("ffn.grad_block", blk, h, dtype)
         zbuf = None if (ctx.hidden is not None and ctx.activation == "relu") \
-            else _scratch("ffn.z", blk, h, dtype)
+            else _scratch("ffn.hidden_block", blk, h, dtype)
         full_dw2 = _FULL_DW2 and n <= _checks.INT32_MAX
         _kernel.backward(dx.reshape(n, d), dw1, dw2, db1_acc, db2_acc, gbuf, zbuf,
                          np.ascontiguousarray(dy).reshape(n, d), ctx.hidden,
