@@ -413,7 +413,7 @@ cdef int _forward_cols(floating[:, ::1] y, double[::1] mean, double[::1] var,   
     cdef Py_ssize_t RB = nf_bn_block_rows(K, sizeof(floating))
     cdef Py_ssize_t nb = (M + RB - 1) // RB
     cdef Py_ssize_t P = n_parts(nb, K)
-    cdef Py_ssize_t p, i, c, s, j, r0, rows
+    cdef Py_ssize_t p, c, s, j, r0, rows
     cdef floating *yp = &y[0, 0]
     cdef const floating *xp = &x[0, 0]
     cdef const floating *w = NULL
@@ -520,7 +520,7 @@ cdef int _backward_cols(floating[:, ::1] dx, double[::1] sdy, double[::1] sdyx, 
     cdef Py_ssize_t RB = nf_bn_block_rows(K, sizeof(floating))
     cdef Py_ssize_t nb = (M + RB - 1) // RB
     cdef Py_ssize_t P = n_parts(nb, K)
-    cdef Py_ssize_t p, i, c, s, j, r0, rows
+    cdef Py_ssize_t p, c, s, j, r0, rows
     cdef floating *dxp = &dx[0, 0]
     cdef const floating *dyp = &dy[0, 0]
     cdef const floating *xp = &x[0, 0]

@@ -55,9 +55,9 @@ static inline __attribute__((always_inline)) double nf_tree_sum(double *acc)
     } while (0)
 
 /* Prefetch bytes [from, to) of the buffer at p into L2, one call per cache line.  Used by
- * kernels that walk a block twice (or walk blocks in an order the hardware prefetcher cannot
- * follow): spread over the work on this block, it keeps memory busy fetching the next one.
- * Prefetches never fault, but callers still keep [from, to) inside the buffer. */
+ * kernels that walk each block twice (the second time from cache): spread over the work on this
+ * block, it keeps memory busy fetching the next one.  Prefetches never fault, but callers still
+ * keep [from, to) inside the buffer. */
 static inline __attribute__((always_inline)) void nf_prefetch_range(const void *p, size_t from,
                                                                     size_t to)
 {

@@ -3,9 +3,10 @@
 Every case is measured in one process, providers interleaved round by round in a fresh random
 order (so the machine's drift and cache effects hit all of them alike), a short call right after
 an untimed call of the same provider (so another library's spinning thread pool does not count
-against it), after warm-up, and reported as median with the inter-quartile spread.  Norms report GB/s (forward moves 2·numel·itemsize, backward 3·) and the fraction of the
-copy bandwidth measured in the same run; the FFN reports GFLOP/s and the fraction of the bare
-GEMMs' rate measured in the same run.
+against it), after warm-up, and reported as median with the inter-quartile spread.  Norms report
+GB/s (forward moves 2·numel·itemsize, backward 3·) and the fraction of the copy bandwidth
+measured in the same run; the FFN reports GFLOP/s and the fraction of the bare GEMMs' rate
+measured in the same run.
 
 Each op contributes a function ``_<op>_cases(shape, dtype, rng) -> list[Case]`` registered in
 ``OPS``; a Case names its providers (callables taking no argument), the work one call does, and
@@ -272,6 +273,7 @@ OPS = {
 # Providers whose call takes less than this get one untimed call right before each timed one
 # (see _measure).
 SETTLE_BELOW_S = 0.05
+
 
 def _measure(case: Case, repeat: int, min_time: float, progress) -> None:
     """Interleave providers (and the limit probe) round by round; keep per-provider times."""
