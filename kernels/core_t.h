@@ -1,0 +1,70 @@
+/* core_t.h — the typed core helpers, written once; core.h includes this file twice, with
+ * T = float, SUF = f32 and T = double, SUF = f64.  No include guard, on purpose.
+ * NF_T(name) expands to name_SUF. */
+
+/* The float64 mean as the pair a row is centred with: ((x - hi) - lo).  float32: hi + lo carry
+ * ~48 bits of the mean; float64: hi is the mean, lo is 0. */
+NF_INLINE void NF_T(nf_mean_split)(double mean, T *hi, T *lo)
+{
+    if (sizeof(T) == sizeof(float)) {
+        float h, l;
+        nf_split(mean, &h, &l);
+        *hi = (T)h;
+        *lo = (T)l;
+    } else {
+        *hi = (T)mean;
+        *lo = 0;
+    }
+}
+
+/* sum(x[0:n]): NF_LANES partial sums in the input precision over NF_BLOCK elements, flushed to
+ * float64 lanes, then a fixed tree (see core.h).  n >= 0. */
+NF_INLINE double NF_T(nf_sum)(const T *x, nf_index n)
+{
+    double acc[NF_LANES] = {0};
+    nf_index i = 0;
+    while (i + NF_LANES <= n) {
+        T p[NF_LANES] = {0};
+        nf_index end = i + NF_BLOCK < n ? i + NF_BLOCK : n;
+        for (; i + NF_LANES <= end; i += NF_LANES)
+            for (int k = 0; k < NF_LANES; k++) p[k] += x[i + k];
+        for (int k = 0; k < NF_LANES; k++) acc[k] += (double)p[k];
+    }
+    double s = 0.0;
+    for (; i < n; i++) s += (double)x[i];
+    return s + nf_tree_sum(acc);
+}
+
+/* Returns sum((x - mean)^2) and stores sum(x - mean) in *dev: the corrected two-pass algorithm
+ * of Chan, Golub & LeVeque (mean + dev/n is the mean with the first pass's rounding error
+ * removed, ssd - dev^2/n the matching sum of squares).  x - mean is formed in the input
+ * precision from the (hi, lo) split, exact near the mean.  Meanwhile prefetches pf[0:n] (the
+ * next row a caller will read; may equal x).  n >= 0. */
+NF_INLINE double NF_T(nf_ssd)(const T *x, nf_index n, double mean, const T *pf, double *dev)
+{
+    double acc[NF_LANES] = {0}, accd[NF_LANES] = {0};
+    T mh, ml;
+    NF_T(nf_mean_split)(mean, &mh, &ml);
+    nf_index i = 0;
+    while (i + NF_LANES <= n) {
+        T p[NF_LANES] = {0}, pd[NF_LANES] = {0};
+        nf_index end = i + NF_BLOCK < n ? i + NF_BLOCK : n;
+        for (; i + NF_LANES <= end; i += NF_LANES) {
+            nf_prefetch_range(pf + i, 0, NF_LANES * sizeof(T));
+            for (int k = 0; k < NF_LANES; k++) {
+                T t = (x[i + k] - mh) - ml;
+                pd[k] += t;
+                p[k] += t * t;
+            }
+        }
+        for (int k = 0; k < NF_LANES; k++) {
+            acc[k] += (double)p[k];
+            accd[k] += (double)pd[k];
+        }
+    }
+    if (i < n) __builtin_prefetch(pf + i, 0, 2);
+    double s = 0.0, sd = 0.0;
+    for (; i < n; i++) { double t = (double)x[i] - mean; sd += t; s += t * t; }
+    *dev = sd + nf_tree_sum(accd);
+    return s + nf_tree_sum(acc);
+}

@@ -1,0 +1,116 @@
+"""The base of every op's context (``LayerNormContext``, ``BatchNormContext``, ``FFNContext`` …).
+
+A context is what a forward pass hands its backward: the saved input, the parameters and the
+statistics.  It is a frozen dataclass whose public fields users may read (``ctx.mean``,
+``ctx.rstd``, ``ctx.dead_units``).  Because a context can be built or altered by hand, backward
+re-checks it before any kernel sees it; that check is written once, here, driven by the
+``_fields`` table each subclass declares:
+
+    _fields = (Field("x", kind="input"), Field("mean", kind="float64", shape=lead), ...)
+
+``Context.validate()`` walks the table and raises ``ValueError`` naming the field and what was
+expected.  Subclasses add only what a table cannot say (cross-field rules) in ``_extra_checks``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import numpy as np
+
+from . import _checks
+
+__all__ = ["Context", "Field"]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a context and what it must hold.
+
+    kind
+        ``"input"``: the saved forward input — a float32/float64 ndarray, C-contiguous unless
+        ``layout`` accepts more.  ``"like_x"``: an ndarray of x's dtype.  ``"float64"``: a float64
+        ndarray.  ``"bool_array"``: a bool ndarray.  ``"bool"``: a Python/NumPy bool.
+    shape
+        ``None`` (any), or a function of the context returning the expected shape.
+    optional
+        ``None`` is allowed.
+    layout
+        ``"C"`` (C-contiguous), ``"blas"`` (rows or columns contiguous, as BLAS reads them), or
+        a function of the array returning True when its layout is acceptable.
+    """
+
+    name: str
+    kind: str
+    shape: Callable | None = None
+    optional: bool = False
+    layout: object = "C"
+
+
+def _layout_ok(a: np.ndarray, layout) -> bool:
+    if layout == "C":
+        return a.flags.c_contiguous
+    if layout == "blas":
+        return a.ndim == 2 and _checks.blas_matrix(a) is a
+    return bool(layout(a))
+
+
+@dataclass(frozen=True, eq=False)
+class Context:
+    """Base class of the op contexts: one validator for all of them (see the module doc)."""
+
+    _op: ClassVar[str] = ""
+    _fields: ClassVar[tuple] = ()
+
+    @property
+    def shape(self) -> tuple:
+        """Shape of the forward input (and of the output, dy and dx)."""
+        return self.x.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.x.dtype
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` unless every field holds what its op's backward may trust."""
+        x = getattr(self, "x", None)
+        for f in self._fields:
+            a = getattr(self, f.name)
+            where = f"ctx.{f.name}"
+            if a is None:
+                if f.optional:
+                    continue
+                raise ValueError(f"{where} is None; it must hold what {self._op}_forward saved")
+            if f.kind == "bool":
+                if not isinstance(a, (bool, np.bool_)):
+                    raise ValueError(f"{where} must be a bool, got {type(a).__name__}")
+                continue
+            if not isinstance(a, np.ndarray):
+                raise ValueError(f"{where} must be a numpy.ndarray, got {type(a).__name__}")
+            if f.kind == "input":
+                ok = a.dtype in _checks.FLOAT_DTYPES
+                expected = "float32 or float64"
+            elif f.kind == "like_x":
+                ok = a.dtype == x.dtype
+                expected = str(x.dtype)
+            elif f.kind == "float64":
+                ok = a.dtype == np.float64
+                expected = "float64"
+            elif f.kind == "bool_array":
+                ok = a.dtype == np.bool_
+                expected = "bool"
+            else:  # pragma: no cover - a wrong table is a programming error
+                raise AssertionError(f"unknown field kind {f.kind!r}")
+            if not ok:
+                raise ValueError(f"{where} has dtype {a.dtype}, expected {expected}")
+            if f.shape is not None:
+                shape = tuple(f.shape(self))
+                if a.shape != shape:
+                    raise ValueError(f"{where} has shape {a.shape}, expected {shape}")
+            if not _layout_ok(a, f.layout):
+                raise ValueError(f"{where} is not in the memory layout {self._op}_forward "
+                                 "saved it in")
+        self._extra_checks()
+
+    def _extra_checks(self) -> None:
+        """Cross-field rules a subclass cannot express in ``_fields`` (default: none)."""
