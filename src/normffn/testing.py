@@ -7,11 +7,18 @@
   the max abs/rel error and where it occurred; NaN/Inf must sit exactly where the reference
   puts them.
 - :func:`gradcheck` — central finite differences in float64 against analytic gradients.
-- :func:`run_comparison`, :func:`compare_outputs`, :func:`documented_tolerance` — the machinery
-  of ``python -m normffn compare`` (defined in :mod:`normffn.compare`), for your own scripts.
+- :func:`compare_outputs` and :class:`ComparisonRow` — one output of one library against the
+  reference, judged against a tolerance (what ``python -m normffn compare`` prints).
+- :func:`run_comparison`, :func:`documented_tolerance` — the machinery of
+  ``python -m normffn compare`` (in :mod:`normffn.compare` and the op registry), re-exported
+  here lazily for your own scripts.
+
+This module imports nothing from normffn at import time (the registry and ``compare`` import
+it, not the other way round).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,39 +43,73 @@ def tolerance(dtype) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class ErrorStats:
-    """Max abs and max rel error of ``actual`` vs ``desired`` (finite positions), the index of the
-    worst abs error, and whether NaN/Inf positions agree."""
+    """Errors of ``actual`` against ``desired`` over the positions where ``desired`` is finite.
+
+    ``max_abs``: largest ``|actual - desired|``; ``max_rel``: ``max_abs`` relative to the
+    output's scale (``max |desired|`` over finite values), so elements near zero do not
+    dominate it; ``where``: index of the worst element (against the mixed tolerance);
+    ``nonfinite_match``: NaN and ±Inf sit exactly where ``desired`` has them; ``scale``:
+    ``max(1, max |desired|)``, the factor atol is multiplied by; ``n_finite``: how many
+    positions were compared (0: both are all NaN/Inf, and the errors mean nothing)."""
 
     max_abs: float
     max_rel: float
     where: tuple | None
     nonfinite_match: bool
     scale: float
+    n_finite: int = -1
+
+
+def _nonfinite_match(a, d) -> bool:
+    return bool(np.array_equal(np.isnan(a), np.isnan(d))
+                and np.array_equal(np.where(np.isinf(d), d, 0), np.where(np.isinf(a), a, 0))
+                and np.array_equal(np.isfinite(a), np.isfinite(d)))
 
 
 def error_stats(actual, desired) -> ErrorStats:
-    """Compare ``actual`` to ``desired`` (both converted to float64)."""
+    """Compare ``actual`` to ``desired`` (both converted to float64); see :class:`ErrorStats`.
+
+    Examples
+    --------
+    >>> st = error_stats([1.0, 2.0, 4.001], [1.0, 2.0, 4.0])
+    >>> round(st.max_abs, 6), round(st.max_rel, 6), st.where
+    (0.001, 0.00025, (2,))
+    """
     a = np.asarray(actual, dtype=np.float64)
     d = np.asarray(desired, dtype=np.float64)
     if a.shape != d.shape:
         raise AssertionError(f"shape mismatch: actual {a.shape}, desired {d.shape}")
     fin_d = np.isfinite(d)
-    nonfinite_match = bool(np.array_equal(np.isnan(a), np.isnan(d))
-                           and np.array_equal(np.where(np.isinf(d), d, 0),
-                                              np.where(np.isinf(a), a, 0))
-                           and np.array_equal(np.isfinite(a), fin_d))
-    if a.size == 0 or not fin_d.any():
-        return ErrorStats(0.0, 0.0, None, nonfinite_match, 1.0)
-    scale = max(1.0, float(np.abs(d[fin_d]).max()))
+    match = _nonfinite_match(a, d)
+    n_fin = int(fin_d.sum())
+    if a.size == 0 or not n_fin:
+        return ErrorStats(0.0, 0.0, None, match, 1.0, n_fin)
+    mag = float(np.abs(d[fin_d]).max())
+    scale = max(1.0, mag)
     with np.errstate(invalid="ignore"):
         err = np.where(fin_d, np.abs(a - d), 0.0)
-    err = np.where(np.isnan(err), np.inf, err)  # a NaN where the reference is finite is infinite error
-    rel = err / np.maximum(np.abs(d), np.finfo(np.float64).tiny)
-    rel = np.where(fin_d, rel, 0.0)
+    err = np.where(np.isnan(err), np.inf, err)  # NaN where the reference is finite: infinite error
+    max_abs = float(err.max())
+    max_rel = max_abs / mag if mag > 0 else (0.0 if max_abs == 0 else math.inf)
     # "worst" = the element furthest beyond a unit mixed tolerance (err / (scale + |ref|))
-    worst = np.unravel_index(int(np.argmax(err / (scale + np.abs(np.where(fin_d, d, 0))))), a.shape)
-    return ErrorStats(float(err.max()), float(rel.max()), tuple(int(i) for i in worst),
-                      nonfinite_match, scale)
+    worst = np.unravel_index(int(np.argmax(err / (scale + np.abs(np.where(fin_d, d, 0))))),
+                             a.shape)
+    return ErrorStats(max_abs, max_rel, tuple(int(i) for i in worst), match, scale, n_fin)
+
+
+def _within(a, d, st: ErrorStats, rtol: float, atol: float):
+    """Boolean mask of finite reference positions outside the tolerance."""
+    fin = np.isfinite(d)
+    with np.errstate(invalid="ignore"):
+        return fin & ~(np.abs(a - d) <= atol * st.scale + rtol * np.abs(d))
+
+
+def _fmt_index(idx) -> str:
+    return "[" + ", ".join(str(int(i)) for i in idx) + "]"
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join(str(int(i)) for i in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 def assert_close(actual, desired, *, dtype=None, rtol=None, atol=None, name: str = "",
@@ -78,7 +119,17 @@ def assert_close(actual, desired, *, dtype=None, rtol=None, atol=None, name: str
 
     ``dtype`` picks the default tolerances (default: ``actual``'s dtype).  ``scale`` is
     ``max(1, max |desired|)``.  Returns the :class:`ErrorStats`; raises ``AssertionError`` with
-    dtype, shape, max abs/rel error and the worst index otherwise.
+    dtype, shape, max abs/rel error and the first failing index otherwise.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> assert_close(np.float32([1, 2]), np.array([1.0, 2.0])).max_abs
+    0.0
+    >>> assert_close(np.float32([1, 2.1]), np.array([1.0, 2.0]), name="y")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    AssertionError: y: not close: float32, shape (2,): max abs err 1.000e-01, ...
     """
     dt = np.dtype(dtype) if dtype is not None else np.asarray(actual).dtype
     if dt not in _TOLERANCES:
@@ -89,21 +140,82 @@ def assert_close(actual, desired, *, dtype=None, rtol=None, atol=None, name: str
     st = error_stats(actual, desired)
     a = np.asarray(actual, dtype=np.float64)
     d = np.asarray(desired, dtype=np.float64)
-    fin = np.isfinite(d)
-    with np.errstate(invalid="ignore"):
-        bad = fin & ~(np.abs(a - d) <= atol * st.scale + rtol * np.abs(d))
+    bad = _within(a, d, st, rtol, atol)
     if st.nonfinite_match and not bad.any():
         return st
     label = f"{name}: " if name else ""
+    ctx = f" ({context})" if context else ""
     where = tuple(int(i) for i in np.argwhere(bad)[0]) if bad.any() else st.where
-    msg = (f"{label}not close ({context}) dtype={dt}, shape={np.shape(desired)}: "
-           f"max abs err {st.max_abs:.3e}, max rel err {st.max_rel:.3e}, "
-           f"{int(bad.sum())} elements beyond rtol={rtol:g}, atol={atol:g}*scale({st.scale:.3g})")
+    msg = (f"{label}not close{ctx}: {dt.name}, shape {_fmt_shape(np.shape(desired))}: "
+           f"max abs err {st.max_abs:.3e}, max rel err {st.max_rel:.3e} (of max |desired|), "
+           f"{int(bad.sum())} elements beyond rtol={rtol:g}, atol={atol:g} x scale "
+           f"{st.scale:.3g}")
     if where is not None and a.size:
-        msg += f"; first at {where}: actual {a[where]!r}, desired {d[where]!r}"
+        at = _fmt_index(where) if where else "the value"
+        msg += f"; first at {at}: actual {float(a[where])!r}, desired {float(d[where])!r}"
     if not st.nonfinite_match:
+        diff = np.argwhere(~((np.isnan(a) & np.isnan(d)) | (a == d) | (np.isfinite(a) &
+                                                                       np.isfinite(d))))
         msg += "; NaN/Inf positions differ from the reference"
+        if diff.size and tuple(int(v) for v in diff[0]) != where:
+            i = tuple(int(v) for v in diff[0])
+            msg += (f" (first at {_fmt_index(i) if i else 'the value'}: actual "
+                    f"{float(a[i])!r}, desired {float(d[i])!r})")
     raise AssertionError(msg)
+
+
+@dataclass
+class ComparisonRow:
+    """One output of one library compared with the reference (a line of ``compare``)."""
+
+    op: str
+    entry: str            # "forward" or "backward"
+    inputs: str           # kind of input data
+    dtype: str
+    output: str
+    provider: str         # "normffn" or "torch"
+    max_abs: float
+    max_rel: float        # max_abs / max |reference| (the output's scale)
+    nonfinite_match: bool
+    within_tolerance: bool | None   # None for providers we make no promise about
+    rtol: float = 0.0
+    atol: float = 0.0               # multiplied by max(1, max |reference|)
+    n_finite: int = -1              # finite reference values compared (0: all NaN/Inf)
+    n_nonfinite: int = 0            # NaN/Inf values in the reference
+
+
+def compare_outputs(op: str, entry: str, inputs: str, dtype, provider: str, outputs: dict,
+                    reference: dict, rows: int = 1, check: bool = True,
+                    condition: float = 1.0, tolerances=None) -> list[ComparisonRow]:
+    """One :class:`ComparisonRow` per output present in both ``outputs`` and ``reference``
+    (name -> array).
+
+    ``tolerances``: ``f(output_name) -> (rtol, atol)``; default: the op's documented tolerance
+    (:func:`documented_tolerance` with ``rows`` and ``condition``).  ``check``: judge the
+    outputs against it (normffn's promise); else ``within_tolerance`` is None.
+    """
+    if tolerances is None:
+        from ._ops import documented_tolerance
+
+        def tolerances(name):
+            return documented_tolerance(op, name, dtype, rows, condition)
+    out = []
+    for name, desired in reference.items():
+        actual = outputs.get(name)
+        if actual is None or desired is None:
+            continue
+        st = error_stats(actual, desired)
+        rtol, atol = tolerances(name)
+        ok = None
+        if check:
+            a = np.asarray(actual, dtype=np.float64)
+            d = np.asarray(desired, dtype=np.float64)
+            ok = bool(st.nonfinite_match and not _within(a, d, st, rtol, atol).any())
+        n_bad = int(np.size(desired) - st.n_finite)
+        out.append(ComparisonRow(op, entry, inputs, np.dtype(dtype).name, name, provider,
+                                 st.max_abs, st.max_rel, st.nonfinite_match, ok, rtol, atol,
+                                 st.n_finite, n_bad))
+    return out
 
 
 def gradcheck(fn, inputs, grads, dy, *, h: float = 1e-6, rtol: float = 1e-5,
@@ -162,10 +274,12 @@ def gradcheck(fn, inputs, grads, dy, *, h: float = 1e-6, rtol: float = 1e-5,
 
 
 def __getattr__(name):
-    # The comparison helpers live in normffn.compare (they import the ops); re-exported here so
-    # users' comparison scripts need only ``normffn.testing``.
-    if name in ("documented_tolerance", "compare_outputs", "run_comparison", "ComparisonRow",
-                "format_rows", "INPUT_KINDS"):
+    # Re-exported lazily (they import the ops): documented_tolerance from the op registry,
+    # run_comparison from normffn.compare; so users' comparison scripts need only this module.
+    if name == "documented_tolerance":
+        from ._ops import documented_tolerance
+        return documented_tolerance
+    if name in ("run_comparison", "format_rows", "INPUT_KINDS"):
         from . import compare
         return getattr(compare, name)
     raise AttributeError(f"module 'normffn.testing' has no attribute {name!r}")

@@ -1,0 +1,614 @@
+"""The op registry: everything the tools need to know about an op, written once.
+
+``python -m normffn bench``, ``python -m normffn compare``, the asv suite (``benchmarks/``),
+the fuzz worker and the generic reference test (``tests/test_ops_generic.py``) all read
+:data:`OPS`; none of them names an op's arguments, torch twin or tolerance itself.  A new op is
+ONE :class:`Op` entry here (plus its own module, kernel, tests and a line in ``__init__``).
+
+What an entry gives (see :class:`Op` for the fields):
+
+* shapes: the named bench shapes (``bench_shapes``; the first ones are ``bench``'s default),
+  a small ``test_shape`` for ``compare`` and the tests, and ``shape_format`` / ``ndims``, from
+  which :meth:`Op.parse_shape` validates ``--shape`` strings with a clear message;
+* ``make_inputs(shape, dtype, kind, seed, variant) -> Inputs``: seeded arguments of the forward
+  call (in signature order), an upstream gradient ``dy``, and what the tolerance needs (rows
+  summed by weight gradients, conditioning); ``kind`` is one of :data:`INPUT_KINDS`;
+* the callables: normffn's and :mod:`normffn.reference`'s are found by name (the reference
+  mirrors the API name for name: ``op``, ``op_forward``, ``op_backward``), with flags saying
+  which take ``out=``; ``torch(inputs) -> TorchOp`` builds PyTorch's twin (torch imported
+  lazily, only when called);
+* output names: ``outputs`` (forward), ``stats`` (ctx fields compared), ``state`` (arguments
+  updated in place, e.g. running stats), ``grads`` (backward, aligned with the returned tuple);
+* ``tolerance`` class (``"norm"`` or ``"gemm"``) and ``row_sums`` (outputs summed over batch
+  rows), read by :func:`documented_tolerance`;
+* ``variants``: configurations compared and tested (BatchNorm train / eval, FFN activations);
+* ``bench_cases``: what ``bench`` times per shape, and the rate model: ``unit``, ``work(shape,
+  itemsize, call)`` and ``limit`` (the machine-limit probe: ``"copy"`` or ``"gemm"``).
+
+This module imports only NumPy and :mod:`normffn.testing` at import time (no op module, no
+torch), so every tool may import it without cycles; ops are resolved when called.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .testing import tolerance
+
+__all__ = ["Op", "Inputs", "BenchCase", "TorchOp", "OPS", "INPUT_KINDS", "get",
+           "documented_tolerance", "bench_callable", "bench_providers", "bench_inputs",
+           "copy_probe", "gemm_probe", "channels_last", "torch_or_none"]
+
+
+# ---------------------------------------------------------------- input kinds
+def _normal(rng, shape):
+    return rng.standard_normal(shape)
+
+
+def _large_offset(rng, shape):
+    return 1e4 + 0.1 * rng.standard_normal(shape)
+
+
+def _tiny_variance(rng, shape):
+    return 1e3 + 1e-3 * rng.standard_normal(shape)
+
+
+def _nan_row(rng, shape):
+    a = rng.standard_normal(shape)
+    a.reshape(shape[0], -1)[min(1, shape[0] - 1), 0] = np.nan
+    return a
+
+
+#: kind -> f(rng, shape) -> float64 values of x
+INPUT_KINDS = {"normal": _normal, "large_offset": _large_offset,
+               "tiny_variance": _tiny_variance, "nan_row": _nan_row}
+
+
+def channels_last(a: np.ndarray) -> np.ndarray:
+    """The same values with the channel axis (1) innermost in memory (PyTorch's
+    ``channels_last``): a view of a C-contiguous (N, ..., C) array."""
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+
+def torch_or_none():
+    """``torch`` if it imports, else None (torch is optional)."""
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - any import failure means "absent"
+        return None
+    return torch
+
+
+def _condition(x, axis) -> float:
+    """max |mean| / std over the normalised groups (the conditioning of x - mean)."""
+    with np.errstate(all="ignore"):
+        x = np.asarray(x, dtype=np.float64)
+        m, sd = np.nanmean(x, axis=axis), np.nanstd(x, axis=axis)
+        c = np.abs(m) / np.maximum(sd, 1e-300)
+    c = c[np.isfinite(c)]
+    return float(c.max()) if c.size else 1.0
+
+
+# ---------------------------------------------------------------- entry structure
+@dataclass
+class Inputs:
+    """Seeded arguments of one op call.
+
+    ``args``: the forward arguments by name, in signature order (``op(*args.values())``);
+    ``dy``: the upstream gradient; ``rows``: how many batch rows a weight gradient sums;
+    ``condition``: max |mean| / std of the normalised groups (1 where it does not apply)."""
+
+    args: dict
+    dy: np.ndarray
+    rows: int = 1
+    condition: float = 1.0
+
+
+@dataclass
+class TorchOp:
+    """PyTorch's twin of one op on fixed inputs (tensors converted once).
+
+    ``forward()``, ``backward()`` and ``fwd_bwd()`` are what ``bench`` times (``backward`` may
+    be None where PyTorch has no separate backward call, e.g. the FFN's autograd graph);
+    ``forward_outputs()`` / ``backward_outputs()`` run once and return name -> ndarray with the
+    registry's output names, for ``compare``."""
+
+    forward: Callable
+    fwd_bwd: Callable
+    forward_outputs: Callable
+    backward_outputs: Callable
+    backward: Callable | None = None
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One row of ``bench``'s table for each shape.
+
+    ``call``: ``"forward"``, ``"backward"`` or ``"fwd+bwd"``; ``variant``: key of
+    ``Op.variants`` (forward keyword overrides); ``layout``: ``"channels_last"`` relays x and dy
+    (shapes with ``min_ndim`` dims or more only); ``extra``: further normffn providers, label ->
+    keyword overrides of the forward call (e.g. ``{"normffn recompute": {"recompute": True}}``);
+    ``torch_label``: the torch column's name in the JSON (the table always says "torch")."""
+
+    direction: str
+    call: str
+    variant: str = ""
+    layout: str = "contiguous"
+    min_ndim: int = 0
+    extra: dict = field(default_factory=dict)
+    torch_label: str = "torch"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op, as the tools see it (the module docstring lists what each field is for)."""
+
+    name: str
+    shape_format: str                 # "NxD": shown in messages and --help
+    ndims: tuple                      # accepted len(shape) for --shape
+    bench_shapes: dict                # name -> shape; `bench`'s defaults are the `default` ones
+    default_shapes: tuple             # names of bench_shapes run by default
+    test_shape: tuple                 # small shape for compare and the generic test
+    make_inputs: Callable             # (shape, dtype, kind, seed, variant) -> Inputs
+    torch: Callable | None            # (Inputs, variant) -> TorchOp
+    outputs: tuple = ("y",)
+    stats: tuple = ()                 # ctx fields compared against the reference's ctx
+    state: tuple = ()                 # args updated in place by forward (compared too)
+    grads: tuple = ()
+    forward_out: bool = True          # op(..., out=) exists
+    backward_out: bool = True         # op_backward(..., out=) exists
+    tolerance: str = "norm"           # "norm" or "gemm" (documented_tolerance)
+    row_sums: tuple = ()              # outputs summed over batch rows (atol * sqrt(rows))
+    variants: dict = field(default_factory=lambda: {"": {}})
+    bench_cases: tuple = ()
+    unit: str = "GB/s"                # rate unit: "GB/s" or "GFLOP/s"
+    work: Callable = None             # (shape, itemsize, call) -> bytes or flops per call
+    limit: str = "copy"               # machine-limit probe: "copy" or "gemm"
+    module: str = "normffn"
+
+    # -- callables, by name (normffn and normffn.reference share the names)
+    def function(self, provider: str, entry: str = "") -> Callable:
+        """``provider`` ``"normffn"`` or ``"reference"``; ``entry`` ``""`` (the op),
+        ``"forward"`` or ``"backward"``."""
+        mod = importlib.import_module("normffn" if provider == "normffn"
+                                      else "normffn.reference")
+        return getattr(mod, self.name + (f"_{entry}" if entry else ""))
+
+    def parse_shape(self, text) -> tuple:
+        """``"8192x768"`` (or a bench-shape name, or a tuple) -> (8192, 768); ``ValueError``
+        with this op's format otherwise."""
+        if not isinstance(text, str):
+            shape = tuple(int(v) for v in text)
+        elif text in self.bench_shapes:
+            return tuple(self.bench_shapes[text])
+        else:
+            parts = text.lower().replace("×", "x").replace(",", "x").split("x")
+            try:
+                shape = tuple(int(p) for p in parts)
+            except ValueError:
+                raise ValueError(f"{self.name} shapes are {self.shape_format}, got {text!r}"
+                                 ) from None
+        if len(shape) not in self.ndims or min(shape) < 1:
+            got = text if isinstance(text, str) else "x".join(map(str, shape))
+            raise ValueError(f"{self.name} shapes are {self.shape_format}, got {got}")
+        return shape
+
+    def cases_for(self, shape) -> list:
+        return [c for c in self.bench_cases if len(shape) >= c.min_ndim]
+
+
+# ---------------------------------------------------------------- tolerance
+def documented_tolerance(op: str, output: str, dtype, rows: int = 1,
+                         condition: float = 1.0) -> tuple[float, float]:
+    """``(rtol, atol)`` normffn promises for ``output`` of ``op`` (see
+    :func:`normffn.testing.assert_close` for how they combine).
+
+    Tolerance class ``"norm"``: :func:`normffn.testing.tolerance` per dtype; data with a large
+    offset (``condition = max |mean| / std`` of the normalised groups) adds
+    ``8 * eps64 * condition`` to atol (the float64 mean itself is only good to half an ulp of
+    ``|mean|``, which moves ``xhat`` by ``eps64 * condition`` in the reference as much as in
+    normffn).  Class ``"gemm"`` in float32: ``1e-4`` relative to the output's scale (GEMMs
+    accumulate in float32 inside BLAS).  Outputs summed over ``rows`` batch rows (the entry's
+    ``row_sums``: dweight, dbias, dw1, ...): atol grows like ``sqrt(rows)``.
+    """
+    entry = get(op.split("[")[0])
+    rtol, atol = tolerance(dtype)
+    atol += 8 * np.finfo(np.float64).eps * condition
+    if entry.tolerance == "gemm" and np.dtype(dtype) == np.float32:
+        rtol, atol = 1e-4, 1e-4
+    if output in entry.row_sums:
+        atol = atol * math.sqrt(max(rows, 1))
+    return rtol, atol
+
+
+# ---------------------------------------------------------------- machine-limit probes
+def copy_probe(nbytes: int) -> Callable:
+    """A callable copying ``nbytes`` with all threads (memcpy per thread chunk): the copy
+    bandwidth the norms are measured against.  Work per call: ``2 * nbytes``."""
+    from ._kernels import _bench
+
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes, dtype=np.uint8)
+    return lambda: _bench.parallel_copy(dst, src)
+
+
+def gemm_probe(n: int, d: int, h: int, dtype, backward: bool, seed: int = 0) -> Callable:
+    """A callable running the FFN's bare GEMMs (2 forward, 6 forward + backward) with scipy's
+    BLAS (the BLAS normffn calls) on preallocated buffers: the FFN's machine limit."""
+    from scipy.linalg import blas
+
+    rng = np.random.default_rng(seed)
+    gemm = blas.sgemm if np.dtype(dtype) == np.float32 else blas.dgemm
+
+    def fmat(m):  # (array BLAS reads as is, transpose flag) for a 2-D operand
+        return (m, 0) if m.flags.f_contiguous else (m.T, 1)
+
+    def mm(a, b, c):  # row-major c = a @ b  <=>  column-major c^T = b^T a^T
+        bb, tb = fmat(b.T)
+        aa, ta = fmat(a.T)
+        gemm(1.0, bb, aa, beta=0.0, c=c.T, trans_a=tb, trans_b=ta, overwrite_c=1)
+
+    x, dy = (rng.standard_normal((n, d)).astype(dtype) for _ in range(2))
+    w1 = rng.standard_normal((d, h)).astype(dtype)
+    w2 = rng.standard_normal((h, d)).astype(dtype)
+    hid, dhid = np.empty((n, h), dtype), np.empty((n, h), dtype)
+    y, dx = np.empty((n, d), dtype), np.empty((n, d), dtype)
+    dw1, dw2 = np.empty((d, h), dtype), np.empty((h, d), dtype)
+
+    def fwd():
+        mm(x, w1, hid)
+        mm(hid, w2, y)
+
+    def fwd_bwd():
+        fwd()
+        mm(dy, w2.T, dhid)
+        mm(hid.T, dy, dw2)
+        mm(dhid, w1.T, dx)
+        mm(x.T, dhid, dw1)
+
+    return fwd_bwd if backward else fwd
+
+
+def limit_probe(op: "Op", shape, dtype, call: str):
+    """(probe name, zero-argument callable, work per call) of the machine limit for one case."""
+    itemsize = np.dtype(dtype).itemsize
+    if op.limit == "gemm":
+        n, d, h = shape
+        flops = op.work(shape, itemsize, call)
+        return "gemm", gemm_probe(n, d, h, dtype, call != "forward"), flops
+    nbytes = math.prod(shape) * itemsize
+    return "copy", copy_probe(nbytes), 2.0 * nbytes
+
+
+# ---------------------------------------------------------------- LayerNorm
+def _layer_norm_inputs(shape, dtype, kind="normal", seed=0, variant=""):
+    rng = np.random.default_rng(seed)
+    d = shape[-1]
+    x = INPUT_KINDS[kind](rng, shape).astype(dtype)
+    w = (1 + 0.1 * rng.standard_normal(d)).astype(dtype)
+    b = (0.1 * rng.standard_normal(d)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    return Inputs({"x": x, "normalized_shape": d, "weight": w, "bias": b, "eps": 1e-5}, dy,
+                  rows=x.size // d, condition=_condition(x, axis=-1))
+
+
+def _np(t):
+    return None if t is None else t.detach().numpy()
+
+
+def _layer_norm_torch(inp: Inputs, variant="") -> TorchOp:
+    import torch
+
+    a = inp.args
+    d = a["normalized_shape"]
+    lead = a["x"].shape[:-1]
+    xt, wt, bt, dyt = (torch.from_numpy(v) for v in (a["x"], a["weight"], a["bias"], inp.dy))
+    F = torch.nn.functional
+    _, mt, rt = torch.native_layer_norm(xt, [d], wt, bt, a["eps"])
+    mask = [True, True, True]
+
+    def forward():
+        return F.layer_norm(xt, [d], wt, bt, a["eps"])
+
+    def backward():
+        return torch.ops.aten.native_layer_norm_backward(dyt, xt, [d], mt, rt, wt, bt, mask)
+
+    def fwd_bwd():
+        _, m, r = torch.native_layer_norm(xt, [d], wt, bt, a["eps"])
+        return torch.ops.aten.native_layer_norm_backward(dyt, xt, [d], m, r, wt, bt, mask)
+
+    def forward_outputs():
+        y, m, r = torch.native_layer_norm(xt, [d], wt, bt, a["eps"])
+        return {"y": _np(y), "mean": _np(m).reshape(lead), "rstd": _np(r).reshape(lead)}
+
+    def backward_outputs():
+        return dict(zip(("dx", "dweight", "dbias"), map(_np, backward())))
+
+    return TorchOp(forward, fwd_bwd, forward_outputs, backward_outputs, backward)
+
+
+def _norm_work(shape, itemsize, call):
+    """Norms: forward moves 2·numel·itemsize (read x, write y), backward 3· (x, dy, dx)."""
+    nbytes = math.prod(shape) * itemsize
+    return {"forward": 2, "backward": 3, "fwd+bwd": 5}[call] * nbytes
+
+
+LAYER_NORM = Op(
+    name="layer_norm",
+    shape_format="NxD (rows x normalized size)",
+    ndims=(2,),
+    bench_shapes={"8192x768": (8192, 768), "2048x4096": (2048, 4096),
+                  "4096x1024": (4096, 1024), "1000x769": (1000, 769), "3x1": (3, 1),
+                  "65536x96": (65536, 96)},
+    default_shapes=("8192x768", "2048x4096"),
+    test_shape=(64, 768),
+    make_inputs=_layer_norm_inputs,
+    torch=_layer_norm_torch,
+    stats=("mean", "rstd"),
+    grads=("dx", "dweight", "dbias"),
+    row_sums=("dweight", "dbias"),
+    bench_cases=(BenchCase("forward", "forward"), BenchCase("backward", "backward")),
+    work=_norm_work,
+)
+
+
+# ---------------------------------------------------------------- BatchNorm
+def _batch_norm_inputs(shape, dtype, kind="normal", seed=0, variant="train"):
+    rng = np.random.default_rng(seed)
+    C = shape[1]
+    training = variant != "eval"
+    axes = (0,) + tuple(range(2, len(shape)))
+    x = INPUT_KINDS[kind](rng, shape).astype(dtype)
+    w = (1 + 0.1 * rng.standard_normal(C)).astype(dtype)
+    b = (0.1 * rng.standard_normal(C)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    rm = (0.1 * rng.standard_normal(C)).astype(dtype)
+    rv = (1 + 0.1 * rng.random(C)).astype(dtype)
+    if not training and kind != "normal":   # running stats that match the data's scale
+        with np.errstate(all="ignore"):
+            rm = np.nanmean(x, axis=axes).astype(dtype)
+            rv = np.nanvar(x, axis=axes).astype(dtype) + dtype(1e-3)
+    return Inputs({"x": x, "running_mean": rm, "running_var": rv, "weight": w, "bias": b,
+                   "training": training, "momentum": 0.1, "eps": 1e-5}, dy,
+                  rows=x.size // C, condition=_condition(x, axis=axes))
+
+
+def _batch_norm_torch(inp: Inputs, variant="train") -> TorchOp:
+    import torch
+
+    a = inp.args
+    cl = a["x"].ndim >= 3 and not a["x"].flags.c_contiguous
+    xt, wt, bt, dyt = (torch.from_numpy(v) for v in (a["x"], a["weight"], a["bias"], inp.dy))
+    if cl:   # from_numpy keeps the strides; make the memory format explicit all the same
+        xt = xt.contiguous(memory_format=torch.channels_last)
+        dyt = dyt.contiguous(memory_format=torch.channels_last)
+    rmt = torch.from_numpy(a["running_mean"].copy())
+    rvt = torch.from_numpy(a["running_var"].copy())
+    tr, mom, eps = a["training"], a["momentum"], a["eps"]
+    F = torch.nn.functional
+    _, mt, st = torch.ops.aten.native_batch_norm(xt, wt, bt, rmt.clone(), rvt.clone(), tr, mom,
+                                                 eps)
+    mask = [True, True, True]
+
+    def forward():
+        return F.batch_norm(xt, rmt, rvt, wt, bt, tr, mom, eps)
+
+    def backward():
+        return torch.ops.aten.native_batch_norm_backward(dyt, xt, wt, rmt, rvt, mt, st, tr, eps,
+                                                         mask)
+
+    def fwd_bwd():
+        _, m, s = torch.ops.aten.native_batch_norm(xt, wt, bt, rmt, rvt, tr, mom, eps)
+        return torch.ops.aten.native_batch_norm_backward(dyt, xt, wt, rmt, rvt, m, s, tr, eps,
+                                                         mask)
+
+    def forward_outputs():
+        rm0 = torch.from_numpy(a["running_mean"].copy())
+        rv0 = torch.from_numpy(a["running_var"].copy())
+        y, m, s = torch.ops.aten.native_batch_norm(xt, wt, bt, rm0, rv0, tr, mom, eps)
+        out = {"y": _np(y)}
+        if tr:   # in eval PyTorch returns empty batch statistics
+            out.update(mean=_np(m), rstd=_np(s), running_mean=_np(rm0), running_var=_np(rv0))
+        return out
+
+    def backward_outputs():
+        return dict(zip(("dx", "dweight", "dbias"), map(_np, backward())))
+
+    return TorchOp(forward, fwd_bwd, forward_outputs, backward_outputs, backward)
+
+
+BATCH_NORM = Op(
+    name="batch_norm",
+    shape_format="NxC, NxCxL or NxCxHxW (channels on axis 1)",
+    ndims=(2, 3, 4),
+    bench_shapes={"32x64x56x56": (32, 64, 56, 56), "8192x768": (8192, 768)},
+    default_shapes=("32x64x56x56", "8192x768"),
+    test_shape=(8, 16, 12, 12),
+    make_inputs=_batch_norm_inputs,
+    torch=_batch_norm_torch,
+    stats=("mean", "rstd"),
+    state=("running_mean", "running_var"),
+    grads=("dx", "dweight", "dbias"),
+    row_sums=("dweight", "dbias", "running_mean", "running_var"),
+    variants={"train": {"training": True}, "eval": {"training": False}},
+    bench_cases=(BenchCase("fwd train", "forward", "train"),
+                 BenchCase("fwd eval", "forward", "eval"),
+                 BenchCase("backward", "backward", "train"),
+                 BenchCase("fwd NHWC", "forward", "train", layout="channels_last", min_ndim=3,
+                           torch_label="torch channels_last")),
+    work=_norm_work,
+)
+
+
+# ---------------------------------------------------------------- FFN
+FFN_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+
+
+def _ffn_inputs(shape, dtype, kind="normal", seed=0, variant="relu"):
+    rng = np.random.default_rng(seed)
+    n, d, h = shape
+    x = INPUT_KINDS[kind](rng, (n, d))
+    if kind in ("large_offset", "tiny_variance"):   # an offset input, at a scale a GEMM keeps
+        x = x / np.abs(np.nanmean(x))
+    x = x.astype(dtype)
+    w1 = (rng.standard_normal((d, h)) / math.sqrt(d)).astype(dtype)
+    b1 = (0.1 * rng.standard_normal(h)).astype(dtype)
+    w2 = (rng.standard_normal((h, d)) / math.sqrt(h)).astype(dtype)
+    b2 = (0.1 * rng.standard_normal(d)).astype(dtype)
+    dy = rng.standard_normal((n, d)).astype(dtype)
+    return Inputs({"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2,
+                   "activation": variant or "relu"}, dy, rows=n)
+
+
+def _ffn_torch(inp: Inputs, variant="relu") -> TorchOp:
+    import torch
+
+    a = inp.args
+    F = torch.nn.functional
+    act = {"relu": torch.relu, "silu": F.silu, "gelu": F.gelu,
+           "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}[a["activation"]]
+    # nn.Linear's layout: weight (out, in); same values as w1, w2
+    W1 = torch.from_numpy(np.ascontiguousarray(a["w1"].T)).requires_grad_()
+    W2 = torch.from_numpy(np.ascontiguousarray(a["w2"].T)).requires_grad_()
+    B1 = None if a["b1"] is None else torch.from_numpy(a["b1"].copy()).requires_grad_()
+    B2 = None if a["b2"] is None else torch.from_numpy(a["b2"].copy()).requires_grad_()
+    xt = torch.from_numpy(a["x"]).requires_grad_()
+    dyt = torch.from_numpy(inp.dy)
+    params = [p for p in (xt, W1, B1, W2, B2) if p is not None]
+
+    def forward():
+        with torch.no_grad():
+            return F.linear(act(F.linear(xt, W1, B1)), W2, B2)
+
+    def fwd_bwd():
+        for p in params:
+            p.grad = None
+        F.linear(act(F.linear(xt, W1, B1)), W2, B2).backward(dyt)
+
+    def forward_outputs():
+        return {"y": _np(forward())}
+
+    def backward_outputs():
+        fwd_bwd()
+        g = lambda p, t=False: None if p is None else (_np(p.grad).T if t else _np(p.grad))  # noqa: E731
+        return {"dx": g(xt), "dw1": g(W1, True), "db1": g(B1), "dw2": g(W2, True), "db2": g(B2)}
+
+    return TorchOp(forward, fwd_bwd, forward_outputs, backward_outputs, None)
+
+
+def _ffn_work(shape, itemsize, call):
+    """FFN: 2·n·d·h flops per GEMM; forward 2 GEMMs, forward + backward 6."""
+    n, d, h = shape
+    return {"forward": 2, "fwd+bwd": 6}[call] * 2.0 * n * d * h
+
+
+FFN = Op(
+    name="ffn",
+    shape_format="NxDxH (rows x model dim x hidden dim)",
+    ndims=(3,),
+    bench_shapes={"2048x768x3072": (2048, 768, 3072), "8192x512x2048": (8192, 512, 2048),
+                  "512x1024x4096": (512, 1024, 4096)},
+    default_shapes=("2048x768x3072", "8192x512x2048", "512x1024x4096"),
+    test_shape=(64, 96, 256),
+    make_inputs=_ffn_inputs,
+    torch=_ffn_torch,
+    grads=("dx", "dw1", "db1", "dw2", "db2"),
+    backward_out=False,
+    tolerance="gemm",
+    row_sums=("dw1", "db1", "dw2", "db2"),
+    variants={a: {"activation": a} for a in FFN_ACTIVATIONS},
+    bench_cases=(BenchCase("forward", "forward", "relu"),
+                 BenchCase("fwd+bwd", "fwd+bwd", "relu",
+                           extra={"normffn recompute": {"recompute": True}})),
+    unit="GFLOP/s",
+    work=_ffn_work,
+    limit="gemm",
+)
+
+
+#: op name -> entry, in the order the tools list them
+OPS = {op.name: op for op in (LAYER_NORM, BATCH_NORM, FFN)}
+
+
+def get(name: str) -> Op:
+    try:
+        return OPS[name]
+    except KeyError:
+        raise ValueError(f"unknown op {name!r}; known: {', '.join(OPS)}") from None
+
+
+# ---------------------------------------------------------------- bench callables
+def bench_inputs(op: Op, case: BenchCase, shape, dtype, seed: int = 0) -> Inputs:
+    """Seeded normal inputs of one bench case (relaid for a channels-last case)."""
+    inp = op.make_inputs(tuple(shape), np.dtype(dtype).type, "normal", seed,
+                         case.variant or next(iter(op.variants)))
+    inp.args.update(op.variants.get(case.variant, {}))
+    if case.layout == "channels_last":
+        inp.args["x"] = channels_last(inp.args["x"])
+        inp.dy = channels_last(inp.dy)
+    return inp
+
+
+def bench_providers(op: Op, case: BenchCase, numpy: bool = True, torch: bool = True) -> list:
+    """Provider labels of one case, normffn's headline first."""
+    names = []
+    if case.call == "forward" and op.forward_out or case.call == "backward" and op.backward_out:
+        names.append("normffn out=")
+    names.append("normffn")
+    names += list(case.extra)
+    if numpy and case.layout == "contiguous":
+        names.append("numpy")
+    if torch and op.torch is not None:
+        names.append("torch")
+    return names
+
+
+def bench_callable(op: Op, case: BenchCase, provider: str, inp: Inputs) -> Callable:
+    """A zero-argument callable doing ``case``'s work with ``provider`` on ``inp`` (outputs
+    preallocated for ``out=``, a ctx made beforehand for ``backward``).  Raises
+    ``NotImplementedError`` when the provider does not exist here (torch missing, ...)."""
+    args = dict(inp.args)
+    dy = inp.dy
+    if provider == "torch":
+        if op.torch is None or torch_or_none() is None:
+            raise NotImplementedError("torch is not installed")
+        t = op.torch(inp, case.variant)
+        fn = {"forward": t.forward, "backward": t.backward, "fwd+bwd": t.fwd_bwd}[case.call]
+        if fn is None:
+            raise NotImplementedError(f"torch has no separate {case.call} for {op.name}")
+        return fn
+    if provider == "numpy":
+        lib = "reference"
+        for k in op.state:   # the reference updates float64 running stats
+            if args.get(k) is not None:
+                args[k] = np.asarray(args[k], dtype=np.float64).copy()
+    elif provider.startswith("normffn"):
+        lib = "normffn"
+        if provider in case.extra:
+            args.update(case.extra[provider])
+    else:
+        raise NotImplementedError(f"unknown provider {provider!r}")
+    use_out = provider == "normffn out="
+    pos = tuple(args.values())
+    f_op, f_fwd, f_bwd = (op.function(lib, e) for e in ("", "forward", "backward"))
+    if case.call == "forward":
+        if use_out:
+            y = np.empty_like(args["x"])
+            return lambda: f_op(*pos, out=y)
+        return (lambda: f_fwd(*pos)) if provider in case.extra else (lambda: f_op(*pos))
+    if case.call == "backward":
+        _, ctx = f_fwd(*pos)
+        if use_out:
+            dx = np.empty_like(dy)
+            return lambda: f_bwd(dy, ctx, out=dx)
+        return lambda: f_bwd(dy, ctx)
+    if case.call == "fwd+bwd":
+        def fwd_bwd():
+            _, c = f_fwd(*pos)
+            return f_bwd(dy, c)
+        return fwd_bwd
+    raise ValueError(case.call)
