@@ -383,7 +383,7 @@ def _batch_norm_torch(inp: Inputs, variant="train") -> TorchOp:
     a = inp.args
     cl = a["x"].ndim >= 3 and not a["x"].flags.c_contiguous
     xt, wt, bt, dyt = (torch.from_numpy(v) for v in (a["x"], a["weight"], a["bias"], inp.dy))
-    if cl:   # from_numpy keeps the strides; make the memory format explicit all the same
+    if cl and a["x"].ndim == 4:   # from_numpy keeps the strides; say the format all the same
         xt = xt.contiguous(memory_format=torch.channels_last)
         dyt = dyt.contiguous(memory_format=torch.channels_last)
     rmt = torch.from_numpy(a["running_mean"].copy())
