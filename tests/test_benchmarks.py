@@ -1,63 +1,144 @@
-"""Smoke-run every asv benchmark once, at its smallest shape, for every other parameter.
+"""Smoke tests of the two benchmark front ends, on tiny shapes (no timing is judged here).
 
-A benchmark that raises (other than asv's NotImplementedError skip) fails CI here, in seconds,
-instead of silently dropping out of the asv history.
+* every asv benchmark method runs once, for every dtype and provider, at its op's registry
+  ``test_shape`` (a raising benchmark fails CI in seconds instead of dropping out of the asv
+  history);
+* ``python -m normffn bench`` runs end to end in both process modes, writes its JSON, and
+  rejects a bad ``--shape`` / a missing ``--plot`` dependency before timing anything.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import inspect
 import itertools
-import math
+import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
-BENCH_DIR = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+from normffn import _ops, bench
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _modules():
-    for path in sorted(BENCH_DIR.glob("bench_*.py")):
-        spec = importlib.util.spec_from_file_location(f"_asv_{path.stem}", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield path.stem, mod
+def _asv_classes():
+    sys.path.insert(0, str(ROOT))
+    try:
+        for path in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+            mod = importlib.import_module(f"benchmarks.{path.stem}")
+            for cname, cls in inspect.getmembers(mod, inspect.isclass):
+                if cname.startswith("_") or not hasattr(cls, "params"):
+                    continue
+                methods = [m for m in dir(cls) if m.startswith(("time_", "peakmem_"))]
+                if methods:
+                    yield pytest.param(cls, methods, id=f"{path.stem}.{cname}")
+    finally:
+        sys.path.remove(str(ROOT))
 
 
-def _cases():
-    for name, mod in _modules():
-        for cname, cls in inspect.getmembers(mod, inspect.isclass):
-            if cls.__module__ != mod.__name__ or cname.startswith("_"):
-                continue
-            methods = [m for m in dir(cls) if m.startswith(("time_", "peakmem_", "mem_"))]
-            if not methods:
-                continue
-            params = cls.params if isinstance(cls.params[0], (list, tuple)) else (cls.params,)
-            names = list(getattr(cls, "param_names", [f"p{i}" for i in range(len(params))]))
-            grids = [list(params)]
-            if "shape" in names:  # smallest shape first; larger ones only if it is skipped
-                i = names.index("shape")
-                grids = [params[:i] + ([s],) + params[i + 1:]
-                         for s in sorted(params[i], key=math.prod)]
-            yield pytest.param(cls, methods, grids, id=f"{name}.{cname}")
-
-
-@pytest.mark.parametrize("cls, methods, grids", list(_cases()))
-def test_benchmark_runs(cls, methods, grids):
+@pytest.mark.parametrize("cls, methods", list(_asv_classes()))
+def test_asv_benchmark_runs(cls, methods):
+    shape = _ops.get(cls.op).test_shape
+    _, dtypes, providers = cls.params
     ran = 0
-    for grid in grids:
-        for combo in itertools.product(*grid):
-            bench = cls()
-            try:
-                if hasattr(bench, "setup"):
-                    bench.setup(*combo)
-            except NotImplementedError:
-                continue  # asv's skip: provider not installed / combination not applicable
-            for m in methods:
-                getattr(bench, m)(*combo)
-                ran += 1
-            if hasattr(bench, "teardown"):
-                bench.teardown(*combo)
-        if ran:
-            break
+    for dtype, provider in itertools.product(dtypes, providers):
+        b = cls()
+        try:
+            b.setup(shape, dtype, provider)
+        except NotImplementedError:
+            continue           # asv's skip: provider missing / case not applicable
+        for m in methods:
+            getattr(b, m)(shape, dtype, provider)
+            ran += 1
     assert ran > 0, f"{cls.__name__}: every parameter combination was skipped"
+
+
+def test_asv_params_come_from_the_registry():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import bench_layer_norm
+    finally:
+        sys.path.remove(str(ROOT))
+    shapes = bench_layer_norm.LayerNorm.params[0]
+    assert shapes == [tuple(s) for s in _ops.get("layer_norm").bench_shapes.values()]
+
+
+def _bench(*args, timeout=600):
+    env = dict(os.environ)
+    src = str(ROOT / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-m", "normffn", "bench", *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+TINY = ["--op", "layer_norm", "--op", "ffn", "--shape", "6x8", "--shape", "6x8x16",
+        "--min-time", "0", "--repeat", "2"]
+
+
+@pytest.mark.parametrize("mode", [["--rounds", "2"], ["--in-process"]],
+                         ids=["process", "in-process"])
+def test_bench_end_to_end(mode, tmp_path):
+    out = tmp_path / "b.json"
+    r = _bench(*TINY, *mode, "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "normffn vs" in r.stdout and "higher is" in r.stdout
+    assert max(len(line) for line in r.stdout.splitlines()) <= 100, r.stdout
+    assert "[1/" in r.stderr and "left" in r.stderr            # progress with time left
+    data = json.loads(out.read_text())
+    assert data["mode"] == ("in-process" if "--in-process" in mode else "process")
+    got = {(c["op"], c["direction"]) for c in data["cases"]}
+    assert got == {("layer_norm", "forward"), ("layer_norm", "backward"),
+                   ("ffn", "forward"), ("ffn", "fwd+bwd")}
+    for c in data["cases"]:
+        assert "limit" in c and c["limit"]["rate"] > 0
+        assert all(p["median_ms"] > 0 for p in c["providers"].values())
+
+
+def test_bench_threads_list_prints_scaling(tmp_path):
+    r = _bench("--op", "layer_norm", "--shape", "6x8", "--min-time", "0", "--repeat", "1",
+               "--rounds", "1", "--threads", "1,2", "--no-torch")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Scaling" in r.stdout and "normffn 1t" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--op", "ffn", "--shape", "64x768"], "ffn shapes are NxDxH"),
+    (["--op", "layer_norm", "--shape", "64x7x8"], "layer_norm shapes are NxD"),
+    (["--op", "layer_norm", "--shape", "64xabc"], "layer_norm shapes are NxD"),
+    (["--op", "layer_norm", "--threads", "0"], "--threads"),
+])
+def test_bench_rejects_bad_arguments_before_timing(args, message):
+    r = _bench(*args, timeout=120)
+    assert r.returncode != 0
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert "[1/" not in r.stderr                                # nothing was timed
+
+
+def test_bench_plot_dependency_checked_first():
+    try:
+        import matplotlib  # noqa: F401
+        pytest.skip("matplotlib is installed")
+    except ImportError:
+        pass
+    r = _bench("--op", "layer_norm", "--shape", "6x8", "--plot", "x.png", timeout=120)
+    assert r.returncode != 0 and "matplotlib" in r.stderr and "[1/" not in r.stderr
+
+
+def test_version():
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    r = subprocess.run([sys.executable, "-m", "normffn", "--version"], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("normffn ")
+
+
+def test_parse_threads_and_shapes():
+    assert bench.parse_threads("1,2") == [1, 2]
+    assert bench.resolve_shapes(["layer_norm", "batch_norm"], ["8x4"]) == {
+        "layer_norm": [(8, 4)], "batch_norm": [(8, 4)]}
+    assert _ops.get("ffn").parse_shape("8192x512x2048") == (8192, 512, 2048)
+    assert _ops.get("layer_norm").parse_shape("8192x768") == (8192, 768)
+    with pytest.raises(ValueError, match="ffn shapes are NxDxH"):
+        bench.resolve_shapes(["ffn"], ["64x768"])

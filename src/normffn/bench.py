@@ -27,6 +27,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 
@@ -708,15 +709,18 @@ def main(args) -> int:
         raise SystemExit("bench: --repeat and --rounds must be >= 1, --min-time >= 0")
     threads = args.threads or [None]
     torch = not args.no_torch and _torch_installed()
-    print(machine_line(threads))
+    say = lambda text: print(textwrap.fill(text, 100, subsequent_indent="  "))  # noqa: E731
+    say(machine_line(threads))
     if args.in_process:
-        print("timing: every provider in this process (--in-process), interleaved in random "
+        say("timing: every provider in this process (--in-process), interleaved in random "
               f"order; calls under {SETTLE_BELOW_S * 1e3:.0f} ms right after an untimed one; "
               "± half the inter-quartile range")
     else:
-        print(f"timing: each provider in its own process, {args.rounds} rounds alternating "
+        say(f"timing: each provider in its own process, {args.rounds} rounds alternating "
               "providers; median of all calls, ± half the range of the per-round medians")
-    print("'out=' reuses a preallocated output; the limit is measured in its own process\n")
+    say("'out=' reuses a preallocated output; machine limits are measured in the same run"
+        + ("" if args.in_process else ", in their own process"))
+    print()
     cases = run(ops=ops, shapes=shapes, dtypes=args.dtype or ["float32"], threads=threads,
                 repeat=args.repeat, min_time=args.min_time, rounds=args.rounds,
                 in_process=args.in_process, numpy=args.numpy, torch=torch)
