@@ -33,8 +33,15 @@ from hypothesis import HealthCheck, Phase, given, seed as hyp_seed, settings
 from hypothesis import strategies as st
 
 import normffn
+from normffn import _ops
 from normffn import reference as ref
-from normffn.testing import assert_close
+from normffn.testing import assert_close, documented_tolerance
+
+
+def _grad_tol(op: str, name: str, dtype, rows: int) -> dict:
+    """The registry's documented tolerance for a gradient summed over ``rows`` batch rows."""
+    rtol, atol = documented_tolerance(op, name, dtype, rows)
+    return {"rtol": rtol, "atol": atol}
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 BAD_DTYPES = (np.int32, np.int64, np.uint8, np.bool_, np.float16, np.longdouble,
@@ -442,13 +449,13 @@ def run_layer_norm(data, rng):
     dx_r, dw_r, db_r = ref.layer_norm_backward(dy, ctx_r)
     assert_close(dx, dx_r, name="dx", context=label)
     rows = max(1, np.size(x) // max(1, math.prod(ctx.normalized_shape)))
-    atol = math.sqrt(rows) * 2e-5 if dtype == np.float32 else None
     for g, g_r, p, name in ((dw, dw_r, a["weight"], "dweight"), (db, db_r, a["bias"], "dbias")):
         if p is None:
             assert g is None, f"{name} should be None"
         else:
             assert g.shape == tuple(ctx.normalized_shape) and g.dtype == dtype
-            assert_close(g, g_r, name=name, context=label, atol=atol)
+            assert_close(g, g_r, name=name, context=label,
+                         **_grad_tol("layer_norm", name, dtype, rows))
 
 
 # ---------------------------------------------------------------- BatchNorm
@@ -709,13 +716,13 @@ def run_batch_norm(data, rng):
     dx_r, dw_r, db_r = ref.batch_norm_backward(dy, ctx_r)
     assert_close(dx, dx_r, name="dx", context=label)
     count = max(1, np.size(x) // max(1, np.shape(x)[1]))
-    atol = math.sqrt(count) * 2e-5 if dtype == np.float32 else None
     for g, g_r, p, name in ((dw, dw_r, a["weight"], "dweight"), (db, db_r, a["bias"], "dbias")):
         if p is None:
             assert g is None, f"{name} should be None"
         else:
             assert g.shape == (np.shape(x)[1],) and g.dtype == dtype
-            assert_close(g, g_r, name=name, context=label, atol=atol)
+            assert_close(g, g_r, name=name, context=label,
+                         **_grad_tol("batch_norm", name, dtype, count))
 
 
 # ---------------------------------------------------------------- FFN
@@ -905,21 +912,26 @@ def run_ffn(data, rng):
     if m is not None:
         return          # an accepted "either" mutation (e.g. another valid ctx): not comparable
     grads_r = ref.ffn_backward(dy, ctx_r)
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else {}
-    for g, g_r, name in zip(grads, grads_r, ("dx", "dw1", "db1", "dw2", "db2")):
+    rows = max(1, math.prod(np.shape(x)[:-1]))
+    for g, g_r, name in zip(grads, grads_r, _ops.get("ffn").grads):
         if g_r is None:
             assert g is None, f"{name} should be None"
         else:
             assert g.dtype == dtype
-            assert_close(g, g_r, name=name, context=label, **tol)
+            assert_close(g, g_r, name=name, context=label, **_grad_tol("ffn", name, dtype, rows))
 
 
 # ---------------------------------------------------------------- driver
 RUNNERS = {"layer_norm": run_layer_norm, "batch_norm": run_batch_norm, "ffn": run_ffn}
+# every registered op has a fuzz runner (a new op without one fails test_hardening loudly)
+MISSING = sorted(set(_ops.OPS) - set(RUNNERS))
 
 
 def main(argv) -> int:
     op, seed, examples = argv[1], int(argv[2]), int(argv[3])
+    if op not in RUNNERS:
+        print(f"no fuzz runner for registered op {op!r} (add run_{op} to RUNNERS)", flush=True)
+        return 2
     faulthandler.enable()
     runner = RUNNERS[op]
 

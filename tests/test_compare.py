@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
+from normffn import compare as compare_mod
 from normffn import testing
 
 
@@ -33,12 +35,56 @@ def test_compare_outputs_flags_a_wrong_result():
     assert row.nonfinite_match is False and row.within_tolerance is False
 
 
+def _env():
+    import os
+    import pathlib
+    src = str(pathlib.Path(__file__).resolve().parent.parent / "src")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (src, os.environ.get("PYTHONPATH")) if p))
+
+
 def test_compare_command_json(tmp_path):
     out = tmp_path / "c.json"
     r = subprocess.run([sys.executable, "-m", "normffn", "compare", "--op", "layer_norm",
                         "--dtype", "float64", "--inputs", "large_offset", "--json", str(out)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=_env())
     assert r.returncode == 0, r.stdout + r.stderr
     data = json.loads(out.read_text())
     assert data and all(d["op"] == "layer_norm" for d in data)
     assert "OK: normffn within its documented tolerance" in r.stdout
+    assert "tolerance" in r.stdout and "NaN/Inf" in r.stdout
+    assert all("rtol" in d and "n_finite" in d for d in data)
+
+
+def test_testing_does_not_import_compare():
+    code = ("import sys, normffn.testing; assert 'normffn.compare' not in sys.modules; "
+            "from normffn.testing import documented_tolerance; "
+            "assert 'normffn.compare' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env())
+    assert r.returncode == 0, r.stderr
+
+
+def test_all_nan_outputs_are_reported_as_such():
+    both = {"dweight": np.full(4, np.nan)}
+    (row,) = testing.compare_outputs("layer_norm", "backward", "nan_row", "float32", "normffn",
+                                     both, both)
+    assert row.n_finite == 0 and row.n_nonfinite == 4 and row.within_tolerance
+    text = compare_mod.format_rows([row])
+    assert "all NaN/Inf" in text and "0.00e+00" not in text and "same (4)" in text
+
+
+def test_rows_carry_the_tolerance_and_rel_is_against_the_scale():
+    ref = {"y": np.array([1000.0, 1e-9])}
+    got = {"y": np.array([1000.0, 2e-9])}
+    (row,) = testing.compare_outputs("layer_norm", "forward", "normal", "float64", "normffn",
+                                     got, ref)
+    assert (row.rtol, row.atol) == testing.documented_tolerance("layer_norm", "y", "float64")
+    assert row.max_rel == pytest.approx(1e-9 / 1000.0)   # not 1.0 from the near-zero element
+    assert "tolerance" in compare_mod.format_rows([row])
+
+
+def test_assert_close_message_has_no_repr_noise():
+    with pytest.raises(AssertionError) as e:
+        testing.assert_close(np.float32([1.0, 2.5]), np.array([1.0, 2.0]), name="y")
+    msg = str(e.value)
+    assert "np.float64" not in msg and "()" not in msg and "first at [1]" in msg

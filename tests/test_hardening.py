@@ -29,11 +29,12 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import normffn
+from normffn import _ops
 from normffn import reference as ref
 from normffn.testing import assert_close
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fuzz_worker.py")
-OPS = ["layer_norm", "batch_norm", "ffn"]
+OPS = list(_ops.OPS)             # every registered op is fuzzed
 FAST_EXAMPLES = 300
 SLOW_EXAMPLES = 10_000
 SEED = int(os.environ.get("NORMFFN_FUZZ_SEED", "20261127"))
