@@ -59,6 +59,7 @@ LN_CASES = [  # (x shape, normalized_shape, chunks)
     ((257, 96), 96, (100, 40)),            # the feature axis split: rechunked to whole rows
     ((6, 37, 8, 12), (8, 12), (4, 10, 3, 5)),  # two lead axes, two normalised axes, all split
     ((5, 3, 64), 64, (5, 3, 64)),          # one block
+    ((64,), 64, (16,)),                    # no lead axis: one row
 ]
 
 

@@ -184,8 +184,9 @@ class RowContext:
             raise AttributeError(name)
         value = getattr(self._probe_ctx, name)
         lead_probe = (0,) + tuple(self.shape[1:self.nlead])
-        if isinstance(value, np.ndarray) and self.nlead > 0 \
-                and value.shape[:self.nlead] == lead_probe:
+        per_row = (value.shape[:self.nlead] == lead_probe if self.nlead > 0
+                   else value.ndim == 0) if isinstance(value, np.ndarray) else False
+        if per_row:  # one value (or vector) per row: lazy, from the blocks' contexts
             rest = value.shape[self.nlead:]
             lead = _graph.lead_letters(self.nlead)
             feat = _graph.feat_letters(len(rest))
