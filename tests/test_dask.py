@@ -1,0 +1,352 @@
+"""normffn.dask: the NumPy API on dask arrays.
+
+Row-wise outputs must be bitwise identical to the NumPy call on the whole array for any chunking
+(split feature axes included); parameter gradients and BatchNorm statistics close to it and
+bitwise reproducible across schedulers (synchronous, threads, a 2-process LocalCluster).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array")
+dask = pytest.importorskip("dask")
+
+import normffn  # noqa: E402
+import normffn.dask as nd  # noqa: E402
+from normffn.dask import _graph  # noqa: E402
+
+DTYPES = [np.float32, np.float64]
+SCHEDULERS = ["sync", "threads"]
+# float64 sums of per-block gradients vs the whole-array kernel: one rounding per block
+GRAD_RTOL = {np.float32: 2e-5, np.float64: 1e-12}
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _arr(shape, dtype, seed=0, offset=0.0):
+    return (offset + _rng(seed).standard_normal(shape)).astype(dtype)
+
+
+def _close(got, want, dtype, what):
+    scale = max(1.0, float(np.abs(want).max()))
+    err = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max())
+    assert err <= GRAD_RTOL[dtype] * scale, f"{what} {np.dtype(dtype)}: max abs err {err:.3g}"
+
+
+def _equal(got, want, what):
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    assert np.array_equal(got, want, equal_nan=True), \
+        f"{what}: not bitwise equal, max abs diff {np.nanmax(np.abs(got - want)):.3g}"
+
+
+def test_core_does_not_import_dask():
+    code = "import sys, normffn; assert 'dask' not in sys.modules, 'normffn imported dask'"
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(normffn.__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm
+LN_CASES = [  # (x shape, normalized_shape, chunks)
+    ((257, 96), 96, (64, 96)),             # row chunks only
+    ((257, 96), 96, (100, 40)),            # the feature axis split: rechunked to whole rows
+    ((6, 37, 8, 12), (8, 12), (4, 10, 3, 5)),  # two lead axes, two normalised axes, all split
+    ((5, 3, 64), 64, (5, 3, 64)),          # one block
+    ((64,), 64, (16,)),                    # no lead axis: one row
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,nshape,chunks", LN_CASES)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_layer_norm_matches_numpy(dtype, shape, nshape, chunks, scheduler):
+    ns = (nshape,) if isinstance(nshape, int) else nshape
+    x = _arr(shape, dtype, 1, offset=3.0)
+    w, b = _arr(ns, dtype, 2), _arr(ns, dtype, 3)
+    dy = _arr(shape, dtype, 4)
+    xd = da.from_array(x, chunks=chunks)
+    dyd = da.from_array(dy, chunks=chunks[::-1] if len(chunks) == 2 else chunks)
+
+    y_plain = nd.layer_norm(xd, nshape, w, b, 1e-5)
+    y, ctx = nd.layer_norm_forward(xd, nshape, w, b, 1e-5)
+    dx, dw, db = nd.layer_norm_backward(dyd, ctx)
+    got = dask.compute(y_plain, y, ctx.mean, ctx.rstd, dx, dw, db, scheduler=scheduler)
+
+    yr, cr = normffn.layer_norm_forward(x, nshape, w, b, 1e-5)
+    dxr, dwr, dbr = normffn.layer_norm_backward(dy, cr)
+    for g, r, name in zip(got[:5], (yr, yr, cr.mean, cr.rstd, dxr),
+                          ("y", "y(forward)", "mean", "rstd", "dx")):
+        _equal(g, r, name)
+    assert got[5].dtype == dtype and got[6].dtype == dtype
+    _close(got[5], dwr, dtype, "dweight")
+    _close(got[6], dbr, dtype, "dbias")
+
+
+def test_layer_norm_without_params_and_needs():
+    x, dy = _arr((100, 32), np.float32, 1), _arr((100, 32), np.float32, 2)
+    xd, dyd = da.from_array(x, chunks=30), da.from_array(dy, chunks=30)
+    y, ctx = nd.layer_norm_forward(xd, 32)
+    dx, dw, db = nd.layer_norm_backward(dyd, ctx)
+    assert dw is None and db is None
+    _equal(dx.compute(), normffn.layer_norm_backward(dy, normffn.layer_norm_forward(x, 32)[1])[0],
+           "dx")
+    w = _arr(32, np.float32, 3)
+    y, ctx = nd.layer_norm_forward(xd, 32, w)
+    dx, dw, db = nd.layer_norm_backward(dyd, ctx, needs=(False, True, False))
+    assert dx is None and db is None and dw.shape == (32,)
+
+
+def test_parameters_are_captured_when_called():
+    x = _arr((64, 16), np.float64, 1)
+    w = np.ones(16)
+    y = nd.layer_norm(da.from_array(x, chunks=16), 16, w)
+    w[:] = 5.0  # the graph runs later; it must use the weight as it was
+    _equal(y.compute(), normffn.layer_norm(x, 16, np.ones(16)), "y")
+
+
+def test_errors_are_raised_when_called():
+    xd = da.zeros((10, 8), chunks=5, dtype=np.float32)
+    with pytest.raises(ValueError, match="weight"):
+        nd.layer_norm(xd, 8, np.ones(7, np.float32))
+    with pytest.raises(TypeError):
+        nd.layer_norm(xd, 8, np.ones(8, np.float64))
+    with pytest.raises(TypeError):
+        nd.layer_norm(da.zeros((10, 8), chunks=5, dtype=np.int32), 8)
+    with pytest.raises(ValueError, match="out="):
+        nd.layer_norm(xd, 8, out=np.empty((10, 8), np.float32))
+    y, ctx = nd.layer_norm_forward(xd, 8)
+    with pytest.raises(ValueError, match="shape"):
+        nd.layer_norm_backward(da.zeros((10, 9), chunks=5, dtype=np.float32), ctx)
+    with pytest.raises(TypeError):
+        nd.layer_norm_backward(da.zeros((10, 8), chunks=5, dtype=np.float32), object())
+    with pytest.raises(ValueError, match="training"):
+        nd.batch_norm(da.zeros((1, 3), dtype=np.float32), None, None, training=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# FFN
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_ffn_matches_numpy(dtype, activation):
+    d, h = 48, 80
+    # blocks of >= 64 rows: OpenBLAS's small-matrix kernels (tiny M*N*K, transposed operand)
+    # round differently from its blocked ones, so tiny blocks can differ in the last bit
+    x = _arr((3, 128, d), dtype, 1)
+    w1, w2 = 0.2 * _arr((d, h), dtype, 2), 0.2 * _arr((h, d), dtype, 3)
+    b1, b2 = _arr(h, dtype, 4), _arr(d, dtype, 5)
+    dy = _arr(x.shape, dtype, 6)
+    xd = da.from_array(x, chunks=(2, 64, 20))       # the feature axis split too
+    w2t = np.asfortranarray(w2)                      # a transposed-layout weight, as from torch
+    y_plain = nd.ffn(xd, w1, b1, w2t, b2, activation)
+    y, ctx = nd.ffn_forward(xd, w1, b1, w2t, b2, activation)
+    grads = nd.ffn_backward(da.from_array(dy, chunks=(3, 50, d)), ctx)
+    got = dask.compute(y_plain, y, *grads, scheduler="threads")
+    yr, cr = normffn.ffn_forward(x, w1, b1, w2t, b2, activation)
+    gr = normffn.ffn_backward(dy, cr)
+    _equal(got[0], normffn.ffn(x, w1, b1, w2t, b2, activation), "y")
+    _equal(got[1], yr, "y(forward)")
+    _equal(got[2], gr[0], "dx")
+    for g, r, name in zip(got[3:], gr[1:], ("dw1", "db1", "dw2", "db2")):
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        _close(g, r, dtype, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm
+BN_CASES = [  # (x shape, chunks)
+    ((9, 6, 5, 7), (4, 4, 2, 3)),     # NCHW, every axis split
+    ((300, 10), (64, 3)),             # (N, C)
+    ((7, 4, 33), (7, 4, 10)),         # (N, C, L)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,chunks", BN_CASES)
+def test_batch_norm_training_matches_numpy(dtype, shape, chunks):
+    C = shape[1]
+    x = _arr(shape, dtype, 1, offset=1e3)           # a large offset: stats must be stable
+    w, b = _arr(C, dtype, 2), _arr(C, dtype, 3)
+    dy = _arr(shape, dtype, 4)
+    rm, rv = _arr(C, dtype, 5), np.abs(_arr(C, dtype, 6)) + 0.5
+    rm_np, rv_np = rm.copy(), rv.copy()
+    xd = da.from_array(x, chunks=chunks)
+    y, ctx = nd.batch_norm_forward(xd, rm, rv, w, b, True, 0.3, 1e-5)
+    yr, cr = normffn.batch_norm_forward(x, rm_np, rv_np, w, b, True, 0.3, 1e-5)
+    tol = 1e-5 if dtype == np.float32 else 1e-11
+    np.testing.assert_allclose(ctx.mean, cr.mean, rtol=1e-12 if dtype == np.float64 else 1e-9)
+    np.testing.assert_allclose(ctx.rstd, cr.rstd, rtol=tol)
+    np.testing.assert_allclose(rm, rm_np, rtol=tol)       # updated in place, NumPy's formula
+    np.testing.assert_allclose(rv, rv_np, rtol=tol)
+    np.testing.assert_allclose(y.compute(), yr, atol=50 * tol)
+    dx, dw, db = nd.batch_norm_backward(da.from_array(dy, chunks=chunks[::-1]), ctx)
+    dxr, dwr, dbr = normffn.batch_norm_backward(dy, cr)
+    got = dask.compute(dx, dw, db)
+    np.testing.assert_allclose(got[0], dxr, atol=50 * tol)
+    np.testing.assert_allclose(got[1], dwr, rtol=50 * tol, atol=50 * tol)
+    np.testing.assert_allclose(got[2], dbr, rtol=50 * tol, atol=50 * tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm_eval_bitwise(dtype):
+    shape, C = (9, 6, 5, 7), 6
+    x, dy = _arr(shape, dtype, 1), _arr(shape, dtype, 2)
+    w, b = _arr(C, dtype, 3), _arr(C, dtype, 4)
+    rm, rv = _arr(C, dtype, 5), np.abs(_arr(C, dtype, 6)) + 0.5
+    y, ctx = nd.batch_norm_forward(da.from_array(x, chunks=(4, 4, 2, 3)), rm, rv, w, b)
+    yr, cr = normffn.batch_norm_forward(x, rm, rv, w, b)
+    _equal(y.compute(), yr, "y(eval)")
+    _equal(ctx.mean, cr.mean, "mean")
+    _equal(ctx.rstd, cr.rstd, "rstd")
+    dx, dw, db = dask.compute(*nd.batch_norm_backward(da.from_array(dy, chunks=4), ctx))
+    dxr, dwr, dbr = normffn.batch_norm_backward(dy, cr)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(dx, dxr, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dw, dwr, rtol=tol, atol=tol)
+    np.testing.assert_allclose(db, dbr, rtol=tol, atol=tol)
+
+
+def test_batch_norm_statistics_deterministic_and_exact():
+    """Merged statistics of a hard input (1e4 + noise) against float64 NumPy; the same bits
+    for repeated runs and for both schedulers."""
+    x = _arr((64, 3, 16, 16), np.float32, 7, offset=1e4)
+    xd = da.from_array(x, chunks=(5, 2, 7, 16))
+    s1 = nd._batch_norm.batch_statistics(xd).compute(scheduler="sync")
+    s2 = nd._batch_norm.batch_statistics(xd).compute(scheduler="threads")
+    _equal(s1, s2, "stats across schedulers")
+    x64 = np.moveaxis(x, 1, 0).reshape(3, -1).astype(np.float64)
+    np.testing.assert_allclose(s1[:, 0], x64.shape[1])
+    np.testing.assert_allclose(s1[:, 1], x64.mean(axis=1), rtol=1e-15)
+    np.testing.assert_allclose(s1[:, 2], ((x64 - x64.mean(axis=1, keepdims=True)) ** 2).sum(1),
+                               rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# ops that arrive with other issues: run when their NumPy op exists
+@pytest.mark.parametrize("name", ["rms_norm", "add_layer_norm", "add_rms_norm", "ffn_block"])
+def test_pending_ops_guarded(name):
+    if nd.available(name):
+        pytest.skip(f"normffn.{name} exists: covered by the test below")
+    with pytest.raises(NotImplementedError, match=name):
+        getattr(nd, name)(da.zeros((4, 8), chunks=2), 8)
+
+
+@pytest.mark.skipif(not nd.available("rms_norm"), reason="normffn.rms_norm not in this build")
+def test_rms_norm_matches_numpy():
+    x, dy, w = _arr((90, 40), np.float32, 1), _arr((90, 40), np.float32, 2), _arr(40, np.float32)
+    y, ctx = nd.rms_norm_forward(da.from_array(x, chunks=(25, 15)), 40, w)
+    dx, dw = nd.rms_norm_backward(da.from_array(dy, chunks=30), ctx)
+    yr, cr = normffn.rms_norm_forward(x, 40, w)
+    dxr, dwr = normffn.rms_norm_backward(dy, cr)
+    got = dask.compute(y, dx, dw)
+    _equal(got[0], yr, "y")
+    _equal(got[1], dxr, "dx")
+    _close(got[2], dwr, np.float32, "dweight")
+
+
+@pytest.mark.skipif(not nd.available("add_layer_norm"), reason="normffn.add_layer_norm not in "
+                    "this build")
+def test_add_layer_norm_matches_numpy():
+    x, r = _arr((90, 40), np.float32, 1), _arr((90, 40), np.float32, 2)
+    dy, ds = _arr((90, 40), np.float32, 3), _arr((90, 40), np.float32, 4)
+    w, b = _arr(40, np.float32, 5), _arr(40, np.float32, 6)
+    y, s = nd.add_layer_norm(da.from_array(x, chunks=(25, 15)), da.from_array(r, chunks=20), 40,
+                             w, b, 1e-5)
+    yr, sr = normffn.add_layer_norm(x, r, 40, w, b, 1e-5)
+    _equal(y.compute(), yr, "y")
+    _equal(s.compute(), sr, "s")
+    res = nd.add_layer_norm_forward(da.from_array(x, chunks=30), da.from_array(r, chunks=30), 40,
+                                    w, b, 1e-5)
+    ctx = res[-1]
+    dsum, dw, db = nd.add_layer_norm_backward(da.from_array(dy, chunks=30), ctx,
+                                              da.from_array(ds, chunks=45))
+    cr = normffn.add_layer_norm_forward(x, r, 40, w, b, 1e-5)[-1]
+    dsr, dwr, dbr = normffn.add_layer_norm_backward(dy, cr, ds)
+    got = dask.compute(dsum, dw, db)
+    _equal(got[0], dsr, "dsum")
+    _close(got[1], dwr, np.float32, "dweight")
+    _close(got[2], dbr, np.float32, "dbias")
+
+
+# ---------------------------------------------------------------------------------------------
+# threads
+def _task_share(block):
+    from threadpoolctl import threadpool_info
+    with _graph.limit_threads(None):
+        omp = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "openmp"]
+    return np.array([[_graph.task_threads(None), min(omp) if omp else -1]])
+
+
+def test_thread_share_per_scheduler():
+    cores = _graph._cores()
+    x = da.zeros((4, 1), chunks=1)
+    sync = x.map_blocks(_task_share, dtype=int, chunks=(1, 2)).compute(scheduler="sync")
+    assert (sync == cores).all()
+    with dask.config.set(num_workers=2):
+        thr = x.map_blocks(_task_share, dtype=int, chunks=(1, 2)).compute(scheduler="threads")
+    assert (thr == max(1, cores // 2)).all()
+    with dask.config.set({_graph.THREADS_KEY: 3}):
+        assert _graph.threads_setting() == 3
+    with dask.config.set({_graph.THREADS_KEY: 0}), pytest.raises(ValueError):
+        _graph.threads_setting()
+
+
+# ---------------------------------------------------------------------------------------------
+# a real cluster: 2 worker processes, 1 thread each
+@pytest.fixture(scope="module")
+def client():
+    distributed = pytest.importorskip("distributed")
+    src = os.path.dirname(os.path.dirname(normffn.__file__))
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = src + (os.pathsep + old if old else "")  # workers import normffn
+    try:
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                      dashboard_address=None) as cluster, \
+                distributed.Client(cluster, set_as_default=False) as c:
+            yield c
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def test_cluster_results_match_local(client):
+    x = _arr((400, 64), np.float32, 1, offset=2.0)
+    dy = _arr((400, 64), np.float32, 2)
+    w, b = _arr(64, np.float32, 3), _arr(64, np.float32, 4)
+    xd, dyd = da.from_array(x, chunks=(50, 32)), da.from_array(dy, chunks=50)
+
+    def graph():
+        y, ctx = nd.layer_norm_forward(xd, 64, w, b)
+        return (y, *nd.layer_norm_backward(dyd, ctx))
+
+    local = dask.compute(*graph(), scheduler="threads")
+    remote = client.compute(list(graph()), sync=True)
+    for g, r, name in zip(remote, local, ("y", "dx", "dweight", "dbias")):
+        _equal(g, r, name)
+    _equal(remote[0], normffn.layer_norm(x, 64, w, b), "y vs numpy")
+    shares = client.compute(da.zeros((2, 1), chunks=1).map_blocks(
+        _task_share, dtype=int, chunks=(1, 2)), sync=True)
+    assert (shares == _graph._cores()).all()  # 1 thread per worker: the worker's cores
+
+
+def test_cluster_batch_norm_training(client):
+    x = _arr((16, 4, 6, 6), np.float64, 3, offset=10.0)
+    xd = da.from_array(x, chunks=(5, 3, 6, 4))
+    rm1, rv1, rm2, rv2 = np.zeros(4), np.ones(4), np.zeros(4), np.ones(4)
+    with dask.config.set(scheduler=client):
+        y1, c1 = nd.batch_norm_forward(xd, rm1, rv1, training=True)
+        y1 = y1.compute()
+    y2, c2 = nd.batch_norm_forward(xd, rm2, rv2, training=True)
+    _equal(c1.mean, c2.mean, "mean")
+    _equal(c1.rstd, c2.rstd, "rstd")
+    _equal(rm1, rm2, "running_mean")
+    _equal(rv1, rv2, "running_var")
+    _equal(y1, y2.compute(scheduler="sync"), "y")
