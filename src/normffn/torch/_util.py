@@ -1,0 +1,98 @@
+"""What every part of normffn.torch shares: the zero-copy bridge, the support test, the
+one-time fallback warning and the lookup of NumPy ops that later issues add.
+
+Kept small because it runs on every call: the per-call budget of a wrapper is ~15 µs.
+"""
+import inspect
+import warnings
+
+import numpy as np
+import torch
+
+import normffn
+
+__all__ = ["FallbackWarning", "FLOATS", "np_", "opt_np", "unsupported", "warn_fallback",
+           "numpy_op", "call_backward", "compiling"]
+
+FLOATS = (torch.float32, torch.float64)
+
+
+class FallbackWarning(UserWarning):
+    """normffn.torch ran the PyTorch op instead of a normffn kernel (issued once per reason)."""
+
+
+def np_(t: torch.Tensor) -> np.ndarray:
+    """The tensor's memory as an ndarray (no copy; strides kept).  CPU tensors only."""
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
+def opt_np(t):
+    return None if t is None else np_(t)
+
+
+def unsupported(x: torch.Tensor, *others) -> str | None:
+    """Why normffn cannot serve these tensors (None: it can).
+
+    normffn serves strided CPU float32/float64 tensors, all of x's dtype (``others`` may hold
+    None for absent parameters).  Non-contiguous tensors are served (the NumPy layer copies
+    what its kernels cannot read in place); everything else is a reason to fall back.
+    """
+    dt = x.dtype
+    if dt not in FLOATS:
+        return f"dtype {str(dt).replace('torch.', '')} (normffn serves float32 and float64)"
+    for t in (x,) + others:
+        if t is None:
+            continue
+        if not t.is_cpu:
+            return f"device {t.device} (normffn runs on the CPU)"
+        if t.dtype != dt:
+            return (f"mixed dtypes {str(dt).replace('torch.', '')} and "
+                    f"{str(t.dtype).replace('torch.', '')} (normffn needs one dtype)")
+        if t.layout is not torch.strided:
+            return f"layout {t.layout} (normffn needs strided tensors)"
+    return None
+
+
+_warned: set = set()
+
+
+def compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def warn_fallback(op: str, reason: str, fallback: str) -> None:
+    """Warn once per (op, reason) that ``fallback`` ran instead of normffn.  Silent while
+    torch.compile traces (a warning there would break the graph; eager runs warned already
+    or will)."""
+    if compiling():
+        return
+    key = (op, reason)
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"normffn.torch.{op}: {reason}; running {fallback} instead",
+                  FallbackWarning, stacklevel=3)
+
+
+def numpy_op(name: str):
+    """normffn.<name>, or None while this build lacks it (ops of later issues)."""
+    return getattr(normffn, name, None)
+
+
+_accepts_needs: dict = {}
+
+
+def call_backward(fn, dy: np.ndarray, ctx, needs) -> tuple:
+    """``fn(dy, ctx, needs=needs)`` where the NumPy backward takes ``needs=`` (it then skips
+    the work for False entries); otherwise every gradient is computed and the unneeded ones
+    dropped.  Unneeded entries come back as None either way."""
+    needs = tuple(bool(n) for n in needs)
+    takes = _accepts_needs.get(fn)
+    if takes is None:
+        try:
+            takes = "needs" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+            takes = False
+        _accepts_needs[fn] = takes
+    grads = fn(dy, ctx, needs=needs) if takes else fn(dy, ctx)
+    return tuple(g if n else None for g, n in zip(grads, needs))
