@@ -277,7 +277,10 @@ def _(dy, x, weight, bias, mean, rstd, training, eps, needs):
 def _bn_setup(ctx, inputs, output):
     x, running_mean, running_var, weight, bias, training, momentum, eps = inputs
     _, mean, rstd, new_rm, new_rv = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd, running_mean, running_var)
+    # eval: the running stats, for the double-backward path only (training updates them in
+    # place right after this op, so saving them there would trip autograd's version check)
+    stats = (None, None) if training else (running_mean, running_var)
+    ctx.save_for_backward(x, weight, bias, mean, rstd, *stats)
     ctx.training, ctx.eps = training, eps
     ctx.mark_non_differentiable(mean, rstd, new_rm, new_rv)
 

@@ -38,7 +38,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     reason = unsupported(input, weight, bias)
     if reason is not None:
         warn_fallback("layer_norm", reason, "torch.nn.functional.layer_norm")
-        return F.layer_norm(input, normalized_shape, weight, bias, eps)
+        return F.layer_norm(input, tuple(_shape(normalized_shape)), weight, bias, eps)
     return _LN(input, _shape(normalized_shape), weight, bias, float(eps))[0]
 
 
@@ -51,7 +51,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
         reason = "this normffn build has no rms_norm kernel yet"
     if reason is not None:
         warn_fallback("rms_norm", reason, "torch.nn.functional.rms_norm")
-        return F.rms_norm(input, normalized_shape, weight, eps)
+        return F.rms_norm(input, tuple(_shape(normalized_shape)), weight, eps)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     return _RMS(input, _shape(normalized_shape), weight, float(eps))[0]
