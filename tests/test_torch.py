@@ -258,6 +258,31 @@ def test_ffn_matches_torch(dtype, activation, bias, recompute):
         close(nft.ffn(*ins, activation=activation), theirs(*present), dtype, "ffn inference")
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "reglu"])
+def test_gated_ffn_matches_torch(activation):
+    """weight1 is (2h, d), gate rows first.  Served by the kernel once normffn has the gated
+    activations (issue #12); until then PyTorch runs, with a one-time warning."""
+    x, w1, b1, w2, b2 = _ffn_inputs(torch.float64, d=6, h=10)
+    w1 = torch.cat([w1, rand(10, 6, seed=7) * 0.5])
+    b1 = torch.cat([b1, rand(10, seed=8)])
+    served = activation in _util.KERNEL_ACTIVATIONS
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compare_op(lambda *a: nft.ffn(*a, activation=activation),
+                   lambda *a: nft._torch_ref.ffn(*a, activation), [x, w1, b1, w2, b2],
+                   torch.float64, activation)
+    fell_back = [w for w in caught if issubclass(w.category, nft.FallbackWarning)]
+    assert (len(fell_back) == 0) == served
+    ff = nft.FeedForward(6, 10, activation)
+    assert ff.fc1.weight.shape == (20, 6) and ff.fc2.weight.shape == (6, 10)
+
+
+def test_ffn_unknown_activation_is_an_error():
+    x, w1, b1, w2, b2 = _ffn_inputs(torch.float32)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        nft.ffn(x, w1, b1, w2, b2, activation="tanh")
+
+
 def test_ffn_gradcheck():
     ins = leaves(*_ffn_inputs(torch.float64, d=4, h=5, lead=(3,)))
     for act in ("gelu", "silu"):
@@ -355,14 +380,16 @@ def test_opcheck(case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["ln", "ln_nobias", "ln_noaffine", "rms", "bn1d", "bn1d_3d",
-                                  "bn2d", "bn2d_cl", "bn_cma", "bn_untracked", "bn_noaffine"])
+                                  "bn2d", "bn2d_cl", "bn3d", "bn_cma", "bn_untracked",
+                                  "bn_noaffine"])
 def test_norm_modules_match_torch(kind, dtype, rms_kernel):
     torch.manual_seed(0)
     if kind.startswith("ln"):
         theirs = nn.LayerNorm((4, 6), bias=kind != "ln_nobias",
                               elementwise_affine=kind != "ln_noaffine", dtype=dtype)
-        ours, shape = nft.LayerNorm((4, 6), bias=kind != "ln_nobias",
-                                    elementwise_affine=kind != "ln_noaffine", dtype=dtype), (3, 4, 6)
+        ours = nft.LayerNorm((4, 6), bias=kind != "ln_nobias",
+                             elementwise_affine=kind != "ln_noaffine", dtype=dtype)
+        shape = (3, 4, 6)
     elif kind == "rms":
         theirs, ours, shape = nn.RMSNorm(6, dtype=dtype), nft.RMSNorm(6, dtype=dtype), (3, 4, 6)
     else:
@@ -373,10 +400,10 @@ def test_norm_modules_match_torch(kind, dtype, rms_kernel):
             kw["track_running_stats"] = False
         if kind == "bn_noaffine":
             kw["affine"] = False
-        two_d = kind.startswith("bn2d")
-        theirs = (nn.BatchNorm2d if two_d else nn.BatchNorm1d)(5, **kw)
-        ours = (nft.BatchNorm2d if two_d else nft.BatchNorm1d)(5, **kw)
-        shape = (4, 5, 3, 2) if two_d else (4, 5, 7) if kind != "bn1d" else (9, 5)
+        dims = 3 if kind == "bn3d" else 2 if kind.startswith("bn2d") else 1
+        theirs = getattr(nn, f"BatchNorm{dims}d")(5, **kw)
+        ours = getattr(nft, f"BatchNorm{dims}d")(5, **kw)
+        shape = {3: (2, 5, 3, 2, 2), 2: (4, 5, 3, 2), 1: (9, 5) if kind == "bn1d" else (4, 5, 7)}[dims]
     for p in theirs.parameters():
         with torch.no_grad():
             p.add_(torch.randn_like(p))

@@ -12,7 +12,7 @@ import torch
 import normffn
 
 __all__ = ["FallbackWarning", "FLOATS", "np_", "opt_np", "unsupported", "warn_fallback",
-           "numpy_op", "call_backward", "compiling"]
+           "numpy_op", "call_backward", "compiling", "KERNEL_ACTIVATIONS", "GATED"]
 
 FLOATS = (torch.float32, torch.float64)
 
@@ -96,3 +96,25 @@ def call_backward(fn, dy: np.ndarray, ctx, needs) -> tuple:
         _accepts_needs[fn] = takes
     grads = fn(dy, ctx, needs=needs) if takes else fn(dy, ctx)
     return tuple(g if n else None for g, n in zip(grads, needs))
+
+
+GATED = ("swiglu", "geglu", "reglu")
+
+
+def _kernel_activations() -> frozenset:
+    """The FFN activations this normffn build has, probed once at import with 1-row calls (at
+    import, not per call: torch.compile must not trace NumPy code).  Gated ones (issue #12)
+    take a packed (d, 2h) w1 and an (h, d) w2."""
+    found = set()
+    x = np.zeros((1, 2))
+    for name in ("relu", "gelu", "gelu_tanh", "silu") + GATED:
+        w2 = np.zeros((1, 2)) if name in GATED else np.zeros((2, 2))
+        try:
+            normffn.ffn(x, np.zeros((2, 2)), None, w2, None, name)
+        except (TypeError, ValueError):
+            continue
+        found.add(name)
+    return frozenset(found)
+
+
+KERNEL_ACTIVATIONS = _kernel_activations()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from . import _ops  # noqa: F401  (registers torch.ops.normffn.*)
 from . import _torch_ref
-from ._util import numpy_op, unsupported, warn_fallback
+from ._util import KERNEL_ACTIVATIONS, numpy_op, unsupported, warn_fallback
 
 __all__ = ["layer_norm", "rms_norm", "batch_norm", "ffn", "ffn_block"]
 
@@ -93,6 +93,12 @@ def ffn(input, weight1, bias1, weight2, bias2, activation="relu", *, recompute=F
     nothing; otherwise the forward keeps the hidden activation for backward.
     """
     reason = unsupported(input, weight1, bias1, weight2, bias2)
+    if reason is None and activation not in KERNEL_ACTIVATIONS:
+        if activation not in _torch_ref.ACTIVATIONS and activation not in _torch_ref.GATED:
+            raise ValueError(f"activation must be one of "
+                             f"{sorted(_torch_ref.ACTIVATIONS) + sorted(_torch_ref.GATED)}, "
+                             f"got {activation!r}")
+        reason = f"this normffn build has no {activation!r} FFN kernel yet"
     if reason is not None:
         warn_fallback("ffn", reason, "nn.Linear -> activation -> nn.Linear in PyTorch")
         return _torch_ref.ffn(input, weight1, bias1, weight2, bias2, activation)
@@ -115,7 +121,7 @@ def ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, act
         raise ValueError("norm_bias must be None for norm='rms'")
     tensors = (input, norm_weight, norm_bias, weight1, bias1, weight2, bias2)
     if (numpy_op("ffn_block") is not None and unsupported(*tensors) is None
-            and not _grad_wanted(*tensors)):
+            and activation in KERNEL_ACTIVATIONS and not _grad_wanted(*tensors)):
         return _FFN_BLOCK(*tensors, activation, norm, placement, float(eps))
     d = input.shape[-1]
 

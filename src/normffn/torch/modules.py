@@ -14,8 +14,10 @@ from torch import nn
 
 from . import _torch_ref
 from . import functional as NF
+from ._util import GATED
 
-__all__ = ["LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "FeedForward", "FFNBlock",
+__all__ = ["LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FeedForward",
+           "FFNBlock",
            "TorchFeedForward", "TorchFFNBlock"]
 
 
@@ -60,13 +62,14 @@ class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` on normffn's kernels (NCHW and channels-last without a copy)."""
 
 
-_GATED = ("swiglu", "geglu", "reglu")
+class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` on normffn's kernels (NCDHW and channels-last without a copy)."""
 
 
 def _linears(module, d_model, d_hidden, activation, bias, factory):
     """fc1: d_model -> d_hidden (2 * d_hidden for gated activations: gate rows, then up rows),
     fc2: d_hidden -> d_model, both nn.Linear."""
-    width = 2 * d_hidden if activation in _GATED else d_hidden
+    width = 2 * d_hidden if activation in GATED else d_hidden
     module.fc1 = nn.Linear(d_model, width, bias=bias, **factory)
     module.fc2 = nn.Linear(d_hidden, d_model, bias=bias, **factory)
 

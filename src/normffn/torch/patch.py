@@ -24,6 +24,7 @@ _REPLACE = {
     nn.RMSNorm: M.RMSNorm,
     nn.BatchNorm1d: M.BatchNorm1d,
     nn.BatchNorm2d: M.BatchNorm2d,
+    nn.BatchNorm3d: M.BatchNorm3d,
 }
 
 
@@ -70,8 +71,8 @@ def _swap(module: nn.Module, cls) -> nn.Module:
 
 
 def patch(model: nn.Module, *, verbose: bool = False) -> nn.Module:
-    """Replace, in place, every ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.BatchNorm1d`` and
-    ``nn.BatchNorm2d`` of ``model`` that normffn can serve with its normffn module.
+    """Replace, in place, every ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.BatchNorm1d/2d/3d``
+    of ``model`` that normffn can serve with its normffn module.
 
     Modules whose parameters or buffers are not CPU float32/float64, subclasses of those
     classes (their forward may differ), and ``nn.RMSNorm`` while normffn has no RMSNorm kernel
