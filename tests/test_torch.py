@@ -61,6 +61,13 @@ def _fresh_warnings():
     _util._warned.clear()
 
 
+@pytest.fixture(params=["eager", "dispatcher"])
+def route(request, monkeypatch):
+    """Run a test through both routes: the direct eager one and torch.ops.normffn.*."""
+    monkeypatch.setattr(_util, "EAGER_FAST_PATH", request.param == "eager")
+    return request.param
+
+
 def rand(*shape, dtype=torch.float64, seed=0, scale=1.0, offset=0.0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=dtype) * scale + offset
@@ -71,7 +78,7 @@ def rand(*shape, dtype=torch.float64, seed=0, scale=1.0, offset=0.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,nshape", [((5, 7), 7), ((2, 3, 4, 6), (4, 6)), ((769,), (769,))])
 @pytest.mark.parametrize("affine", ["both", "weight", "none"])
-def test_layer_norm_matches_torch(dtype, shape, nshape, affine):
+def test_layer_norm_matches_torch(dtype, shape, nshape, affine, route):
     ns = (nshape,) if isinstance(nshape, int) else nshape
     x = rand(*shape, dtype=dtype, offset=3.0)
     w = rand(*ns, dtype=dtype, seed=1) if affine != "none" else None
@@ -82,12 +89,12 @@ def test_layer_norm_matches_torch(dtype, shape, nshape, affine):
                dtype, f"layer_norm {affine}")
 
 
-def test_layer_norm_gradcheck():
+def test_layer_norm_gradcheck(route):
     x, w, b = leaves(rand(3, 5), rand(5, seed=1), rand(5, seed=2))
     assert torch.autograd.gradcheck(lambda x, w, b: nft.layer_norm(x, 5, w, b), (x, w, b))
 
 
-def test_layer_norm_only_needed_grads():
+def test_layer_norm_only_needed_grads(route):
     """x frozen: no dx slot filled; weight frozen: no dweight; autograd gets None for both."""
     x = rand(4, 6)
     w, b = leaves(rand(6, seed=1), rand(6, seed=2))
@@ -155,7 +162,7 @@ def rms_kernel(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_weight", [True, False])
 @pytest.mark.parametrize("eps", [None, 1e-6])
-def test_rms_norm_matches_torch(rms_kernel, dtype, with_weight, eps):
+def test_rms_norm_matches_torch(rms_kernel, dtype, with_weight, eps, route):
     x = rand(3, 4, 10, dtype=dtype)
     ins = [x, rand(10, dtype=dtype, seed=1)] if with_weight else [x]
     with warnings.catch_warnings():
@@ -164,7 +171,7 @@ def test_rms_norm_matches_torch(rms_kernel, dtype, with_weight, eps):
                    lambda x, w=None: F.rms_norm(x, (10,), w, eps), ins, dtype, "rms_norm")
 
 
-def test_rms_norm_gradcheck(rms_kernel):
+def test_rms_norm_gradcheck(rms_kernel, route):
     x, w = leaves(rand(3, 5), rand(5, seed=1))
     assert torch.autograd.gradcheck(lambda x, w: nft.rms_norm(x, 5, w, 1e-5), (x, w))
 
@@ -179,7 +186,7 @@ def _bn_pair(C, dtype, momentum=0.1):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(8, 3), (4, 3, 5), (2, 3, 4, 5)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_batch_norm_training_matches_torch(dtype, shape, channels_last):
+def test_batch_norm_training_matches_torch(dtype, shape, channels_last, route):
     if channels_last and len(shape) < 3:
         pytest.skip("channels-last needs spatial dims")
     C = shape[1]
@@ -202,7 +209,7 @@ def test_batch_norm_training_matches_torch(dtype, shape, channels_last):
                lambda x, w, b: F.batch_norm(x, *theirs, w, b, False), [x, w, b], dtype, "eval")
 
 
-def test_batch_norm_channels_last_layout_kept():
+def test_batch_norm_channels_last_layout_kept(route):
     x = rand(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
     y = nft.batch_norm(x, None, None, training=True)
     assert y.is_contiguous(memory_format=torch.channels_last)
@@ -210,7 +217,7 @@ def test_batch_norm_channels_last_layout_kept():
     assert dx.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_batch_norm_gradcheck():
+def test_batch_norm_gradcheck(route):
     x, w, b = leaves(rand(4, 3, 5), rand(3, seed=1), rand(3, seed=2))
     assert torch.autograd.gradcheck(
         lambda x, w, b: nft.batch_norm(x, None, None, w, b, True), (x, w, b))
@@ -239,7 +246,7 @@ def _ffn_inputs(dtype, d=6, h=10, lead=(2, 3), bias=True, seed=0):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_ffn_matches_torch(dtype, activation, bias, recompute):
+def test_ffn_matches_torch(dtype, activation, bias, recompute, route):
     ins = _ffn_inputs(dtype, bias=bias)
     present = [t for t in ins if t is not None]
 
@@ -283,7 +290,7 @@ def test_ffn_unknown_activation_is_an_error():
         nft.ffn(x, w1, b1, w2, b2, activation="tanh")
 
 
-def test_ffn_gradcheck():
+def test_ffn_gradcheck(route):
     ins = leaves(*_ffn_inputs(torch.float64, d=4, h=5, lead=(3,)))
     for act in ("gelu", "silu"):
         assert torch.autograd.gradcheck(lambda *a: nft.ffn(*a, activation=act), ins)
@@ -353,6 +360,28 @@ def test_layer_norm_is_zero_copy(monkeypatch):
     y = nft.layer_norm(x, 16)
     assert np.shares_memory(seen["x"], x.numpy())
     assert y.data_ptr() == seen["y"].ctypes.data
+
+
+def test_eager_route_skips_dispatcher_and_modes_get_the_operator(monkeypatch):
+    """Plain eager calls run the implementation directly; under a dispatch mode (fake
+    tensors: what export and compile use) the operator and its fake kernel run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def boom(*a, **k):
+        raise AssertionError("dispatcher used")
+
+    x = torch.randn(4, 8, requires_grad=True)
+    y = nft.layer_norm(x, 8)
+    assert type(y.grad_fn).__name__.startswith("LayerNormFunction")
+    with FakeTensorMode():
+        xf = torch.empty(4, 3, 8)
+        yf = nft.layer_norm(xf, 8)
+        assert yf.shape == (4, 3, 8)
+        yf = nft.batch_norm(xf, None, None, training=True)
+        assert yf.shape == (4, 3, 8)
+    monkeypatch.setattr(_util, "EAGER_FAST_PATH", False)
+    y = nft.layer_norm(x, 8)
+    assert not type(y.grad_fn).__name__.startswith("LayerNormFunction")
 
 
 # ---------------------------------------------------------------- opcheck
@@ -613,7 +642,7 @@ def test_other_device_and_mixed_dtypes_fall_back():
             nft.layer_norm(torch.randn(2, 4), 4, torch.ones(4, dtype=torch.float64))
 
 
-def test_double_backward_falls_back():
+def test_double_backward_falls_back(route):
     x, w, b = leaves(rand(3, 5), rand(5, seed=1), rand(5, seed=2))
     with pytest.warns(nft.FallbackWarning, match="double backward"):
         assert torch.autograd.gradgradcheck(lambda x, w, b: nft.layer_norm(x, 5, w, b),

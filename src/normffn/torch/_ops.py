@@ -26,8 +26,17 @@ Double backward (``create_graph=True``) is served by recomputing the op with PyT
 differentiating those (with a one-time FallbackWarning): the NumPy backward is not itself
 differentiable.
 
-A new op plugs in as: forward op + fake, backward op + fake, setup/backward pair, one
-``register_autograd`` line, and a front-end function in functional.py.
+Two routes over the same functions.  ``torch.ops.normffn.*`` (dispatcher, register_autograd)
+is what torch.compile, export, fake tensors and dispatch modes see.  Plain eager calls skip the
+dispatcher — a custom op with an autograd formula costs ~25 µs per call in the dispatcher alone
+(pytorch/pytorch#139500, #176592), over the 15 µs budget of a wrapper — and run the same Python
+implementation through an ``autograd.Function`` built from the same setup/backward pair
+(``<Op>Function`` below; without autograd, the implementation directly).  functional.py picks
+the route per call (``_util.fast_eager``).
+
+A new op plugs in as: implementation + custom op + fake, backward implementation + custom op +
+fake, one setup/backward pair, one ``register_autograd`` line, one ``_function`` line, and a
+front-end function in functional.py.
 """
 import dataclasses
 import math
@@ -45,7 +54,8 @@ from ._util import call_backward, compiling, np_, numpy_op, opt_np, warn_fallbac
 
 __all__ = ["layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward",
            "batch_norm", "batch_norm_backward", "ffn", "ffn_forward", "ffn_backward",
-           "ffn_block"]
+           "ffn_block", "LayerNormFunction", "RMSNormFunction", "BatchNormFunction",
+           "FFNFunction"]
 
 _custom_op = torch.library.custom_op
 
@@ -73,6 +83,24 @@ def _make_ctx(cls, **fields):
     return cls(**{k: v for k, v in fields.items() if k in names})
 
 
+def _op(name: str, impl, fake):
+    """``torch.ops.normffn.<name>`` from a Python implementation and its fake."""
+    op = _custom_op(f"normffn::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    return op
+
+
+def _function(name: str, impl, setup, backward):
+    """The eager route: an autograd.Function running ``impl`` with the op's own setup and
+    backward (the backward given calls the backward implementation directly)."""
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup(ctx, args, out)
+        return out
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
 def _double_backward(ctx, dy: Tensor) -> bool:
     """True when autograd is building a graph of this backward (create_graph=True)."""
     return torch.is_grad_enabled() and not compiling() and (
@@ -91,26 +119,23 @@ def _torch_grads(op: str, fn, inputs: tuple, dy: Tensor, needs) -> list:
 
 # ---------------------------------------------------------------- LayerNorm
 
-@_custom_op("normffn::layer_norm", mutates_args=())
-def layer_norm(x: Tensor, normalized_shape: list[int], weight: Optional[Tensor],
-               bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _ln_impl(x: Tensor, normalized_shape: list[int], weight: Optional[Tensor],
+             bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """-> (y, mean, rstd); mean/rstd float64 of shape x.shape[:-len(normalized_shape)]."""
     y, c = normffn.layer_norm_forward(np_(x), tuple(normalized_shape), opt_np(weight),
                                       opt_np(bias), eps)
     return torch.from_numpy(y), torch.from_numpy(c.mean), torch.from_numpy(c.rstd)
 
 
-@layer_norm.register_fake
-def _(x, normalized_shape, weight, bias, eps):
+def _ln_fake(x, normalized_shape, weight, bias, eps):
     lead = x.shape[:x.dim() - len(normalized_shape)]
     return (x.new_empty(x.shape), x.new_empty(lead, dtype=torch.float64),
             x.new_empty(lead, dtype=torch.float64))
 
 
-@_custom_op("normffn::layer_norm_backward", mutates_args=())
-def layer_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                        mean: Tensor, rstd: Tensor, normalized_shape: list[int], eps: float,
-                        needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+def _ln_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 mean: Tensor, rstd: Tensor, normalized_shape: list[int], eps: float,
+                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dx, dweight, dbias), empty where not needed."""
     c = _make_ctx(normffn.LayerNormContext, x=np.ascontiguousarray(np_(x)), weight=opt_np(weight),
                   bias=opt_np(bias), normalized_shape=tuple(normalized_shape), eps=eps,
@@ -119,8 +144,7 @@ def layer_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
     return _from(dx, x), _from(dw, x), _from(db, x)
 
 
-@layer_norm_backward.register_fake
-def _(dy, x, weight, bias, mean, rstd, normalized_shape, eps, needs):
+def _ln_bwd_fake(dy, x, weight, bias, mean, rstd, normalized_shape, eps, needs):
     def like(t, n):
         return t.new_empty(t.shape) if n else x.new_empty(0)
     return like(x, needs[0]), like(weight, needs[1]), like(bias, needs[2])
@@ -134,43 +158,47 @@ def _ln_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _ln_backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    nx, _, nw, nb, _ = ctx.needs_input_grad
-    needs = [nx, nw and weight is not None, nb and bias is not None]
-    if _double_backward(ctx, dy):
-        dx, dw, db = _torch_grads(
-            "layer_norm", lambda a, w, b: F.layer_norm(a, ctx.normalized_shape, w, b, ctx.eps),
-            (x, weight, bias), dy, needs)
-    else:
-        dx, dw, db = torch.ops.normffn.layer_norm_backward(
-            dy, x, weight, bias, mean, rstd, ctx.normalized_shape, ctx.eps, needs)
-    return _keep(dx, needs[0]), None, _keep(dw, needs[1]), _keep(db, needs[2]), None
+def _ln_backward(bwd):
+    def backward(ctx, dy, _dmean, _drstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        nx, _, nw, nb, _ = ctx.needs_input_grad
+        needs = [nx, nw and weight is not None, nb and bias is not None]
+        if _double_backward(ctx, dy):
+            dx, dw, db = _torch_grads(
+                "layer_norm",
+                lambda a, w, b: F.layer_norm(a, ctx.normalized_shape, w, b, ctx.eps),
+                (x, weight, bias), dy, needs)
+        else:
+            dx, dw, db = bwd(dy, x, weight, bias, mean, rstd, ctx.normalized_shape, ctx.eps,
+                             needs)
+        return _keep(dx, needs[0]), None, _keep(dw, needs[1]), _keep(db, needs[2]), None
+    return backward
 
 
-layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
+layer_norm = _op("layer_norm", _ln_impl, _ln_fake)
+layer_norm_backward = _op("layer_norm_backward", _ln_bwd_impl, _ln_bwd_fake)
+layer_norm.register_autograd(_ln_backward(layer_norm_backward), setup_context=_ln_setup)
+LayerNormFunction = _function("LayerNormFunction", _ln_impl, _ln_setup,
+                              _ln_backward(_ln_bwd_impl))
 
 
 # ---------------------------------------------------------------- RMSNorm (issue #11)
 
-@_custom_op("normffn::rms_norm", mutates_args=())
-def rms_norm(x: Tensor, normalized_shape: list[int], weight: Optional[Tensor],
-             eps: float) -> tuple[Tensor, Tensor]:
+def _rms_impl(x: Tensor, normalized_shape: list[int], weight: Optional[Tensor],
+              eps: float) -> tuple[Tensor, Tensor]:
     """-> (y, rstd); eps already resolved (the front end turns None into finfo.eps)."""
     y, c = normffn.rms_norm_forward(np_(x), tuple(normalized_shape), opt_np(weight), eps)
     return torch.from_numpy(y), torch.from_numpy(c.rstd)
 
 
-@rms_norm.register_fake
-def _(x, normalized_shape, weight, eps):
+def _rms_fake(x, normalized_shape, weight, eps):
     lead = x.shape[:x.dim() - len(normalized_shape)]
     return x.new_empty(x.shape), x.new_empty(lead, dtype=torch.float64)
 
 
-@_custom_op("normffn::rms_norm_backward", mutates_args=())
-def rms_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
-                      normalized_shape: list[int], eps: float,
-                      needs: list[bool]) -> tuple[Tensor, Tensor]:
+def _rms_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
+                  normalized_shape: list[int], eps: float,
+                  needs: list[bool]) -> tuple[Tensor, Tensor]:
     """-> (dx, dweight), empty where not needed."""
     c = _make_ctx(normffn.RMSNormContext, x=np.ascontiguousarray(np_(x)), weight=opt_np(weight),
                   normalized_shape=tuple(normalized_shape), eps=eps, rstd=np_(rstd))
@@ -178,8 +206,7 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Ten
     return _from(dx, x), _from(dw, x)
 
 
-@rms_norm_backward.register_fake
-def _(dy, x, weight, rstd, normalized_shape, eps, needs):
+def _rms_bwd_fake(dy, x, weight, rstd, normalized_shape, eps, needs):
     return (x.new_empty(x.shape) if needs[0] else x.new_empty(0),
             weight.new_empty(weight.shape) if needs[1] else x.new_empty(0))
 
@@ -191,26 +218,31 @@ def _rms_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _rms_backward(ctx, dy, _drstd):
-    x, weight, rstd = ctx.saved_tensors
-    nx, _, nw, _ = ctx.needs_input_grad
-    needs = [nx, nw and weight is not None]
-    if _double_backward(ctx, dy):
-        dx, dw = _torch_grads(
-            "rms_norm", lambda a, w: F.rms_norm(a, ctx.normalized_shape, w, ctx.eps),
-            (x, weight), dy, needs)
-    else:
-        dx, dw = torch.ops.normffn.rms_norm_backward(dy, x, weight, rstd, ctx.normalized_shape,
-                                                     ctx.eps, needs)
-    return _keep(dx, needs[0]), None, _keep(dw, needs[1]), None
+def _rms_backward(bwd):
+    def backward(ctx, dy, _drstd):
+        x, weight, rstd = ctx.saved_tensors
+        nx, _, nw, _ = ctx.needs_input_grad
+        needs = [nx, nw and weight is not None]
+        if _double_backward(ctx, dy):
+            dx, dw = _torch_grads(
+                "rms_norm", lambda a, w: F.rms_norm(a, ctx.normalized_shape, w, ctx.eps),
+                (x, weight), dy, needs)
+        else:
+            dx, dw = bwd(dy, x, weight, rstd, ctx.normalized_shape, ctx.eps, needs)
+        return _keep(dx, needs[0]), None, _keep(dw, needs[1]), None
+    return backward
 
 
-rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup)
+rms_norm = _op("rms_norm", _rms_impl, _rms_fake)
+rms_norm_backward = _op("rms_norm_backward", _rms_bwd_impl, _rms_bwd_fake)
+rms_norm.register_autograd(_rms_backward(rms_norm_backward), setup_context=_rms_setup)
+RMSNormFunction = _function("RMSNormFunction", _rms_impl, _rms_setup,
+                            _rms_backward(_rms_bwd_impl))
 
 
 # ---------------------------------------------------------------- BatchNorm
 
-def _bn_like(x: Tensor, shape=None) -> Tensor:
+def _bn_like(x: Tensor) -> Tensor:
     """An empty tensor in the layout the NumPy BatchNorm gives x's outputs: channels-last
     (C-contiguous once axis 1 goes last) stays channels-last, anything else is C-contiguous."""
     if x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous():
@@ -219,10 +251,9 @@ def _bn_like(x: Tensor, shape=None) -> Tensor:
     return x.new_empty(x.shape)
 
 
-@_custom_op("normffn::batch_norm", mutates_args=())
-def batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-               weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
-               momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _bn_impl(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+             weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
+             momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (y, mean, rstd, new_running_mean, new_running_var).
 
     Functional (autograd formulas need functional operators): the running stats are updated on
@@ -238,13 +269,11 @@ def batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[
             _from(rm if update else None, x), _from(rv if update else None, x))
 
 
-@batch_norm.register_fake
-def _(x, running_mean, running_var, weight, bias, training, momentum, eps):
+def _bn_fake(x, running_mean, running_var, weight, bias, training, momentum, eps):
     C = x.shape[1]
-    update = training and running_mean is not None
-    stat = (lambda: x.new_empty(C)) if update else (lambda: x.new_empty(0))
+    n = C if training and running_mean is not None else 0
     return (_bn_like(x), x.new_empty(C, dtype=torch.float64),
-            x.new_empty(C, dtype=torch.float64), stat(), stat())
+            x.new_empty(C, dtype=torch.float64), x.new_empty(n), x.new_empty(n))
 
 
 def _bn_saved_x(xa: np.ndarray) -> np.ndarray:
@@ -254,10 +283,9 @@ def _bn_saved_x(xa: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(xa)
 
 
-@_custom_op("normffn::batch_norm_backward", mutates_args=())
-def batch_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                        mean: Tensor, rstd: Tensor, training: bool, eps: float,
-                        needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+def _bn_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 mean: Tensor, rstd: Tensor, training: bool, eps: float,
+                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dx in x's layout, dweight, dbias), empty where not needed."""
     c = _make_ctx(normffn.BatchNormContext, x=_bn_saved_x(np_(x)), weight=opt_np(weight),
                   bias=opt_np(bias), eps=eps, training=training, mean=np_(mean),
@@ -266,8 +294,7 @@ def batch_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: O
     return _from(dx, x), _from(dw, x), _from(db, x)
 
 
-@batch_norm_backward.register_fake
-def _(dy, x, weight, bias, mean, rstd, training, eps, needs):
+def _bn_bwd_fake(dy, x, weight, bias, mean, rstd, training, eps, needs):
     C = x.shape[1]
     return (_bn_like(x) if needs[0] else x.new_empty(0),
             x.new_empty(C) if needs[1] else x.new_empty(0),
@@ -285,25 +312,30 @@ def _bn_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd, new_rm, new_rv)
 
 
-def _bn_backward(ctx, dy, *_stat_grads):
-    x, weight, bias, mean, rstd, running_mean, running_var = ctx.saved_tensors
-    nx, _, _, nw, nb, _, _, _ = ctx.needs_input_grad
-    needs = [nx, nw and weight is not None, nb and bias is not None]
-    if _double_backward(ctx, dy):
-        # training: batch statistics (running stats not touched again); eval: running stats
-        rm, rv = (None, None) if ctx.training else (running_mean, running_var)
-        dx, dw, db = _torch_grads(
-            "batch_norm",
-            lambda a, w, b: F.batch_norm(a, rm, rv, w, b, ctx.training, 0.0, ctx.eps),
-            (x, weight, bias), dy, needs)
-    else:
-        dx, dw, db = torch.ops.normffn.batch_norm_backward(dy, x, weight, bias, mean, rstd,
-                                                           ctx.training, ctx.eps, needs)
-    return (_keep(dx, needs[0]), None, None, _keep(dw, needs[1]), _keep(db, needs[2]),
-            None, None, None)
+def _bn_backward(bwd):
+    def backward(ctx, dy, *_stat_grads):
+        x, weight, bias, mean, rstd, running_mean, running_var = ctx.saved_tensors
+        nx, _, _, nw, nb, _, _, _ = ctx.needs_input_grad
+        needs = [nx, nw and weight is not None, nb and bias is not None]
+        if _double_backward(ctx, dy):
+            # training: batch statistics (running stats not touched again); eval: running stats
+            rm, rv = (None, None) if ctx.training else (running_mean, running_var)
+            dx, dw, db = _torch_grads(
+                "batch_norm",
+                lambda a, w, b: F.batch_norm(a, rm, rv, w, b, ctx.training, 0.0, ctx.eps),
+                (x, weight, bias), dy, needs)
+        else:
+            dx, dw, db = bwd(dy, x, weight, bias, mean, rstd, ctx.training, ctx.eps, needs)
+        return (_keep(dx, needs[0]), None, None, _keep(dw, needs[1]), _keep(db, needs[2]),
+                None, None, None)
+    return backward
 
 
-batch_norm.register_autograd(_bn_backward, setup_context=_bn_setup)
+batch_norm = _op("batch_norm", _bn_impl, _bn_fake)
+batch_norm_backward = _op("batch_norm_backward", _bn_bwd_impl, _bn_bwd_fake)
+batch_norm.register_autograd(_bn_backward(batch_norm_backward), setup_context=_bn_setup)
+BatchNormFunction = _function("BatchNormFunction", _bn_impl, _bn_setup,
+                              _bn_backward(_bn_bwd_impl))
 
 
 # ---------------------------------------------------------------- FFN
@@ -325,23 +357,20 @@ def _blas_ready(w: np.ndarray) -> np.ndarray:
     return w if (w.flags.c_contiguous or w.flags.f_contiguous) else np.ascontiguousarray(w)
 
 
-@_custom_op("normffn::ffn", mutates_args=())
-def ffn(x: Tensor, weight1: Tensor, bias1: Optional[Tensor], weight2: Tensor,
-        bias2: Optional[Tensor], activation: str) -> Tensor:
+def _ffn_impl(x: Tensor, weight1: Tensor, bias1: Optional[Tensor], weight2: Tensor,
+              bias2: Optional[Tensor], activation: str) -> Tensor:
     """Inference: y only, no (n, h) buffer kept."""
     return torch.from_numpy(normffn.ffn(np_(x), _w(weight1), opt_np(bias1), _w(weight2),
                                         opt_np(bias2), activation))
 
 
-@ffn.register_fake
-def _(x, weight1, bias1, weight2, bias2, activation):
+def _ffn_fake(x, weight1, bias1, weight2, bias2, activation):
     return x.new_empty(x.shape)
 
 
-@_custom_op("normffn::ffn_forward", mutates_args=())
-def ffn_forward(x: Tensor, weight1: Tensor, bias1: Optional[Tensor], weight2: Tensor,
-                bias2: Optional[Tensor], activation: str,
-                recompute: bool) -> tuple[Tensor, Tensor]:
+def _ffn_fwd_impl(x: Tensor, weight1: Tensor, bias1: Optional[Tensor], weight2: Tensor,
+                  bias2: Optional[Tensor], activation: str,
+                  recompute: bool) -> tuple[Tensor, Tensor]:
     """-> (y, hidden); hidden is (n, h) (empty with recompute=True)."""
     y, c = normffn.ffn_forward(np_(x), _w(weight1), opt_np(bias1), _w(weight2), opt_np(bias2),
                                activation, recompute=recompute)
@@ -355,19 +384,17 @@ def ffn_forward(x: Tensor, weight1: Tensor, bias1: Optional[Tensor], weight2: Te
     return torch.from_numpy(y), _from(hidden, x)
 
 
-@ffn_forward.register_fake
-def _(x, weight1, bias1, weight2, bias2, activation, recompute):
+def _ffn_fwd_fake(x, weight1, bias1, weight2, bias2, activation, recompute):
     if recompute:
         return x.new_empty(x.shape), x.new_empty(0)
     n = math.prod(x.shape[:-1])
     return x.new_empty(x.shape), x.new_empty((n, _hidden_cols(activation, weight1.shape[0])))
 
 
-@_custom_op("normffn::ffn_backward", mutates_args=())
-def ffn_backward(dy: Tensor, x: Tensor, weight1: Tensor, bias1: Optional[Tensor],
-                 weight2: Tensor, bias2: Optional[Tensor], hidden: Tensor, activation: str,
-                 recompute: bool, needs: list[bool]
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _ffn_bwd_impl(dy: Tensor, x: Tensor, weight1: Tensor, bias1: Optional[Tensor],
+                  weight2: Tensor, bias2: Optional[Tensor], hidden: Tensor, activation: str,
+                  recompute: bool, needs: list[bool]
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dweight1, dbias1, dweight2, dbias2), weight grads in nn.Linear layout (transposed
     views of the kernels' C-ordered dw1/dw2); empty where not needed."""
     c = _make_ctx(normffn.FFNContext, x=np.ascontiguousarray(np_(x)),
@@ -380,8 +407,7 @@ def ffn_backward(dy: Tensor, x: Tensor, weight1: Tensor, bias1: Optional[Tensor]
             _from(None if dw2 is None else dw2.T, x), _from(db2, x))
 
 
-@ffn_backward.register_fake
-def _(dy, x, weight1, bias1, weight2, bias2, hidden, activation, recompute, needs):
+def _ffn_bwd_fake(dy, x, weight1, bias1, weight2, bias2, hidden, activation, recompute, needs):
     def weight_grad(w, n):  # transposed view of a C-ordered (in, out) array
         return w.new_empty((w.shape[1], w.shape[0])).T if n else x.new_empty(0)
     return (x.new_empty(x.shape) if needs[0] else x.new_empty(0),
@@ -398,21 +424,27 @@ def _ffn_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _ffn_backward(ctx, dy, _dhidden):
-    x, weight1, bias1, weight2, bias2, hidden = ctx.saved_tensors
-    nx, nw1, nb1, nw2, nb2, _, _ = ctx.needs_input_grad
-    needs = [nx, nw1, nb1 and bias1 is not None, nw2, nb2 and bias2 is not None]
-    if _double_backward(ctx, dy):
-        grads = _torch_grads(
-            "ffn", lambda *a: _torch_ref.ffn(*a, ctx.activation),
-            (x, weight1, bias1, weight2, bias2), dy, needs)
-    else:
-        grads = torch.ops.normffn.ffn_backward(dy, x, weight1, bias1, weight2, bias2, hidden,
-                                               ctx.activation, ctx.recompute, needs)
-    return tuple(_keep(g, n) for g, n in zip(grads, needs)) + (None, None)
+def _ffn_backward(bwd):
+    def backward(ctx, dy, _dhidden):
+        x, weight1, bias1, weight2, bias2, hidden = ctx.saved_tensors
+        nx, nw1, nb1, nw2, nb2, _, _ = ctx.needs_input_grad
+        needs = [nx, nw1, nb1 and bias1 is not None, nw2, nb2 and bias2 is not None]
+        if _double_backward(ctx, dy):
+            grads = _torch_grads(
+                "ffn", lambda *a: _torch_ref.ffn(*a, ctx.activation),
+                (x, weight1, bias1, weight2, bias2), dy, needs)
+        else:
+            grads = bwd(dy, x, weight1, bias1, weight2, bias2, hidden, ctx.activation,
+                        ctx.recompute, needs)
+        return tuple(_keep(g, n) for g, n in zip(grads, needs)) + (None, None)
+    return backward
 
 
-ffn_forward.register_autograd(_ffn_backward, setup_context=_ffn_setup)
+ffn = _op("ffn", _ffn_impl, _ffn_fake)
+ffn_forward = _op("ffn_forward", _ffn_fwd_impl, _ffn_fwd_fake)
+ffn_backward = _op("ffn_backward", _ffn_bwd_impl, _ffn_bwd_fake)
+ffn_forward.register_autograd(_ffn_backward(ffn_backward), setup_context=_ffn_setup)
+FFNFunction = _function("FFNFunction", _ffn_fwd_impl, _ffn_setup, _ffn_backward(_ffn_bwd_impl))
 
 
 # ---------------------------------------------------------------- FFN block (issue #13)
@@ -420,18 +452,19 @@ ffn_forward.register_autograd(_ffn_backward, setup_context=_ffn_setup)
 # ffn and the residual add in functional.ffn_block until a forward/backward pair is added here
 # (its context fields become op outputs, as for the ops above).
 
-@_custom_op("normffn::ffn_block", mutates_args=())
-def ffn_block(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
-              weight1: Tensor, bias1: Optional[Tensor], weight2: Tensor,
-              bias2: Optional[Tensor], activation: str, norm: str, placement: str,
-              eps: float) -> Tensor:
+def _ffn_block_impl(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                    weight1: Tensor, bias1: Optional[Tensor], weight2: Tensor,
+                    bias2: Optional[Tensor], activation: str, norm: str, placement: str,
+                    eps: float) -> Tensor:
     fn = numpy_op("ffn_block")
     return torch.from_numpy(fn(np_(x), opt_np(norm_weight), opt_np(norm_bias), _w(weight1),
                                opt_np(bias1), _w(weight2), opt_np(bias2), activation,
                                norm=norm, placement=placement, eps=eps))
 
 
-@ffn_block.register_fake
-def _(x, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation, norm, placement,
-      eps):
+def _ffn_block_fake(x, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation, norm,
+                    placement, eps):
     return x.new_empty(x.shape)
+
+
+ffn_block = _op("ffn_block", _ffn_block_impl, _ffn_block_fake)

@@ -12,7 +12,8 @@ import torch
 import normffn
 
 __all__ = ["FallbackWarning", "FLOATS", "np_", "opt_np", "unsupported", "warn_fallback",
-           "numpy_op", "call_backward", "compiling", "KERNEL_ACTIVATIONS", "GATED"]
+           "numpy_op", "call_backward", "compiling", "fast_eager", "KERNEL_ACTIVATIONS",
+           "GATED"]
 
 FLOATS = (torch.float32, torch.float64)
 
@@ -58,6 +59,21 @@ _warned: set = set()
 
 def compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+# False: every call goes through torch.ops.normffn.* (tests flip it to check both routes agree)
+EAGER_FAST_PATH = True
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def fast_eager(*tensors) -> bool:
+    """True when a call may skip the dispatcher (see _ops): plain eager mode — not tracing for
+    torch.compile, no dispatch or torch-function mode (fake tensors, export, DeviceContext), and
+    plain tensors only (subclasses get the operator, which handles them properly)."""
+    return (EAGER_FAST_PATH and not compiling()
+            and all(t is None or type(t) in _PLAIN for t in tensors)
+            and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._is_torch_function_mode_enabled())
 
 
 def warn_fallback(op: str, reason: str, fallback: str) -> None:

@@ -4,23 +4,34 @@ Each function decides, from the tensors' metadata only, whether normffn serves t
 (strided CPU float32/float64, one dtype) and then calls the operator in ``torch.ops.normffn``;
 otherwise it runs the PyTorch op and warns once, naming the reason (FallbackWarning).  The
 decision is plain Python on dtypes/devices, so torch.compile guards on it and traces straight
-into the operator.
+into the operator.  In plain eager mode the same implementation runs without the dispatcher
+(an ``autograd.Function``, or the implementation itself when autograd is not recording): the
+dispatcher's custom-op overhead alone exceeds the per-call budget (see ``_ops``).
 """
 import torch
 import torch.nn.functional as F
 
-from . import _ops  # noqa: F401  (registers torch.ops.normffn.*)
-from . import _torch_ref
+from . import _ops, _torch_ref, _util
 from ._util import KERNEL_ACTIVATIONS, numpy_op, unsupported, warn_fallback
 
 __all__ = ["layer_norm", "rms_norm", "batch_norm", "ffn", "ffn_block"]
 
-_LN = torch.ops.normffn.layer_norm.default
-_RMS = torch.ops.normffn.rms_norm.default
-_BN = torch.ops.normffn.batch_norm.default
-_FFN = torch.ops.normffn.ffn.default
-_FFN_FWD = torch.ops.normffn.ffn_forward.default
 _FFN_BLOCK = torch.ops.normffn.ffn_block.default
+
+
+def _route(op, function, impl, grad: bool, args: tuple):
+    """Run one op: through the dispatcher (``op``) unless plain eager mode allows the direct
+    route — ``function.apply`` when autograd records, else ``impl`` itself."""
+    if _util.fast_eager(*(a for a in args if isinstance(a, torch.Tensor))):
+        return function.apply(*args) if grad else impl(*args)
+    return op(*args)
+
+
+_LN = (torch.ops.normffn.layer_norm.default, _ops.LayerNormFunction, _ops._ln_impl)
+_RMS = (torch.ops.normffn.rms_norm.default, _ops.RMSNormFunction, _ops._rms_impl)
+_BN = (torch.ops.normffn.batch_norm.default, _ops.BatchNormFunction, _ops._bn_impl)
+_FFN_TRAIN = (torch.ops.normffn.ffn_forward.default, _ops.FFNFunction, _ops._ffn_fwd_impl)
+_FFN_INFER = torch.ops.normffn.ffn.default
 
 
 def _shape(normalized_shape) -> list:
@@ -39,7 +50,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if reason is not None:
         warn_fallback("layer_norm", reason, "torch.nn.functional.layer_norm")
         return F.layer_norm(input, tuple(_shape(normalized_shape)), weight, bias, eps)
-    return _LN(input, _shape(normalized_shape), weight, bias, float(eps))[0]
+    return _route(*_LN, _grad_wanted(input, weight, bias),
+                  (input, _shape(normalized_shape), weight, bias, float(eps)))[0]
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
@@ -54,7 +66,8 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
         return F.rms_norm(input, tuple(_shape(normalized_shape)), weight, eps)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
-    return _RMS(input, _shape(normalized_shape), weight, float(eps))[0]
+    return _route(*_RMS, _grad_wanted(input, weight),
+                  (input, _shape(normalized_shape), weight, float(eps)))[0]
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -66,8 +79,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         warn_fallback("batch_norm", reason, "torch.nn.functional.batch_norm")
         return F.batch_norm(input, running_mean, running_var, weight, bias, training,
                             momentum, eps)
-    y, _, _, new_mean, new_var = _BN(input, running_mean, running_var, weight, bias,
-                                     bool(training), float(momentum), float(eps))
+    y, _, _, new_mean, new_var = _route(
+        *_BN, _grad_wanted(input, weight, bias),
+        (input, running_mean, running_var, weight, bias, bool(training), float(momentum),
+         float(eps)))
     if training and running_mean is not None:
         with torch.no_grad():
             running_mean.copy_(new_mean)
@@ -103,8 +118,10 @@ def ffn(input, weight1, bias1, weight2, bias2, activation="relu", *, recompute=F
         warn_fallback("ffn", reason, "nn.Linear -> activation -> nn.Linear in PyTorch")
         return _torch_ref.ffn(input, weight1, bias1, weight2, bias2, activation)
     if _grad_wanted(input, weight1, bias1, weight2, bias2):
-        return _FFN_FWD(input, weight1, bias1, weight2, bias2, activation, bool(recompute))[0]
-    return _FFN(input, weight1, bias1, weight2, bias2, activation)
+        return _route(*_FFN_TRAIN, True, (input, weight1, bias1, weight2, bias2, activation,
+                                          bool(recompute)))[0]
+    return _route(_FFN_INFER, None, _ops._ffn_impl, False,
+                  (input, weight1, bias1, weight2, bias2, activation))
 
 
 def ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation="relu",
@@ -122,7 +139,8 @@ def ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, act
     tensors = (input, norm_weight, norm_bias, weight1, bias1, weight2, bias2)
     if (numpy_op("ffn_block") is not None and unsupported(*tensors) is None
             and activation in KERNEL_ACTIVATIONS and not _grad_wanted(*tensors)):
-        return _FFN_BLOCK(*tensors, activation, norm, placement, float(eps))
+        return _route(_FFN_BLOCK, None, _ops._ffn_block_impl, False,
+                      (*tensors, activation, norm, placement, float(eps)))
     d = input.shape[-1]
 
     def normed(t):
