@@ -432,7 +432,8 @@ def test_norm_modules_match_torch(kind, dtype, rms_kernel):
         dims = 3 if kind == "bn3d" else 2 if kind.startswith("bn2d") else 1
         theirs = getattr(nn, f"BatchNorm{dims}d")(5, **kw)
         ours = getattr(nft, f"BatchNorm{dims}d")(5, **kw)
-        shape = {3: (2, 5, 3, 2, 2), 2: (4, 5, 3, 2), 1: (9, 5) if kind == "bn1d" else (4, 5, 7)}[dims]
+        shape = {3: (2, 5, 3, 2, 2), 2: (4, 5, 3, 2),
+                 1: (9, 5) if kind == "bn1d" else (4, 5, 7)}[dims]
     for p in theirs.parameters():
         with torch.no_grad():
             p.add_(torch.randn_like(p))

@@ -32,7 +32,7 @@ dispatcher — a custom op with an autograd formula costs ~25 µs per call in th
 (pytorch/pytorch#139500, #176592), over the 15 µs budget of a wrapper — and run the same Python
 implementation through an ``autograd.Function`` built from the same setup/backward pair
 (``<Op>Function`` below; without autograd, the implementation directly).  functional.py picks
-the route per call (``_util.fast_eager``).
+the route per call (``_util.plan``).
 
 A new op plugs in as: implementation + custom op + fake, backward implementation + custom op +
 fake, one setup/backward pair, one ``register_autograd`` line, one ``_function`` line, and a

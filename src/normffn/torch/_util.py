@@ -11,9 +11,8 @@ import torch
 
 import normffn
 
-__all__ = ["FallbackWarning", "FLOATS", "np_", "opt_np", "unsupported", "warn_fallback",
-           "numpy_op", "call_backward", "compiling", "fast_eager", "KERNEL_ACTIVATIONS",
-           "GATED"]
+__all__ = ["FallbackWarning", "FLOATS", "np_", "opt_np", "plan", "warn_fallback",
+           "numpy_op", "call_backward", "compiling", "KERNEL_ACTIVATIONS", "GATED"]
 
 FLOATS = (torch.float32, torch.float64)
 
@@ -31,27 +30,50 @@ def opt_np(t):
     return None if t is None else np_(t)
 
 
-def unsupported(x: torch.Tensor, *others) -> str | None:
-    """Why normffn cannot serve these tensors (None: it can).
+# False: every call goes through torch.ops.normffn.* (tests flip it to check both routes agree)
+EAGER_FAST_PATH = True
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
-    normffn serves strided CPU float32/float64 tensors, all of x's dtype (``others`` may hold
-    None for absent parameters).  Non-contiguous tensors are served (the NumPy layer copies
-    what its kernels cannot read in place); everything else is a reason to fall back.
+
+def plan(x: torch.Tensor, *others) -> tuple:
+    """``(reason, grad, direct)`` for one call, in one pass over its tensors (this runs on every
+    call: the budget is ~15 µs a call).
+
+    reason
+        Why normffn cannot serve these tensors, or None.  normffn serves strided CPU
+        float32/float64 tensors, all of x's dtype (``others`` may hold None for absent
+        parameters); non-contiguous ones are served (the NumPy layer copies what its kernels
+        cannot read in place).
+    grad
+        Autograd is recording and some tensor requires grad.
+    direct
+        The call may skip the dispatcher (see _ops): plain eager mode — not tracing for
+        torch.compile, no dispatch or torch-function mode (fake tensors, export, DeviceContext)
+        — and plain tensors only (subclasses get the operator, which handles them).
     """
     dt = x.dtype
     if dt not in FLOATS:
-        return f"dtype {str(dt).replace('torch.', '')} (normffn serves float32 and float64)"
+        return f"dtype {str(dt).replace('torch.', '')} (normffn serves float32 and float64)", \
+            False, False
+    requires = False
+    plain = True
     for t in (x,) + others:
         if t is None:
             continue
         if not t.is_cpu:
-            return f"device {t.device} (normffn runs on the CPU)"
+            return f"device {t.device} (normffn runs on the CPU)", False, False
         if t.dtype != dt:
             return (f"mixed dtypes {str(dt).replace('torch.', '')} and "
-                    f"{str(t.dtype).replace('torch.', '')} (normffn needs one dtype)")
+                    f"{str(t.dtype).replace('torch.', '')} (normffn needs one dtype)"), \
+                False, False
         if t.layout is not torch.strided:
-            return f"layout {t.layout} (normffn needs strided tensors)"
-    return None
+            return f"layout {t.layout} (normffn needs strided tensors)", False, False
+        requires = requires or t.requires_grad
+        plain = plain and type(t) in _PLAIN
+    direct = (EAGER_FAST_PATH and plain and not compiling()
+              and not torch._C._len_torch_dispatch_stack()
+              and not torch._C._is_torch_function_mode_enabled())
+    return None, requires and torch.is_grad_enabled(), direct
 
 
 _warned: set = set()
@@ -59,21 +81,6 @@ _warned: set = set()
 
 def compiling() -> bool:
     return torch.compiler.is_compiling()
-
-
-# False: every call goes through torch.ops.normffn.* (tests flip it to check both routes agree)
-EAGER_FAST_PATH = True
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def fast_eager(*tensors) -> bool:
-    """True when a call may skip the dispatcher (see _ops): plain eager mode — not tracing for
-    torch.compile, no dispatch or torch-function mode (fake tensors, export, DeviceContext), and
-    plain tensors only (subclasses get the operator, which handles them properly)."""
-    return (EAGER_FAST_PATH and not compiling()
-            and all(t is None or type(t) in _PLAIN for t in tensors)
-            and not torch._C._len_torch_dispatch_stack()
-            and not torch._C._is_torch_function_mode_enabled())
 
 
 def warn_fallback(op: str, reason: str, fallback: str) -> None:

@@ -11,27 +11,27 @@ dispatcher's custom-op overhead alone exceeds the per-call budget (see ``_ops``)
 import torch
 import torch.nn.functional as F
 
-from . import _ops, _torch_ref, _util
-from ._util import KERNEL_ACTIVATIONS, numpy_op, unsupported, warn_fallback
+from . import _ops, _torch_ref
+from ._util import KERNEL_ACTIVATIONS, numpy_op, plan, warn_fallback
 
 __all__ = ["layer_norm", "rms_norm", "batch_norm", "ffn", "ffn_block"]
 
-_FFN_BLOCK = torch.ops.normffn.ffn_block.default
-
-
-def _route(op, function, impl, grad: bool, args: tuple):
-    """Run one op: through the dispatcher (``op``) unless plain eager mode allows the direct
-    route — ``function.apply`` when autograd records, else ``impl`` itself."""
-    if _util.fast_eager(*(a for a in args if isinstance(a, torch.Tensor))):
-        return function.apply(*args) if grad else impl(*args)
-    return op(*args)
-
-
+# per op: (operator, eager autograd.Function, implementation) — see _ops for the two routes
 _LN = (torch.ops.normffn.layer_norm.default, _ops.LayerNormFunction, _ops._ln_impl)
 _RMS = (torch.ops.normffn.rms_norm.default, _ops.RMSNormFunction, _ops._rms_impl)
 _BN = (torch.ops.normffn.batch_norm.default, _ops.BatchNormFunction, _ops._bn_impl)
 _FFN_TRAIN = (torch.ops.normffn.ffn_forward.default, _ops.FFNFunction, _ops._ffn_fwd_impl)
-_FFN_INFER = torch.ops.normffn.ffn.default
+_FFN_INFER = (torch.ops.normffn.ffn.default, None, _ops._ffn_impl)
+_FFN_BLOCK = (torch.ops.normffn.ffn_block.default, None, _ops._ffn_block_impl)
+
+
+def _run(route, grad: bool, direct: bool, *args):
+    """The operator, or with ``direct`` the eager Function (autograd recording) or the bare
+    implementation."""
+    op, function, impl = route
+    if not direct:
+        return op(*args)
+    return function.apply(*args) if grad else impl(*args)
 
 
 def _shape(normalized_shape) -> list:
@@ -40,25 +40,20 @@ def _shape(normalized_shape) -> list:
     return [int(s) for s in normalized_shape]
 
 
-def _grad_wanted(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """``torch.nn.functional.layer_norm`` on normffn's kernel (float64 statistics)."""
-    reason = unsupported(input, weight, bias)
+    reason, grad, direct = plan(input, weight, bias)
     if reason is not None:
         warn_fallback("layer_norm", reason, "torch.nn.functional.layer_norm")
         return F.layer_norm(input, tuple(_shape(normalized_shape)), weight, bias, eps)
-    return _route(*_LN, _grad_wanted(input, weight, bias),
-                  (input, _shape(normalized_shape), weight, bias, float(eps)))[0]
+    return _run(_LN, grad, direct, input, _shape(normalized_shape), weight, bias, float(eps))[0]
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
     """``torch.nn.functional.rms_norm`` on normffn's kernel; ``eps=None`` means
     ``torch.finfo(input.dtype).eps`` as in PyTorch.  Runs PyTorch's op (with a one-time
     warning) while this normffn build has no ``normffn.rms_norm``."""
-    reason = unsupported(input, weight)
+    reason, grad, direct = plan(input, weight)
     if reason is None and numpy_op("rms_norm_forward") is None:
         reason = "this normffn build has no rms_norm kernel yet"
     if reason is not None:
@@ -66,23 +61,20 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
         return F.rms_norm(input, tuple(_shape(normalized_shape)), weight, eps)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
-    return _route(*_RMS, _grad_wanted(input, weight),
-                  (input, _shape(normalized_shape), weight, float(eps)))[0]
+    return _run(_RMS, grad, direct, input, _shape(normalized_shape), weight, float(eps))[0]
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
     """``torch.nn.functional.batch_norm`` on normffn's kernels (NCHW and channels-last without
     a copy).  In training the running stats are updated in place, as PyTorch does."""
-    reason = unsupported(input, running_mean, running_var, weight, bias)
+    reason, grad, direct = plan(input, running_mean, running_var, weight, bias)
     if reason is not None:
         warn_fallback("batch_norm", reason, "torch.nn.functional.batch_norm")
         return F.batch_norm(input, running_mean, running_var, weight, bias, training,
                             momentum, eps)
-    y, _, _, new_mean, new_var = _route(
-        *_BN, _grad_wanted(input, weight, bias),
-        (input, running_mean, running_var, weight, bias, bool(training), float(momentum),
-         float(eps)))
+    y, _, _, new_mean, new_var = _run(_BN, grad, direct, input, running_mean, running_var,
+                                      weight, bias, bool(training), float(momentum), float(eps))
     if training and running_mean is not None:
         with torch.no_grad():
             running_mean.copy_(new_mean)
@@ -107,7 +99,7 @@ def ffn(input, weight1, bias1, weight2, bias2, activation="relu", *, recompute=F
     Without autograd (no_grad, or nothing requires grad) the inference kernel runs and keeps
     nothing; otherwise the forward keeps the hidden activation for backward.
     """
-    reason = unsupported(input, weight1, bias1, weight2, bias2)
+    reason, grad, direct = plan(input, weight1, bias1, weight2, bias2)
     if reason is None and activation not in KERNEL_ACTIVATIONS:
         if activation not in _torch_ref.ACTIVATIONS and activation not in _torch_ref.GATED:
             raise ValueError(f"activation must be one of "
@@ -117,11 +109,10 @@ def ffn(input, weight1, bias1, weight2, bias2, activation="relu", *, recompute=F
     if reason is not None:
         warn_fallback("ffn", reason, "nn.Linear -> activation -> nn.Linear in PyTorch")
         return _torch_ref.ffn(input, weight1, bias1, weight2, bias2, activation)
-    if _grad_wanted(input, weight1, bias1, weight2, bias2):
-        return _route(*_FFN_TRAIN, True, (input, weight1, bias1, weight2, bias2, activation,
-                                          bool(recompute)))[0]
-    return _route(_FFN_INFER, None, _ops._ffn_impl, False,
-                  (input, weight1, bias1, weight2, bias2, activation))
+    if grad:
+        return _run(_FFN_TRAIN, True, direct, input, weight1, bias1, weight2, bias2, activation,
+                    bool(recompute))[0]
+    return _run(_FFN_INFER, False, direct, input, weight1, bias1, weight2, bias2, activation)
 
 
 def ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation="relu",
@@ -137,10 +128,11 @@ def ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, act
     if norm == "rms" and norm_bias is not None:
         raise ValueError("norm_bias must be None for norm='rms'")
     tensors = (input, norm_weight, norm_bias, weight1, bias1, weight2, bias2)
-    if (numpy_op("ffn_block") is not None and unsupported(*tensors) is None
-            and activation in KERNEL_ACTIVATIONS and not _grad_wanted(*tensors)):
-        return _route(_FFN_BLOCK, None, _ops._ffn_block_impl, False,
-                      (*tensors, activation, norm, placement, float(eps)))
+    if numpy_op("ffn_block") is not None and activation in KERNEL_ACTIVATIONS:
+        reason, grad, direct = plan(*tensors)
+        if reason is None and not grad:
+            return _run(_FFN_BLOCK, False, direct, *tensors, activation, norm, placement,
+                        float(eps))
     d = input.shape[-1]
 
     def normed(t):
@@ -151,4 +143,3 @@ def ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, act
     if placement == "pre":
         return input + ffn(normed(input), weight1, bias1, weight2, bias2, activation)
     return normed(input + ffn(input, weight1, bias1, weight2, bias2, activation))
-
