@@ -1,0 +1,470 @@
+"""normffn's kernels as PyTorch operators (``torch.ops.normffn.*``).
+
+Layers, per op:
+
+* a forward operator (``torch.library.custom_op``) returning the output **and** what backward
+  needs (statistics, the FFN's hidden activation) as tensors — torch.compile can carry tensors
+  between the forward and backward graphs, not Python objects;
+* a backward operator taking those tensors back, rebuilding the NumPy layer's context from
+  them and returning every gradient slot (an empty tensor where autograd needs none: operators
+  cannot return None);
+* ``register_autograd`` linking the two, asking only for the gradients autograd needs
+  (``ctx.needs_input_grad``), and ``register_fake`` giving torch.compile each output's shape,
+  dtype **and strides** without running a kernel.
+
+The operators call the public NumPy API on zero-copy views (``Tensor.numpy()`` in,
+``torch.from_numpy`` out).  They trust their caller (functional.py) to have sent strided CPU
+float32/float64 tensors of one dtype; argument errors (shapes, eps, momentum) surface as the
+NumPy layer's ValueError/TypeError.  They also rely on the NumPy layer returning fresh arrays
+that nothing else writes (its outputs and context arrays): those become tensors autograd saves.
+
+Weights of the FFN are in ``nn.Linear`` layout (``weight1`` ``(h1, d)``, ``weight2`` ``(d, h)``)
+and reach the kernels as transposed views (``w1 = weight1.T``), never copied; the weight
+gradients come back as transposed views of the kernels' C-ordered ``dw1``/``dw2``.
+
+Double backward (``create_graph=True``) is served by recomputing the op with PyTorch ops and
+differentiating those (with a one-time FallbackWarning): the NumPy backward is not itself
+differentiable.
+
+Two routes over the same functions.  ``torch.ops.normffn.*`` (dispatcher, register_autograd)
+is what torch.compile, export, fake tensors and dispatch modes see.  Plain eager calls skip the
+dispatcher — a custom op with an autograd formula costs ~25 µs per call in the dispatcher alone
+(pytorch/pytorch#139500, #176592), over the 15 µs budget of a wrapper — and run the same Python
+implementation through an ``autograd.Function`` built from the same setup/backward pair
+(``<Op>Function`` below; without autograd, the implementation directly).  functional.py picks
+the route per call (``_util.plan``).
+
+A new op plugs in as: implementation + custom op + fake, backward implementation + custom op +
+fake, one setup/backward pair, one ``register_autograd`` line, one ``_function`` line, and a
+front-end function in functional.py.
+"""
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import normffn
+
+from . import _torch_ref
+from ._util import call_backward, compiling, np_, numpy_op, opt_np, warn_fallback
+
+__all__ = ["layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward",
+           "batch_norm", "batch_norm_backward", "ffn", "ffn_forward", "ffn_backward",
+           "ffn_block", "LayerNormFunction", "RMSNormFunction", "BatchNormFunction",
+           "FFNFunction"]
+
+_custom_op = torch.library.custom_op
+
+
+def _from(a, like: Tensor) -> Tensor:
+    """ndarray -> tensor sharing its memory; None -> an empty placeholder of like's dtype."""
+    return like.new_empty(0) if a is None else torch.from_numpy(a)
+
+
+def _keep(g: Tensor, needed: bool):
+    return g if needed else None
+
+
+def _make_ctx(cls, **fields):
+    """Rebuild a NumPy-layer context from its fields (those the class does not declare are
+    dropped, so a context that gains or loses an optional field keeps working; a field it
+    requires that we cannot supply is a clear error, not a wrong result)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in fields and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RuntimeError(f"normffn.torch cannot rebuild {cls.__name__}: it has fields "
+                           f"{missing} that normffn/torch/_ops.py does not know; update it")
+    return cls(**{k: v for k, v in fields.items() if k in names})
+
+
+def _op(name: str, impl, fake):
+    """``torch.ops.normffn.<name>`` from a Python implementation and its fake."""
+    op = _custom_op(f"normffn::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    return op
+
+
+def _function(name: str, impl, setup, backward):
+    """The eager route: an autograd.Function running ``impl`` with the op's own setup and
+    backward (the backward given calls the backward implementation directly)."""
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup(ctx, args, out)
+        return out
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+def _double_backward(ctx, dy: Tensor) -> bool:
+    """True when autograd is building a graph of this backward (create_graph=True)."""
+    return torch.is_grad_enabled() and not compiling() and (
+        dy.requires_grad or any(t is not None and t.requires_grad for t in ctx.saved_tensors))
+
+
+def _torch_grads(op: str, fn, inputs: tuple, dy: Tensor, needs) -> list:
+    """Gradients of ``fn(*inputs)`` for the ``needs`` entries, as a differentiable graph."""
+    warn_fallback(op, "double backward (create_graph=True)", "PyTorch autograd of the same op")
+    wanted = [t for t, n in zip(inputs, needs) if n]
+    with torch.enable_grad():
+        grads = iter(torch.autograd.grad(fn(*inputs), wanted, dy, create_graph=True,
+                                         allow_unused=True))
+    return [next(grads) if n else None for n in needs]
+
+
+# ---------------------------------------------------------------- LayerNorm
+
+def _ln_impl(x: Tensor, normalized_shape: list[int], weight: Optional[Tensor],
+             bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (y, mean, rstd); mean/rstd float64 of shape x.shape[:-len(normalized_shape)]."""
+    y, c = normffn.layer_norm_forward(np_(x), tuple(normalized_shape), opt_np(weight),
+                                      opt_np(bias), eps)
+    return torch.from_numpy(y), torch.from_numpy(c.mean), torch.from_numpy(c.rstd)
+
+
+def _ln_fake(x, normalized_shape, weight, bias, eps):
+    lead = x.shape[:x.dim() - len(normalized_shape)]
+    return (x.new_empty(x.shape), x.new_empty(lead, dtype=torch.float64),
+            x.new_empty(lead, dtype=torch.float64))
+
+
+def _ln_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 mean: Tensor, rstd: Tensor, normalized_shape: list[int], eps: float,
+                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dx, dweight, dbias), empty where not needed."""
+    c = _make_ctx(normffn.LayerNormContext, x=np.ascontiguousarray(np_(x)), weight=opt_np(weight),
+                  bias=opt_np(bias), normalized_shape=tuple(normalized_shape), eps=eps,
+                  mean=np_(mean), rstd=np_(rstd))
+    dx, dw, db = call_backward(normffn.layer_norm_backward, np_(dy), c, needs)
+    return _from(dx, x), _from(dw, x), _from(db, x)
+
+
+def _ln_bwd_fake(dy, x, weight, bias, mean, rstd, normalized_shape, eps, needs):
+    def like(t, n):
+        return t.new_empty(t.shape) if n else x.new_empty(0)
+    return like(x, needs[0]), like(weight, needs[1]), like(bias, needs[2])
+
+
+def _ln_setup(ctx, inputs, output):
+    x, normalized_shape, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.normalized_shape, ctx.eps = normalized_shape, eps
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _ln_backward(bwd):
+    def backward(ctx, dy, _dmean, _drstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        nx, _, nw, nb, _ = ctx.needs_input_grad
+        needs = [nx, nw and weight is not None, nb and bias is not None]
+        if _double_backward(ctx, dy):
+            dx, dw, db = _torch_grads(
+                "layer_norm",
+                lambda a, w, b: F.layer_norm(a, ctx.normalized_shape, w, b, ctx.eps),
+                (x, weight, bias), dy, needs)
+        else:
+            dx, dw, db = bwd(dy, x, weight, bias, mean, rstd, ctx.normalized_shape, ctx.eps,
+                             needs)
+        return _keep(dx, needs[0]), None, _keep(dw, needs[1]), _keep(db, needs[2]), None
+    return backward
+
+
+layer_norm = _op("layer_norm", _ln_impl, _ln_fake)
+layer_norm_backward = _op("layer_norm_backward", _ln_bwd_impl, _ln_bwd_fake)
+layer_norm.register_autograd(_ln_backward(layer_norm_backward), setup_context=_ln_setup)
+LayerNormFunction = _function("LayerNormFunction", _ln_impl, _ln_setup,
+                              _ln_backward(_ln_bwd_impl))
+
+
+# ---------------------------------------------------------------- RMSNorm (issue #11)
+
+def _rms_impl(x: Tensor, normalized_shape: list[int], weight: Optional[Tensor],
+              eps: float) -> tuple[Tensor, Tensor]:
+    """-> (y, rstd); eps already resolved (the front end turns None into finfo.eps)."""
+    y, c = normffn.rms_norm_forward(np_(x), tuple(normalized_shape), opt_np(weight), eps)
+    return torch.from_numpy(y), torch.from_numpy(c.rstd)
+
+
+def _rms_fake(x, normalized_shape, weight, eps):
+    lead = x.shape[:x.dim() - len(normalized_shape)]
+    return x.new_empty(x.shape), x.new_empty(lead, dtype=torch.float64)
+
+
+def _rms_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
+                  normalized_shape: list[int], eps: float,
+                  needs: list[bool]) -> tuple[Tensor, Tensor]:
+    """-> (dx, dweight), empty where not needed."""
+    c = _make_ctx(normffn.RMSNormContext, x=np.ascontiguousarray(np_(x)), weight=opt_np(weight),
+                  normalized_shape=tuple(normalized_shape), eps=eps, rstd=np_(rstd))
+    dx, dw = call_backward(normffn.rms_norm_backward, np_(dy), c, needs)
+    return _from(dx, x), _from(dw, x)
+
+
+def _rms_bwd_fake(dy, x, weight, rstd, normalized_shape, eps, needs):
+    return (x.new_empty(x.shape) if needs[0] else x.new_empty(0),
+            weight.new_empty(weight.shape) if needs[1] else x.new_empty(0))
+
+
+def _rms_setup(ctx, inputs, output):
+    x, normalized_shape, weight, eps = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.normalized_shape, ctx.eps = normalized_shape, eps
+    ctx.mark_non_differentiable(output[1])
+
+
+def _rms_backward(bwd):
+    def backward(ctx, dy, _drstd):
+        x, weight, rstd = ctx.saved_tensors
+        nx, _, nw, _ = ctx.needs_input_grad
+        needs = [nx, nw and weight is not None]
+        if _double_backward(ctx, dy):
+            dx, dw = _torch_grads(
+                "rms_norm", lambda a, w: F.rms_norm(a, ctx.normalized_shape, w, ctx.eps),
+                (x, weight), dy, needs)
+        else:
+            dx, dw = bwd(dy, x, weight, rstd, ctx.normalized_shape, ctx.eps, needs)
+        return _keep(dx, needs[0]), None, _keep(dw, needs[1]), None
+    return backward
+
+
+rms_norm = _op("rms_norm", _rms_impl, _rms_fake)
+rms_norm_backward = _op("rms_norm_backward", _rms_bwd_impl, _rms_bwd_fake)
+rms_norm.register_autograd(_rms_backward(rms_norm_backward), setup_context=_rms_setup)
+RMSNormFunction = _function("RMSNormFunction", _rms_impl, _rms_setup,
+                            _rms_backward(_rms_bwd_impl))
+
+
+# ---------------------------------------------------------------- BatchNorm
+
+def _bn_like(x: Tensor) -> Tensor:
+    """An empty tensor in the layout the NumPy BatchNorm gives x's outputs: channels-last
+    (C-contiguous once axis 1 goes last) stays channels-last, anything else is C-contiguous."""
+    if x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous():
+        s = x.shape
+        return x.new_empty(s[:1] + s[2:] + s[1:2]).movedim(-1, 1)
+    return x.new_empty(x.shape)
+
+
+def _bn_impl(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+             weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
+             momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (y, mean, rstd, new_running_mean, new_running_var).
+
+    Functional (autograd formulas need functional operators): the running stats are updated on
+    copies, returned for the front end to ``copy_`` into the buffers (empty when not updated).
+    """
+    update = training and running_mean is not None
+    rm, rv = opt_np(running_mean), opt_np(running_var)
+    if update:
+        rm, rv = rm.copy(), rv.copy()
+    y, c = normffn.batch_norm_forward(np_(x), rm, rv, opt_np(weight), opt_np(bias), training,
+                                      momentum, eps)
+    return (torch.from_numpy(y), torch.from_numpy(c.mean), torch.from_numpy(c.rstd),
+            _from(rm if update else None, x), _from(rv if update else None, x))
+
+
+def _bn_fake(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    C = x.shape[1]
+    n = C if training and running_mean is not None else 0
+    return (_bn_like(x), x.new_empty(C, dtype=torch.float64),
+            x.new_empty(C, dtype=torch.float64), x.new_empty(n), x.new_empty(n))
+
+
+def _bn_saved_x(xa: np.ndarray) -> np.ndarray:
+    """x as the NumPy forward kept it: C-contiguous or channels-last as given, else copied."""
+    if xa.flags.c_contiguous or (xa.ndim >= 3 and np.moveaxis(xa, 1, -1).flags.c_contiguous):
+        return xa
+    return np.ascontiguousarray(xa)
+
+
+def _bn_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 mean: Tensor, rstd: Tensor, training: bool, eps: float,
+                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dx in x's layout, dweight, dbias), empty where not needed."""
+    c = _make_ctx(normffn.BatchNormContext, x=_bn_saved_x(np_(x)), weight=opt_np(weight),
+                  bias=opt_np(bias), eps=eps, training=training, mean=np_(mean),
+                  rstd=np_(rstd))
+    dx, dw, db = call_backward(normffn.batch_norm_backward, np_(dy), c, needs)
+    return _from(dx, x), _from(dw, x), _from(db, x)
+
+
+def _bn_bwd_fake(dy, x, weight, bias, mean, rstd, training, eps, needs):
+    C = x.shape[1]
+    return (_bn_like(x) if needs[0] else x.new_empty(0),
+            x.new_empty(C) if needs[1] else x.new_empty(0),
+            x.new_empty(C) if needs[2] else x.new_empty(0))
+
+
+def _bn_setup(ctx, inputs, output):
+    x, running_mean, running_var, weight, bias, training, momentum, eps = inputs
+    _, mean, rstd, new_rm, new_rv = output
+    # eval: the running stats, for the double-backward path only (training updates them in
+    # place right after this op, so saving them there would trip autograd's version check)
+    stats = (None, None) if training else (running_mean, running_var)
+    ctx.save_for_backward(x, weight, bias, mean, rstd, *stats)
+    ctx.training, ctx.eps = training, eps
+    ctx.mark_non_differentiable(mean, rstd, new_rm, new_rv)
+
+
+def _bn_backward(bwd):
+    def backward(ctx, dy, *_stat_grads):
+        x, weight, bias, mean, rstd, running_mean, running_var = ctx.saved_tensors
+        nx, _, _, nw, nb, _, _, _ = ctx.needs_input_grad
+        needs = [nx, nw and weight is not None, nb and bias is not None]
+        if _double_backward(ctx, dy):
+            # training: batch statistics (running stats not touched again); eval: running stats
+            rm, rv = (None, None) if ctx.training else (running_mean, running_var)
+            dx, dw, db = _torch_grads(
+                "batch_norm",
+                lambda a, w, b: F.batch_norm(a, rm, rv, w, b, ctx.training, 0.0, ctx.eps),
+                (x, weight, bias), dy, needs)
+        else:
+            dx, dw, db = bwd(dy, x, weight, bias, mean, rstd, ctx.training, ctx.eps, needs)
+        return (_keep(dx, needs[0]), None, None, _keep(dw, needs[1]), _keep(db, needs[2]),
+                None, None, None)
+    return backward
+
+
+batch_norm = _op("batch_norm", _bn_impl, _bn_fake)
+batch_norm_backward = _op("batch_norm_backward", _bn_bwd_impl, _bn_bwd_fake)
+batch_norm.register_autograd(_bn_backward(batch_norm_backward), setup_context=_bn_setup)
+BatchNormFunction = _function("BatchNormFunction", _bn_impl, _bn_setup,
+                              _bn_backward(_bn_bwd_impl))
+
+
+# ---------------------------------------------------------------- FFN
+
+def _hidden_cols(activation: str, h1: int) -> int:
+    """Width of the hidden activation ffn_forward saves, for ``weight1`` of h1 rows: the plain
+    activations save (n, h) (a for relu, v otherwise); the gated ones (issue #12) are expected
+    to save the (n, 2h) pre-activation.  Checked against the real array on every call."""
+    return h1
+
+
+def _w(t: Tensor) -> np.ndarray:
+    """nn.Linear weight (out, in) -> the kernels' (in, out) weight: a transposed view."""
+    return np_(t).T
+
+
+def _blas_ready(w: np.ndarray) -> np.ndarray:
+    """The weight as ffn_forward kept it: as given when rows or columns are contiguous."""
+    return w if (w.flags.c_contiguous or w.flags.f_contiguous) else np.ascontiguousarray(w)
+
+
+def _ffn_impl(x: Tensor, weight1: Tensor, bias1: Optional[Tensor], weight2: Tensor,
+              bias2: Optional[Tensor], activation: str) -> Tensor:
+    """Inference: y only, no (n, h) buffer kept."""
+    return torch.from_numpy(normffn.ffn(np_(x), _w(weight1), opt_np(bias1), _w(weight2),
+                                        opt_np(bias2), activation))
+
+
+def _ffn_fake(x, weight1, bias1, weight2, bias2, activation):
+    return x.new_empty(x.shape)
+
+
+def _ffn_fwd_impl(x: Tensor, weight1: Tensor, bias1: Optional[Tensor], weight2: Tensor,
+                  bias2: Optional[Tensor], activation: str,
+                  recompute: bool) -> tuple[Tensor, Tensor]:
+    """-> (y, hidden); hidden is (n, h) (empty with recompute=True)."""
+    y, c = normffn.ffn_forward(np_(x), _w(weight1), opt_np(bias1), _w(weight2), opt_np(bias2),
+                               activation, recompute=recompute)
+    hidden = c.hidden
+    if hidden is not None:
+        expected = (math.prod(x.shape[:-1]), _hidden_cols(activation, weight1.shape[0]))
+        if hidden.shape != expected:
+            raise RuntimeError(f"normffn.ffn_forward saved a hidden of shape {hidden.shape}, "
+                               f"normffn.torch expected {expected} for activation "
+                               f"{activation!r}: update _hidden_cols in normffn/torch/_ops.py")
+    return torch.from_numpy(y), _from(hidden, x)
+
+
+def _ffn_fwd_fake(x, weight1, bias1, weight2, bias2, activation, recompute):
+    if recompute:
+        return x.new_empty(x.shape), x.new_empty(0)
+    n = math.prod(x.shape[:-1])
+    return x.new_empty(x.shape), x.new_empty((n, _hidden_cols(activation, weight1.shape[0])))
+
+
+def _ffn_bwd_impl(dy: Tensor, x: Tensor, weight1: Tensor, bias1: Optional[Tensor],
+                  weight2: Tensor, bias2: Optional[Tensor], hidden: Tensor, activation: str,
+                  recompute: bool, needs: list[bool]
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (dx, dweight1, dbias1, dweight2, dbias2), weight grads in nn.Linear layout (transposed
+    views of the kernels' C-ordered dw1/dw2); empty where not needed."""
+    c = _make_ctx(normffn.FFNContext, x=np.ascontiguousarray(np_(x)),
+                  w1=_blas_ready(_w(weight1)), b1=opt_np(bias1),
+                  w2=_blas_ready(_w(weight2)), b2=opt_np(bias2), activation=activation,
+                  recompute=recompute, hidden=None if recompute else np_(hidden),
+                  dead_units=None)
+    dx, dw1, db1, dw2, db2 = call_backward(normffn.ffn_backward, np_(dy), c, needs)
+    return (_from(dx, x), _from(None if dw1 is None else dw1.T, x), _from(db1, x),
+            _from(None if dw2 is None else dw2.T, x), _from(db2, x))
+
+
+def _ffn_bwd_fake(dy, x, weight1, bias1, weight2, bias2, hidden, activation, recompute, needs):
+    def weight_grad(w, n):  # transposed view of a C-ordered (in, out) array
+        return w.new_empty((w.shape[1], w.shape[0])).T if n else x.new_empty(0)
+    return (x.new_empty(x.shape) if needs[0] else x.new_empty(0),
+            weight_grad(weight1, needs[1]),
+            bias1.new_empty(bias1.shape) if needs[2] else x.new_empty(0),
+            weight_grad(weight2, needs[3]),
+            bias2.new_empty(bias2.shape) if needs[4] else x.new_empty(0))
+
+
+def _ffn_setup(ctx, inputs, output):
+    x, weight1, bias1, weight2, bias2, activation, recompute = inputs
+    ctx.save_for_backward(x, weight1, bias1, weight2, bias2, output[1])
+    ctx.activation, ctx.recompute = activation, recompute
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ffn_backward(bwd):
+    def backward(ctx, dy, _dhidden):
+        x, weight1, bias1, weight2, bias2, hidden = ctx.saved_tensors
+        nx, nw1, nb1, nw2, nb2, _, _ = ctx.needs_input_grad
+        needs = [nx, nw1, nb1 and bias1 is not None, nw2, nb2 and bias2 is not None]
+        if _double_backward(ctx, dy):
+            grads = _torch_grads(
+                "ffn", lambda *a: _torch_ref.ffn(*a, ctx.activation),
+                (x, weight1, bias1, weight2, bias2), dy, needs)
+        else:
+            grads = bwd(dy, x, weight1, bias1, weight2, bias2, hidden, ctx.activation,
+                        ctx.recompute, needs)
+        return tuple(_keep(g, n) for g, n in zip(grads, needs)) + (None, None)
+    return backward
+
+
+ffn = _op("ffn", _ffn_impl, _ffn_fake)
+ffn_forward = _op("ffn_forward", _ffn_fwd_impl, _ffn_fwd_fake)
+ffn_backward = _op("ffn_backward", _ffn_bwd_impl, _ffn_bwd_fake)
+ffn_forward.register_autograd(_ffn_backward(ffn_backward), setup_context=_ffn_setup)
+FFNFunction = _function("FFNFunction", _ffn_fwd_impl, _ffn_setup, _ffn_backward(_ffn_bwd_impl))
+
+
+# ---------------------------------------------------------------- FFN block (issue #13)
+# Inference only for now: y = normffn.ffn_block(...).  Training composes layer_norm/rms_norm,
+# ffn and the residual add in functional.ffn_block until a forward/backward pair is added here
+# (its context fields become op outputs, as for the ops above).
+
+def _ffn_block_impl(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                    weight1: Tensor, bias1: Optional[Tensor], weight2: Tensor,
+                    bias2: Optional[Tensor], activation: str, norm: str, placement: str,
+                    eps: float) -> Tensor:
+    fn = numpy_op("ffn_block")
+    return torch.from_numpy(fn(np_(x), opt_np(norm_weight), opt_np(norm_bias), _w(weight1),
+                               opt_np(bias1), _w(weight2), opt_np(bias2), activation,
+                               norm=norm, placement=placement, eps=eps))
+
+
+def _ffn_block_fake(x, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation, norm,
+                    placement, eps):
+    return x.new_empty(x.shape)
+
+
+ffn_block = _op("ffn_block", _ffn_block_impl, _ffn_block_fake)

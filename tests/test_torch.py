@@ -1,0 +1,662 @@
+"""normffn.torch against PyTorch: every op and module (forward, each gradient, running stats,
+train/eval), gradcheck, opcheck, torch.compile, patch(), state dicts, zero-copy, fallbacks."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+import normffn  # noqa: E402
+import normffn.torch as nft  # noqa: E402
+from normffn.torch import _ops, _util  # noqa: E402
+
+DTYPES = [torch.float32, torch.float64]
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu"]
+HAS_RMS = hasattr(normffn, "rms_norm_forward")
+
+
+def tol(dtype):
+    return dict(rtol=1e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+
+
+def close(a, b, dtype, what=""):
+    torch.testing.assert_close(a, b, **tol(dtype), msg=lambda m: f"{what}: {m}")
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
+
+
+def grads_of(fn, inputs, seed=0):
+    """(output, gradients of <output, random dy> for the inputs that are not None)."""
+    y = fn(*inputs)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    req = [t for t in inputs if t is not None]
+    return y, torch.autograd.grad(y, req, dy)
+
+
+def compare_op(ours, theirs, inputs, dtype, what):
+    """Forward and every gradient of ours vs theirs on copies of the same leaves."""
+    y1, g1 = grads_of(ours, leaves(*inputs))
+    y2, g2 = grads_of(theirs, leaves(*inputs))
+    close(y1, y2, dtype, f"{what} y")
+    for i, (a, b) in enumerate(zip(g1, g2)):
+        close(a, b, dtype, f"{what} grad {i}")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    """Each test sees the one-time fallback warnings afresh."""
+    _util._warned.clear()
+    yield
+    _util._warned.clear()
+
+
+@pytest.fixture(params=["eager", "dispatcher"])
+def route(request, monkeypatch):
+    """Run a test through both routes: the direct eager one and torch.ops.normffn.*."""
+    monkeypatch.setattr(_util, "EAGER_FAST_PATH", request.param == "eager")
+    return request.param
+
+
+def rand(*shape, dtype=torch.float64, seed=0, scale=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype) * scale + offset
+
+
+# ---------------------------------------------------------------- LayerNorm
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,nshape", [((5, 7), 7), ((2, 3, 4, 6), (4, 6)), ((769,), (769,))])
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+def test_layer_norm_matches_torch(dtype, shape, nshape, affine, route):
+    ns = (nshape,) if isinstance(nshape, int) else nshape
+    x = rand(*shape, dtype=dtype, offset=3.0)
+    w = rand(*ns, dtype=dtype, seed=1) if affine != "none" else None
+    b = rand(*ns, dtype=dtype, seed=2) if affine == "both" else None
+    compare_op(lambda x, w=None, b=None: nft.layer_norm(x, nshape, w, b, 1e-5),
+               lambda x, w=None, b=None: F.layer_norm(x, ns, w, b, 1e-5),
+               [t for t in (x, w, b) if t is not None] if affine != "none" else [x],
+               dtype, f"layer_norm {affine}")
+
+
+def test_layer_norm_gradcheck(route):
+    x, w, b = leaves(rand(3, 5), rand(5, seed=1), rand(5, seed=2))
+    assert torch.autograd.gradcheck(lambda x, w, b: nft.layer_norm(x, 5, w, b), (x, w, b))
+
+
+def test_layer_norm_only_needed_grads(route):
+    """x frozen: no dx slot filled; weight frozen: no dweight; autograd gets None for both."""
+    x = rand(4, 6)
+    w, b = leaves(rand(6, seed=1), rand(6, seed=2))
+    y = nft.layer_norm(x, 6, w.detach(), b)
+    y.sum().backward()
+    assert w.grad is None and b.grad is not None
+    close(b.grad, torch.full((6,), 4.0, dtype=torch.float64), torch.float64, "dbias")
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+def test_rms_norm_falls_back_until_normffn_has_it():
+    if HAS_RMS:
+        pytest.skip("normffn.rms_norm exists in this build")
+    x = rand(4, 8, dtype=torch.float32)
+    with pytest.warns(nft.FallbackWarning, match="no rms_norm kernel"):
+        y = nft.rms_norm(x, 8)
+    close(y, F.rms_norm(x, (8,)), torch.float32, "rms fallback")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nft.rms_norm(x, 8)  # warned once only
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _StubRMSContext:
+    x: np.ndarray
+    weight: object
+    normalized_shape: tuple
+    eps: float
+    rstd: np.ndarray
+
+
+def _stub_rms_forward(x, normalized_shape, weight=None, eps=None, *, out=None):
+    k = len(normalized_shape)
+    axes = tuple(range(x.ndim - k, x.ndim))
+    eps = np.finfo(x.dtype).eps if eps is None else eps
+    rstd = 1.0 / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=axes) + eps)
+    y = x * rstd.reshape(rstd.shape + (1,) * k)
+    y = (y if weight is None else y * weight).astype(x.dtype)
+    return y, _StubRMSContext(np.ascontiguousarray(x), weight, tuple(normalized_shape), eps, rstd)
+
+
+def _stub_rms_backward(dy, ctx, *, out=None, needs=None):
+    k = len(ctx.normalized_shape)
+    axes = tuple(range(ctx.x.ndim - k, ctx.x.ndim))
+    r = ctx.rstd.reshape(ctx.rstd.shape + (1,) * k)
+    xhat = ctx.x * r
+    g = dy if ctx.weight is None else dy * ctx.weight
+    dx = r * (g - xhat * np.mean(g * xhat, axis=axes, keepdims=True))
+    lead = tuple(range(ctx.x.ndim - k))
+    dw = None if ctx.weight is None else np.sum(dy * xhat, axis=lead)
+    return dx.astype(dy.dtype), None if dw is None else dw.astype(dy.dtype)
+
+
+@pytest.fixture
+def rms_kernel(monkeypatch):
+    """The real normffn.rms_norm where this build has it, else a NumPy stand-in with the
+    issue's API, so the operator wiring is tested either way."""
+    if not HAS_RMS:
+        monkeypatch.setattr(normffn, "rms_norm_forward", _stub_rms_forward, raising=False)
+        monkeypatch.setattr(normffn, "rms_norm_backward", _stub_rms_backward, raising=False)
+        monkeypatch.setattr(normffn, "RMSNormContext", _StubRMSContext, raising=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("eps", [None, 1e-6])
+def test_rms_norm_matches_torch(rms_kernel, dtype, with_weight, eps, route):
+    x = rand(3, 4, 10, dtype=dtype)
+    ins = [x, rand(10, dtype=dtype, seed=1)] if with_weight else [x]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", nft.FallbackWarning)
+        compare_op(lambda x, w=None: nft.rms_norm(x, (10,), w, eps),
+                   lambda x, w=None: F.rms_norm(x, (10,), w, eps), ins, dtype, "rms_norm")
+
+
+def test_rms_norm_gradcheck(rms_kernel, route):
+    x, w = leaves(rand(3, 5), rand(5, seed=1))
+    assert torch.autograd.gradcheck(lambda x, w: nft.rms_norm(x, 5, w, 1e-5), (x, w))
+
+
+# ---------------------------------------------------------------- BatchNorm
+
+def _bn_pair(C, dtype, momentum=0.1):
+    return ([torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype)],
+            [torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(8, 3), (4, 3, 5), (2, 3, 4, 5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_training_matches_torch(dtype, shape, channels_last, route):
+    if channels_last and len(shape) < 3:
+        pytest.skip("channels-last needs spatial dims")
+    C = shape[1]
+    ours, theirs = _bn_pair(C, dtype)
+    w, b = rand(C, dtype=dtype, seed=1), rand(C, dtype=dtype, seed=2)
+    for step in range(3):  # running stats over several steps
+        x = rand(*shape, dtype=dtype, seed=10 + step, scale=2.0, offset=1.5)
+        if channels_last:
+            x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+        compare_op(lambda x, w, b: nft.batch_norm(x, *ours, w, b, True, 0.1, 1e-5),
+                   lambda x, w, b: F.batch_norm(x, *theirs, w, b, True, 0.1, 1e-5),
+                   [x, w, b], dtype, f"bn step {step}")
+    # compare_op runs each forward twice per step (leaves for ours, leaves for theirs): same
+    # number of updates on both sides
+    close(ours[0], theirs[0], dtype, "running_mean")
+    close(ours[1], theirs[1], dtype, "running_var")
+    # eval with the running stats
+    x = rand(*shape, dtype=dtype, seed=99)
+    compare_op(lambda x, w, b: nft.batch_norm(x, *ours, w, b, False),
+               lambda x, w, b: F.batch_norm(x, *theirs, w, b, False), [x, w, b], dtype, "eval")
+
+
+def test_batch_norm_channels_last_layout_kept(route):
+    x = rand(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
+    y = nft.batch_norm(x, None, None, training=True)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    (dx,) = torch.autograd.grad(y, x, torch.randn_like(y))
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_batch_norm_gradcheck(route):
+    x, w, b = leaves(rand(4, 3, 5), rand(3, seed=1), rand(3, seed=2))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: nft.batch_norm(x, None, None, w, b, True), (x, w, b))
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: nft.batch_norm(x, rm, rv, w, b, False), (x, w, b))
+
+
+def test_batch_norm_errors_are_clear_and_leave_stats():
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nft.batch_norm(torch.randn(1, 3), rm, rv, training=True)
+    assert rm.eq(0).all() and rv.eq(1).all()
+
+
+# ---------------------------------------------------------------- FFN
+
+def _ffn_inputs(dtype, d=6, h=10, lead=(2, 3), bias=True, seed=0):
+    return [rand(*lead, d, dtype=dtype, seed=seed), rand(h, d, dtype=dtype, seed=seed + 1) * 0.5,
+            rand(h, dtype=dtype, seed=seed + 2) if bias else None,
+            rand(d, h, dtype=dtype, seed=seed + 3) * 0.5,
+            rand(d, dtype=dtype, seed=seed + 4) if bias else None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_ffn_matches_torch(dtype, activation, bias, recompute, route):
+    ins = _ffn_inputs(dtype, bias=bias)
+    present = [t for t in ins if t is not None]
+
+    def ours(*t):
+        it = iter(t)
+        a = [next(it) if s is not None else None for s in ins]
+        return nft.ffn(*a, activation=activation, recompute=recompute)
+
+    def theirs(*t):
+        it = iter(t)
+        a = [next(it) if s is not None else None for s in ins]
+        return nft._torch_ref.ffn(*a, activation)
+
+    compare_op(ours, theirs, present, dtype, f"ffn {activation}")
+    with torch.no_grad():  # the inference operator
+        close(nft.ffn(*ins, activation=activation), theirs(*present), dtype, "ffn inference")
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "reglu"])
+def test_gated_ffn_matches_torch(activation):
+    """weight1 is (2h, d), gate rows first.  Served by the kernel once normffn has the gated
+    activations (issue #12); until then PyTorch runs, with a one-time warning."""
+    x, w1, b1, w2, b2 = _ffn_inputs(torch.float64, d=6, h=10)
+    w1 = torch.cat([w1, rand(10, 6, seed=7) * 0.5])
+    b1 = torch.cat([b1, rand(10, seed=8)])
+    served = activation in _util.KERNEL_ACTIVATIONS
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compare_op(lambda *a: nft.ffn(*a, activation=activation),
+                   lambda *a: nft._torch_ref.ffn(*a, activation), [x, w1, b1, w2, b2],
+                   torch.float64, activation)
+    fell_back = [w for w in caught if issubclass(w.category, nft.FallbackWarning)]
+    assert (len(fell_back) == 0) == served
+    ff = nft.FeedForward(6, 10, activation)
+    assert ff.fc1.weight.shape == (20, 6) and ff.fc2.weight.shape == (6, 10)
+
+
+def test_ffn_unknown_activation_is_an_error():
+    x, w1, b1, w2, b2 = _ffn_inputs(torch.float32)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        nft.ffn(x, w1, b1, w2, b2, activation="tanh")
+
+
+def test_ffn_gradcheck(route):
+    ins = leaves(*_ffn_inputs(torch.float64, d=4, h=5, lead=(3,)))
+    for act in ("gelu", "silu"):
+        assert torch.autograd.gradcheck(lambda *a: nft.ffn(*a, activation=act), ins)
+
+
+def test_ffn_weights_reach_kernel_as_views(monkeypatch):
+    seen = {}
+    real = normffn.ffn_forward
+
+    def spy(x, w1, b1, w2, b2, activation="relu", recompute=False):
+        seen.update(x=x, w1=w1, w2=w2)
+        return real(x, w1, b1, w2, b2, activation, recompute=recompute)
+
+    monkeypatch.setattr(normffn, "ffn_forward", spy)
+    ff = nft.FeedForward(8, 16)
+    x = torch.randn(5, 8, requires_grad=True)
+    y = ff(x)
+    assert np.shares_memory(seen["w1"], ff.fc1.weight.detach().numpy())
+    assert seen["w1"].shape == (8, 16) and seen["w1"].flags.f_contiguous
+    assert np.shares_memory(seen["w2"], ff.fc2.weight.detach().numpy())
+    assert np.shares_memory(seen["x"], x.detach().numpy())
+    y.sum().backward()
+    assert ff.fc1.weight.grad.shape == (16, 8)
+
+
+def test_only_needed_grads_reach_numpy(monkeypatch):
+    """needs= passed when the NumPy backward takes it; unneeded slots come back None."""
+    got = {}
+
+    def bwd(dy, ctx, *, needs=None):
+        got["needs"] = needs
+        return tuple(np.ones(1) if n else None for n in needs)
+
+    assert _util.call_backward(bwd, None, None, [True, False, True])[1] is None
+    assert got["needs"] == (True, False, True)
+    # a backward without needs=: everything computed, unneeded dropped
+    assert _util.call_backward(lambda dy, c: (1, 2, 3), None, None, [False, True, False]) \
+        == (None, 2, None)
+
+    calls = []
+    real = normffn.ffn_backward
+
+    def spy(dy, ctx, **kw):
+        calls.append(kw.get("needs"))
+        return real(dy, ctx, **kw)
+
+    monkeypatch.setattr(normffn, "ffn_backward", spy)
+    x, w1, b1, w2, b2 = _ffn_inputs(torch.float32)
+    w1.requires_grad_()
+    nft.ffn(x, w1, b1, w2, b2).sum().backward()
+    assert w1.grad is not None and len(calls) == 1
+
+
+# ---------------------------------------------------------------- zero copy
+
+def test_layer_norm_is_zero_copy(monkeypatch):
+    seen = {}
+    real = normffn.layer_norm_forward
+
+    def spy(x, *a, **k):
+        y, c = real(x, *a, **k)
+        seen.update(x=x, y=y)
+        return y, c
+
+    monkeypatch.setattr(normffn, "layer_norm_forward", spy)
+    x = torch.randn(4, 16)
+    y = nft.layer_norm(x, 16)
+    assert np.shares_memory(seen["x"], x.numpy())
+    assert y.data_ptr() == seen["y"].ctypes.data
+
+
+def test_eager_route_skips_dispatcher_and_modes_get_the_operator(monkeypatch):
+    """Plain eager calls run the implementation directly; under a dispatch mode (fake
+    tensors: what export and compile use) the operator and its fake kernel run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def boom(*a, **k):
+        raise AssertionError("dispatcher used")
+
+    x = torch.randn(4, 8, requires_grad=True)
+    y = nft.layer_norm(x, 8)
+    assert type(y.grad_fn).__name__.startswith("LayerNormFunction")
+    with FakeTensorMode():
+        xf = torch.empty(4, 3, 8)
+        yf = nft.layer_norm(xf, 8)
+        assert yf.shape == (4, 3, 8)
+        yf = nft.batch_norm(xf, None, None, training=True)
+        assert yf.shape == (4, 3, 8)
+    monkeypatch.setattr(_util, "EAGER_FAST_PATH", False)
+    y = nft.layer_norm(x, 8)
+    assert not type(y.grad_fn).__name__.startswith("LayerNormFunction")
+
+
+# ---------------------------------------------------------------- opcheck
+
+@pytest.mark.parametrize("case", ["ln", "bn_train", "bn_eval_cl", "ffn", "ffn_recompute"])
+def test_opcheck(case):
+    d = torch.float64
+    if case == "ln":
+        op, args = _ops.layer_norm, (rand(3, 4, 5).requires_grad_(), [4, 5],
+                                     rand(4, 5).requires_grad_(), None, 1e-5)
+    elif case.startswith("bn"):
+        x = rand(4, 3, 2, 5)
+        if case.endswith("cl"):
+            x = x.to(memory_format=torch.channels_last)
+        op, args = _ops.batch_norm, (x.requires_grad_(), torch.zeros(3, dtype=d),
+                                     torch.ones(3, dtype=d), rand(3).requires_grad_(), None,
+                                     case == "bn_train", 0.1, 1e-5)
+    else:
+        ins = leaves(*_ffn_inputs(d))
+        op, args = _ops.ffn_forward, (*ins, "gelu", case == "ffn_recompute")
+    torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------- modules
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["ln", "ln_nobias", "ln_noaffine", "rms", "bn1d", "bn1d_3d",
+                                  "bn2d", "bn2d_cl", "bn3d", "bn_cma", "bn_untracked",
+                                  "bn_noaffine"])
+def test_norm_modules_match_torch(kind, dtype, rms_kernel):
+    torch.manual_seed(0)
+    if kind.startswith("ln"):
+        theirs = nn.LayerNorm((4, 6), bias=kind != "ln_nobias",
+                              elementwise_affine=kind != "ln_noaffine", dtype=dtype)
+        ours = nft.LayerNorm((4, 6), bias=kind != "ln_nobias",
+                             elementwise_affine=kind != "ln_noaffine", dtype=dtype)
+        shape = (3, 4, 6)
+    elif kind == "rms":
+        theirs, ours, shape = nn.RMSNorm(6, dtype=dtype), nft.RMSNorm(6, dtype=dtype), (3, 4, 6)
+    else:
+        kw = dict(dtype=dtype)
+        if kind == "bn_cma":
+            kw["momentum"] = None
+        if kind == "bn_untracked":
+            kw["track_running_stats"] = False
+        if kind == "bn_noaffine":
+            kw["affine"] = False
+        dims = 3 if kind == "bn3d" else 2 if kind.startswith("bn2d") else 1
+        theirs = getattr(nn, f"BatchNorm{dims}d")(5, **kw)
+        ours = getattr(nft, f"BatchNorm{dims}d")(5, **kw)
+        shape = {3: (2, 5, 3, 2, 2), 2: (4, 5, 3, 2),
+                 1: (9, 5) if kind == "bn1d" else (4, 5, 7)}[dims]
+    for p in theirs.parameters():
+        with torch.no_grad():
+            p.add_(torch.randn_like(p))
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for mode in ("train", "train", "train", "eval", "train"):
+        ours.train(mode == "train")
+        theirs.train(mode == "train")
+        x = torch.randn(shape, dtype=dtype) * 2 + 1
+        if kind == "bn2d_cl":
+            x = x.to(memory_format=torch.channels_last)
+        xa, xb = leaves(x, x)
+        ya, yb = ours(xa), theirs(xb)
+        close(ya, yb, dtype, f"{kind} {mode} y")
+        dy = torch.randn_like(ya)
+        ga = torch.autograd.grad(ya, [xa] + list(ours.parameters()), dy)
+        gb = torch.autograd.grad(yb, [xb] + list(theirs.parameters()), dy)
+        for a, b in zip(ga, gb):
+            close(a, b, dtype, f"{kind} {mode} grad")
+        for (ka, va), (kb, vb) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+            assert ka == kb
+            close(va, vb, dtype, f"{kind} {mode} {ka}")
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_feed_forward_matches_torch(activation, bias):
+    theirs = nft.TorchFeedForward(8, 20, activation, bias, dtype=torch.float64)
+    ours = nft.FeedForward(8, 20, activation, bias, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    assert isinstance(ours.fc1, nn.Linear) and ours.fc1.weight.shape == (20, 8)
+    x = rand(2, 5, 8)
+    compare_op(lambda x: ours(x), lambda x: theirs(x), [x], torch.float64, "FeedForward")
+    ga = torch.autograd.grad(ours(x).square().sum(), list(ours.parameters()))
+    gb = torch.autograd.grad(theirs(x).square().sum(), list(theirs.parameters()))
+    for a, b in zip(ga, gb):
+        close(a, b, torch.float64, "FeedForward param grad")
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_ffn_block_matches_torch(norm, placement, rms_kernel):
+    kw = dict(norm=norm, placement=placement, dtype=torch.float64)
+    theirs, ours = nft.TorchFFNBlock(8, 16, "silu", **kw), nft.FFNBlock(8, 16, "silu", **kw)
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = rand(3, 4, 8)
+    compare_op(lambda x: ours(x), lambda x: theirs(x), [x], torch.float64, "FFNBlock")
+    ga = torch.autograd.grad(ours(x).square().sum(), list(ours.parameters()))
+    gb = torch.autograd.grad(theirs(x).square().sum(), list(theirs.parameters()))
+    for a, b in zip(ga, gb):
+        close(a, b, torch.float64, "FFNBlock param grad")
+    with torch.no_grad():
+        close(ours(x), theirs(x), torch.float64, "FFNBlock inference")
+
+
+def test_state_dict_round_trip():
+    """normffn module -> torch counterpart -> normffn module, through the state dict."""
+    pairs = [(nft.LayerNorm(6), nn.LayerNorm(6)), (nft.BatchNorm2d(4), nn.BatchNorm2d(4)),
+             (nft.RMSNorm(6), nn.RMSNorm(6)), (nft.FeedForward(6, 12), nft.TorchFeedForward(6, 12)),
+             (nft.FFNBlock(6, 12), nft.TorchFFNBlock(6, 12))]
+    for ours, theirs in pairs:
+        for t in ours.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn_like(t))
+        theirs.load_state_dict(ours.state_dict())
+        back = copy.deepcopy(ours)
+        for t in back.state_dict().values():
+            t.zero_()
+        back.load_state_dict(theirs.state_dict())
+        for (k, a), (_, b) in zip(ours.state_dict().items(), back.state_dict().items()):
+            assert torch.equal(a, b), k
+
+
+# ---------------------------------------------------------------- patch
+
+class _Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+        self.bn = nn.BatchNorm1d(d)
+
+    def forward(self, x):
+        return x + self.bn(torch.relu(self.fc(self.ln(x))))
+
+
+class _MyLayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _small_model(d=12):
+    torch.manual_seed(0)
+    shared = nn.LayerNorm(d)
+    return nn.Sequential(nn.Linear(6, d), _Block(d), shared, _Block(d), shared,
+                         _MyLayerNorm(d), nn.RMSNorm(d), nn.Linear(d, 1)).double()
+
+
+def test_patch_replaces_in_place_sharing_parameters():
+    model = _small_model()
+    params = {n: id(p) for n, p in model.named_parameters()}
+    buffers = {n: id(b) for n, b in model.named_buffers()}
+    keys = list(model.state_dict())
+    assert nft.patch(model) is model
+    assert type(model[1].ln) is nft.LayerNorm and type(model[1].bn) is nft.BatchNorm1d
+    assert type(model[2]) is nft.LayerNorm and model[2] is model[4]  # still shared
+    assert type(model[5]) is _MyLayerNorm
+    assert {n: id(p) for n, p in model.named_parameters()} == params
+    assert {n: id(b) for n, b in model.named_buffers()} == buffers
+    assert list(model.state_dict()) == keys
+    report = nft.patch_report(model)
+    assert ("1.ln", "LayerNorm") in report.replaced and ("2", "LayerNorm") in report.replaced
+    skipped = {name: why for name, _, why in report.skipped}
+    assert "subclass" in skipped["5"]
+    assert (type(model[6]) is nft.RMSNorm) == HAS_RMS
+    if not HAS_RMS:
+        assert "rms_norm" in skipped["6"]
+    root = nft.patch(nn.LayerNorm(3))
+    assert type(root) is nft.LayerNorm
+
+
+def test_patch_skips_what_normffn_cannot_serve():
+    model = nn.Sequential(nn.LayerNorm(4).half(), nn.LayerNorm(4).to("meta"))
+    nft.patch(model)
+    assert type(model[0]) is nn.LayerNorm and type(model[1]) is nn.LayerNorm
+    whys = [why for _, _, why in nft.patch_report(model).skipped]
+    assert "float16" in whys[0] and "meta" in whys[1]
+
+
+def test_patched_model_trains_like_torch():
+    """20 SGD steps, the optimizer built before the patch: same losses as stock PyTorch."""
+    stock = _small_model()
+    patched = copy.deepcopy(stock)
+    opt_patched = torch.optim.SGD(patched.parameters(), lr=0.05, momentum=0.9)
+    nft.patch(patched)
+    opt_stock = torch.optim.SGD(stock.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for step in range(20):
+        x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+        t = x[:, :1].sin()
+        losses = []
+        for model, opt in ((stock, opt_stock), (patched, opt_patched)):
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), t)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-9, abs=1e-12), step
+    assert losses[0] < 0.5
+    stock.eval()
+    patched.eval()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    close(patched(x), stock(x), torch.float64, "eval after training")
+
+
+# ---------------------------------------------------------------- torch.compile (slow: few)
+
+def test_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nft.LayerNorm(16), nft.FeedForward(16, 32, "gelu"), nft.BatchNorm1d(16))
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(8, 16)
+        xa, xb = leaves(x, x)
+        ya, yb = compiled(xa), ref(xb)
+        close(ya, yb, torch.float32, "compiled y")
+        ga = torch.autograd.grad(ya.square().sum(), [xa] + list(model.parameters()))
+        gb = torch.autograd.grad(yb.square().sum(), [xb] + list(ref.parameters()))
+        for a, b in zip(ga, gb):
+            close(a, b, torch.float32, "compiled grad")
+    close(model[2].running_var, ref[2].running_var, torch.float32, "compiled running_var")
+    assert model[2].num_batches_tracked.item() == 2
+
+
+# ---------------------------------------------------------------- fallbacks
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_falls_back_with_one_warning(dtype):
+    x = torch.randn(4, 8, dtype=dtype)
+    with pytest.warns(nft.FallbackWarning, match=str(dtype).replace("torch.", "")):
+        y = nft.layer_norm(x, 8)
+    assert torch.equal(y, F.layer_norm(x, (8,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nft.layer_norm(x, 8)
+    w1, w2 = torch.randn(5, 8, dtype=dtype), torch.randn(8, 5, dtype=dtype)
+    with pytest.warns(nft.FallbackWarning, match="ffn"):
+        y = nft.ffn(x, w1, None, w2, None)
+    assert torch.equal(y, F.linear(F.relu(F.linear(x, w1)), w2))
+
+
+def test_other_device_and_mixed_dtypes_fall_back():
+    x = torch.randn(4, 8, device="meta")
+    with pytest.warns(nft.FallbackWarning, match="device meta"):
+        assert nft.layer_norm(x, 8).device.type == "meta"
+    # bfloat16 activations with float32 stats: PyTorch's mixed-precision BatchNorm runs
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.warns(nft.FallbackWarning, match="bfloat16"):
+        y = nft.batch_norm(torch.randn(4, 3, dtype=torch.bfloat16), rm, rv, training=True)
+    assert y.dtype == torch.bfloat16 and not rm.eq(0).all()  # torch's op updated the stats
+    # float32 input, float64 weight: PyTorch's own error, after the warning naming the reason
+    with pytest.warns(nft.FallbackWarning, match="mixed dtypes float32 and float64"):
+        with pytest.raises(RuntimeError):
+            nft.layer_norm(torch.randn(2, 4), 4, torch.ones(4, dtype=torch.float64))
+
+
+def test_double_backward_falls_back(route):
+    x, w, b = leaves(rand(3, 5), rand(5, seed=1), rand(5, seed=2))
+    with pytest.warns(nft.FallbackWarning, match="double backward"):
+        assert torch.autograd.gradgradcheck(lambda x, w, b: nft.layer_norm(x, 5, w, b),
+                                            (x, w, b))
+    ins = leaves(*_ffn_inputs(torch.float64, d=3, h=4, lead=(2,)))
+    with pytest.warns(nft.FallbackWarning, match="double backward"):
+        assert torch.autograd.gradgradcheck(lambda *a: nft.ffn(*a, activation="gelu"), ins)
+    xb, wb = leaves(rand(4, 3), rand(3, seed=3))
+    with pytest.warns(nft.FallbackWarning, match="double backward"):
+        assert torch.autograd.gradgradcheck(
+            lambda x, w: nft.batch_norm(x, None, None, w, None, True), (xb, wb))
+
+
+def test_core_never_imports_torch():
+    code = "import sys, normffn, normffn.reference; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
