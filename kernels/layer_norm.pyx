@@ -19,8 +19,9 @@ from cython.parallel cimport parallel, prange
 from libc.string cimport memset
 
 from core cimport nf_max_threads, nf_stream_fence, nf_reduce_blocks, nf_threads_for
-from norm_rows cimport (NF_G, nf_ln_bwd_rows_f32, nf_ln_bwd_rows_f64, nf_ln_fwd_row_f32,
-                        nf_ln_fwd_row_f64)
+from norm_rows cimport (NF_G, nf_ln_bwd_rows_f32, nf_ln_bwd_rows_f64, nf_ln_bwd_rows_nodw_f32,
+                        nf_ln_bwd_rows_nodw_f64, nf_ln_bwd_sums_f32, nf_ln_bwd_sums_f64,
+                        nf_ln_fwd_row_f32, nf_ln_fwd_row_f64)
 
 # ---------------------------------------------------------------- tuning (docs/tuning.md)
 # Fewer elements per thread than this and the fork/join costs more than it saves (no
@@ -116,7 +117,6 @@ cdef int _backward(floating[:, ::1] dx,                                         
     cdef Py_ssize_t i, j, g, gn, pf, blk, r0, r1, nb, rows_per_block, c, nc, j0, j1
     cdef const floating *w = NULL
     cdef floating *dxp = NULL
-    cdef floating *dx_row
     cdef const floating *dyp = &dy[0, 0]
     cdef const floating *xp = &x[0, 0]
     cdef const double *mp = &mean[0]
@@ -173,13 +173,28 @@ cdef int _backward(floating[:, ::1] dx,                                         
                 if gn < 0:
                     gn = 0
                     pf = i
-                dx_row = dxp + i * d if dxp != NULL else NULL
-                if floating is float:
-                    nf_ln_bwd_rows_f32(dx_row, acc_w, acc_b, dyp + i * d, xp + i * d, w,
+                if dxp == NULL:
+                    if floating is float:
+                        nf_ln_bwd_sums_f32(acc_w, acc_b, dyp + i * d, xp + i * d, mp + i, rp + i,
+                                           g, d, dyp + pf * d, xp + pf * d, gn)
+                    else:
+                        nf_ln_bwd_sums_f64(acc_w, acc_b, dyp + i * d, xp + i * d, mp + i, rp + i,
+                                           g, d, dyp + pf * d, xp + pf * d, gn)
+                elif w != NULL and not need_w:
+                    if floating is float:
+                        nf_ln_bwd_rows_nodw_f32(dxp + i * d, acc_b, dyp + i * d, xp + i * d, w,
+                                                mp + i, rp + i, g, d, stream,
+                                                dyp + pf * d, xp + pf * d, gn)
+                    else:
+                        nf_ln_bwd_rows_nodw_f64(dxp + i * d, acc_b, dyp + i * d, xp + i * d, w,
+                                                mp + i, rp + i, g, d, stream,
+                                                dyp + pf * d, xp + pf * d, gn)
+                elif floating is float:
+                    nf_ln_bwd_rows_f32(dxp + i * d, acc_w, acc_b, dyp + i * d, xp + i * d, w,
                                        mp + i, rp + i, g, d, stream,
                                        dyp + pf * d, xp + pf * d, gn)
                 else:
-                    nf_ln_bwd_rows_f64(dx_row, acc_w, acc_b, dyp + i * d, xp + i * d, w,
+                    nf_ln_bwd_rows_f64(dxp + i * d, acc_w, acc_b, dyp + i * d, xp + i * d, w,
                                        mp + i, rp + i, g, d, stream,
                                        dyp + pf * d, xp + pf * d, gn)
                 i = i + g
