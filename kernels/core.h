@@ -55,7 +55,8 @@
 
 typedef ptrdiff_t nf_index;
 
-/* Independent accumulators of the blocked sums (nf_tree_sum is written for 32). */
+/* Independent accumulators of the blocked sums (nf_tree_sum is written for 32).  NF_LANES and
+ * NF_BLOCK fix the summation order: changing either changes results' bits. */
 #define NF_LANES 32
 _Static_assert(NF_LANES == 32, "nf_tree_sum is written for 32 lanes");
 /* Elements summed in the input precision before a flush to float64. */

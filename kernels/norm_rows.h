@@ -24,8 +24,11 @@
  *
  * Each body is written once in norm_rows_t.h and stamped for float (SUF = f32) and double
  * (SUF = f64) below.  The entry points, per SUF:
- *   nf_ln_fwd_row_SUF    one forward row                                   (NF_CLONES)
- *   nf_ln_bwd_rows_SUF   backward for 1..NF_G consecutive rows             (NF_CLONES)
+ *   nf_ln_fwd_row_SUF         one forward row
+ *   nf_ln_bwd_rows_SUF        backward for 1..NF_G rows: dx, dweight iff w, dbias optional
+ *   nf_ln_bwd_rows_nodw_SUF   the same with a weight whose dweight is not wanted
+ *   nf_ln_bwd_sums_SUF        the dweight/dbias partials alone (no dx wanted)
+ * All are NF_CLONES (one ISA dispatch per row or group); everything they call is NF_INLINE.
  */
 #ifndef NORMFFN_NORM_ROWS_H
 #define NORMFFN_NORM_ROWS_H

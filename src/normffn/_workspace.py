@@ -1,8 +1,7 @@
 """Scratch buffers for every kernel: the one scratch policy (kernels never malloc).
 
-Why cache at all: a fresh large allocation costs a page fault per 4 KiB (≈ 2 µs each here); for a
-LayerNorm backward over 8192×768 that was ~10% of the kernel, and the FFN's 16 MB hidden-block
-scratch cost as much as its elementwise pass.
+Why cache at all: a fresh large allocation page-faults on first touch (measured: ~10% of a
+LayerNorm backward at 8192×768; see docs/tuning.md).
 
 The policy:
 

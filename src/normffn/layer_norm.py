@@ -209,16 +209,6 @@ class BackwardArgs(NamedTuple):
     need_dbias: bool
 
 
-def _needs(needs, has_weight: bool, has_bias: bool) -> tuple[bool, bool, bool]:
-    """(dx, dweight, dbias) to compute: ``needs`` and-ed with what exists."""
-    if needs is None:
-        return True, has_weight, has_bias
-    if not isinstance(needs, (tuple, list)) or len(needs) != 3 \
-            or not all(isinstance(v, (bool, np.bool_)) for v in needs):
-        raise TypeError(f"needs must be a tuple of 3 bools (dx, dweight, dbias), got {needs!r}")
-    return bool(needs[0]), bool(needs[1]) and has_weight, bool(needs[2]) and has_bias
-
-
 def check_backward(dy, ctx, out=None, needs=None) -> BackwardArgs:
     """Validate LayerNorm backward arguments (``ctx.validate()`` included) and return them in
     kernel shape.  ``needs`` as in :func:`layer_norm_backward`; ``out`` is checked only when dx
@@ -227,7 +217,8 @@ def check_backward(dy, ctx, out=None, needs=None) -> BackwardArgs:
     ctx.validate()
     n, d = ctx.rows()
     dtype = ctx.dtype
-    need_dx, need_dw, need_db = _needs(needs, ctx.weight is not None, ctx.bias is not None)
+    need_dx, need_dw, need_db = _checks.needs(needs, ("dx", "dweight", "dbias"),
+                                              (True, ctx.weight is not None, ctx.bias is not None))
     dy = _checks.grad_output(dy, ctx.shape, dtype)
     dx = None
     if need_dx:
