@@ -7,6 +7,7 @@ Environment switches:
   NORMFFN_SANITIZE=1  add -fsanitize=address,undefined (implies NORMFFN_DEBUG)
   NORMFFN_NO_OPENMP=1 build without OpenMP (kernels then run on one thread)
 """
+import glob
 import os
 import sys
 import tempfile
@@ -37,7 +38,7 @@ COMPILER_DIRECTIVES = {
 }
 
 # -O3 but never fast-math (it breaks NaN/Inf semantics) and never a native-arch build: the
-# kernels dispatch to AVX2/AVX-512 at run time through GCC target_clones (kernels/rows.h).
+# kernels dispatch to AVX2/AVX-512 at run time through GCC target_clones (kernels/core.h).
 OPT_ARGS = ["-O1", "-g", "-fno-omit-frame-pointer"] if DEBUG else ["-O3"]
 # Never contract a*b+c into an FMA behind our back: every CPU path (AVX-512, AVX2, baseline,
 # streaming or not) then rounds identically, so results do not depend on the machine.
@@ -46,7 +47,13 @@ SAN_ARGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"] i
 
 
 class BuildExtOpenMP(build_ext):
-    """Add OpenMP to compile *and* link args when the compiler supports it, and say so."""
+    """Add OpenMP to compile *and* link args when the compiler supports it, and say so; compile
+    the extensions in parallel (one job per CPU) unless --parallel/-j says otherwise."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.parallel:
+            self.parallel = os.cpu_count() or 1
 
     def _has_openmp(self):
         if _flag("NORMFFN_NO_OPENMP"):
@@ -75,10 +82,14 @@ class BuildExtOpenMP(build_ext):
         super().build_extensions()
 
 
+# Every extension is rebuilt when any C header changes (Cython tracks the .pxd files itself).
+HEADERS = sorted(glob.glob("kernels/*.h"))
+
 extensions = [
     Extension(
         f"normffn._kernels.{op}",
         [f"kernels/{op}.pyx"],
+        depends=HEADERS,
         include_dirs=["kernels", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )

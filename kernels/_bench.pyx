@@ -8,14 +8,14 @@
 from cython.parallel cimport parallel, prange
 from libc.string cimport memcpy
 
-from _common cimport n_threads_for
+from core cimport nf_threads_for
 
 
 def parallel_copy(unsigned char[::1] dst, const unsigned char[::1] src):
     cdef Py_ssize_t n = src.shape[0], k, lo, hi
     cdef unsigned char *d = &dst[0]
     cdef const unsigned char *s = &src[0]
-    cdef int nt = n_threads_for(n, 1 << 20)
+    cdef int nt = nf_threads_for(n, 1 << 20)
     cdef Py_ssize_t chunk = (n + nt - 1) // nt
     with nogil:
         for k in prange(nt, schedule='static', num_threads=nt):

@@ -1,9 +1,12 @@
 # LayerNorm kernels: normalise each row of a (n, d) matrix.
 #
-# Contract (normffn/layer_norm.py and _checks.py guarantee it; nothing here re-checks):
+# Contract (normffn/layer_norm.py's check layer guarantees it; nothing here re-checks):
 #   * x, y, dy, dx are C-contiguous (n, d) of one float dtype, n >= 1, d >= 1, no output overlaps
-#     an input; weight/bias are contiguous (d,) or None; mean/rstd are contiguous (n,).
+#     an input; weight/bias are contiguous (d,) or None; mean/rstd are contiguous (n,) float64.
+#   * `stream` (non-temporal output stores) is decided by the caller (normffn._tuning).
 #   * The GIL is released once per call; all loops run without bounds checks.
+# Layers: the row bodies are plain C in norm_rows.h (on core.h); this file owns the loops over
+# rows and row blocks, the thread plan and the deterministic reduction of dweight/dbias.
 # Threads: rows are split statically over OpenMP threads (each row is independent in forward and
 # in dx).  dweight/dbias are reduced deterministically: rows are cut into a fixed number of
 # blocks that depends only on (n, d) — never on the thread count — each block accumulates its
@@ -15,26 +18,26 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.string cimport memset
 
-from _common cimport (NF_G, nf_set_stream_bytes, nf_stream_bytes, n_threads_for, nf_ln_bwd_rows_f32,
-                      nf_ln_bwd_rows_f64, nf_ln_fwd_row_f32, nf_ln_fwd_row_f64,
-                      nf_reduce_blocks, nf_stream_fence)
+from core cimport nf_max_threads, nf_stream_fence, nf_reduce_blocks, nf_threads_for
+from norm_rows cimport (NF_G, nf_ln_bwd_rows_f32, nf_ln_bwd_rows_f64, nf_ln_bwd_rows_nodw_f32,
+                        nf_ln_bwd_rows_nodw_f64, nf_ln_bwd_sums_f32, nf_ln_bwd_sums_f64,
+                        nf_ln_fwd_row_f32, nf_ln_fwd_row_f64)
 
-# Below this many elements per thread the fork/join costs more than it saves.
+# ---------------------------------------------------------------- tuning (docs/tuning.md)
+# Fewer elements per thread than this and the fork/join costs more than it saves (no
+# measurement recorded: re-measure before changing).
 cdef Py_ssize_t MIN_ELEMS_PER_THREAD = 32768
-# dweight/dbias partials: at most this many float64 scratch values per row of x ...
+# dweight/dbias partial blocks: SCRATCH_BUDGET // d, clamped to [MIN_BLOCKS, MAX_BLOCKS] (a
+# scratch-size bound, not a timing; changing any of these changes dweight/dbias bits).
 cdef Py_ssize_t SCRATCH_BUDGET = 1 << 16
-# ... but never fewer than MIN_BLOCKS (so threads have work) nor more than MAX_BLOCKS blocks.
 cdef Py_ssize_t MIN_BLOCKS = 8
 cdef Py_ssize_t MAX_BLOCKS = 64
-# Forward prefetches a row at least PF_BYTES (and 2 rows) ahead while row i is in L1.  Measured
-# at 8192x768 float32, 2 threads: 1 row ahead 1.51-1.70 ms, 2 rows 1.26-1.29, 4-8 rows the same.
+# Forward prefetch distance PF_BYTES (>= 2 rows, <= PF_MAX_ROWS): 8192x768 f32, 2 threads.
 cdef Py_ssize_t PF_BYTES = 8192
 cdef Py_ssize_t PF_MAX_ROWS = 16
-# Backward prefetches the group of rows BWD_PF_GROUPS groups ahead while a group is in L1/L2.
-# Measured (2 threads, float32, side by side): 8192x768 1 group ahead 2.26-2.86 ms, 3 groups
-# 2.13-2.69, 5 groups 2.07-2.59; 2048x4096 3.98 / 3.86 / 3.81 ms.
+# Backward prefetch distance in NF_G-row groups: 8192x768 and 2048x4096 f32, 2 threads.
 cdef Py_ssize_t BWD_PF_GROUPS = 5
-# Columns per task when the partials are combined.
+# Columns per task when the partials are combined (not timed: a cache-friendly chunk).
 cdef Py_ssize_t REDUCE_CHUNK = 512
 
 
@@ -63,7 +66,7 @@ cdef Py_ssize_t block_rows(Py_ssize_t n, Py_ssize_t nb) noexcept nogil:
 cdef int _forward(floating[:, ::1] y, double[::1] mean, double[::1] rstd,         # OUT
                   const floating[:, ::1] x,                                         # IN
                   const floating[::1] weight, const floating[::1] bias,             # IN or None
-                  double eps) except -1:
+                  double eps, int stream) except -1:
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], i, nxt
     cdef const floating *w = NULL
     cdef const floating *b = NULL
@@ -75,8 +78,7 @@ cdef int _forward(floating[:, ::1] y, double[::1] mean, double[::1] rstd,       
         w = &weight[0]
     if bias is not None:
         b = &bias[0]
-    cdef int stream = <size_t>(n * d) * sizeof(floating) >= nf_stream_bytes()
-    cdef int nt = n_threads_for(n * d, MIN_ELEMS_PER_THREAD)
+    cdef int nt = nf_threads_for(n * d, MIN_ELEMS_PER_THREAD)
     cdef Py_ssize_t ahead = PF_BYTES // (d * <Py_ssize_t>sizeof(floating))
     if ahead < 2:
         ahead = 2
@@ -101,19 +103,20 @@ cdef int _forward(floating[:, ::1] y, double[::1] mean, double[::1] rstd,       
 # c1 = mean_j(g * xhat),      c2 = mean_j(g)
 # dx = rstd * (g - xhat * c1 - c2)
 # dweight = sum_i dy * xhat,  dbias = sum_i dy
+# Each output is optional (None: not computed; with dx None only the parameter sums run).
 # Rows are cut into nb fixed blocks; block k accumulates its dweight/dbias partial in
 # scratch[k] (float64) group by group (NF_G rows at a time); the partials are then added in
-# block order, one column per thread.
-cdef int _backward(floating[:, ::1] dx,                                            # OUT
+# block order, columns split over threads.
+cdef int _backward(floating[:, ::1] dx,                                            # OUT or None
                    floating[::1] dweight, floating[::1] dbias,                       # OUT or None
                    const floating[:, ::1] dy, const floating[:, ::1] x,              # IN
                    const floating[::1] weight,                                       # IN or None
                    const double[::1] mean, const double[::1] rstd,                   # IN
-                   double[::1] scratch) except -1:                                   # WORK
+                   double[::1] scratch, int stream) except -1:                       # WORK
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1]
     cdef Py_ssize_t i, j, g, gn, pf, blk, r0, r1, nb, rows_per_block, c, nc, j0, j1
     cdef const floating *w = NULL
-    cdef floating *dxp = &dx[0, 0]
+    cdef floating *dxp = NULL
     cdef const floating *dyp = &dy[0, 0]
     cdef const floating *xp = &x[0, 0]
     cdef const double *mp = &mean[0]
@@ -123,16 +126,18 @@ cdef int _backward(floating[:, ::1] dx,                                         
     cdef double *work = NULL
     cdef double *acc_w
     cdef double *acc_b
-    # dweight exists iff weight does (the row helpers rely on it)
-    cdef bint need_w = weight is not None, need_b = dbias is not None
+    cdef bint need_w = dweight is not None, need_b = dbias is not None
     cdef Py_ssize_t width = (<Py_ssize_t>need_w + <Py_ssize_t>need_b) * d
+    if dx is None and width == 0:
+        return 0
+    if dx is not None:
+        dxp = &dx[0, 0]
     if weight is not None:
         w = &weight[0]
     if need_w:
         dwp = &dweight[0]
     if need_b:
         dbp = &dbias[0]
-    cdef int stream = <size_t>(n * d) * sizeof(floating) >= nf_stream_bytes()
 
     nb = n_row_blocks(n, d)
     rows_per_block = block_rows(n, nb)
@@ -141,7 +146,7 @@ cdef int _backward(floating[:, ::1] dx,                                         
         if scratch is None or scratch.shape[0] < nb * width:
             raise ValueError("layer_norm backward: scratch too small (see scratch_size)")
         work = &scratch[0]
-    cdef int nt = n_threads_for(n * d, MIN_ELEMS_PER_THREAD)
+    cdef int nt = nf_threads_for(n * d, MIN_ELEMS_PER_THREAD)
     with nogil, parallel(num_threads=nt):
         for blk in prange(nb, schedule='static'):
             acc_w = NULL
@@ -168,7 +173,23 @@ cdef int _backward(floating[:, ::1] dx,                                         
                 if gn < 0:
                     gn = 0
                     pf = i
-                if floating is float:
+                if dxp == NULL:
+                    if floating is float:
+                        nf_ln_bwd_sums_f32(acc_w, acc_b, dyp + i * d, xp + i * d, mp + i, rp + i,
+                                           g, d, dyp + pf * d, xp + pf * d, gn)
+                    else:
+                        nf_ln_bwd_sums_f64(acc_w, acc_b, dyp + i * d, xp + i * d, mp + i, rp + i,
+                                           g, d, dyp + pf * d, xp + pf * d, gn)
+                elif w != NULL and not need_w:
+                    if floating is float:
+                        nf_ln_bwd_rows_nodw_f32(dxp + i * d, acc_b, dyp + i * d, xp + i * d, w,
+                                                mp + i, rp + i, g, d, stream,
+                                                dyp + pf * d, xp + pf * d, gn)
+                    else:
+                        nf_ln_bwd_rows_nodw_f64(dxp + i * d, acc_b, dyp + i * d, xp + i * d, w,
+                                                mp + i, rp + i, g, d, stream,
+                                                dyp + pf * d, xp + pf * d, gn)
+                elif floating is float:
                     nf_ln_bwd_rows_f32(dxp + i * d, acc_w, acc_b, dyp + i * d, xp + i * d, w,
                                        mp + i, rp + i, g, d, stream,
                                        dyp + pf * d, xp + pf * d, gn)
@@ -185,7 +206,7 @@ cdef int _backward(floating[:, ::1] dx,                                         
         nc = (width + REDUCE_CHUNK - 1) // REDUCE_CHUNK
         with nogil:
             for c in prange(nc, schedule='static',
-                            num_threads=n_threads_for(nb * width, MIN_ELEMS_PER_THREAD)):
+                            num_threads=nf_threads_for(nb * width, MIN_ELEMS_PER_THREAD)):
                 j0 = c * REDUCE_CHUNK
                 j1 = j0 + REDUCE_CHUNK
                 if j1 > width:
@@ -202,12 +223,13 @@ cdef int _backward(floating[:, ::1] dx,                                         
 
 
 # ---------------------------------------------------------------- Python entry points
-def forward(y, mean, rstd, x, weight, bias, double eps):
-    """y, mean, rstd <- LayerNorm(x) over rows.  Arguments already validated (see module doc)."""
+def forward(y, mean, rstd, x, weight, bias, double eps, bint stream):
+    """y, mean, rstd <- LayerNorm(x) over rows; `stream`: write y with non-temporal stores.
+    Arguments already validated (see module doc)."""
     if x.dtype == np.float32:
-        _forward[float](y, mean, rstd, x, weight, bias, eps)
+        _forward[float](y, mean, rstd, x, weight, bias, eps, stream)
     else:
-        _forward[double](y, mean, rstd, x, weight, bias, eps)
+        _forward[double](y, mean, rstd, x, weight, bias, eps, stream)
 
 
 def scratch_size(Py_ssize_t n, Py_ssize_t d, bint need_w, bint need_b):
@@ -221,26 +243,18 @@ def scratch_size(Py_ssize_t n, Py_ssize_t d, bint need_w, bint need_b):
     return nb * (<Py_ssize_t>need_w + <Py_ssize_t>need_b) * d
 
 
-def backward(dx, dweight, dbias, dy, x, weight, mean, rstd, scratch):
-    """dx, dweight, dbias <- LayerNorm backward.  Arguments already validated; `scratch` holds
-    at least scratch_size(...) float64 values (or is None when no dweight/dbias is wanted)."""
+def backward(dx, dweight, dbias, dy, x, weight, mean, rstd, scratch, bint stream):
+    """dx, dweight, dbias <- LayerNorm backward; each output may be None (not computed).
+    Arguments already validated; `scratch` holds at least scratch_size(...) float64 values (or
+    is None when neither dweight nor dbias is wanted); `stream`: write dx with non-temporal
+    stores."""
     if x.dtype == np.float32:
-        _backward[float](dx, dweight, dbias, dy, x, weight, mean, rstd, scratch)
+        _backward[float](dx, dweight, dbias, dy, x, weight, mean, rstd, scratch, stream)
     else:
-        _backward[double](dx, dweight, dbias, dy, x, weight, mean, rstd, scratch)
+        _backward[double](dx, dweight, dbias, dy, x, weight, mean, rstd, scratch, stream)
 
 
 def max_threads():
     """The OpenMP thread count a large kernel call would use now (OMP_NUM_THREADS,
     threadpoolctl)."""
-    return n_threads_for(1 << 40, 1)
-
-
-def stream_bytes(size_t value=0):
-    """Outputs of at least this many bytes get non-temporal stores (default: the L3 size).
-    Pass a value to override it for this module (tests use 1 to exercise the streaming path on
-    small arrays); 0 restores the default.  Returns the threshold now in force."""
-    nf_set_stream_bytes(value)
-    return nf_stream_bytes()
-
-
+    return nf_max_threads()

@@ -1,6 +1,7 @@
 """LayerNorm vs the float64 reference: values, gradients, hard inputs, hygiene, bad inputs."""
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import numpy as np
@@ -293,12 +294,22 @@ def test_backward_rejects_bad_dy_and_ctx():
                                     out=np.empty((4, 7), np.float32))
     # a tampered context must raise, never reach the kernel
     import dataclasses
-    bad = dataclasses.replace(ctx, mean=np.zeros(3, np.float32))
-    with pytest.raises(ValueError, match="ctx.mean must be"):
-        normffn.layer_norm_backward(np.ones((4, 6), np.float32), bad)
-    bad = dataclasses.replace(ctx, weight=np.zeros(5, np.float32))
-    with pytest.raises(ValueError, match="ctx.weight must be"):
-        normffn.layer_norm_backward(np.ones((4, 6), np.float32), bad)
+    dy = np.ones((4, 6), np.float32)
+    for field, value, match in [
+        ("mean", np.zeros(3, np.float32), "ctx.mean has dtype float32, expected float64"),
+        ("mean", np.zeros(3), r"ctx.mean has shape \(3,\), expected \(4,\)"),
+        ("rstd", np.zeros((8,))[::2], "ctx.rstd is not in the memory layout"),
+        ("weight", np.zeros(5, np.float32), r"ctx.weight has shape \(5,\), expected \(6,\)"),
+        ("weight", np.zeros(6), "ctx.weight has dtype float64, expected float32"),
+        ("bias", [0.0] * 6, "ctx.bias must be a numpy.ndarray"),
+        ("x", np.ones((6, 4), np.float32).T, "ctx.x is not in the memory layout"),
+        ("x", np.ones((4, 5), np.float32), "does not end in normalized_shape"),
+        ("x", None, "ctx.x is None"),
+        ("normalized_shape", (6.0,), "normalized_shape must be a tuple of positive ints"),
+    ]:
+        bad = dataclasses.replace(ctx, **{field: value})
+        with pytest.raises(ValueError, match=match):
+            normffn.layer_norm_backward(dy, bad)
 
 
 @pytest.mark.parametrize("n_calls", [300])
@@ -327,7 +338,7 @@ def test_every_combination_of_none(rng):
 @pytest.mark.parametrize("shape", [(5, 3), (37, 769), (9, 2100)])
 def test_streaming_stores_path_is_bitwise_identical(rng, dtype, shape):
     """Large outputs use non-temporal stores; force that path on small arrays."""
-    from normffn._kernels import layer_norm as k
+    from normffn import _tuning
 
     x = randn(rng, shape, dtype) * 3 + 1
     dy = randn(rng, shape, dtype)
@@ -336,11 +347,98 @@ def test_streaming_stores_path_is_bitwise_identical(rng, dtype, shape):
     plain = normffn.layer_norm_forward(x, d, w, b)
     plain_grads = normffn.layer_norm_backward(dy, plain[1])
     try:
-        assert k.stream_bytes(1) == 1
+        assert _tuning.set_stream_threshold(1) == 1
         streamed = normffn.layer_norm_forward(x, d, w, b)
         streamed_grads = normffn.layer_norm_backward(dy, streamed[1])
+        # dx only, streamed, beside the parameter sums only
+        dx_only = normffn.layer_norm_backward(dy, streamed[1], needs=(True, False, False))
     finally:
-        k.stream_bytes(0)
+        _tuning.set_stream_threshold(None)
     np.testing.assert_array_equal(plain[0], streamed[0])
     for a, c in zip(plain_grads, streamed_grads):
         np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(dx_only[0], plain_grads[0])
+
+
+# ---------------------------------------------------------------- needs, check/run
+NEEDS = list(itertools.product([False, True], repeat=3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(5, 3), (37, 769), (130, 64)])
+@pytest.mark.parametrize("affine", ["wb", "w", "b", "none"])
+def test_needs_skip_work_and_match_the_full_backward(rng, threads, dtype, shape, affine):
+    """Every needs combination gives the full backward's arrays, bitwise, and None elsewhere;
+    dx is untouched when not needed."""
+    d = shape[-1]
+    x = randn(rng, shape, dtype) * 2 + 1
+    dy = randn(rng, shape, dtype)
+    w = randn(rng, (d,), dtype) if "w" in affine else None
+    b = randn(rng, (d,), dtype) if "b" in affine else None
+    _, ctx = normffn.layer_norm_forward(x, d, w, b)
+    full = normffn.layer_norm_backward(dy, ctx)
+    for needs in NEEDS:
+        out = np.full(shape, 7.0, dtype)
+        got = normffn.layer_norm_backward(dy, ctx, out=out, needs=needs)
+        exists = (True, w is not None, b is not None)
+        for name, g, f, need, ex in zip(("dx", "dweight", "dbias"), got, full, needs, exists):
+            if need and ex:
+                np.testing.assert_array_equal(g, f, err_msg=f"{name} needs={needs}")
+            else:
+                assert g is None, f"{name} needs={needs}"
+        if needs[0]:
+            assert got[0] is out
+        else:
+            assert np.all(out == 7.0), f"dx written with needs={needs}"
+
+
+def test_needs_rejects_malformed():
+    _, ctx = normffn.layer_norm_forward(X32, 6)
+    for bad in [(True, True), (1, 0, 0), "xyz", True, (True, None, True)]:
+        with pytest.raises(TypeError, match="needs must be a tuple of 3 bools"):
+            normffn.layer_norm_backward(X32, ctx, needs=bad)
+
+
+def test_needs_on_zero_rows():
+    x = np.empty((0, 7), np.float64)
+    w = np.ones(7)
+    _, ctx = normffn.layer_norm_forward(x, 7, w, w)
+    dx, dw, db = normffn.layer_norm_backward(x, ctx, needs=(False, True, False))
+    assert dx is None and db is None
+    np.testing.assert_array_equal(dw, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_run_layer_matches_public_api(rng, dtype):
+    """The run functions fused ops call: kernel-shaped arrays in, the public results out."""
+    ln = importlib.import_module("normffn.layer_norm")
+
+    x = randn(rng, (3, 4, 40), dtype)
+    w, b = _params(rng, (40,), dtype, True)
+    dy = randn(rng, (3, 4, 40), dtype)
+    y, ctx = normffn.layer_norm_forward(x, 40, w, b, eps=1e-3)
+    a = ln.check_forward(x, 40, w, b, 1e-3)
+    assert a.x2.shape == (12, 40) and a.w1.shape == (40,) and a.lead == (3, 4)
+    y2, mean, rstd = ln.run_forward(a.x2, a.w1, a.b1, a.eps)
+    np.testing.assert_array_equal(y2.reshape(x.shape), y)
+    np.testing.assert_array_equal(mean.reshape(3, 4), ctx.mean)
+    np.testing.assert_array_equal(rstd.reshape(3, 4), ctx.rstd)
+    grads = normffn.layer_norm_backward(dy, ctx)
+    bargs = ln.check_backward(dy, ctx)
+    dx2, dw, db = ln.run_backward(bargs.dy2, bargs.x2, bargs.w1, bargs.mean, bargs.rstd)
+    np.testing.assert_array_equal(dx2.reshape(x.shape), grads[0])
+    np.testing.assert_array_equal(dw, grads[1])
+    np.testing.assert_array_equal(db, grads[2])
+    # dbias is a plain sum of dy: the run layer computes it with or without a bias
+    _, _, db2 = ln.run_backward(bargs.dy2, bargs.x2, None, bargs.mean, bargs.rstd,
+                                need_dx=False, need_dweight=False)
+    np.testing.assert_array_equal(db2, grads[2])
+
+
+def test_context_is_a_context():
+    from normffn._context import Context
+
+    _, ctx = normffn.layer_norm_forward(X32, 6)
+    assert isinstance(ctx, Context)
+    ctx.validate()
+    assert ctx.rows() == (4, 6)

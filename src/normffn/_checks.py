@@ -149,6 +149,19 @@ def context(ctx, cls, op: str):
     return ctx
 
 
+def needs(value, names: tuple, exists: tuple) -> tuple:
+    """A backward's ``needs=``: None (every gradient that exists) or a tuple of bools, one per
+    entry of ``names`` (the returned gradients, in order).  Returns the bools and-ed with
+    ``exists`` (a gradient of an absent parameter is never computed)."""
+    if value is None:
+        return tuple(bool(e) for e in exists)
+    if not isinstance(value, (tuple, list)) or len(value) != len(names) \
+            or not all(isinstance(v, (bool, np.bool_)) for v in value):
+        raise TypeError(f"needs must be a tuple of {len(names)} bools ({', '.join(names)}), "
+                        f"got {value!r}")
+    return tuple(bool(v) and bool(e) for v, e in zip(value, exists))
+
+
 def grad_output(dy, ctx_shape: tuple, dtype: np.dtype, name: str = "dy") -> np.ndarray:
     dy = float_array(dy, name)
     same_dtype(dtype, name, dy)

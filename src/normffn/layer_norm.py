@@ -1,23 +1,48 @@
 """LayerNorm: ``y = (x - mean) / sqrt(var + eps) * weight + bias`` over the trailing dims.
 
 Signatures follow ``torch.nn.functional.layer_norm``; arrays are NumPy arrays.
+
+Layers (see docs/architecture.md):
+
+* ``check_forward`` / ``check_backward`` validate the caller's arguments (via ``_checks``) and
+  return them in kernel shape: C-contiguous ``(n, d)`` matrices, ``(d,)`` parameters, ``(n,)``
+  float64 statistics.
+* ``run_forward`` / ``run_backward`` trust their arguments: they allocate what is missing,
+  decide streaming (``_tuning.stream_threshold``), take scratch from ``_workspace`` and call the
+  kernel.  Fused ops (add_layer_norm, ffn_block) call them directly, without validating again.
+* ``layer_norm``, ``layer_norm_forward``, ``layer_norm_backward`` compose the two.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from . import _checks
-from ._workspace import workspace
+from . import _checks, _tuning
+from ._context import Context, Field
 from ._kernels import layer_norm as _kernel
+from ._workspace import workspace
 
-__all__ = ["LayerNormContext", "layer_norm", "layer_norm_forward", "layer_norm_backward"]
+__all__ = ["LayerNormContext", "layer_norm", "layer_norm_forward", "layer_norm_backward",
+           "check_forward", "run_forward", "check_backward", "run_backward"]
+
+
+def _lead(ctx) -> tuple:
+    """The leading (row) dims of ctx.x; raises if x does not end in normalized_shape."""
+    ns = ctx.normalized_shape
+    if not isinstance(ns, tuple) or not all(isinstance(s, int) and s > 0 for s in ns):
+        raise ValueError(f"ctx.normalized_shape must be a tuple of positive ints, got {ns!r}")
+    x, k = ctx.x, len(ns)
+    if x.ndim < k or tuple(x.shape[x.ndim - k:]) != ns:
+        raise ValueError(f"ctx is inconsistent: ctx.x has shape {x.shape}, which does not end "
+                         f"in normalized_shape {ns}")
+    return x.shape[:x.ndim - k]
 
 
 @dataclass(frozen=True, eq=False)
-class LayerNormContext:
+class LayerNormContext(Context):
     """What :func:`layer_norm_backward` needs; returned by :func:`layer_norm_forward`.
 
     Attributes
@@ -41,39 +66,83 @@ class LayerNormContext:
     mean: np.ndarray
     rstd: np.ndarray
 
-    @property
-    def shape(self) -> tuple:
-        return self.x.shape
+    _op = "layer_norm"
+    _fields = (
+        Field("x", kind="input"),
+        Field("mean", kind="float64", shape=_lead),
+        Field("rstd", kind="float64", shape=_lead),
+        Field("weight", kind="like_x", shape=lambda c: c.normalized_shape, optional=True),
+        Field("bias", kind="like_x", shape=lambda c: c.normalized_shape, optional=True),
+    )
 
-    @property
-    def dtype(self) -> np.dtype:
-        return self.x.dtype
+    def rows(self) -> tuple[int, int]:
+        """(n, d): the number of rows and the row length the kernels see."""
+        return math.prod(_lead(self)), math.prod(self.normalized_shape)
 
-    def _rows(self) -> tuple[int, int]:
-        """(n, d), after checking the context is internally consistent (a hand-built or
-        tampered context must raise, not reach the kernel)."""
-        x = self.x
-        if not isinstance(x, np.ndarray) or x.dtype not in _checks.FLOAT_DTYPES \
-                or not x.flags.c_contiguous:
-            raise ValueError("ctx.x must be the C-contiguous float array saved by the forward")
-        k = len(self.normalized_shape)
-        if x.ndim < k or tuple(x.shape[x.ndim - k:]) != tuple(self.normalized_shape):
-            raise ValueError("ctx is inconsistent: x does not end in normalized_shape")
-        lead = x.shape[:x.ndim - k]
-        for name in ("mean", "rstd"):
-            a = getattr(self, name)
-            if not isinstance(a, np.ndarray) or a.dtype != np.float64 or a.shape != lead \
-                    or not a.flags.c_contiguous:
-                raise ValueError(f"ctx.{name} must be a C-contiguous float64 array of shape "
-                                 f"{lead}")
-        for name in ("weight", "bias"):
-            a = getattr(self, name)
-            if a is not None and (not isinstance(a, np.ndarray) or a.dtype != x.dtype
-                                  or a.shape != tuple(self.normalized_shape)
-                                  or not a.flags.c_contiguous):
-                raise ValueError(f"ctx.{name} must be None or a C-contiguous {x.dtype} array "
-                                 f"of shape {tuple(self.normalized_shape)}")
-        return math.prod(lead), math.prod(self.normalized_shape)
+
+# ---------------------------------------------------------------- forward
+class ForwardArgs(NamedTuple):
+    """:func:`check_forward`'s result.  ``x2``, ``w1``, ``b1``, ``y2`` are kernel-shaped views
+    of ``x``, ``weight``, ``bias``, ``y``; ``lead`` is the shape of ``mean``/``rstd``."""
+
+    x: np.ndarray            # C-contiguous, the caller's shape (what the context keeps)
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    nshape: tuple
+    eps: float
+    y: np.ndarray            # the output: the caller's ``out`` or a new array
+    lead: tuple
+    x2: np.ndarray           # (n, d)
+    w1: np.ndarray | None    # (d,)
+    b1: np.ndarray | None    # (d,)
+    y2: np.ndarray           # (n, d)
+
+
+def check_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, out=None) -> ForwardArgs:
+    """Validate LayerNorm forward arguments and return them in kernel shape (see ForwardArgs).
+
+    A non-contiguous ``x`` is copied once (that copy is what backward reads).  Raises as
+    :func:`layer_norm_forward` documents; on error nothing has been written.
+    """
+    x = _checks.float_array(x, "x")
+    if x.ndim == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d array")
+    dtype = x.dtype
+    nshape = _checks.normalized_shape(normalized_shape, x.shape)
+    weight = _checks.optional_param(weight, "weight", nshape, dtype)
+    bias = _checks.optional_param(bias, "bias", nshape, dtype)
+    eps = _checks.eps(eps)
+    y = _checks.new_or_out(out, "out", x.shape, dtype, inputs=(x, weight, bias))
+    lead = x.shape[:x.ndim - len(nshape)]
+    n, d = math.prod(lead), math.prod(nshape)
+    x = np.ascontiguousarray(x)
+    return ForwardArgs(x, weight, bias, nshape, eps, y, lead, x.reshape(n, d),
+                       None if weight is None else weight.reshape(d),
+                       None if bias is None else bias.reshape(d), y.reshape(n, d))
+
+
+def run_forward(x2, weight, bias, eps, y2=None, mean=None, rstd=None):
+    """LayerNorm over the rows of ``x2``.  Trusts its arguments (no checks).
+
+    x2 : C-contiguous (n, d) float32/float64, n >= 0, d >= 1
+    weight, bias : C-contiguous (d,) of x2's dtype, or None
+    eps : float >= 0
+    y2 : C-contiguous (n, d) output of x2's dtype, not overlapping an input (None: allocated)
+    mean, rstd : C-contiguous (n,) float64 outputs (None: allocated)
+
+    Returns ``(y2, mean, rstd)``.
+    """
+    n = x2.shape[0]
+    if y2 is None:
+        y2 = np.empty_like(x2)
+    if mean is None:
+        mean = np.empty(n, np.float64)
+    if rstd is None:
+        rstd = np.empty(n, np.float64)
+    if n > 0:
+        _kernel.forward(y2, mean, rstd, x2, weight, bias, eps,
+                        y2.nbytes >= _tuning.stream_threshold())
+    return y2, mean, rstd
 
 
 def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
@@ -105,28 +174,13 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
         0-d x, normalized_shape not matching x's trailing dims, wrong weight/bias shape,
         eps negative or not finite, a bad ``out``.
     """
-    x = _checks.float_array(x, "x")
-    if x.ndim == 0:
-        raise ValueError("x must have at least one dimension, got a 0-d array")
-    dtype = x.dtype
-    nshape = _checks.normalized_shape(normalized_shape, x.shape)
-    weight = _checks.optional_param(weight, "weight", nshape, dtype)
-    bias = _checks.optional_param(bias, "bias", nshape, dtype)
-    eps = _checks.eps(eps)
-    y = _checks.new_or_out(out, "out", x.shape, dtype, inputs=(x, weight, bias))
-
-    lead = x.shape[:x.ndim - len(nshape)]
-    n, d = math.prod(lead), math.prod(nshape)
-    xc = np.ascontiguousarray(x)
-    mean = np.empty(lead, dtype=np.float64)
-    rstd = np.empty(lead, dtype=np.float64)
-    if n > 0:
-        _kernel.forward(y.reshape(n, d), mean.reshape(n), rstd.reshape(n), xc.reshape(n, d),
-                        weight if weight is None else weight.reshape(d),
-                        bias if bias is None else bias.reshape(d), eps)
-    ctx = LayerNormContext(x=xc, weight=weight, bias=bias, normalized_shape=nshape, eps=eps,
-                           mean=mean, rstd=rstd)
-    return y, ctx
+    a = check_forward(x, normalized_shape, weight, bias, eps, out)
+    mean = np.empty(a.lead, np.float64)
+    rstd = np.empty(a.lead, np.float64)
+    run_forward(a.x2, a.w1, a.b1, a.eps, a.y2, mean.reshape(-1), rstd.reshape(-1))
+    ctx = LayerNormContext(x=a.x, weight=a.weight, bias=a.bias, normalized_shape=a.nshape,
+                           eps=a.eps, mean=mean, rstd=rstd)
+    return a.y, ctx
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
@@ -138,7 +192,79 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     return layer_norm_forward(x, normalized_shape, weight, bias, eps, out=out)[0]
 
 
-def layer_norm_backward(dy, ctx, *, out=None):
+# ---------------------------------------------------------------- backward
+class BackwardArgs(NamedTuple):
+    """:func:`check_backward`'s result: kernel-shaped views and which gradients to compute."""
+
+    dx: np.ndarray | None    # the output dx (caller's shape), None when not needed
+    dx2: np.ndarray | None   # (n, d) view of dx
+    dy2: np.ndarray          # (n, d), C-contiguous
+    x2: np.ndarray           # (n, d)
+    w1: np.ndarray | None    # (d,)
+    mean: np.ndarray         # (n,) float64
+    rstd: np.ndarray         # (n,) float64
+    nshape: tuple
+    need_dx: bool
+    need_dweight: bool
+    need_dbias: bool
+
+
+def check_backward(dy, ctx, out=None, needs=None) -> BackwardArgs:
+    """Validate LayerNorm backward arguments (``ctx.validate()`` included) and return them in
+    kernel shape.  ``needs`` as in :func:`layer_norm_backward`; ``out`` is checked only when dx
+    is needed."""
+    ctx = _checks.context(ctx, LayerNormContext, "layer_norm")
+    ctx.validate()
+    n, d = ctx.rows()
+    dtype = ctx.dtype
+    need_dx, need_dw, need_db = _checks.needs(needs, ("dx", "dweight", "dbias"),
+                                              (True, ctx.weight is not None, ctx.bias is not None))
+    dy = _checks.grad_output(dy, ctx.shape, dtype)
+    dx = None
+    if need_dx:
+        dx = _checks.new_or_out(out, "out", ctx.shape, dtype,
+                                inputs=(dy, ctx.x, ctx.weight, ctx.mean, ctx.rstd))
+    return BackwardArgs(dx, None if dx is None else dx.reshape(n, d),
+                        np.ascontiguousarray(dy).reshape(n, d), ctx.x.reshape(n, d),
+                        None if ctx.weight is None else ctx.weight.reshape(d),
+                        ctx.mean.reshape(n), ctx.rstd.reshape(n), ctx.normalized_shape,
+                        need_dx, need_dw, need_db)
+
+
+def run_backward(dy2, x2, weight, mean, rstd, dx2=None, need_dx=True, need_dweight=True,
+                 need_dbias=True):
+    """LayerNorm backward over rows.  Trusts its arguments (no checks).
+
+    dy2, x2 : C-contiguous (n, d) of one float dtype, n >= 0, d >= 1
+    weight : C-contiguous (d,) or None (then there is no dweight: need_dweight must be False)
+    mean, rstd : C-contiguous (n,) float64, as the forward produced them
+    dx2 : C-contiguous (n, d) output not overlapping an input (None: allocated if need_dx)
+    need_dx, need_dweight, need_dbias : which gradients to compute; the others are None and
+        cost nothing (with need_dx False only the parameter sums run).
+
+    Returns ``(dx2, dweight, dbias)`` with dweight/dbias of shape (d,), reduced over rows in a
+    fixed order (identical for any thread count).
+    """
+    n, d = dy2.shape
+    dtype = dy2.dtype
+    dx2 = (np.empty_like(dy2) if dx2 is None else dx2) if need_dx else None
+    dweight = np.empty(d, dtype) if need_dweight else None
+    dbias = np.empty(d, dtype) if need_dbias else None
+    if n == 0:
+        for g in (dweight, dbias):
+            if g is not None:
+                g.fill(0)
+        return dx2, dweight, dbias
+    if not (need_dx or need_dweight or need_dbias):
+        return dx2, dweight, dbias
+    work = _kernel.scratch_size(n, d, need_dweight, need_dbias)
+    stream = need_dx and dx2.nbytes >= _tuning.stream_threshold()
+    _kernel.backward(dx2, dweight, dbias, dy2, x2, weight, mean, rstd,
+                     workspace("layer_norm_backward", work) if work else None, stream)
+    return dx2, dweight, dbias
+
+
+def layer_norm_backward(dy, ctx, *, out=None, needs=None):
     """Gradients of LayerNorm given ``dy = dL/dy``.
 
     Parameters
@@ -146,37 +272,29 @@ def layer_norm_backward(dy, ctx, *, out=None):
     dy : ndarray of the forward output's shape and dtype (any layout)
     ctx : LayerNormContext from :func:`layer_norm_forward`
     out : optional preallocated ``dx`` (same rules as the forward ``out``)
+    needs : tuple of 3 bools (dx, dweight, dbias), optional
+        Which gradients to compute; False entries are returned as None and their work is
+        skipped.  Default: every gradient that exists (dweight/dbias only with weight/bias).
 
     Returns
     -------
-    dx : ndarray like x
-    dweight, dbias : ndarray of shape normalized_shape, or None where weight/bias were None
-        Reduced over rows in a fixed order: identical for any thread count.
+    dx : ndarray like x, or None when not needed
+    dweight, dbias : ndarray of shape normalized_shape, or None where weight/bias were None or
+        not needed.  Reduced over rows in a fixed order: identical for any thread count.
 
     Maths: ``xhat = (x - mean) * rstd``, ``g = dy * weight``, ``c1 = mean(g * xhat)``,
     ``c2 = mean(g)`` over the normalised dims, ``dx = rstd * (g - xhat * c1 - c2)``.
+
+    Raises
+    ------
+    TypeError
+        ``ctx`` is not a LayerNormContext, dy has the wrong dtype, ``needs`` is malformed.
+    ValueError
+        dy of the wrong shape, a bad ``out``, a context that is not what the forward saved.
     """
-    ctx = _checks.context(ctx, LayerNormContext, "layer_norm")
-    n, d = ctx._rows()
-    dtype = ctx.dtype
-    dy = _checks.grad_output(dy, ctx.shape, dtype)
-    dx = _checks.new_or_out(out, "out", ctx.shape, dtype,
-                            inputs=(dy, ctx.x, ctx.weight, ctx.mean, ctx.rstd))
-    nshape = ctx.normalized_shape
-    dweight = np.empty(nshape, dtype=dtype) if ctx.weight is not None else None
-    dbias = np.empty(nshape, dtype=dtype) if ctx.bias is not None else None
-    if n == 0:
-        for g in (dweight, dbias):
-            if g is not None:
-                g.fill(0)
-        return dx, dweight, dbias
-    dyc = np.ascontiguousarray(dy)
-    work = _kernel.scratch_size(n, d, dweight is not None, dbias is not None)
-    _kernel.backward(dx.reshape(n, d),
-                     None if dweight is None else dweight.reshape(d),
-                     None if dbias is None else dbias.reshape(d),
-                     dyc.reshape(n, d), ctx.x.reshape(n, d),
-                     None if ctx.weight is None else ctx.weight.reshape(d),
-                     ctx.mean.reshape(n), ctx.rstd.reshape(n),
-                     workspace("layer_norm_backward", work) if work else None)
-    return dx, dweight, dbias
+    a = check_backward(dy, ctx, out, needs)
+    _, dweight, dbias = run_backward(a.dy2, a.x2, a.w1, a.mean, a.rstd, a.dx2, a.need_dx,
+                                     a.need_dweight, a.need_dbias)
+    return (a.dx,
+            None if dweight is None else dweight.reshape(a.nshape),
+            None if dbias is None else dbias.reshape(a.nshape))
