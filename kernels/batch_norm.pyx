@@ -728,8 +728,9 @@ def apply(y, x, mean, rstd, weight, bias, Py_ssize_t S, int stream, consts):
 
 def backward(dx, dweight, dbias, sdy, sdyx, dy, x, weight, mean, rstd, double count,
              bint training, bint sums, bint need_x, Py_ssize_t S, int stream, consts, parts):
-    """sdy, sdyx (if `sums`; sdyx needs `need_x`), then dx (if dx is not None), dweight and
-    dbias (where not None).  The one-call backward passes count = N*S; backward_apply passes
+    """sdy, sdyx (if `sums`; sdyx needs `need_x`; without `sums` they are read as given, so
+    the caller zero-fills them), then dx (if dx is not None), dweight and dbias (where not
+    None).  The one-call backward passes count = N*S; backward_apply passes
     sums=False with the merged sums of every chunk; backward_sums passes dx = None."""
     N, C, S, rows_view = _shape(x, S)
     need_dx = dx is not None
