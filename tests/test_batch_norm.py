@@ -3,6 +3,7 @@ memory layouts, determinism, hygiene, bad inputs and failure atomicity."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import numpy as np
 import pytest
@@ -243,12 +244,10 @@ def test_threads_bitwise_identical(rng, dtype, shape, layout):
                                           ((1024, 96), "contiguous"),
                                           ((4, 8, 9, 9), "channels_last")], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_streaming_stores_path_is_bitwise_identical(rng, dtype, shape, layout, monkeypatch):
-    """Large outputs use non-temporal stores; force that path (both kernels) on small arrays."""
-    import importlib
-
-    bn_module = importlib.import_module("normffn.batch_norm")
-    from normffn._kernels import batch_norm as k
+def test_streaming_stores_path_is_bitwise_identical(rng, dtype, shape, layout):
+    """Large outputs use non-temporal stores (rows kernel; the column kernel never streams):
+    force that path on small arrays with the documented threshold setting."""
+    from normffn import _tuning
 
     x = _layout(randn(rng, shape, dtype) + 3, layout)
     dy = _layout(randn(rng, shape, dtype), layout)
@@ -256,12 +255,11 @@ def test_streaming_stores_path_is_bitwise_identical(rng, dtype, shape, layout, m
     w, b = randn(rng, C, dtype), randn(rng, C, dtype)
     rm, rv = _running(rng, C, dtype)
     plain = _run_all(x, w, b, dy, rm.copy(), rv.copy())
-    monkeypatch.setattr(bn_module, "_STREAM_COLUMNS", True)
     try:
-        assert k.stream_bytes(1) == 1
+        assert _tuning.set_stream_threshold(1) == 1
         streamed = _run_all(x, w, b, dy, rm.copy(), rv.copy())
     finally:
-        k.stream_bytes(0)
+        _tuning.set_stream_threshold(None)
     for a1, a2 in zip(plain, streamed):
         assert a1.tobytes() == a2.tobytes()
 
@@ -426,3 +424,189 @@ def test_infinite_weight_gives_inf_like_the_reference(dtype, shape, channels_las
         y = normffn.batch_norm(x, rm.copy(), rv.copy(), w, None, training)
         y_r = ref.batch_norm(x, rm.astype(np.float64), rv.astype(np.float64), w, None, training)
         assert_close(y, y_r, name="y", context=f"training={training}")
+
+
+# ---------------------------------------------------------------- phases (normffn.batch_norm)
+# the package exports the function normffn.batch_norm, which shadows the module's attribute
+bn = importlib.import_module("normffn.batch_norm")
+
+PHASE_CASES = [((6, 5), "contiguous"), ((4, 3, 7), "contiguous"), ((3, 4, 40), "contiguous"),
+               ((8, 3, 64, 64), "contiguous"), ((4, 16, 33, 33), "contiguous"),
+               ((4, 6, 5, 7), "channels_last"), ((2, 769), "contiguous")]
+
+
+def _one_call(x, w, b, dy, training=True):
+    C = x.shape[1]
+    rm, rv = np.zeros(C, x.dtype), np.ones(C, x.dtype)
+    y, ctx = normffn.batch_norm_forward(x, rm, rv, w, b, training, 0.1)
+    return y, ctx, rm, rv, normffn.batch_norm_backward(dy, ctx)
+
+
+@pytest.mark.parametrize("shape,layout", PHASE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_phases_on_one_chunk_are_the_one_call_bitwise(rng, dtype, shape, layout):
+    x = _layout(randn(rng, shape, dtype) * 3 + 2, layout)
+    dy = _layout(randn(rng, shape, dtype), layout)
+    C = shape[1]
+    w, b = randn(rng, C, dtype), randn(rng, C, dtype)
+    y, ctx, rm, rv, (dx, dw, db) = _one_call(x, w, b, dy)
+    count, mean, m2 = bn.merge_stats([bn.partial_stats(x)])
+    assert count == x.size // C
+    mean, var, rstd = bn.finalize_stats(count, mean, m2, 1e-5)
+    assert mean.tobytes() == ctx.mean.tobytes() and rstd.tobytes() == ctx.rstd.tobytes()
+    rm2, rv2 = np.zeros(C, dtype), np.ones(C, dtype)
+    bn.update_running_stats(rm2, rv2, mean, var, count, 0.1)
+    assert rm2.tobytes() == rm.tobytes() and rv2.tobytes() == rv.tobytes()
+    y2 = bn.apply(x, mean, rstd, w, b)
+    assert y2.tobytes() == y.tobytes() and _is_cl(y2) == _is_cl(y)
+    sdy, sdyx = bn.backward_sums(dy, x, mean)
+    assert (sdyx * rstd).astype(dtype).tobytes() == dw.tobytes()
+    assert sdy.astype(dtype).tobytes() == db.tobytes()
+    dx2 = bn.backward_apply(dy, x, mean, rstd, w, sdy, sdyx, count, True)
+    assert dx2.tobytes() == dx.tobytes()
+
+
+def _split(a, axis, k):
+    """k chunks of a along axis, each in a's layout (C-contiguous or channels-last)."""
+    cl = _is_cl(a) and not a.flags.c_contiguous
+    return [_layout(np.ascontiguousarray(c), "channels_last") if cl else np.ascontiguousarray(c)
+            for c in np.array_split(a, k, axis=axis)]
+
+
+@pytest.mark.parametrize("shape,layout,axis", [((9, 4, 50), "contiguous", 0),
+                                               ((9, 4, 50), "contiguous", 2),
+                                               ((7, 3, 10, 12), "contiguous", 3),
+                                               ((1000, 24), "contiguous", 0),
+                                               ((6, 5, 8, 9), "channels_last", 0),
+                                               ((6, 5, 8, 9), "channels_last", 2)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_phases_over_chunks_match_the_one_call(rng, dtype, shape, layout, axis):
+    x = _layout(randn(rng, shape, dtype) * 2 + 1e3 * (dtype == np.float64) + 5, layout)
+    dy = _layout(randn(rng, shape, dtype), layout)
+    C = shape[1]
+    w, b = randn(rng, C, dtype), randn(rng, C, dtype)
+    y, ctx, rm, rv, (dx, dw, db) = _one_call(x, w, b, dy)
+    _, ctx_r = ref.batch_norm_forward(x, None, None, w, b, True)
+    xs, dys = _split(x, axis, 3), _split(dy, axis, 3)
+    parts = [bn.partial_stats(c) for c in xs]
+    count, mean, m2 = bn.merge_stats(parts)
+    assert count == x.size // C
+    mean, var, rstd = bn.finalize_stats(count, mean, m2, 1e-5)
+    # statistics in float64: a few ulps of the one-call ones (only the merge order differs)
+    np.testing.assert_allclose(mean, ctx.mean, rtol=1e-6 if dtype == np.float32 else 1e-13,
+                               atol=1e-7 if dtype == np.float32 else 1e-13)
+    np.testing.assert_allclose(rstd, ctx.rstd, rtol=1e-6 if dtype == np.float32 else 1e-12)
+    assert_close(mean, ctx_r.mean, dtype=dtype, name="mean")
+    assert_close(rstd, ctx_r.rstd, dtype=dtype, name="rstd")
+    rm2, rv2 = np.zeros(C, dtype), np.ones(C, dtype)
+    bn.update_running_stats(rm2, rv2, mean, var, count, 0.1)
+    assert_close(rm2, rm, name="running_mean")
+    assert_close(rv2, rv, name="running_var")
+    y2 = np.concatenate([bn.apply(c, mean, rstd, w, b) for c in xs], axis=axis)
+    assert_close(y2, y, name="y")
+    sums = [bn.backward_sums(d, c, mean) for d, c in zip(dys, xs)]
+    sdy = sums[0][0] + sums[1][0] + sums[2][0]
+    sdyx = sums[0][1] + sums[1][1] + sums[2][1]
+    count_ = x.size // C
+    assert_close((sdyx * rstd).astype(dtype), dw, name="dweight",
+                 atol=_sum_atol(dtype, count_))
+    assert_close(sdy.astype(dtype), db, name="dbias", atol=_sum_atol(dtype, count_))
+    dx2 = np.concatenate([bn.backward_apply(d, c, mean, rstd, w, sdy, sdyx, count, True)
+                          for d, c in zip(dys, xs)], axis=axis)
+    assert_close(dx2, dx, name="dx")
+    assert_close(dx2, ref.batch_norm_backward(dy, ctx_r)[0], name="dx vs reference")
+
+
+def test_merge_stats_is_ordered_and_accepts_per_channel_counts(rng):
+    parts = [bn.partial_stats(randn(rng, (n, 3, 5), np.float64) + n) for n in (2, 7, 1, 4)]
+    c1, m1, q1 = bn.merge_stats(parts)
+    c2, m2, q2 = bn.merge_stats([(np.full(3, c), m, q) for c, m, q in parts])
+    assert c1 == 70.0 and np.array_equal(c2, np.full(3, 70.0))
+    assert m1.tobytes() == m2.tobytes() and q1.tobytes() == q2.tobytes()
+    again = bn.merge_stats(parts)
+    assert again[1].tobytes() == m1.tobytes() and again[2].tobytes() == q1.tobytes()
+    # an empty chunk changes nothing
+    empty = bn.partial_stats(np.empty((0, 3, 5)))
+    assert empty[0] == 0.0
+    with_empty = bn.merge_stats(parts[:2] + [empty] + parts[2:])
+    assert with_empty[1].tobytes() == m1.tobytes() and with_empty[2].tobytes() == q1.tobytes()
+    with pytest.raises(ValueError):
+        bn.merge_stats([])
+
+
+def test_eval_rstd_is_numpys_bitwise(rng):
+    x = randn(rng, (4, 5, 6), np.float32)
+    rv = (rng.random(5) * 3).astype(np.float32)
+    rv[0] = 0
+    _, ctx = normffn.batch_norm_forward(x, np.zeros(5, np.float32), rv, eps=1e-3)
+    assert ctx.rstd.tobytes() == (1.0 / np.sqrt(rv.astype(np.float64) + 1e-3)).tobytes()
+
+
+NEEDS = [(True, True, True), (True, False, False), (False, True, True), (False, True, False),
+         (False, False, True), (True, False, True), (False, False, False)]
+
+
+@pytest.mark.parametrize("needs", NEEDS, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,layout", [((4, 16, 33, 33), "contiguous"),
+                                          ((8, 3, 64, 64), "contiguous"),
+                                          ((64, 12), "contiguous"),
+                                          ((4, 6, 5, 7), "channels_last")], ids=str)
+def test_backward_needs_skips_what_is_not_needed(rng, shape, layout, training, needs):
+    dtype = np.float32
+    x = _layout(randn(rng, shape, dtype) + 1, layout)
+    dy = _layout(randn(rng, shape, dtype), layout)
+    C = shape[1]
+    w, b = randn(rng, C, dtype), randn(rng, C, dtype)
+    _, ctx = normffn.batch_norm_forward(x, np.zeros(C, dtype), np.ones(C, dtype), w, b,
+                                        training)
+    full = normffn.batch_norm_backward(dy, ctx)
+    out = np.full_like(full[0], 7.0)
+    got = normffn.batch_norm_backward(dy, ctx, out=out, needs=needs)
+    for g, f, need in zip(got, full, needs):
+        if need:
+            assert g.tobytes() == f.tobytes()
+        else:
+            assert g is None
+    if not needs[0]:
+        assert np.all(out == 7.0)
+    # gradients of absent parameters are None whatever needs says
+    _, ctx0 = normffn.batch_norm_forward(x, np.zeros(C, dtype), np.ones(C, dtype), None, None,
+                                         training)
+    dx, dw, db = normffn.batch_norm_backward(dy, ctx0, needs=needs)
+    assert dw is None and db is None and (dx is not None) == needs[0]
+
+
+@pytest.mark.parametrize("needs,exc", [((True, True), ValueError), ((1, 0, 0), ValueError),
+                                       (True, TypeError)])
+def test_backward_rejects_bad_needs(rng, needs, exc):
+    x = randn(rng, (4, 3, 5), np.float32)
+    _, ctx = normffn.batch_norm_forward(x, None, None, training=True)
+    with pytest.raises(exc, match="needs"):
+        normffn.batch_norm_backward(x, ctx, needs=needs)
+
+
+def test_context_uses_the_shared_validator(rng):
+    from normffn._context import Context
+
+    x = randn(rng, (4, 3, 5), np.float32)
+    _, ctx = normffn.batch_norm_forward(x, None, None, training=True)
+    assert isinstance(ctx, Context)
+    ctx.validate()
+    with pytest.raises(ValueError, match="ctx.training"):
+        dataclasses.replace(ctx, training="yes").validate()
+
+
+def test_phases_reject_bad_arguments(rng):
+    x = randn(rng, (4, 3, 5), np.float32)
+    with pytest.raises(ValueError, match="rank"):
+        bn.partial_stats(np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="mean"):
+        bn.apply(x, np.zeros(4), np.ones(3))
+    with pytest.raises(TypeError, match="weight"):
+        bn.apply(x, np.zeros(3), np.ones(3), np.ones(3))
+    with pytest.raises(ValueError, match="dy"):
+        bn.backward_sums(x[:, :, :4], x, np.zeros(3))
+    with pytest.raises(ValueError, match="count"):
+        bn.backward_apply(x, x, np.zeros(3), np.ones(3), None, np.zeros(3), np.zeros(3), 0.0,
+                          True)

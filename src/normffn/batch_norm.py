@@ -5,47 +5,90 @@ layouts run without a copy — C-contiguous ``(N, C, *spatial)`` (PyTorch's NCHW
 channels-last (a transposed view of a C-contiguous ``(N, *spatial, C)`` array, such as
 ``x_nhwc.transpose(0, 3, 1, 2)``, PyTorch's ``channels_last``) — and outputs come back in the
 input's layout.  Any other strides cost one copy.
+
+Layers
+------
+``check_forward`` / ``check_backward`` validate and normalise arguments; ``run_forward`` /
+``run_backward`` trust them, allocate and call the kernels (fused ops call these directly); the
+public functions compose the two.
+
+Phases, for data that arrives in chunks (``normffn.dask``, streaming statistics)::
+
+    parts = [partial_stats(chunk) for chunk in chunks]        # per chunk (count, mean, M2)
+    count, mean, m2 = merge_stats(parts)                      # fixed-order Chan merge
+    mean, var, rstd = finalize_stats(count, mean, m2, eps)
+    update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    ys = [apply(chunk, mean, rstd, weight, bias) for chunk in chunks]
+    # backward
+    sums = [backward_sums(dy_k, x_k, mean) for ...]           # per chunk (sdy, sdyx)
+    sdy, sdyx = sum in a fixed order;  dweight = (sdyx * rstd).astype(dtype), dbias = sdy...
+    dxs = [backward_apply(dy_k, x_k, mean, rstd, weight, sdy, sdyx, count, True) for ...]
+
+With a single chunk the phases give exactly the one-call results; over several chunks the
+statistics agree with the one-call ones to a few ulps (the merge order differs).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar, Sequence
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _tuning
+from ._context import Context, Field
 from ._kernels import batch_norm as _kernel
+from ._workspace import workspace
 
-__all__ = ["BatchNormContext", "batch_norm", "batch_norm_forward", "batch_norm_backward"]
+__all__ = ["BatchNormContext", "batch_norm", "batch_norm_forward", "batch_norm_backward",
+           "partial_stats", "merge_stats", "finalize_stats", "update_running_stats", "apply",
+           "backward_sums", "backward_apply"]
 
-# (N, C, S) inputs with S below this (and C*S at most _SMALL_S_MAX_WIDTH) run as an (N, C*S)
-# matrix through the column kernel: per-row calls on runs of a few values would cost more.
+# ---------------------------------------------------------------- tuning
+# (N, C, S) inputs with S below _SMALL_S (and C*S at most _SMALL_S_MAX_WIDTH) run as an
+# (N, C*S) matrix through the column kernel: per-run calls on a few values would cost more
+# (set when the kernels were written; no recorded sweep).
 _SMALL_S = 16
 _SMALL_S_MAX_WIDTH = 1 << 16
-# Outputs of at least _kernel.stream_bytes() (a quarter of the L3) are written with non-temporal
-# stores (no read-for-ownership) by the rows kernel (NCHW).  Measured here (Zen 4 VM, 25 MB
-# outputs, 2 threads) that made eval 25% and training ~8% faster; in the column kernel
-# (channels-last, (N, C)) it was 0-15% slower, so that kernel stores normally.
-_STREAM_COLUMNS = False
 
 
-def _stream(y: np.ndarray, xk: np.ndarray) -> bool:
-    return y.nbytes >= _kernel.stream_bytes() and (xk.ndim == 3 or _STREAM_COLUMNS)
+def _stream(out: np.ndarray, xk: np.ndarray) -> int:
+    """Stream the output (non-temporal stores) in the rows kernel when it is at least
+    _tuning.stream_threshold() bytes.  The column kernel never streams (measured 0-15% slower)."""
+    return int(xk.ndim == 3 and out.nbytes >= _tuning.stream_threshold())
 
 
+# ---------------------------------------------------------------- layouts
 def _is_channels_last(a: np.ndarray) -> bool:
     """True if ``a`` (ndim >= 3) is a channels-last view (C-contiguous once axis 1 goes last) and
     not also plainly C-contiguous."""
     return a.ndim >= 3 and not a.flags.c_contiguous and np.moveaxis(a, 1, -1).flags.c_contiguous
 
 
-def _output(out, name: str, shape: tuple, dtype, channels_last: bool, inputs) -> np.ndarray:
-    """A new output, or the caller's ``out`` checked, in the layout the kernel writes."""
+def _in_kernel_layout(a: np.ndarray) -> np.ndarray:
+    """``a`` itself if it is C-contiguous or channels-last, else a C-contiguous copy."""
+    return a if _is_channels_last(a) else np.ascontiguousarray(a)
+
+
+def _like_layout(a: np.ndarray, channels_last: bool) -> np.ndarray:
+    """``a`` in the given layout (copied once if it is not)."""
+    if channels_last:
+        return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+    return np.ascontiguousarray(a)
+
+
+def _empty(shape: tuple, dtype, channels_last: bool) -> np.ndarray:
     if not channels_last:
-        return _checks.new_or_out(out, name, shape, dtype, inputs=inputs)
+        return np.empty(shape, dtype=dtype)
+    return np.moveaxis(np.empty(shape[:1] + shape[2:] + shape[1:2], dtype=dtype), -1, 1)
+
+
+def _check_out(out, name: str, shape: tuple, dtype, channels_last: bool, inputs) -> None:
+    """Check the caller's ``out`` is in the layout the kernel writes."""
+    if not channels_last:
+        _checks.out_array(out, name, shape, dtype, inputs=inputs)
+        return
     moved = shape[:1] + shape[2:] + shape[1:2]
-    if out is None:
-        return np.moveaxis(np.empty(moved, dtype=dtype), -1, 1)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != tuple(shape):
@@ -57,7 +100,6 @@ def _output(out, name: str, shape: tuple, dtype, channels_last: bool, inputs) ->
                          f"C-contiguous array of shape {moved}, such as "
                          f"np.moveaxis(np.empty({moved}), -1, 1)")
     _checks.out_array(np.moveaxis(out, 1, -1), name, moved, dtype, inputs=inputs)
-    return out
 
 
 def _kernel_view(a: np.ndarray, channels_last: bool):
@@ -74,8 +116,29 @@ def _kernel_view(a: np.ndarray, channels_last: bool):
     return a.reshape(N, C, S), S
 
 
+def _scratch(xk: np.ndarray, s: int):
+    """The kernels' scratch: per-channel constants (x's dtype) and float64 block partials."""
+    n_consts, n_parts = _kernel.scratch_sizes(xk, s)
+    return (workspace("batch_norm.consts", n_consts, xk.dtype),
+            workspace("batch_norm.parts", n_parts, np.float64))
+
+
+def _count(x: np.ndarray) -> int:
+    """Values per channel: N * prod(spatial)."""
+    return x.shape[0] * math.prod(x.shape[2:])
+
+
+# ---------------------------------------------------------------- context
+def _channels(ctx) -> tuple:
+    return (ctx.x.shape[1],)
+
+
+def _x_layout(a: np.ndarray) -> bool:
+    return a.ndim >= 2 and (a.flags.c_contiguous or _is_channels_last(a))
+
+
 @dataclass(frozen=True, eq=False)
-class BatchNormContext:
+class BatchNormContext(Context):
     """What :func:`batch_norm_backward` needs; returned by :func:`batch_norm_forward`.
 
     Attributes
@@ -93,6 +156,16 @@ class BatchNormContext:
     training : bool
     """
 
+    _op: ClassVar[str] = "batch_norm"
+    _fields: ClassVar[tuple] = (
+        Field("x", "input", layout=_x_layout),
+        Field("weight", "like_x", shape=_channels, optional=True),
+        Field("bias", "like_x", shape=_channels, optional=True),
+        Field("training", "bool"),
+        Field("mean", "float64", shape=_channels),
+        Field("rstd", "float64", shape=_channels),
+    )
+
     x: np.ndarray
     weight: np.ndarray | None
     bias: np.ndarray | None
@@ -102,43 +175,11 @@ class BatchNormContext:
     rstd: np.ndarray
 
     @property
-    def shape(self) -> tuple:
-        return self.x.shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.x.dtype
-
-    @property
     def channels_last(self) -> bool:
         return _is_channels_last(self.x)
 
-    def _validate(self) -> tuple[np.ndarray, np.ndarray]:
-        """Check the context is internally consistent (a hand-built or tampered context must
-        raise, not reach the kernel); return the (mean, rstd) backward uses."""
-        x = self.x
-        if not isinstance(x, np.ndarray) or x.dtype not in _checks.FLOAT_DTYPES or x.ndim < 2 \
-                or not (x.flags.c_contiguous or _is_channels_last(x)):
-            raise ValueError("ctx.x must be the float array (C-contiguous or channels-last, "
-                             "ndim >= 2) saved by the forward")
-        C = x.shape[1]
-        for name in ("mean", "rstd"):
-            a = getattr(self, name)
-            if not isinstance(a, np.ndarray) or a.dtype != np.float64 or a.shape != (C,) \
-                    or not a.flags.c_contiguous:
-                raise ValueError(f"ctx.{name} must be a C-contiguous float64 array of shape "
-                                 f"({C},)")
-        for name in ("weight", "bias"):
-            a = getattr(self, name)
-            if a is not None and (not isinstance(a, np.ndarray) or a.dtype != x.dtype
-                                  or a.shape != (C,) or not a.flags.c_contiguous):
-                raise ValueError(f"ctx.{name} must be None or a C-contiguous {x.dtype} array "
-                                 f"of shape ({C},)")
-        if not isinstance(self.training, (bool, np.bool_)):
-            raise ValueError("ctx.training must be a bool")
-        return self.mean, self.rstd
 
-
+# ---------------------------------------------------------------- forward: check / run
 def _running_stat(a, name: str, C: int, dtype: np.dtype) -> np.ndarray:
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), got "
@@ -153,6 +194,101 @@ def _running_stat(a, name: str, C: int, dtype: np.dtype) -> np.ndarray:
     if not a.flags.aligned:
         raise ValueError(f"{name} must be aligned to its itemsize (it is updated in place)")
     return a
+
+
+def _channel_input(x, name: str = "x") -> np.ndarray:
+    x = _checks.float_array(x, name)
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have shape (N, C, *spatial) with rank >= 2, got shape "
+                         f"{x.shape}")
+    return x
+
+
+def check_forward(x, running_mean, running_var, weight=None, bias=None, training=False,
+                  momentum=0.1, eps=1e-5, out=None) -> tuple:
+    """Validate the arguments of :func:`batch_norm_forward` (see it for the rules).
+
+    Returns ``(x, running_mean, running_var, weight, bias, training, momentum, eps, out)``
+    ready for :func:`run_forward`: x C-contiguous or channels-last, parameters C-contiguous,
+    training a bool, momentum and eps floats, out checked (or None).  Raises before any state
+    changes.
+    """
+    x = _channel_input(x)
+    dtype = x.dtype
+    N, C = x.shape[:2]
+    S = math.prod(x.shape[2:])
+    weight = _checks.optional_param(weight, "weight", (C,), dtype)
+    bias = _checks.optional_param(bias, "bias", (C,), dtype)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together or both be None")
+    if running_mean is not None:
+        running_mean = _running_stat(running_mean, "running_mean", C, dtype)
+        running_var = _running_stat(running_var, "running_var", C, dtype)
+        if _checks._overlaps(running_mean, running_var):
+            raise ValueError("running_mean and running_var overlap; pass separate arrays")
+        for a, name in ((x, "x"), (weight, "weight"), (bias, "bias")):
+            for r, rname in ((running_mean, "running_mean"), (running_var, "running_var")):
+                if a is not None and _checks._overlaps(r, a):
+                    raise ValueError(f"{rname} overlaps {name}; pass separate arrays")
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    training = bool(training)
+    momentum = _checks.finite_float(momentum, "momentum", low=0.0, high=1.0)
+    eps = _checks.finite_float(eps, "eps", low=0.0, low_inclusive=not training)
+    if training and N * S <= 1:
+        raise ValueError(f"training needs more than 1 value per channel, got x of shape "
+                         f"{x.shape} ({N * S} value(s) per channel)")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    x = _in_kernel_layout(x)
+    if out is not None:
+        _check_out(out, "out", x.shape, dtype, _is_channels_last(x),
+                   inputs=(x, weight, bias, running_mean, running_var))
+    return x, running_mean, running_var, weight, bias, training, momentum, eps, out
+
+
+def update_running_stats(running_mean: np.ndarray, running_var: np.ndarray, mean: np.ndarray,
+                         var: np.ndarray, count, momentum: float) -> None:
+    """In place, as PyTorch does: ``running_mean = (1 - momentum) * running_mean + momentum *
+    mean`` and ``running_var = (1 - momentum) * running_var + momentum * unbiased_var`` with
+    ``unbiased_var = var * (count / (count - 1))`` (``var`` biased, ``count`` values per channel,
+    > 1).  The arithmetic is NumPy's, in the running stats' dtype promoted with float64 ``mean``
+    and ``var`` (exactly what :func:`batch_norm_forward` does).  Trusts its arguments."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        new_mean = (1.0 - momentum) * running_mean + momentum * mean
+        new_var = (1.0 - momentum) * running_var + momentum * (var * (count / (count - 1)))
+    running_mean[...] = new_mean
+    running_var[...] = new_var
+
+
+def run_forward(x, running_mean, running_var, weight, bias, training: bool, momentum: float,
+                eps: float, out=None):
+    """BatchNorm forward on arguments :func:`check_forward` returned; trusts its arguments.
+    Returns ``(y, ctx)``; updates the running stats in training."""
+    dtype = x.dtype
+    C = x.shape[1]
+    channels_last = _is_channels_last(x)
+    y = out if out is not None else _empty(x.shape, dtype, channels_last)
+    if training:
+        mean64 = np.zeros(C)
+        var64 = np.zeros(C)
+    else:
+        mean64 = running_mean.astype(np.float64)
+        var64 = running_var.astype(np.float64)
+    rstd64 = np.empty(C)
+    if x.size > 0:
+        xk, s = _kernel_view(x, channels_last)
+        yk, _ = _kernel_view(y, channels_last)
+        consts, parts = _scratch(xk, s)
+        _kernel.forward(yk, mean64, var64, rstd64, xk, weight, bias, eps, training, s,
+                        _stream(y, xk), consts, parts)
+    else:
+        _kernel.rstd_from_var(rstd64, var64, eps)
+    if training and running_mean is not None:
+        update_running_stats(running_mean, running_var, mean64, var64, _count(x), momentum)
+    ctx = BatchNormContext(x=x, weight=weight, bias=bias, eps=eps, training=training,
+                           mean=mean64, rstd=rstd64)
+    return y, ctx
 
 
 def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, training=False,
@@ -200,65 +336,8 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
         channel (``N * prod(spatial) <= 1``); a bad ``out``.
         On any error nothing is computed and the running stats are untouched.
     """
-    # ---- validation: everything before any kernel runs or any state changes
-    x = _checks.float_array(x, "x")
-    if x.ndim < 2:
-        raise ValueError(f"x must have shape (N, C, *spatial) with rank >= 2, got shape "
-                         f"{x.shape}")
-    dtype = x.dtype
-    N, C = x.shape[:2]
-    S = math.prod(x.shape[2:])
-    weight = _checks.optional_param(weight, "weight", (C,), dtype)
-    bias = _checks.optional_param(bias, "bias", (C,), dtype)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together or both be None")
-    if running_mean is not None:
-        running_mean = _running_stat(running_mean, "running_mean", C, dtype)
-        running_var = _running_stat(running_var, "running_var", C, dtype)
-        if _checks._overlaps(running_mean, running_var):
-            raise ValueError("running_mean and running_var overlap; pass separate arrays")
-        for a, name in ((x, "x"), (weight, "weight"), (bias, "bias")):
-            for r, rname in ((running_mean, "running_mean"), (running_var, "running_var")):
-                if a is not None and _checks._overlaps(r, a):
-                    raise ValueError(f"{rname} overlaps {name}; pass separate arrays")
-    if not isinstance(training, (bool, np.bool_)):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    training = bool(training)
-    momentum = _checks.finite_float(momentum, "momentum", low=0.0, high=1.0)
-    eps = _checks.finite_float(eps, "eps", low=0.0, low_inclusive=not training)
-    if training and N * S <= 1:
-        raise ValueError(f"training needs more than 1 value per channel, got x of shape "
-                         f"{x.shape} ({N * S} value(s) per channel)")
-    if not training and running_mean is None:
-        raise ValueError("running_mean and running_var are required when training=False")
-    channels_last = _is_channels_last(x)
-    if not channels_last:
-        x = np.ascontiguousarray(x)
-    y = _output(out, "out", x.shape, dtype, channels_last,
-                inputs=(x, weight, bias, running_mean, running_var))
-
-    # ---- compute
-    if training:
-        mean64 = np.zeros(C)
-        var64 = np.zeros(C)
-    else:
-        mean64 = running_mean.astype(np.float64)
-        var64 = running_var.astype(np.float64)
-    if x.size > 0:
-        xk, s = _kernel_view(x, channels_last)
-        yk, _ = _kernel_view(y, channels_last)
-        _kernel.forward(yk, mean64, var64, xk, weight, bias, eps, training, s, _stream(y, xk))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rstd64 = 1.0 / np.sqrt(var64 + eps)
-    if training and running_mean is not None:
-        with np.errstate(invalid="ignore", over="ignore"):
-            new_mean = (1.0 - momentum) * running_mean + momentum * mean64
-            new_var = (1.0 - momentum) * running_var + momentum * (var64 * (N * S / (N * S - 1)))
-        running_mean[...] = new_mean
-        running_var[...] = new_var
-    ctx = BatchNormContext(x=x, weight=weight, bias=bias, eps=eps, training=training,
-                           mean=mean64, rstd=rstd64)
-    return y, ctx
+    return run_forward(*check_forward(x, running_mean, running_var, weight, bias, training,
+                                      momentum, eps, out))
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
@@ -273,7 +352,79 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                               eps, out=out)[0]
 
 
-def batch_norm_backward(dy, ctx, *, out=None):
+# ---------------------------------------------------------------- backward: check / run
+def _needs(needs, ctx) -> tuple[bool, bool, bool]:
+    """(need_dx, need_dweight, need_dbias): entries for absent parameters are False."""
+    has = (True, ctx.weight is not None, ctx.bias is not None)
+    if needs is None:
+        return has
+    try:
+        t = tuple(needs)
+    except TypeError:
+        raise TypeError(f"needs must be a tuple of 3 bools (dx, dweight, dbias), got "
+                        f"{type(needs).__name__}") from None
+    if len(t) != 3 or not all(isinstance(v, (bool, np.bool_)) for v in t):
+        raise ValueError(f"needs must be a tuple of 3 bools (dx, dweight, dbias), got {t!r}")
+    return tuple(bool(v) and h for v, h in zip(t, has))
+
+
+def check_backward(dy, ctx, out=None, needs=None) -> tuple:
+    """Validate the arguments of :func:`batch_norm_backward`.
+
+    Returns ``(dy, ctx, out, (need_dx, need_dweight, need_dbias))`` with dy in ``ctx.x``'s
+    layout (copied once if it was not) and out checked (or None; ignored if dx is not needed).
+    """
+    ctx = _checks.context(ctx, BatchNormContext, "batch_norm")
+    ctx.validate()
+    need = _needs(needs, ctx)
+    dy = _checks.grad_output(dy, ctx.shape, ctx.dtype)
+    channels_last = ctx.channels_last
+    if need[0] and out is not None:
+        _check_out(out, "out", ctx.shape, ctx.dtype, channels_last,
+                   inputs=(dy, ctx.x, ctx.weight, ctx.bias, ctx.mean, ctx.rstd))
+    dy = _like_layout(dy, channels_last)
+    return dy, ctx, out if need[0] else None, need
+
+
+def run_backward(dy, x, weight, mean, rstd, training: bool, out=None, need_dx: bool = True,
+                 need_dweight: bool = True, need_dbias: bool = True):
+    """BatchNorm backward on validated arrays (dy in x's layout, x C-contiguous or
+    channels-last, mean/rstd float64 (C,)); trusts its arguments.  Returns
+    ``(dx, dweight, dbias)`` with None for what is not needed (or has no parameter); only the
+    work for what is needed is done: the channel sums are skipped when nothing needs them, and
+    dx is not written when it is not needed."""
+    dtype = x.dtype
+    C = x.shape[1]
+    channels_last = _is_channels_last(x)
+    need_dweight = need_dweight and weight is not None
+    need_dx_sums = need_dx and training
+    need_x = need_dx_sums or need_dweight            # sum(dy * (x - mean))
+    sums = need_x or need_dbias                      # sum(dy)
+    dx = None
+    if need_dx:
+        dx = out if out is not None else _empty(x.shape, dtype, channels_last)
+    dweight = np.empty(C, dtype) if need_dweight else None
+    dbias = np.empty(C, dtype) if need_dbias else None
+    sdy = np.zeros(C)
+    sdyx = np.zeros(C)
+    if x.size > 0:
+        if need_dx or sums:
+            xk, s = _kernel_view(x, channels_last)
+            dyk, _ = _kernel_view(dy, channels_last)
+            dxk = None if dx is None else _kernel_view(dx, channels_last)[0]
+            consts, parts = _scratch(xk, s)
+            _kernel.backward(dxk, dweight, dbias, sdy, sdyx, dyk, xk, weight, mean, rstd,
+                             float(_count(x)), training, sums, need_x, s,
+                             0 if dx is None else _stream(dx, xk), consts, parts)
+    else:     # no values: the sums are 0
+        if dweight is not None:
+            dweight[...] = (sdyx * rstd).astype(dtype)
+        if dbias is not None:
+            dbias[...] = sdy
+    return dx, dweight, dbias
+
+
+def batch_norm_backward(dy, ctx, *, out=None, needs=None):
     """Gradients of BatchNorm given ``dy = dL/dy``.
 
     Parameters
@@ -282,40 +433,214 @@ def batch_norm_backward(dy, ctx, *, out=None):
         in ``ctx.x``'s layout)
     ctx : BatchNormContext from :func:`batch_norm_forward`
     out : optional preallocated ``dx``, in ``ctx.x``'s layout (same rules as the forward ``out``)
+    needs : tuple of 3 bools (dx, dweight, dbias), optional
+        Which gradients to compute; the others are returned as None and their work is skipped
+        (only dweight/dbias: the channel sums, no dx written; only dx in eval: no sums).
+        Default: every gradient that exists.
 
     Returns
     -------
-    dx : ndarray like x (and in its layout)
-    dweight, dbias : ndarray of shape (C,), or None where weight/bias were None
+    dx : ndarray like x (and in its layout), or None if not needed
+    dweight, dbias : ndarray of shape (C,), or None where weight/bias were None or not needed
         Reduced in a fixed order: identical for any thread count.
 
     Maths, per channel over ``(N, *spatial)``: ``xhat = (x - mean) * rstd``, ``g = dy * weight``;
     training: ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``; eval (the statistics are
     constants): ``dx = g * rstd``.  ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)``.
+
+    Raises
+    ------
+    TypeError
+        ctx is not a BatchNormContext; dy of another dtype; needs not a sequence.
+    ValueError
+        dy of the wrong shape; a context whose fields are inconsistent; a bad ``out`` or
+        ``needs``.
     """
-    ctx = _checks.context(ctx, BatchNormContext, "batch_norm")
-    mean64, rstd64 = ctx._validate()
-    dtype = ctx.dtype
-    x = ctx.x
-    channels_last = ctx.channels_last
-    dy = _checks.grad_output(dy, ctx.shape, dtype)
-    dx = _output(out, "out", ctx.shape, dtype, channels_last,
-                 inputs=(dy, x, ctx.weight, ctx.bias, ctx.mean, ctx.rstd))
+    dy, ctx, out, need = check_backward(dy, ctx, out, needs)
+    return run_backward(dy, ctx.x, ctx.weight, ctx.mean, ctx.rstd, bool(ctx.training), out,
+                        *need)
+
+
+# ---------------------------------------------------------------- phases
+def _stat_vector(a, name: str, C: int) -> np.ndarray:
+    """A per-channel float64 statistic of shape (C,), C-contiguous."""
+    if a is None:
+        raise TypeError(f"{name} must be a float64 array of shape ({C},), got None")
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must be a float array of shape ({C},), got dtype {a.dtype}")
+    if a.shape != (C,):
+        raise ValueError(f"{name} has shape {a.shape}, expected ({C},) (the channels of x)")
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _count_vector(count, C: int, name: str = "count") -> np.ndarray:
+    c = np.asarray(count, dtype=np.float64)
+    if c.ndim == 0:
+        c = np.full(C, float(c))
+    elif c.shape != (C,):
+        raise ValueError(f"{name} has shape {c.shape}, expected () or ({C},)")
+    return np.ascontiguousarray(c)
+
+
+def partial_stats(x):
+    """Phase 1: per-channel statistics of one chunk.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, *spatial), float32 or float64 (C-contiguous or channels-last;
+        other layouts are copied once)
+
+    Returns
+    -------
+    count : float
+        Values per channel in the chunk, ``N * prod(spatial)``.
+    mean, m2 : ndarray of shape (C,), float64
+        Mean and ``M2 = sum((x - mean)**2)`` per channel, from the same block statistics as the
+        one-call training forward (``finalize_stats`` of one chunk gives its mean/var bitwise).
+        A chunk with no values gives count 0 and zeros.
+    """
+    x = _in_kernel_layout(_channel_input(x))
     C = x.shape[1]
+    mean = np.zeros(C)
+    m2 = np.zeros(C)
+    if x.size > 0:
+        xk, s = _kernel_view(x, _is_channels_last(x))
+        _, parts = _scratch(xk, s)
+        _kernel.stats(mean, m2, xk, s, parts)
+    return float(_count(x)), mean, m2
+
+
+def merge_stats(parts: Sequence):
+    """Phase 2: merge ``(count, mean, m2)`` triples with Chan et al.'s formula, in the order
+    given (deterministic: the same sequence always gives the same bits).
+
+    ``count`` entries may be floats or per-channel (C,) arrays; the merged count is a float if
+    every input count was a scalar, else a (C,) array.  Parts with count 0 are skipped.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("merge_stats needs at least one (count, mean, m2) part")
+    C = np.shape(parts[0][1])[0] if np.ndim(parts[0][1]) == 1 else None
+    if C is None:
+        raise ValueError("mean of each part must have shape (C,)")
+    n = np.zeros(C)
+    mean = np.zeros(C)
+    m2 = np.zeros(C)
+    scalar = True
+    for i, part in enumerate(parts):
+        if len(part) != 3:
+            raise ValueError(f"parts[{i}] must be a (count, mean, m2) triple")
+        cnt, mb, m2b = part
+        scalar = scalar and np.ndim(cnt) == 0
+        _kernel.chan_merge(n, mean, m2, _count_vector(cnt, C, f"parts[{i}] count"),
+                           _stat_vector(mb, f"parts[{i}] mean", C),
+                           _stat_vector(m2b, f"parts[{i}] m2", C))
+    if scalar:
+        count = float(sum(float(p[0]) for p in parts))
+        return count, mean, m2
+    return n, mean, m2
+
+
+def finalize_stats(count, mean, m2, eps: float):
+    """Phase 2b: ``(mean, var, rstd)`` from merged statistics: ``var = m2 / count`` (biased)
+    and ``rstd = 1 / sqrt(var + eps)``, both float64 (C,) — bitwise what the one-call forward
+    computes from the same (count, mean, m2).  For the running stats pass ``var`` and ``count``
+    to :func:`update_running_stats` (it forms the unbiased ``var * count / (count - 1)``)."""
+    mean = _stat_vector(mean, "mean", np.shape(mean)[0] if np.ndim(mean) == 1 else -1)
+    C = mean.shape[0]
+    m2 = _stat_vector(m2, "m2", C)
+    eps = _checks.finite_float(eps, "eps", low=0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = m2 / _count_vector(count, C)
+    rstd = np.empty(C)
+    _kernel.rstd_from_var(rstd, var, eps)
+    return mean, var, rstd
+
+
+def apply(x, mean, rstd, weight=None, bias=None, out=None):
+    """Phase 3: ``y = (x - mean) * rstd * weight + bias`` per channel with given float64
+    statistics (the elementwise pass of the forward; the eval path fed with batch stats).
+
+    x : ndarray of shape (N, C, *spatial); mean, rstd : (C,) float64; weight, bias : (C,) of
+    x's dtype or None; out : as in :func:`batch_norm_forward`.  Returns y in x's layout.
+    """
+    x = _in_kernel_layout(_channel_input(x))
+    C = x.shape[1]
+    mean = _stat_vector(mean, "mean", C)
+    rstd = _stat_vector(rstd, "rstd", C)
+    weight = _checks.optional_param(weight, "weight", (C,), x.dtype)
+    bias = _checks.optional_param(bias, "bias", (C,), x.dtype)
+    channels_last = _is_channels_last(x)
+    if out is not None:
+        _check_out(out, "out", x.shape, x.dtype, channels_last, inputs=(x, weight, bias))
+    return run_apply(x, mean, rstd, weight, bias, out)
+
+
+def run_apply(x, mean, rstd, weight, bias, out=None):
+    """:func:`apply` on validated arguments; trusts them."""
+    channels_last = _is_channels_last(x)
+    y = out if out is not None else _empty(x.shape, x.dtype, channels_last)
+    if x.size > 0:
+        xk, s = _kernel_view(x, channels_last)
+        yk, _ = _kernel_view(y, channels_last)
+        consts, _ = _scratch(xk, s)
+        _kernel.apply(yk, xk, mean, rstd, weight, bias, s, _stream(y, xk), consts)
+    return y
+
+
+def _dy_for(dy, x) -> np.ndarray:
+    dy = _checks.grad_output(dy, x.shape, x.dtype)
+    return _like_layout(dy, _is_channels_last(x))
+
+
+def backward_sums(dy, x, mean):
+    """Backward phase 1: per-channel ``sdy = sum(dy)`` and ``sdyx = sum(dy * (x - mean))`` of
+    one chunk, float64 (C,).  Sums over chunks (added in a fixed order) give the batch's; then
+    ``dweight = (sdyx * rstd).astype(x.dtype)`` and ``dbias = sdy.astype(x.dtype)``."""
+    x = _in_kernel_layout(_channel_input(x))
+    C = x.shape[1]
+    mean = _stat_vector(mean, "mean", C)
+    dy = _dy_for(dy, x)
     sdy = np.zeros(C)
     sdyx = np.zeros(C)
     if x.size > 0:
-        if channels_last:
-            dyc = np.moveaxis(np.ascontiguousarray(np.moveaxis(dy, 1, -1)), -1, 1)
-        else:
-            dyc = np.ascontiguousarray(dy)
+        channels_last = _is_channels_last(x)
         xk, s = _kernel_view(x, channels_last)
-        dyk, _ = _kernel_view(dyc, channels_last)
+        dyk, _ = _kernel_view(dy, channels_last)
+        consts, parts = _scratch(xk, s)
+        _kernel.backward(None, None, None, sdy, sdyx, dyk, xk, None, mean, mean,
+                         float(_count(x)), False, True, True, s, 0, consts, parts)
+    return sdy, sdyx
+
+
+def backward_apply(dy, x, mean, rstd, weight, sdy, sdyx, count, training, out=None):
+    """Backward phase 2: dx of one chunk given the batch's statistics and channel sums.
+
+    training: ``dx = ((dy - sdy/count) - (x - mean) * rstd**2 * sdyx/count) * rstd * weight``;
+    eval: ``dx = dy * rstd * weight`` (sdy, sdyx, count unused).  ``count`` is the number of
+    values per channel of the whole batch (float).  Returns dx in x's layout.
+    """
+    x = _in_kernel_layout(_channel_input(x))
+    C = x.shape[1]
+    mean = _stat_vector(mean, "mean", C)
+    rstd = _stat_vector(rstd, "rstd", C)
+    sdy = _stat_vector(sdy, "sdy", C)
+    sdyx = _stat_vector(sdyx, "sdyx", C)
+    weight = _checks.optional_param(weight, "weight", (C,), x.dtype)
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    count = _checks.finite_float(count, "count", low=0.0, low_inclusive=not training)
+    dy = _dy_for(dy, x)
+    channels_last = _is_channels_last(x)
+    if out is not None:
+        _check_out(out, "out", x.shape, x.dtype, channels_last, inputs=(dy, x, weight))
+    dx = out if out is not None else _empty(x.shape, x.dtype, channels_last)
+    if x.size > 0:
+        xk, s = _kernel_view(x, channels_last)
+        dyk, _ = _kernel_view(dy, channels_last)
         dxk, _ = _kernel_view(dx, channels_last)
-        need_x = ctx.training or ctx.weight is not None
-        sums = need_x or ctx.bias is not None
-        _kernel.backward(dxk, sdy, sdyx, dyk, xk, ctx.weight, mean64, rstd64, bool(ctx.training),
-                         need_x, sums, s, _stream(dx, xk))
-    dweight = None if ctx.weight is None else (sdyx * rstd64).astype(dtype)
-    dbias = None if ctx.bias is None else sdy.astype(dtype)
-    return dx, dweight, dbias
+        consts, parts = _scratch(xk, s)
+        _kernel.backward(dxk, None, None, sdy.copy(), sdyx.copy(), dyk, xk, weight, mean, rstd,
+                         count, bool(training), False, False, s, _stream(dx, xk), consts, parts)
+    return dx

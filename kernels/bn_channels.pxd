@@ -1,15 +1,17 @@
-# Declarations of the BatchNorm per-channel helpers in channels.h (see that file for the maths).
+# Declarations of the BatchNorm family, kernels/bn_channels.h (the maths and contract are there).
 #
 # Table of contents
-#   nf_chan                Chan/Welford merge of (count, mean, M2) blocks
-#   nf_bn_row_*            one channel's contiguous run (an (n, c, :) row of an (N, C, S) array)
-#   nf_bn_cols_*           a block of rows of a row-major (M, K) matrix, one parameter per column
 #   nf_bn_block_rows       rows per column block (a function of K and the itemsize only)
+#   nf_bn_cols_chan        Chan merge of a block's column statistics
+#   nf_bn_row_*            one channel's contiguous run (an (n, c, :) row of an (N, C, S) array)
+#   nf_bn_cols_*           a block of rows of a row-major (M, K) matrix, one constant per column
 
-cdef extern from "channels.h" nogil:
-    ctypedef Py_ssize_t nf_index
-    void nf_chan(double *n, double *mean, double *m2, double nb, double mb, double m2b)
+from core cimport nf_index
+
+cdef extern from "bn_channels.h" nogil:
     nf_index nf_bn_block_rows(nf_index K, size_t itemsize)
+    void nf_bn_cols_chan(double *mean, double *m2, double na, const double *bm,
+                         const double *bm2, double nb, nf_index K)
 
     void nf_bn_row_stats_f32(const float *x, nf_index n, double *mean, double *m2,
                              const float *pf)
@@ -34,12 +36,10 @@ cdef extern from "channels.h" nogil:
                               nf_index rows, nf_index K, const float *pf, size_t pfbytes)
     void nf_bn_cols_stats_f64(double *bm, double *bm2, double *tmp, const double *x,
                               nf_index rows, nf_index K, const double *pf, size_t pfbytes)
-    void nf_bn_cols_chan(double *mean, double *m2, double na, const double *bm,
-                         const double *bm2, double nb, nf_index K)
     void nf_bn_cols_affine_f32(float *y, const float *x, nf_index rows, nf_index K,
-                               const float *mh, const float *a, const float *b, int stream)
+                               const float *mh, const float *a, const float *b)
     void nf_bn_cols_affine_f64(double *y, const double *x, nf_index rows, nf_index K,
-                               const double *mh, const double *a, const double *b, int stream)
+                               const double *mh, const double *a, const double *b)
     void nf_bn_cols_bwd_sums_f32(double *sdy, double *sdyx, float *tmp, const float *dy,
                                  const float *x, nf_index rows, nf_index K, const float *mh,
                                  const float *ml)
@@ -48,7 +48,11 @@ cdef extern from "channels.h" nogil:
                                  const double *ml)
     void nf_bn_cols_dx_f32(float *dx, const float *dy, const float *x, nf_index rows,
                            nf_index K, const float *mh, const float *ml, const float *k1,
-                           const float *c2, const float *k2, int stream)
+                           const float *c2, const float *k2)
     void nf_bn_cols_dx_f64(double *dx, const double *dy, const double *x, nf_index rows,
                            nf_index K, const double *mh, const double *ml, const double *k1,
-                           const double *c2, const double *k2, int stream)
+                           const double *c2, const double *k2)
+
+    # the core's typed mean split, declared here because core.pxd lists only untyped helpers
+    void nf_mean_split_f32(double mean, float *hi, float *lo)
+    void nf_mean_split_f64(double mean, double *hi, double *lo)
