@@ -217,10 +217,9 @@ def test_out(rng):
         normffn.ffn(x, *params, out=x)
 
 
-def test_threads_identical(rng, monkeypatch):
+def test_threads_identical(rng):
     """1 and 2 OpenMP threads give bitwise-identical results (BLAS threads left as they are):
-    the elementwise passes split columns in fixed tiles and sum rows in order."""
-    monkeypatch.setattr(F, "_EW_THREADS", 0)      # let OpenMP use every thread it is allowed
+    the elementwise passes sum rows in order on one thread."""
     params = make_params(rng, 65, 600, np.float32)
     x = rng.standard_normal((300, 65)).astype(np.float32)
     dy = rng.standard_normal((300, 65)).astype(np.float32)
@@ -360,3 +359,110 @@ def test_extra_memory_is_blocks(rng, monkeypatch):
     assert extra(lambda: train(True)) <= 2 * block + slack
     kept = extra(lambda: train(False))              # the hidden, plus at most one dA block
     assert n * h * 8 <= kept <= n * h * 8 + block + slack
+
+
+# ---------------------------------------------------------------- needs, out=, hidden_out=
+NEEDS = [(True, False, False, False, False), (False, True, False, False, False),
+         (False, False, True, False, False), (False, False, False, True, False),
+         (False, False, False, False, True), (False, True, True, True, True),
+         (True, False, True, False, True), (False, False, False, True, True),
+         (False, False, False, False, False)]
+
+
+@pytest.mark.parametrize("needs", NEEDS, ids=lambda n: "".join("1" if v else "0" for v in n))
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("blocks", [False, True], ids=["one-block", "blocks"])
+def test_needs(rng, monkeypatch, needs, act, recompute, blocks):
+    """A gradient not asked for is None; those asked for are bitwise what a full backward gives
+    (the same GEMMs and passes run for them)."""
+    if blocks:
+        monkeypatch.setattr(F, "_MIN_BLOCK_ROWS", 1)
+        for budget in ("_BLOCK_BYTES", "_INFERENCE_BLOCK_BYTES", "_RECOMPUTE_BLOCK_BYTES"):
+            monkeypatch.setattr(F, budget, 37 * 259 * 4)
+    params = make_params(rng, 65, 259, np.float32, layout="F")
+    x = rng.standard_normal((301, 65)).astype(np.float32)
+    dy = rng.standard_normal((301, 65)).astype(np.float32)
+    _, ctx = normffn.ffn_forward(x, *params, activation=act, recompute=recompute)
+    full = normffn.ffn_backward(dy, ctx)
+    part = normffn.ffn_backward(dy, ctx, needs=needs)
+    for name, need, a, b in zip(GRAD_NAMES, needs, full, part):
+        if need:
+            np.testing.assert_array_equal(b, a, err_msg=name)
+        else:
+            assert b is None, name
+
+
+def test_needs_missing_bias_and_errors(rng):
+    w1, _, w2, _ = make_params(rng, 4, 6, np.float64)
+    x = rng.standard_normal((3, 4))
+    _, ctx = normffn.ffn_forward(x, w1, None, w2, None)
+    grads = normffn.ffn_backward(x, ctx, needs=(True,) * 5)
+    assert grads[2] is None and grads[4] is None and grads[0] is not None
+    with pytest.raises(ValueError, match="needs"):
+        normffn.ffn_backward(x, ctx, needs=(True,) * 4)
+    with pytest.raises(TypeError, match="needs"):
+        normffn.ffn_backward(x, ctx, needs=(1, True, True, True, True))
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_training_step_buffers(rng, act, recompute):
+    """A training loop reuses y, the hidden and every gradient buffer across steps; results are
+    bitwise those of fresh allocations, and the buffers are the ones returned."""
+    params = make_params(rng, 65, 130, np.float32, layout="F")
+    shape = (4, 25, 65)
+    y_buf = np.empty(shape, np.float32)
+    g_buf = (np.empty(shape, np.float32), np.empty((65, 130), np.float32),
+             np.empty(130, np.float32), None, np.empty(65, np.float32))
+    hidden = None
+    for step in range(3):
+        x = rng.standard_normal(shape).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        y_ref, ctx_ref = normffn.ffn_forward(x, *params, activation=act, recompute=recompute)
+        g_ref = normffn.ffn_backward(dy, ctx_ref)
+        y, ctx = normffn.ffn_forward(x, *params, activation=act, recompute=recompute,
+                                     out=y_buf, hidden_out=hidden)
+        assert y is y_buf
+        np.testing.assert_array_equal(y, y_ref)
+        if not recompute:
+            assert hidden is None or ctx.hidden is hidden
+            np.testing.assert_array_equal(ctx.hidden, ctx_ref.hidden)
+            hidden = ctx.hidden
+        grads = normffn.ffn_backward(dy, ctx, out=g_buf)
+        for name, g, buf, gr in zip(GRAD_NAMES, grads, g_buf, g_ref):
+            if buf is not None:
+                assert g is buf, name
+            np.testing.assert_array_equal(g, gr, err_msg=name)
+
+
+def test_out_buffers_rejected(rng):
+    params = make_params(rng, 4, 6, np.float32)
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    _, ctx = normffn.ffn_forward(x, *params)
+    good = [np.empty((3, 4), np.float32), np.empty((4, 6), np.float32),
+            np.empty(6, np.float32), np.empty((6, 4), np.float32), np.empty(4, np.float32)]
+    for i, bad in [(0, np.empty((3, 5), np.float32)), (1, np.empty((4, 6), np.float64)),
+                   (2, np.empty(7, np.float32)), (3, np.empty((4, 6), np.float32).T),
+                   (4, x[0]), (0, ctx.x), (3, ctx.hidden.reshape(6, 3).T.copy().T)]:
+        out = list(good)
+        out[i] = bad
+        with pytest.raises(ValueError, match=rf"out\[{i}\]"):
+            normffn.ffn_backward(x, ctx, out=tuple(out))
+    out = list(good)
+    out[4] = good[0][0]                                       # overlaps out[0]
+    with pytest.raises(ValueError, match="overlaps"):
+        normffn.ffn_backward(x, ctx, out=tuple(out))
+    with pytest.raises(ValueError, match="out"):
+        normffn.ffn_backward(x, ctx, out=tuple(good[:4]))
+    # forward buffers
+    with pytest.raises(ValueError, match="hidden_out"):
+        normffn.ffn_forward(x, *params, hidden_out=np.empty((3, 5), np.float32))
+    with pytest.raises(ValueError, match="hidden_out"):
+        normffn.ffn_forward(x, *params, recompute=True, hidden_out=np.empty((3, 6), np.float32))
+    buf = np.empty(30, np.float32)                             # out and hidden_out overlap
+    with pytest.raises(ValueError, match="hidden_out"):
+        normffn.ffn_forward(x, *params, out=buf[:12].reshape(3, 4),
+                            hidden_out=buf[10:28].reshape(3, 6))
+    with pytest.raises(ValueError, match="out"):
+        normffn.ffn_forward(x, *params, out=np.empty((3, 5), np.float32))
