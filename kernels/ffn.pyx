@@ -30,7 +30,8 @@ from cython cimport floating
 from libc.string cimport memset
 
 from _blas cimport blas_layout, flip, gemm
-from ffn_elementwise cimport (NF_ACT_GELU, NF_ACT_GELU_TANH, NF_ACT_RELU, NF_ACT_SILU,
+from ffn_elementwise cimport (NF_ACT_GEGLU, NF_ACT_GELU, NF_ACT_GELU_TANH, NF_ACT_REGLU,
+                              NF_ACT_RELU, NF_ACT_SILU, NF_ACT_SWIGLU,
                               nf_colsum_f32, nf_colsum_f64, nf_ffn_activate_f32,
                               nf_ffn_activate_f64, nf_ffn_bwd_f32, nf_ffn_bwd_f64,
                               nf_ffn_fwd_f32, nf_ffn_fwd_f64, nf_fill_rows_f32, nf_fill_rows_f64,
@@ -40,7 +41,10 @@ import numpy as np
 
 # activation name -> code of ffn_elementwise.h (the Python layer's list of valid names)
 ACTIVATION_CODES = {"relu": NF_ACT_RELU, "gelu": NF_ACT_GELU, "gelu_tanh": NF_ACT_GELU_TANH,
-                    "silu": NF_ACT_SILU}
+                    "silu": NF_ACT_SILU,
+                    "reglu": NF_ACT_REGLU, "geglu": NF_ACT_GEGLU, "swiglu": NF_ACT_SWIGLU}
+# the gated ones: w1 is (d, 2h) = [gate | up]
+GATED = ("reglu", "geglu", "swiglu")
 
 cdef Py_ssize_t INT32_MAX = 2147483647
 
@@ -49,9 +53,10 @@ cdef Py_ssize_t INT32_MAX = 2147483647
 # Per block of m rows (xb = x[r0:r0+m], shapes in rows x cols):
 #   z  (m, hw) = xb (m, d) @ w1 (d, hw)              GEMM 1, into the saved hidden or scratch
 #   v  = z + b1,  a (m, h) = act(v)                   elementwise, block in cache
+#        (gated: v = [g | u], a = act(g) * u)
 #        saved hidden: relu keeps a (its mask is a > 0); other activations keep v (act' needs it)
 #        and write a to scratch.  Not saved: a replaces z in scratch (its first h columns).
-#        dead[j] &= a[:, j] == 0 (relu; ctx.dead_units).
+#        dead[j] &= a[:, j] == 0 (relu; reglu: its gate; ctx.dead_units).
 #   yb (m, d)  = b2 (broadcast) + a (m, h) @ w2 (h, d)                               GEMM 2
 cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
                   floating[:, ::1] hidden,                # OUT (n, hw) or None (not kept)
@@ -124,6 +129,8 @@ cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
 #   g  (m, h)  = dyb (m, d) @ w2^T (d, h)               GEMM: dA            (dx, dw1 or db1)
 #   dH = g * act'(v)   (relu: g where a > 0)            elementwise, block in cache; also
 #        a = act(v) where it is not saved (dw2), db1 += colsum(dH), db2 += colsum(dyb)
+#        gated: g is written into gbuf's first h columns (ld hw = 2h) and the pass turns it
+#        into dH = [dA * u * act'(g) | dA * act(g)] (m, 2h) in place
 #   dw2 (h, d) += a^T (h, m) @ dyb (m, d)               GEMM (beta = 0 on the first block)
 #   dxb (m, d)  = dH (m, hw) @ w1^T (hw, d)             GEMM
 #   dw1 (d, hw) += xb^T (d, m) @ dH (m, hw)             GEMM (beta = 0 on the first block)

@@ -76,10 +76,32 @@ static void NF_T(nf_ffn_plain_fwd)(T *z, nf_index ldz, T *a, nf_index lda, const
     }
 }
 
+/* Gated: z rows are [gate | up] (2h wide), a rows h wide; a == NULL writes a over z's first h
+ * columns (each row's gate and up are read before its a is written).  dead flags the gate. */
+static void NF_T(nf_ffn_gated_fwd)(T *z, nf_index ldz, T *a, nf_index lda, const T *b1,
+                                   unsigned char *dead, nf_index m, nf_index h, int act)
+{
+    int gate = act & ~NF_ACT_GATED;
+    for (nf_index i = 0; i < m; i++) {
+        T *zi = z + i * ldz;
+        T *ai = a ? a + i * lda : zi;
+        for (nf_index j = 0; j < h; j++) {
+            T vg = b1 ? zi[j] + b1[j] : zi[j];
+            T vu = b1 ? zi[h + j] + b1[h + j] : zi[h + j];
+            T s = gate == NF_ACT_RELU ? (vg < 0 ? (T)0 : vg) : NF_T(nf_act)(gate, vg, NULL);
+            if (a) { zi[j] = vg; zi[h + j] = vu; }
+            ai[j] = s * vu;
+            if (dead) dead[j] &= (s == 0);
+        }
+    }
+}
+
 static void NF_T(nf_ffn_fwd)(T *z, nf_index ldz, T *a, nf_index lda, const T *b1,
                              unsigned char *dead, nf_index m, nf_index h, int act)
 {
-    if (act == NF_ACT_RELU && a == NULL)
+    if (act & NF_ACT_GATED)
+        NF_T(nf_ffn_gated_fwd)(z, ldz, a, lda, b1, dead, m, h, act);
+    else if (act == NF_ACT_RELU && a == NULL)
         NF_T(nf_ffn_relu_fwd)(z, ldz, b1, dead, m, h);
     else
         NF_T(nf_ffn_plain_fwd)(z, ldz, a, lda, b1, dead, m, h, act);
@@ -140,10 +162,39 @@ static void NF_T(nf_ffn_smooth_bwd)(T *g, nf_index ldg, T *z, nf_index ldz, cons
     }
 }
 
+/* Gated: g holds dA in its first h columns (ldg >= 2h) and returns dZ = [dgate | dup] (2h);
+ * z rows are [gate | up]; a_out (may equal z) gets act(gate) * up; db1_acc is 2h wide. */
+static void NF_T(nf_ffn_gated_bwd)(T *g, nf_index ldg, T *z, nf_index ldz, const T *b1,
+                                   T *a_out, nf_index lda, double *db1_acc, nf_index m,
+                                   nf_index h, int act)
+{
+    int gate = act & ~NF_ACT_GATED;
+    for (nf_index i = 0; i < m; i++) {
+        T *gi = g + i * ldg, *zi = z + i * ldz, *ai = a_out ? a_out + i * lda : NULL;
+        for (nf_index j = 0; j < h; j++) {
+            T vg = b1 ? zi[j] + b1[j] : zi[j];
+            T vu = b1 ? zi[h + j] + b1[h + j] : zi[h + j];
+            T da = gi[j], d, s;
+            if (gate == NF_ACT_RELU) {
+                s = vg < 0 ? (T)0 : vg;
+                gi[j] = vg <= 0 ? (T)0 : da * vu;
+            } else {
+                s = NF_T(nf_act)(gate, vg, &d);
+                gi[j] = (da * vu) * d;
+            }
+            gi[h + j] = da * s;
+            if (ai) ai[j] = s * vu;
+        }
+        if (db1_acc) for (nf_index j = 0; j < 2 * h; j++) db1_acc[j] += (double)gi[j];
+    }
+}
+
 static void NF_T(nf_ffn_bwd)(T *g, nf_index ldg, T *z, nf_index ldz, const T *b1, T *a_out,
                              nf_index lda, double *db1_acc, nf_index m, nf_index h, int act)
 {
-    if (act == NF_ACT_RELU) {
+    if (act & NF_ACT_GATED) {
+        NF_T(nf_ffn_gated_bwd)(g, ldg, z, ldz, b1, a_out, lda, db1_acc, m, h, act);
+    } else if (act == NF_ACT_RELU) {
         if (a_out == NULL && b1 == NULL)
             NF_T(nf_ffn_relu_mask)(g, ldg, z, ldz, db1_acc, m, h);
         else
@@ -154,17 +205,21 @@ static void NF_T(nf_ffn_bwd)(T *g, nf_index ldg, T *z, nf_index ldz, const T *b1
     }
 }
 
-/* a (lda) = act(z + b1) only — backward when no gradient through the hidden is needed but dw2
- * is (a is then bitwise the a nf_ffn_bwd writes).  a may equal z (in place). */
+/* a (lda) = act(z + b1) only (gated: act(gate) * up) — backward when no gradient through the
+ * hidden is needed but dw2 is (a is then bitwise the a nf_ffn_bwd writes).  a may equal z (in
+ * place: row j of a is written after z[j] and z[h + j] are read). */
 static void NF_T(nf_ffn_activate)(T *a, nf_index lda, const T *z, nf_index ldz, const T *b1,
                                   nf_index m, nf_index h, int act)
 {
+    int gate = act & ~NF_ACT_GATED;
     for (nf_index i = 0; i < m; i++) {
         const T *zi = z + i * ldz;
         T *ai = a + i * lda;
         for (nf_index j = 0; j < h; j++) {
             T v = b1 ? zi[j] + b1[j] : zi[j];
-            ai[j] = act == NF_ACT_RELU ? (v < 0 ? (T)0 : v) : NF_T(nf_act)(act, v, NULL);
+            T s = gate == NF_ACT_RELU ? (v < 0 ? (T)0 : v) : NF_T(nf_act)(gate, v, NULL);
+            if (act & NF_ACT_GATED) s = s * (b1 ? zi[h + j] + b1[h + j] : zi[h + j]);
+            ai[j] = s;
         }
     }
 }

@@ -1,6 +1,16 @@
 """Fused feed-forward block: ``y = act(x @ w1 + b1) @ w2 + b2``, forward and backward.
 
-The transformer's position-wise FFN (``nn.Linear -> activation -> nn.Linear``) as one op.  Rows
+The transformer's position-wise FFN (``nn.Linear -> activation -> nn.Linear``) as one op, with
+plain activations (relu, gelu, gelu_tanh, silu) or gated ones (swiglu, geglu, reglu).
+
+Gated activations take a packed first weight ``w1`` of shape ``(d, 2h)``: its first h columns
+are the gate, its last h the linear ("up") half, as Transformer Engine packs them; ``b1`` is
+``(2h,)`` or None and ``w2`` is ``(h, d)``::
+
+    hidden = act(x @ w1[:, :h] + b1[:h]) * (x @ w1[:, h:] + b1[h:]),   y = hidden @ w2 + b2
+
+with act = silu (swiglu), gelu (erf; geglu) or relu (reglu).  :func:`pack_gated` builds w1 from
+separate gate and up matrices (LLaMA's w1 and w3, Hugging Face's gate_proj and up_proj).  Rows
 go through in blocks so the block of the hidden activation stays in cache between its two GEMMs;
 bias, activation and (backward) the activation's derivative are applied to the block while it is
 hot.  GEMMs are scipy's BLAS (sgemm/dgemm); weights are read in place, C- or F-ordered.
@@ -27,13 +37,14 @@ from ._context import Context, Field
 from ._kernels import ffn as _kernel
 from ._workspace import workspace
 
-__all__ = ["FFNContext", "ffn", "ffn_forward", "ffn_backward"]
+__all__ = ["FFNContext", "ffn", "ffn_forward", "ffn_backward", "pack_gated"]
 
 # The names `activation` accepts, and their kernel codes (kernels/ffn_elementwise.h).
 _CODES = dict(_kernel.ACTIVATION_CODES)
 ACTIVATIONS = tuple(_CODES)
-# Activations whose forward in training flags dead units (ctx.dead_units).
-_DEAD_UNITS = ("relu",)
+GATED = tuple(_kernel.GATED)
+# Activations whose forward in training flags dead units (ctx.dead_units; reglu: its gate).
+_DEAD_UNITS = ("relu", "reglu")
 GRAD_NAMES = ("dx", "dw1", "db1", "dw2", "db2")
 
 # ---------------------------------------------------------------- tuning
@@ -65,6 +76,12 @@ def _hw(ctx):
     return w1.shape[1] if w1.ndim == 2 else "h"
 
 
+def _units(ctx):
+    """The hidden units h: w1's width, halved for a gated activation."""
+    hw = _hw(ctx)
+    return hw // 2 if ctx.activation in GATED and isinstance(hw, int) else hw
+
+
 def _rows(ctx) -> int:
     return math.prod(ctx.x.shape[:-1])
 
@@ -76,20 +93,22 @@ class FFNContext(Context):
     Attributes
     ----------
     x : ndarray of shape (..., d), C-contiguous (the forward input, copied only if it was not)
-    w1 : ndarray of shape (d, h);  b1 : ndarray of shape (h,) or None
+    w1 : ndarray of shape (d, h), gated (d, 2h);  b1 : ndarray of shape (h,) or (2h,), or None
     w2 : ndarray of shape (h, d);  b2 : ndarray of shape (d,) or None
         The forward's parameters as given (C- or F-ordered weights are kept as they are).
     activation : str
     recompute : bool
-    hidden : ndarray of shape (n, h) or None
+    hidden : ndarray of shape (n, h), gated (n, 2h), or None
         ``n = prod(x.shape[:-1])``.  For ``"relu"`` the activation ``a = relu(x @ w1 + b1)``
         (its positive entries are the mask backward needs); for the other activations the
-        pre-activation ``v = x @ w1 + b1`` (their derivative needs ``v``, and ``a`` is recomputed
-        from it block by block).  None with ``recompute=True``: backward recomputes ``v``.
-        Pass it as ``hidden_out=`` to the next :func:`ffn_forward` to reuse the buffer.
+        pre-activation ``v = x @ w1 + b1`` (gated: the packed [gate | up]; their derivative
+        needs ``v``, and ``a`` is recomputed from it block by block).  None with
+        ``recompute=True``: backward recomputes ``v``.  Pass it as ``hidden_out=`` to the next
+        :func:`ffn_forward` to reuse the buffer.
     dead_units : ndarray of shape (h,), bool, or None
         For ``"relu"``: True where the unit's output was 0 for every row of the batch (the
-        dead-ReLU diagnostic; vacuously True when the batch has no rows).  None otherwise.
+        dead-ReLU diagnostic; vacuously True when the batch has no rows); for ``"reglu"`` the
+        same of the gate, ``relu(x @ w1[:, :h] + b1[:h])``.  None otherwise.
 
     The ReLU mask is derived from the saved hidden (``a > 0``; more exactly, the gradient passes
     unless ``a <= 0``, as in PyTorch's ``threshold_backward``) rather than kept as bits: the
@@ -112,7 +131,7 @@ class FFNContext(Context):
         Field("x", "input", shape=lambda c: c.x.shape if c.x.ndim >= 1 else ("...", "d")),
         Field("w1", "like_x", shape=lambda c: (_d(c), _hw(c)), layout="blas"),
         Field("b1", "like_x", shape=lambda c: (_hw(c),), optional=True),
-        Field("w2", "like_x", shape=lambda c: (_hw(c), _d(c)), layout="blas"),
+        Field("w2", "like_x", shape=lambda c: (_units(c), _d(c)), layout="blas"),
         Field("b2", "like_x", shape=lambda c: (_d(c),), optional=True),
         Field("recompute", "bool"),
         Field("hidden", "like_x", shape=lambda c: (_rows(c), _hw(c)), optional=True),
@@ -123,6 +142,9 @@ class FFNContext(Context):
             raise ValueError(f"ctx.activation must be one of {sorted(_CODES)}")
         if self.w1.shape[1] < 1:
             raise ValueError("ctx.w1 must have at least one column (h >= 1)")
+        if self.activation in GATED and self.w1.shape[1] % 2:
+            raise ValueError(f"ctx.w1 has shape {self.w1.shape}: a gated activation needs "
+                             "(d, 2h)")
         if self.recompute and self.hidden is not None:
             raise ValueError("ctx.hidden must be None when ctx.recompute is True")
         if not self.recompute and self.hidden is None:
@@ -137,17 +159,17 @@ class FFNArgs(NamedTuple):
     """Checked forward arguments, as :func:`check_forward` returns them."""
     x: np.ndarray                 # x's shape, C-contiguous (copied only if x was not)
     x2: np.ndarray                # the same data as (n, d)
-    w1: np.ndarray                # (d, h), rows or columns contiguous
-    b1: np.ndarray | None
+    w1: np.ndarray                # (d, h), gated (d, 2h); rows or columns contiguous
+    b1: np.ndarray | None         # (h,), gated (2h,)
     w2: np.ndarray                # (h, d), rows or columns contiguous
     b2: np.ndarray | None
     activation: str
     recompute: bool
     out: np.ndarray | None        # validated y buffer, x's shape, or None
-    hidden_out: np.ndarray | None  # validated (n, h) buffer, or None
+    hidden_out: np.ndarray | None  # validated (n, w1.shape[1]) buffer, or None
     n: int
     d: int
-    h: int
+    h: int                        # hidden units (w2.shape[0])
 
 
 def _activation(activation) -> str:
@@ -181,22 +203,32 @@ def check_forward(x, w1, b1, w2, b2, activation="relu", *, recompute=False, out=
     d = x.shape[-1]
     if d == 0:
         raise ValueError(f"x has shape {x.shape}: its last dim d must be >= 1")
-    w1 = _weight(w1, "w1", dtype, "(d, h)")
+    activation = _activation(activation)
+    gated = activation in GATED
+    w1 = _weight(w1, "w1", dtype, "(d, 2h) = [gate | up]" if gated else "(d, h)")
     if w1.shape[0] != d:
-        raise ValueError(f"w1 has shape {w1.shape}, expected ({d}, h): its first dim must match "
-                         f"the last dim of x (shape {x.shape})")
-    h = w1.shape[1]
-    if h == 0:
+        raise ValueError(f"w1 has shape {w1.shape}, expected ({d}, {'2h' if gated else 'h'}): "
+                         f"its first dim must match the last dim of x (shape {x.shape})")
+    hw = w1.shape[1]
+    if hw == 0:
         raise ValueError(f"w1 has shape {w1.shape}: the hidden size h must be >= 1")
+    if gated and hw % 2:
+        raise ValueError(f"w1 has shape {w1.shape}, expected (d, 2h): {activation} packs the "
+                         "gate and the up projection side by side (see pack_gated), so its "
+                         "width must be even")
+    h = hw // 2 if gated else hw
     w2 = _weight(w2, "w2", dtype, f"(h, d) = {(h, d)}")
     if w2.shape != (h, d):
-        raise ValueError(f"w2 has shape {w2.shape}, expected {(h, d)} (h from w1, d from x)")
+        where = "h = w1.shape[1] // 2" if gated else "h from w1"
+        raise ValueError(f"w2 has shape {w2.shape}, expected {(h, d)} ({where}, d from x)")
     # sizes before the biases: optional_param may copy a (huge, broadcast) bias
     _checks.gemm_size(d, "d (the last dim of x)")
-    _checks.gemm_size(h, "h (the hidden size, w1.shape[1])")
-    b1 = _checks.optional_param(b1, "b1", (h,), dtype)
+    _checks.gemm_size(hw, "h (the hidden size, w1.shape[1])")
+    if gated and b1 is not None and np.shape(b1) == (h,):
+        raise ValueError(f"b1 has shape ({h},), expected ({hw},): a gated activation takes "
+                         "the packed [gate | up] biases (see pack_gated)")
+    b1 = _checks.optional_param(b1, "b1", (hw,), dtype)
     b2 = _checks.optional_param(b2, "b2", (d,), dtype)
-    activation = _activation(activation)
     if not isinstance(recompute, (bool, np.bool_)):
         raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
     recompute = bool(recompute)
@@ -207,7 +239,7 @@ def check_forward(x, w1, b1, w2, b2, activation="relu", *, recompute=False, out=
     if hidden_out is not None:
         if recompute:
             raise ValueError("hidden_out must be None with recompute=True (no hidden is kept)")
-        hidden_out = _checks.out_array(hidden_out, "hidden_out", (n, h), dtype,
+        hidden_out = _checks.out_array(hidden_out, "hidden_out", (n, hw), dtype,
                                        inputs=inputs + (out,))
     w1, w2 = _checks.blas_matrix(w1), _checks.blas_matrix(w2)
     x = np.ascontiguousarray(x)
@@ -240,7 +272,7 @@ def check_backward(dy, ctx, *, out=None, needs=None):
             raise ValueError(f"out must be a tuple of 5 arrays or None aligned with "
                              f"{GRAD_NAMES}, got {type(out).__name__}")
         n, d, hw = _rows(ctx), _d(ctx), ctx.w1.shape[1]
-        shapes = (ctx.shape, (d, hw), (hw,), (hw, d), (d,))
+        shapes = (ctx.shape, (d, hw), (hw,), (_units(ctx), d), (d,))
         taken = [dy, ctx.x, ctx.w1, ctx.b1, ctx.w2, ctx.b2, ctx.hidden]
         for i, (name, shape) in enumerate(zip(GRAD_NAMES, shapes)):
             if out[i] is None or not needs[i]:
@@ -306,7 +338,7 @@ def run_backward(dy, x, hidden, w1, b1, w2, activation, needs, *, out=(None,) * 
     n, d = x.shape
     hw, h = w1.shape[1], w2.shape[0]
     dtype = x.dtype
-    shapes = ((n, d), (d, hw), (hw,), (hw, d), (d,))
+    shapes = ((n, d), (d, hw), (hw,), (h, d), (d,))
     grads = [None] * 5
     for i, (need, shape) in enumerate(zip(needs, shapes)):
         if need:
@@ -346,21 +378,23 @@ def ffn_forward(x, w1, b1, w2, b2, activation="relu", recompute=False, *, out=No
     ----------
     x : ndarray of shape (..., d), float32 or float64
         Any layout; a non-contiguous x is copied once (and that copy is kept for backward).
-    w1 : ndarray of shape (d, h)
-    b1 : ndarray of shape (h,) or None
+    w1 : ndarray of shape (d, h); gated activations: (d, 2h) = [gate | up] (module doc)
+    b1 : ndarray of shape (h,) (gated: (2h,)) or None
     w2 : ndarray of shape (h, d)
     b2 : ndarray of shape (d,) or None
         Same dtype as x.  Weights may be C- or F-contiguous (``torch.nn.Linear.weight.T``) and are
         read in place by BLAS, never copied (a weight with neither rows nor columns contiguous is
         copied once).
-    activation : {"relu", "gelu", "gelu_tanh", "silu"}
-        ``"gelu"`` is the exact (erf) GELU, ``"gelu_tanh"`` its tanh approximation.
+    activation : {"relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu"}
+        ``"gelu"`` is the exact (erf) GELU, ``"gelu_tanh"`` its tanh approximation; the gated
+        ones multiply silu / gelu / relu of the gate half by the up half.
     recompute : bool
-        False: keep the (n, h) hidden activation for backward.  True: keep no (n, h) buffer;
-        backward recomputes ``x @ w1 + b1`` block by block (one more GEMM, far less memory).
+        False: keep the (n, h) hidden (gated: (n, 2h)) for backward.  True: keep no such
+        buffer; backward recomputes ``x @ w1 + b1`` block by block (one more GEMM, far less
+        memory).
     out : ndarray of x's shape and dtype, C-contiguous, writeable, not overlapping an input
         Where to write y.
-    hidden_out : ndarray of shape (n, h), x's dtype, C-contiguous, writeable, or None
+    hidden_out : ndarray of shape (n, w1.shape[1]), x's dtype, C-contiguous, writeable, or None
         Where to keep the hidden (``n = prod(x.shape[:-1])``; recompute=False only).  A training
         loop passes the previous step's ``ctx.hidden`` once that step's backward is done (that
         context is then spent: its hidden is overwritten), so no step page-faults a fresh one.
@@ -369,15 +403,17 @@ def ffn_forward(x, w1, b1, w2, b2, activation="relu", recompute=False, *, out=No
     -------
     y : ndarray of shape (..., d), x's dtype (``out`` when given)
     ctx : FFNContext
-        ``ctx.dead_units`` (relu only) flags the hidden units that were 0 for every row.
+        ``ctx.dead_units`` (relu, reglu) flags the hidden units (reglu: gates) that were 0
+        for every row.
 
     Raises
     ------
     TypeError
         Non-float or mixed dtypes; activation not a str; recompute not a bool.
     ValueError
-        0-d x; d or h == 0; w1 not (d, h), w2 not (h, d), b1 not (h,), b2 not (d,); unknown
-        activation; d or h >= 2**31 (BLAS takes 32-bit sizes); a bad ``out`` or ``hidden_out``.
+        0-d x; d or h == 0; w1 not (d, h), w2 not (h, d), b1 not (h,), b2 not (d,) (gated:
+        w1 not (d, 2h), b1 not (2h,)); unknown activation; d or w1's width >= 2**31 (BLAS takes
+        32-bit sizes); a bad ``out`` or ``hidden_out``.
     """
     a = check_forward(x, w1, b1, w2, b2, activation, recompute=recompute, out=out,
                       hidden_out=hidden_out)
@@ -433,15 +469,17 @@ def ffn_backward(dy, ctx, *, out=None, needs=None):
     Returns
     -------
     dx : ndarray of shape (..., d)
-    dw1 : ndarray of shape (d, h), C-contiguous
-    db1 : ndarray of shape (h,), or None if b1 was None
+    dw1 : ndarray of w1's shape ((d, h), gated (d, 2h)), C-contiguous
+    db1 : ndarray of b1's shape ((h,), gated (2h,)), or None if b1 was None
     dw2 : ndarray of shape (h, d), C-contiguous
     db2 : ndarray of shape (d,), or None if b2 was None
         (each None, too, where ``needs`` says False)
 
     Maths (v = x @ w1 + b1, a = act(v)): ``dA = dy @ w2.T``, ``dH = dA * act'(v)``,
     ``dx = dH @ w1.T``, ``dw1 = x^T @ dH``, ``db1 = sum_rows dH``, ``dw2 = a^T @ dy``,
-    ``db2 = sum_rows dy``.  Rows are processed in blocks in a fixed order; db1/db2 are float64
+    ``db2 = sum_rows dy``.  Gated (v = [g | u], a = act(g) * u): ``dg = dA * u * act'(g)``
+    (reglu: ``dA * u`` unless g <= 0), ``du = dA * act(g)``, ``dH = [dg | du]``, the rest as
+    above.  Rows are processed in blocks in a fixed order; db1/db2 are float64
     sums in row order (identical for any thread count), dw1/dw2 are accumulated block by block by
     BLAS (as deterministic as the BLAS itself).  With 0 rows the weight grads are zeros.
 
@@ -460,3 +498,63 @@ def ffn_backward(dy, ctx, *, out=None, needs=None):
     if dx is not None:
         dx = out[0] if outs[0] is not None else dx.reshape(ctx.shape)
     return (dx,) + tuple(grads[1:])
+
+
+def pack_gated(w_gate, w_up, b_gate=None, b_up=None, *, layout="math"):
+    """Pack separate gate and up projections into the ``w1`` (and ``b1``) of a gated FFN.
+
+    normffn's packed layout, one rule for every gated activation: ``w1 = [w_gate | w_up]``
+    along the hidden axis — columns ``0..h-1`` are the gate (the half that goes through
+    silu/gelu/relu), columns ``h..2h-1`` the linear "up" half — and ``b1 = [b_gate | b_up]``.
+    Libraries name these differently: LLaMA's reference code computes ``w2(silu(w1(x)) * w3(x))``
+    (gate = its w1, up = its w3, down = its w2); Hugging Face calls them ``gate_proj``,
+    ``up_proj``, ``down_proj``.  normffn's ``w2`` is the down projection, ``(h, d)``, i.e.
+    ``down_proj.weight.T``.
+
+    Parameters
+    ----------
+    w_gate, w_up : ndarray
+        ``layout="math"``: shape (d, h) each (``x @ w``).  ``layout="torch"``: shape (h, d)
+        each, as ``nn.Linear.weight`` (``gate_proj.weight``, ``up_proj.weight``).
+    b_gate, b_up : ndarray of shape (h,) or None
+        Zeros stand in for one that is None while the other is given.
+    layout : {"math", "torch"}
+
+    Returns
+    -------
+    w1 : ndarray of shape (d, 2h)
+        ``"math"``: C-contiguous.  ``"torch"``: the transposed view of a C-contiguous (2h, d)
+        array — ``w1.T`` is the packed ``nn.Linear`` weight — which :func:`ffn` reads in place.
+    b1 : ndarray of shape (2h,), or None when both biases are None
+
+    Raises
+    ------
+    TypeError
+        Non-float or mixed dtypes.
+    ValueError
+        Weights not 2-D or of different shapes, a bias not (h,), an unknown layout.
+    """
+    if layout not in ("math", "torch"):
+        raise ValueError(f"layout must be 'math' or 'torch', got {layout!r}")
+    w_gate = _checks.float_array(w_gate, "w_gate")
+    dtype = w_gate.dtype
+    w_up = _weight(w_up, "w_up", dtype, "the shape of w_gate")
+    if w_gate.ndim != 2:
+        raise ValueError(f"w_gate must be 2-D, got shape {w_gate.shape}")
+    if w_up.shape != w_gate.shape:
+        raise ValueError(f"w_up has shape {w_up.shape}, expected {w_gate.shape} (w_gate's)")
+    h = w_gate.shape[1] if layout == "math" else w_gate.shape[0]
+    biases = [_checks.optional_param(b, name, (h,), dtype)
+              for b, name in ((b_gate, "b_gate"), (b_up, "b_up"))]
+    d = w_gate.shape[0] if layout == "math" else w_gate.shape[1]
+    if layout == "math":
+        w1 = np.concatenate([w_gate, w_up], axis=1, out=np.empty((d, 2 * h), dtype))
+    else:
+        w1 = np.concatenate([w_gate, w_up], axis=0, out=np.empty((2 * h, d), dtype)).T
+    if biases[0] is None and biases[1] is None:
+        return w1, None
+    b1 = np.zeros(2 * h, dtype)
+    for k, b in enumerate(biases):
+        if b is not None:
+            b1[k * h:(k + 1) * h] = b
+    return w1, b1
