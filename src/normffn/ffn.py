@@ -1,48 +1,58 @@
 """Fused feed-forward block: ``y = act(x @ w1 + b1) @ w2 + b2``, forward and backward.
 
-The transformer's position-wise FFN (``nn.Linear -> activation -> nn.Linear``) as one op.  Rows
+The transformer's position-wise FFN (``nn.Linear -> activation -> nn.Linear``) as one op, with
+plain activations (relu, gelu, gelu_tanh, silu) or gated ones (swiglu, geglu, reglu).
+
+Gated activations take a packed first weight ``w1`` of shape ``(d, 2h)``: its first h columns
+are the gate, its last h the linear ("up") half, as Transformer Engine packs them; ``b1`` is
+``(2h,)`` or None and ``w2`` is ``(h, d)``::
+
+    hidden = act(x @ w1[:, :h] + b1[:h]) * (x @ w1[:, h:] + b1[h:]),   y = hidden @ w2 + b2
+
+with act = silu (swiglu), gelu (erf; geglu) or relu (reglu).  :func:`pack_gated` builds w1 from
+separate gate and up matrices (LLaMA's w1 and w3, Hugging Face's gate_proj and up_proj).  Rows
 go through in blocks so the block of the hidden activation stays in cache between its two GEMMs;
 bias, activation and (backward) the activation's derivative are applied to the block while it is
 hot.  GEMMs are scipy's BLAS (sgemm/dgemm); weights are read in place, C- or F-ordered.
+
+Layers (the same in every op module):
+
+* ``check_forward`` / ``check_backward`` validate the public arguments (through ``_checks``) and
+  return what the run layer needs: C-contiguous 2-D ``(n, d)`` views, normalised ``needs``.
+* ``run_forward`` / ``run_backward`` trust their arguments: they pick the row blocks, take
+  scratch from ``_workspace``, allocate the outputs not passed in and call the kernel.  Fused ops
+  (``ffn_block``) call them directly on ``(n, d)`` row blocks.
+* ``ffn``, ``ffn_forward``, ``ffn_backward`` compose the two.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _checks
+from ._context import Context, Field
 from ._kernels import ffn as _kernel
 from ._workspace import workspace
 
-__all__ = ["FFNContext", "ffn", "ffn_forward", "ffn_backward"]
+__all__ = ["FFNContext", "ffn", "ffn_forward", "ffn_backward", "pack_gated"]
 
-# activation name -> kernel code (kernels/activations.h, NF_ACT_*)
-ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+# The names `activation` accepts, and their kernel codes (kernels/ffn_elementwise.h).
+_CODES = dict(_kernel.ACTIVATION_CODES)
+ACTIVATIONS = tuple(_CODES)
+GATED = tuple(_kernel.GATED)
+# Activations whose forward in training flags dead units (ctx.dead_units; reglu: its gate).
+_DEAD_UNITS = ("relu", "reglu")
+GRAD_NAMES = ("dx", "dw1", "db1", "dw2", "db2")
 
-# Rows per block: enough for BLAS to run each GEMM near its whole-matrix rate (each call re-packs
-# the weight, so blocks of a few hundred rows lose 10-25% to OpenBLAS), few enough that a block
-# of the hidden activation (rows x h) stays in the last-level cache between its two GEMMs.
-# Measured on a 2-core Zen 4 (32 MB L3) with scipy's OpenBLAS, float32, 8192x512x2048, all
-# against the same whole-matrix GEMMs in one process:
-#   - inference (`ffn`): 16 MB blocks 92%, 32 MB 94-95% (the extra memory is one block, cached);
-#   - backward: 16 MB and 32 MB alike (92%, 91%); 16 MB kept (it holds one or two blocks);
-#   - forward keeping a relu hidden: not blocked at all (see _run_forward).
-# recompute=True uses 8 MB (its backward holds two blocks and exists to save memory).
-_BLOCK_BYTES = 16 << 20
-_INFERENCE_BLOCK_BYTES = 32 << 20
-_RECOMPUTE_BLOCK_BYTES = 8 << 20
-_MIN_BLOCK_ROWS = 256
-# recompute=False with relu: dw2 = a^T @ dy as one GEMM over all rows after the loop (the whole
-# a is saved anyway) rather than one per block.
-_FULL_DW2 = True
-# Plain kernels only (no openblas_set_num_threads_local found): OpenMP threads for the
-# elementwise passes between two threaded-BLAS GEMMs (0: as many as OpenMP allows).  1, as
-# measured: OpenBLAS's idle workers spin (sched_yield) for a long while after each GEMM and
-# libgomp's workers after each parallel region, so on 2 cores a 2-thread elementwise pass fights
-# the BLAS threads on both sides and cost 15-30% of the whole op; one thread costs a few %.
-_EW_THREADS = 1
+# ---------------------------------------------------------------- tuning
+# Bytes of hidden activation per row block (8192x512x2048 float32, 2 threads, vs bare GEMMs):
+_BLOCK_BYTES = 16 << 20              # training: 16 and 32 MB alike (92% / 91%); 16 MB holds less
+_INFERENCE_BLOCK_BYTES = 32 << 20    # ffn(): 94-95% of the bare GEMMs, 92% at 16 MB
+_RECOMPUTE_BLOCK_BYTES = 8 << 20     # recompute=True saves memory; its backward holds two blocks
+_MIN_BLOCK_ROWS = 256                # OpenBLAS re-packs the weight per call: 10-25% lost below
 
 
 def _block_rows(n: int, h: int, itemsize: int, budget: int) -> int:
@@ -55,33 +65,55 @@ def _block_rows(n: int, h: int, itemsize: int, budget: int) -> int:
     return -(-n // nb)
 
 
+# ---------------------------------------------------------------- context
+def _d(ctx) -> int:
+    return ctx.x.shape[-1]
+
+
+def _hw(ctx):
+    """w1's width (h for a plain activation)."""
+    w1 = ctx.w1
+    return w1.shape[1] if w1.ndim == 2 else "h"
+
+
+def _units(ctx):
+    """The hidden units h: w1's width, halved for a gated activation."""
+    hw = _hw(ctx)
+    return hw // 2 if ctx.activation in GATED and isinstance(hw, int) else hw
+
+
+def _rows(ctx) -> int:
+    return math.prod(ctx.x.shape[:-1])
+
+
 @dataclass(frozen=True, eq=False)
-class FFNContext:
+class FFNContext(Context):
     """What :func:`ffn_backward` needs; returned by :func:`ffn_forward`.
 
     Attributes
     ----------
     x : ndarray of shape (..., d), C-contiguous (the forward input, copied only if it was not)
-    w1 : ndarray of shape (d, h);  b1 : ndarray of shape (h,) or None
+    w1 : ndarray of shape (d, h), gated (d, 2h);  b1 : ndarray of shape (h,) or (2h,), or None
     w2 : ndarray of shape (h, d);  b2 : ndarray of shape (d,) or None
         The forward's parameters as given (C- or F-ordered weights are kept as they are).
     activation : str
     recompute : bool
-    hidden : ndarray of shape (n, h) or None
+    hidden : ndarray of shape (n, h), gated (n, 2h), or None
         ``n = prod(x.shape[:-1])``.  For ``"relu"`` the activation ``a = relu(x @ w1 + b1)``
         (its positive entries are the mask backward needs); for the other activations the
-        pre-activation ``v = x @ w1 + b1`` (their derivative needs ``v``, and ``a`` is recomputed
-        from it block by block).  None with ``recompute=True``: backward recomputes ``v``.
+        pre-activation ``v = x @ w1 + b1`` (gated: the packed [gate | up]; their derivative
+        needs ``v``, and ``a`` is recomputed from it block by block).  None with
+        ``recompute=True``: backward recomputes ``v``.  Pass it as ``hidden_out=`` to the next
+        :func:`ffn_forward` to reuse the buffer.
     dead_units : ndarray of shape (h,), bool, or None
         For ``"relu"``: True where the unit's output was 0 for every row of the batch (the
-        dead-ReLU diagnostic; vacuously True when the batch has no rows).  None otherwise.
+        dead-ReLU diagnostic; vacuously True when the batch has no rows); for ``"reglu"`` the
+        same of the gate, ``relu(x @ w1[:, :h] + b1[:h])``.  None otherwise.
 
     The ReLU mask is derived from the saved hidden (``a > 0``; more exactly, the gradient passes
     unless ``a <= 0``, as in PyTorch's ``threshold_backward``) rather than kept as bits: the
     saved ``a`` is needed anyway for ``dw2 = a^T @ dy``, so the mask costs no memory and no extra
-    pass — the comparison is fused into the pass that applies it.  Bits would only pay off when
-    ``a`` is not kept, i.e. with ``recompute=True``, where the forward GEMM is redone and yields
-    the mask for free.
+    pass — the comparison is fused into the pass that applies it.
     """
 
     x: np.ndarray
@@ -94,63 +126,58 @@ class FFNContext:
     hidden: np.ndarray | None
     dead_units: np.ndarray | None
 
-    @property
-    def shape(self) -> tuple:
-        """Shape of x, y, dy and dx."""
-        return self.x.shape
+    _op = "ffn"
+    _fields = (
+        Field("x", "input", shape=lambda c: c.x.shape if c.x.ndim >= 1 else ("...", "d")),
+        Field("w1", "like_x", shape=lambda c: (_d(c), _hw(c)), layout="blas"),
+        Field("b1", "like_x", shape=lambda c: (_hw(c),), optional=True),
+        Field("w2", "like_x", shape=lambda c: (_units(c), _d(c)), layout="blas"),
+        Field("b2", "like_x", shape=lambda c: (_d(c),), optional=True),
+        Field("recompute", "bool"),
+        Field("hidden", "like_x", shape=lambda c: (_rows(c), _hw(c)), optional=True),
+    )
 
-    @property
-    def dtype(self) -> np.dtype:
-        return self.x.dtype
-
-    def _rows(self) -> tuple[int, int, int]:
-        """(n, d, h), after checking the context is internally consistent (a hand-built or
-        tampered context must raise, not reach the kernel)."""
-        x = self.x
-        if not isinstance(x, np.ndarray) or x.dtype not in _checks.FLOAT_DTYPES \
-                or not x.flags.c_contiguous or x.ndim < 1:
-            raise ValueError("ctx.x must be the C-contiguous float array saved by the forward")
-        dt = x.dtype
-        d = x.shape[-1]
-        n = math.prod(x.shape[:-1])
-        w1, w2 = self.w1, self.w2
-        if not isinstance(w1, np.ndarray) or w1.dtype != dt or w1.ndim != 2 \
-                or w1.shape[0] != d or w1.shape[1] < 1 or _checks.blas_matrix(w1) is not w1:
-            raise ValueError(f"ctx.w1 must be a {dt} array of shape (d={d}, h) with contiguous "
-                             "rows or columns")
-        h = w1.shape[1]
-        if not isinstance(w2, np.ndarray) or w2.dtype != dt or w2.shape != (h, d) \
-                or _checks.blas_matrix(w2) is not w2:
-            raise ValueError(f"ctx.w2 must be a {dt} array of shape {(h, d)} with contiguous "
-                             "rows or columns")
-        for name, size in (("b1", h), ("b2", d)):
-            b = getattr(self, name)
-            if b is not None and (not isinstance(b, np.ndarray) or b.dtype != dt
-                                  or b.shape != (size,) or not b.flags.c_contiguous):
-                raise ValueError(f"ctx.{name} must be None or a C-contiguous {dt} array of "
-                                 f"shape ({size},)")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"ctx.activation must be one of {sorted(ACTIVATIONS)}")
-        hid = self.hidden
-        if self.recompute is not True and self.recompute is not False:
-            raise ValueError("ctx.recompute must be a bool")
-        if self.recompute:
-            if hid is not None:
-                raise ValueError("ctx.hidden must be None when ctx.recompute is True")
-        elif not isinstance(hid, np.ndarray) or hid.dtype != dt or hid.shape != (n, h) \
-                or not hid.flags.c_contiguous:
-            raise ValueError(f"ctx.hidden must be a C-contiguous {dt} array of shape {(n, h)}")
-        if d > _checks.INT32_MAX or h > _checks.INT32_MAX:
+    def _extra_checks(self) -> None:
+        if not isinstance(self.activation, str) or self.activation not in _CODES:
+            raise ValueError(f"ctx.activation must be one of {sorted(_CODES)}")
+        if self.w1.shape[1] < 1:
+            raise ValueError("ctx.w1 must have at least one column (h >= 1)")
+        if self.activation in GATED and self.w1.shape[1] % 2:
+            raise ValueError(f"ctx.w1 has shape {self.w1.shape}: a gated activation needs "
+                             "(d, 2h)")
+        if self.recompute and self.hidden is not None:
+            raise ValueError("ctx.hidden must be None when ctx.recompute is True")
+        if not self.recompute and self.hidden is None:
+            raise ValueError("ctx.hidden is None; it must hold what ffn_forward saved "
+                             "(recompute=False)")
+        if _d(self) > _checks.INT32_MAX or self.w1.shape[1] > _checks.INT32_MAX:
             raise ValueError("ctx is inconsistent: d or h too large for BLAS")
-        return n, d, h
+
+
+# ---------------------------------------------------------------- check layer
+class FFNArgs(NamedTuple):
+    """Checked forward arguments, as :func:`check_forward` returns them."""
+    x: np.ndarray                 # x's shape, C-contiguous (copied only if x was not)
+    x2: np.ndarray                # the same data as (n, d)
+    w1: np.ndarray                # (d, h), gated (d, 2h); rows or columns contiguous
+    b1: np.ndarray | None         # (h,), gated (2h,)
+    w2: np.ndarray                # (h, d), rows or columns contiguous
+    b2: np.ndarray | None
+    activation: str
+    recompute: bool
+    out: np.ndarray | None        # validated y buffer, x's shape, or None
+    hidden_out: np.ndarray | None  # validated (n, w1.shape[1]) buffer, or None
+    n: int
+    d: int
+    h: int                        # hidden units (w2.shape[0])
 
 
 def _activation(activation) -> str:
     if not isinstance(activation, str):
-        raise TypeError(f"activation must be a str, one of {sorted(ACTIVATIONS)}, got "
+        raise TypeError(f"activation must be a str, one of {sorted(_CODES)}, got "
                         f"{type(activation).__name__}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if activation not in _CODES:
+        raise ValueError(f"activation must be one of {sorted(_CODES)}, got {activation!r}")
     return activation
 
 
@@ -162,9 +189,13 @@ def _weight(w, name: str, dtype: np.dtype, expected: str) -> np.ndarray:
     return w
 
 
-def _validate(x, w1, b1, w2, b2, activation):
-    """Checked (x, w1, b1, w2, b2, activation, n, d, h); weights left in their layout when BLAS
-    can read it (C- or F-ordered), biases C-contiguous."""
+def check_forward(x, w1, b1, w2, b2, activation="relu", *, recompute=False, out=None,
+                  hidden_out=None) -> FFNArgs:
+    """Validate the forward's arguments (see :func:`ffn_forward` for what raises).
+
+    Weights are left in their layout when BLAS can read it (C- or F-ordered), biases made
+    C-contiguous; ``out`` (x's shape) and ``hidden_out`` ((n, h), only with recompute False) are
+    checked but not allocated.  x is copied to C order last, after every check passed."""
     x = _checks.float_array(x, "x")
     if x.ndim == 0:
         raise ValueError("x must have at least one dimension (..., d), got a 0-d array")
@@ -172,51 +203,173 @@ def _validate(x, w1, b1, w2, b2, activation):
     d = x.shape[-1]
     if d == 0:
         raise ValueError(f"x has shape {x.shape}: its last dim d must be >= 1")
-    w1 = _weight(w1, "w1", dtype, "(d, h)")
+    activation = _activation(activation)
+    gated = activation in GATED
+    w1 = _weight(w1, "w1", dtype, "(d, 2h) = [gate | up]" if gated else "(d, h)")
     if w1.shape[0] != d:
-        raise ValueError(f"w1 has shape {w1.shape}, expected ({d}, h): its first dim must match "
-                         f"the last dim of x (shape {x.shape})")
-    h = w1.shape[1]
-    if h == 0:
+        raise ValueError(f"w1 has shape {w1.shape}, expected ({d}, {'2h' if gated else 'h'}): "
+                         f"its first dim must match the last dim of x (shape {x.shape})")
+    hw = w1.shape[1]
+    if hw == 0:
         raise ValueError(f"w1 has shape {w1.shape}: the hidden size h must be >= 1")
+    if gated and hw % 2:
+        raise ValueError(f"w1 has shape {w1.shape}, expected (d, 2h): {activation} packs the "
+                         "gate and the up projection side by side (see pack_gated), so its "
+                         "width must be even")
+    h = hw // 2 if gated else hw
     w2 = _weight(w2, "w2", dtype, f"(h, d) = {(h, d)}")
     if w2.shape != (h, d):
-        raise ValueError(f"w2 has shape {w2.shape}, expected {(h, d)} (h from w1, d from x)")
+        where = "h = w1.shape[1] // 2" if gated else "h from w1"
+        raise ValueError(f"w2 has shape {w2.shape}, expected {(h, d)} ({where}, d from x)")
     # sizes before the biases: optional_param may copy a (huge, broadcast) bias
     _checks.gemm_size(d, "d (the last dim of x)")
-    _checks.gemm_size(h, "h (the hidden size, w1.shape[1])")
-    b1 = _checks.optional_param(b1, "b1", (h,), dtype)
+    _checks.gemm_size(hw, "h (the hidden size, w1.shape[1])")
+    if gated and b1 is not None and np.shape(b1) == (h,):
+        raise ValueError(f"b1 has shape ({h},), expected ({hw},): a gated activation takes "
+                         "the packed [gate | up] biases (see pack_gated)")
+    b1 = _checks.optional_param(b1, "b1", (hw,), dtype)
     b2 = _checks.optional_param(b2, "b2", (d,), dtype)
-    activation = _activation(activation)
+    if not isinstance(recompute, (bool, np.bool_)):
+        raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
+    recompute = bool(recompute)
     n = math.prod(x.shape[:-1])
-    return (x, _checks.blas_matrix(w1), b1, _checks.blas_matrix(w2), b2, activation, n, d, h)
+    inputs = (x, w1, b1, w2, b2)
+    if out is not None:
+        out = _checks.out_array(out, "out", x.shape, dtype, inputs=inputs)
+    if hidden_out is not None:
+        if recompute:
+            raise ValueError("hidden_out must be None with recompute=True (no hidden is kept)")
+        hidden_out = _checks.out_array(hidden_out, "hidden_out", (n, hw), dtype,
+                                       inputs=inputs + (out,))
+    w1, w2 = _checks.blas_matrix(w1), _checks.blas_matrix(w2)
+    x = np.ascontiguousarray(x)
+    return FFNArgs(x, x.reshape(n, d), w1, b1, w2, b2, activation, recompute, out, hidden_out,
+                   n, d, h)
 
 
-def _scratch(key: str, blk: int, h: int, dtype) -> np.ndarray:
-    """A (blk, h) scratch block, reused across calls (see _workspace: no page faults).  Two keys
-    only — "ffn.hidden_block" (forward's a or v block, backward's recomputed or activated block)
-    and "ffn.grad_block" (backward's dA block) — so with recompute=True the forward's cached block
-    is the backward's, and the extra memory stays two blocks."""
-    return workspace(key, blk * h, dtype).reshape(blk, h)
+def check_backward(dy, ctx, *, out=None, needs=None):
+    """Validate the backward's arguments.  Returns ``(ctx, dy2, needs, outs)``: dy as a
+    C-contiguous (n, d) array; ``needs`` five bools, False for a bias that does not exist;
+    ``outs`` five validated buffers or None (dx as an (n, d) view), None where not needed."""
+    ctx = _checks.context(ctx, FFNContext, "ffn")
+    ctx.validate()
+    dtype = ctx.dtype
+    dy = _checks.grad_output(dy, ctx.shape, dtype)
+    exists = (True, True, ctx.b1 is not None, True, ctx.b2 is not None)
+    if needs is None:
+        needs = exists
+    else:
+        if isinstance(needs, (str, bytes)) or not hasattr(needs, "__len__") or len(needs) != 5:
+            raise ValueError(f"needs must be a tuple of 5 bools aligned with {GRAD_NAMES}, "
+                             f"got {needs!r}")
+        for name, v in zip(GRAD_NAMES, needs):
+            if not isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"needs entry for {name} must be a bool, got {type(v).__name__}")
+        needs = tuple(bool(v) and e for v, e in zip(needs, exists))
+    outs = [None] * 5
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != 5:
+            raise ValueError(f"out must be a tuple of 5 arrays or None aligned with "
+                             f"{GRAD_NAMES}, got {type(out).__name__}")
+        n, d, hw = _rows(ctx), _d(ctx), ctx.w1.shape[1]
+        shapes = (ctx.shape, (d, hw), (hw,), (_units(ctx), d), (d,))
+        taken = [dy, ctx.x, ctx.w1, ctx.b1, ctx.w2, ctx.b2, ctx.hidden]
+        for i, (name, shape) in enumerate(zip(GRAD_NAMES, shapes)):
+            if out[i] is None or not needs[i]:
+                continue
+            outs[i] = _checks.out_array(out[i], f"out[{i}] ({name})", shape, dtype,
+                                        inputs=taken)
+            taken.append(outs[i])
+        if outs[0] is not None:
+            outs[0] = outs[0].reshape(n, d)
+    dy2 = np.ascontiguousarray(dy).reshape(_rows(ctx), _d(ctx))
+    return ctx, dy2, needs, tuple(outs)
 
 
-def _run_forward(y2, hidden, alive, x2, w1, b1, w2, b2, activation, n, h, recompute=False):
-    act = ACTIVATIONS[activation]
+# ---------------------------------------------------------------- run layer
+def run_forward(x, w1, b1, w2, b2, activation, *, training=False, recompute=False, out=None,
+                hidden_out=None):
+    """The FFN forward on checked arrays; trusts its arguments.
+
+    x : (n, d) C-contiguous;  w1, w2 as BLAS reads them;  b1, b2 C-contiguous or None;
+    activation a valid name;  out : (n, d) C-contiguous or None;  hidden_out : (n, h) or None.
+    ``training=False`` keeps nothing (inference); True keeps the hidden unless ``recompute`` and
+    flags dead units (relu).  Returns ``(y, hidden, dead_units)`` (the last two None when not
+    kept), y being ``out`` when given.
+    """
+    n, d = x.shape
+    hw, h = w1.shape[1], w2.shape[0]
+    dtype = x.dtype
+    y = np.empty((n, d), dtype) if out is None else out
+    hidden = None
+    if training and not recompute:
+        hidden = np.empty((n, hw), dtype) if hidden_out is None else hidden_out
+    dead = np.empty(h, dtype=bool) if training and activation in _DEAD_UNITS else None
+    if n == 0:
+        if dead is not None:
+            dead.fill(True)
+        return y, hidden, dead
     if hidden is not None and activation == "relu":
-        # relu writes its activation over the saved hidden in place: no scratch, so nothing to
-        # keep in cache between the GEMMs and no reason to block — whole-matrix GEMMs are the
-        # fastest (measured at 8192x512x2048: 97% of the bare GEMMs' time, 89% in 16 MB blocks).
+        # relu writes its activation over the saved hidden in place: no scratch, nothing to keep
+        # in cache between the GEMMs, so whole-matrix GEMMs (97% of bare GEMMs vs 89% in blocks)
         blk, scratch = min(n, _checks.INT32_MAX), None
     else:
-        # a block of a (or, without a saved hidden, of v then a) needs scratch
         budget = (_RECOMPUTE_BLOCK_BYTES if recompute else
                   _BLOCK_BYTES if hidden is not None else _INFERENCE_BLOCK_BYTES)
-        blk = _block_rows(n, h, x2.itemsize, budget)
-        scratch = _scratch("ffn.hidden_block", blk, h, x2.dtype)
-    _kernel.forward(y2, hidden, alive, scratch, x2, w1, b1, w2, b2, act, blk, _EW_THREADS)
+        blk = _block_rows(n, hw, x.itemsize, budget)
+        # the activation apart from the kept pre-activation (h wide), or in place (hw wide)
+        width = h if hidden is not None else hw
+        scratch = workspace("ffn.hidden_block", blk * width, dtype)
+    _kernel.forward(y, hidden, None if dead is None else dead.view(np.uint8), scratch, x,
+                    w1, b1, w2, b2, _CODES[activation], blk)
+    return y, hidden, dead
 
 
-def ffn_forward(x, w1, b1, w2, b2, activation="relu", recompute=False):
+def run_backward(dy, x, hidden, w1, b1, w2, activation, needs, *, out=(None,) * 5):
+    """The FFN backward on checked arrays; trusts its arguments.
+
+    dy, x : (n, d) C-contiguous;  hidden : what ffn_forward saved, or None (recompute);
+    needs : five bools aligned with (dx, dw1, db1, dw2, db2) (False for a missing bias);
+    out : five buffers or None (dx as (n, d)).  Returns the five gradients, None where not
+    needed; only the GEMMs and sums of the needed ones run.  Scratch: "ffn.grad_block" (dA,
+    blk x hw) and "ffn.hidden_block" (the recomputed block, or a's block) — the forward's key,
+    so recompute=True holds two blocks in all.
+    """
+    n, d = x.shape
+    hw, h = w1.shape[1], w2.shape[0]
+    dtype = x.dtype
+    shapes = ((n, d), (d, hw), (hw,), (h, d), (d,))
+    grads = [None] * 5
+    for i, (need, shape) in enumerate(zip(needs, shapes)):
+        if need:
+            grads[i] = out[i] if out[i] is not None else np.empty(shape, dtype)
+    dx, dw1, db1, dw2, db2 = grads
+    if n == 0:
+        for g in grads[1:]:
+            if g is not None:
+                g.fill(0)
+        return tuple(grads)
+    if not any(needs):
+        return tuple(grads)
+    need_dh = dx is not None or dw1 is not None or db1 is not None
+    blk = _block_rows(n, hw, x.itemsize,
+                      _RECOMPUTE_BLOCK_BYTES if hidden is None else _BLOCK_BYTES)
+    gbuf = workspace("ffn.grad_block", blk * hw, dtype) if need_dh else None
+    if hidden is None:
+        zwidth = hw if (need_dh or dw2 is not None) else 0
+    else:
+        zwidth = h if (activation != "relu" and dw2 is not None) else 0
+    zbuf = workspace("ffn.hidden_block", blk * zwidth, dtype) if zwidth else None
+    sums = workspace("ffn.bias_sums", hw + d, np.float64) \
+        if (db1 is not None or db2 is not None) else None
+    _kernel.backward(dx, dw1, db1, dw2, db2, sums, gbuf, zbuf, dy, hidden, x, w1, b1, w2,
+                     _CODES[activation], blk)
+    return tuple(grads)
+
+
+# ---------------------------------------------------------------- public API
+def ffn_forward(x, w1, b1, w2, b2, activation="relu", recompute=False, *, out=None,
+                hidden_out=None):
     """FFN forward, keeping what backward needs.
 
     ``y = act(x @ w1 + b1) @ w2 + b2``
@@ -225,53 +378,52 @@ def ffn_forward(x, w1, b1, w2, b2, activation="relu", recompute=False):
     ----------
     x : ndarray of shape (..., d), float32 or float64
         Any layout; a non-contiguous x is copied once (and that copy is kept for backward).
-    w1 : ndarray of shape (d, h)
-    b1 : ndarray of shape (h,) or None
+    w1 : ndarray of shape (d, h); gated activations: (d, 2h) = [gate | up] (module doc)
+    b1 : ndarray of shape (h,) (gated: (2h,)) or None
     w2 : ndarray of shape (h, d)
     b2 : ndarray of shape (d,) or None
         Same dtype as x.  Weights may be C- or F-contiguous (``torch.nn.Linear.weight.T``) and are
         read in place by BLAS, never copied (a weight with neither rows nor columns contiguous is
         copied once).
-    activation : {"relu", "gelu", "gelu_tanh", "silu"}
-        ``"gelu"`` is the exact (erf) GELU, ``"gelu_tanh"`` its tanh approximation.
+    activation : {"relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu"}
+        ``"gelu"`` is the exact (erf) GELU, ``"gelu_tanh"`` its tanh approximation; the gated
+        ones multiply silu / gelu / relu of the gate half by the up half.
     recompute : bool
-        False: keep the (n, h) hidden activation for backward.  True: keep no (n, h) buffer;
-        backward recomputes ``x @ w1 + b1`` block by block (one more GEMM, far less memory).
+        False: keep the (n, h) hidden (gated: (n, 2h)) for backward.  True: keep no such
+        buffer; backward recomputes ``x @ w1 + b1`` block by block (one more GEMM, far less
+        memory).
+    out : ndarray of x's shape and dtype, C-contiguous, writeable, not overlapping an input
+        Where to write y.
+    hidden_out : ndarray of shape (n, w1.shape[1]), x's dtype, C-contiguous, writeable, or None
+        Where to keep the hidden (``n = prod(x.shape[:-1])``; recompute=False only).  A training
+        loop passes the previous step's ``ctx.hidden`` once that step's backward is done (that
+        context is then spent: its hidden is overwritten), so no step page-faults a fresh one.
 
     Returns
     -------
-    y : ndarray of shape (..., d), x's dtype
+    y : ndarray of shape (..., d), x's dtype (``out`` when given)
     ctx : FFNContext
-        ``ctx.dead_units`` (relu only) flags the hidden units that were 0 for every row.
+        ``ctx.dead_units`` (relu, reglu) flags the hidden units (reglu: gates) that were 0
+        for every row.
 
     Raises
     ------
     TypeError
         Non-float or mixed dtypes; activation not a str; recompute not a bool.
     ValueError
-        0-d x; d or h == 0; w1 not (d, h), w2 not (h, d), b1 not (h,), b2 not (d,); unknown
-        activation; d or h >= 2**31 (BLAS takes 32-bit sizes).
+        0-d x; d or h == 0; w1 not (d, h), w2 not (h, d), b1 not (h,), b2 not (d,) (gated:
+        w1 not (d, 2h), b1 not (2h,)); unknown activation; d or w1's width >= 2**31 (BLAS takes
+        32-bit sizes); a bad ``out`` or ``hidden_out``.
     """
-    x, w1, b1, w2, b2, activation, n, d, h = _validate(x, w1, b1, w2, b2, activation)
-    if not isinstance(recompute, (bool, np.bool_)):
-        raise TypeError(f"recompute must be a bool, got {type(recompute).__name__}")
-    recompute = bool(recompute)
-    dtype = x.dtype
-    xc = np.ascontiguousarray(x)
-    y = np.empty(x.shape, dtype=dtype)
-    hidden = None if recompute else np.empty((n, h), dtype=dtype)
-    dead = np.ones(h, dtype=bool) if activation == "relu" else None
-    if n > 0:
-        alive = None
-        if dead is not None:
-            alive = np.zeros(h, dtype=np.uint8)
-        _run_forward(y.reshape(n, d), hidden, alive, xc.reshape(n, d), w1, b1, w2, b2,
-                     activation, n, h, recompute)
-        if dead is not None:
-            dead = alive == 0
-    ctx = FFNContext(x=xc, w1=w1, b1=b1, w2=w2, b2=b2, activation=activation,
-                     recompute=recompute, hidden=hidden, dead_units=dead)
-    return y, ctx
+    a = check_forward(x, w1, b1, w2, b2, activation, recompute=recompute, out=out,
+                      hidden_out=hidden_out)
+    y, hidden, dead = run_forward(a.x2, a.w1, a.b1, a.w2, a.b2, a.activation, training=True,
+                                  recompute=a.recompute,
+                                  out=None if a.out is None else a.out.reshape(a.n, a.d),
+                                  hidden_out=a.hidden_out)
+    ctx = FFNContext(x=a.x, w1=a.w1, b1=a.b1, w2=a.w2, b2=a.b2, activation=a.activation,
+                     recompute=a.recompute, hidden=hidden, dead_units=dead)
+    return (a.out if a.out is not None else y.reshape(a.x.shape)), ctx
 
 
 def ffn(x, w1, b1, w2, b2, activation="relu", *, out=None):
@@ -290,68 +442,119 @@ def ffn(x, w1, b1, w2, b2, activation="relu", *, out=None):
     -------
     y : ndarray of shape (..., d)
     """
-    x, w1, b1, w2, b2, activation, n, d, h = _validate(x, w1, b1, w2, b2, activation)
-    y = _checks.new_or_out(out, "out", x.shape, x.dtype, inputs=(x, w1, b1, w2, b2))
-    if n > 0:
-        xc = np.ascontiguousarray(x)
-        _run_forward(y.reshape(n, d), None, None, xc.reshape(n, d), w1, b1, w2, b2,
-                     activation, n, h)
-    return y
+    a = check_forward(x, w1, b1, w2, b2, activation, out=out)
+    y, _, _ = run_forward(a.x2, a.w1, a.b1, a.w2, a.b2, a.activation,
+                          out=None if a.out is None else a.out.reshape(a.n, a.d))
+    return a.out if a.out is not None else y.reshape(a.x.shape)
 
 
-def ffn_backward(dy, ctx):
+def ffn_backward(dy, ctx, *, out=None, needs=None):
     """Gradients of the FFN given ``dy = dL/dy``.
 
     Parameters
     ----------
     dy : ndarray of the forward output's shape (..., d) and dtype (any layout)
     ctx : FFNContext from :func:`ffn_forward`
+    out : tuple of 5 (ndarray or None), optional
+        Preallocated ``(dx, dw1, db1, dw2, db2)`` in the shapes below (C-contiguous, writeable,
+        x's dtype, overlapping no input and no other output); None entries are allocated, and
+        entries for gradients not computed are left untouched.  A training loop passes the same
+        buffers every step.
+    needs : tuple of 5 bools, optional
+        Which of ``(dx, dw1, db1, dw2, db2)`` to compute; default: all that exist.  The others
+        are returned as None and their work is skipped: no ``dx`` GEMM without dx (a first
+        layer), no ``dw1``/``dw2`` GEMM for a frozen weight, no ``dy @ w2.T`` GEMM when none of
+        dx, dw1, db1 is needed.
 
     Returns
     -------
     dx : ndarray of shape (..., d)
-    dw1 : ndarray of shape (d, h), C-contiguous
-    db1 : ndarray of shape (h,), or None if b1 was None
+    dw1 : ndarray of w1's shape ((d, h), gated (d, 2h)), C-contiguous
+    db1 : ndarray of b1's shape ((h,), gated (2h,)), or None if b1 was None
     dw2 : ndarray of shape (h, d), C-contiguous
     db2 : ndarray of shape (d,), or None if b2 was None
+        (each None, too, where ``needs`` says False)
 
     Maths (v = x @ w1 + b1, a = act(v)): ``dA = dy @ w2.T``, ``dH = dA * act'(v)``,
     ``dx = dH @ w1.T``, ``dw1 = x^T @ dH``, ``db1 = sum_rows dH``, ``dw2 = a^T @ dy``,
-    ``db2 = sum_rows dy``.  Rows are processed in blocks in a fixed order; db1/db2 are float64
+    ``db2 = sum_rows dy``.  Gated (v = [g | u], a = act(g) * u): ``dg = dA * u * act'(g)``
+    (reglu: ``dA * u`` unless g <= 0), ``du = dA * act(g)``, ``dH = [dg | du]``, the rest as
+    above.  Rows are processed in blocks in a fixed order; db1/db2 are float64
     sums in row order (identical for any thread count), dw1/dw2 are accumulated block by block by
     BLAS (as deterministic as the BLAS itself).  With 0 rows the weight grads are zeros.
 
     Raises
     ------
     TypeError
-        ctx not an FFNContext; dy not float or not x's dtype.
+        ctx not an FFNContext; dy not float or not x's dtype; a ``needs`` entry not a bool.
     ValueError
-        dy of the wrong shape; an inconsistent ctx.
+        dy of the wrong shape; an inconsistent ctx; ``needs`` or ``out`` not 5 entries; a bad
+        ``out`` buffer.
     """
-    ctx = _checks.context(ctx, FFNContext, "ffn")
-    n, d, h = ctx._rows()
-    dtype = ctx.dtype
-    dy = _checks.grad_output(dy, ctx.shape, dtype)
-    dx = np.empty(ctx.shape, dtype=dtype)
-    dw1 = np.empty((d, h), dtype=dtype)
-    dw2 = np.empty((h, d), dtype=dtype)
-    db1_acc = np.zeros(h) if ctx.b1 is not None else None
-    db2_acc = np.zeros(d) if ctx.b2 is not None else None
-    if n == 0:
-        dw1.fill(0)
-        dw2.fill(0)
-    else:
-        blk = _block_rows(n, h, dx.itemsize,
-                          _RECOMPUTE_BLOCK_BYTES if ctx.recompute else _BLOCK_BYTES)
-        gbuf = _scratch("ffn.grad_block", blk, h, dtype)
-        zbuf = None if (ctx.hidden is not None and ctx.activation == "relu") \
-            else _scratch("ffn.hidden_block", blk, h, dtype)
-        full_dw2 = _FULL_DW2 and n <= _checks.INT32_MAX
-        _kernel.backward(dx.reshape(n, d), dw1, dw2, db1_acc, db2_acc, gbuf, zbuf,
-                         np.ascontiguousarray(dy).reshape(n, d), ctx.hidden,
-                         ctx.x.reshape(n, d), ctx.w1, ctx.b1, ctx.w2,
-                         ACTIVATIONS[ctx.activation], blk, full_dw2, _EW_THREADS)
-    db1 = None if db1_acc is None else db1_acc.astype(dtype)
-    db2 = None if db2_acc is None else db2_acc.astype(dtype)
-    return dx, dw1, db1, dw2, db2
+    ctx, dy2, needs, outs = check_backward(dy, ctx, out=out, needs=needs)
+    grads = run_backward(dy2, ctx.x.reshape(dy2.shape), ctx.hidden, ctx.w1, ctx.b1, ctx.w2,
+                         ctx.activation, needs, out=outs)
+    dx = grads[0]
+    if dx is not None:
+        dx = out[0] if outs[0] is not None else dx.reshape(ctx.shape)
+    return (dx,) + tuple(grads[1:])
 
+
+def pack_gated(w_gate, w_up, b_gate=None, b_up=None, *, layout="math"):
+    """Pack separate gate and up projections into the ``w1`` (and ``b1``) of a gated FFN.
+
+    normffn's packed layout, one rule for every gated activation: ``w1 = [w_gate | w_up]``
+    along the hidden axis — columns ``0..h-1`` are the gate (the half that goes through
+    silu/gelu/relu), columns ``h..2h-1`` the linear "up" half — and ``b1 = [b_gate | b_up]``.
+    Libraries name these differently: LLaMA's reference code computes ``w2(silu(w1(x)) * w3(x))``
+    (gate = its w1, up = its w3, down = its w2); Hugging Face calls them ``gate_proj``,
+    ``up_proj``, ``down_proj``.  normffn's ``w2`` is the down projection, ``(h, d)``, i.e.
+    ``down_proj.weight.T``.
+
+    Parameters
+    ----------
+    w_gate, w_up : ndarray
+        ``layout="math"``: shape (d, h) each (``x @ w``).  ``layout="torch"``: shape (h, d)
+        each, as ``nn.Linear.weight`` (``gate_proj.weight``, ``up_proj.weight``).
+    b_gate, b_up : ndarray of shape (h,) or None
+        Zeros stand in for one that is None while the other is given.
+    layout : {"math", "torch"}
+
+    Returns
+    -------
+    w1 : ndarray of shape (d, 2h)
+        ``"math"``: C-contiguous.  ``"torch"``: the transposed view of a C-contiguous (2h, d)
+        array — ``w1.T`` is the packed ``nn.Linear`` weight — which :func:`ffn` reads in place.
+    b1 : ndarray of shape (2h,), or None when both biases are None
+
+    Raises
+    ------
+    TypeError
+        Non-float or mixed dtypes.
+    ValueError
+        Weights not 2-D or of different shapes, a bias not (h,), an unknown layout.
+    """
+    if layout not in ("math", "torch"):
+        raise ValueError(f"layout must be 'math' or 'torch', got {layout!r}")
+    w_gate = _checks.float_array(w_gate, "w_gate")
+    dtype = w_gate.dtype
+    w_up = _weight(w_up, "w_up", dtype, "the shape of w_gate")
+    if w_gate.ndim != 2:
+        raise ValueError(f"w_gate must be 2-D, got shape {w_gate.shape}")
+    if w_up.shape != w_gate.shape:
+        raise ValueError(f"w_up has shape {w_up.shape}, expected {w_gate.shape} (w_gate's)")
+    h = w_gate.shape[1] if layout == "math" else w_gate.shape[0]
+    biases = [_checks.optional_param(b, name, (h,), dtype)
+              for b, name in ((b_gate, "b_gate"), (b_up, "b_up"))]
+    d = w_gate.shape[0] if layout == "math" else w_gate.shape[1]
+    if layout == "math":
+        w1 = np.concatenate([w_gate, w_up], axis=1, out=np.empty((d, 2 * h), dtype))
+    else:
+        w1 = np.concatenate([w_gate, w_up], axis=0, out=np.empty((2 * h, d), dtype)).T
+    if biases[0] is None and biases[1] is None:
+        return w1, None
+    b1 = np.zeros(2 * h, dtype)
+    for k, b in enumerate(biases):
+        if b is not None:
+            b1[k * h:(k + 1) * h] = b
+    return w1, b1
