@@ -156,11 +156,11 @@ def test_gradcheck(rng, kind, affine, nshape):
     fwd, bwd, *_ = _ops(kind)
     x, r, dy, ds = (rng.standard_normal((4,) + nshape) for _ in range(4))
     params = _params(kind, rng, nshape, np.float64, affine)
-    _, _, ctx = fwd(x, r, nshape, *params, 1e-5)
+    _, _, ctx = fwd(x, r, nshape, *params, eps=1e-5)
     grads = bwd(dy, ctx, ds)
 
     def f(x_, r_, *p):                       # L = sum(y * dy) + sum(s * ds)
-        y, s, _ = fwd(x_, r_, nshape, *p, 1e-5)
+        y, s, _ = fwd(x_, r_, nshape, *p, eps=1e-5)
         return np.concatenate([y.ravel(), s.ravel()])
 
     both = np.concatenate([dy.ravel(), ds.ravel()])
