@@ -17,7 +17,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-OPS = ["layer_norm", "batch_norm", "ffn"]
+OPS = ["layer_norm", "batch_norm", "ffn", "rms_norm", "add_norm"]
 # Not ops: machine-limit probes used by `python -m normffn bench`.
 HELPERS = ["_bench"]
 

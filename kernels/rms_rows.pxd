@@ -1,0 +1,91 @@
+# Declarations of rms_rows.h (RMSNorm and residual add + norm row bodies) and the OpenMP loops
+# over them, written once for every op of the family (rms_norm.pyx, add_norm.pyx).
+#
+# Table of contents
+#   nf_rn_fwd_args, nf_rn_bwd_args   one call's buffers and sizes (untyped; f64 picks the body)
+#   nf_rn_threads, nf_rn_ahead       thread plan, forward prefetch distance
+#   nf_rn_bwd_plan, nf_rn_bwd_scratch   the backward's fixed row blocks and their scratch size
+#   nf_rn_fwd_row, nf_rn_bwd_block, nf_rn_finish   the bodies one loop iteration runs
+#   rn_forward, rn_backward          the loops: rows over threads; row blocks, then columns
+#
+# Threads: forward gives each thread whole rows (static schedule); backward gives each thread
+# whole row blocks, whose float64 dweight/dbias partials are then added in block order column
+# chunk by column chunk — the blocks depend on (n, d) only, so the thread count never changes a
+# result bit.
+from cython.parallel cimport parallel, prange, threadid
+
+from core cimport nf_index, nf_stream_fence
+
+
+cdef extern from "rms_rows.h" nogil:
+    int NF_RN_REDUCE_CHUNK
+
+    ctypedef struct nf_rn_fwd_args:
+        void *y
+        void *s
+        double *mean
+        double *rstd
+        const void *x
+        const void *r
+        const void *w
+        const void *b
+        void *rowbuf
+        nf_index n, d, ahead
+        double eps
+        int stream, f64
+
+    ctypedef struct nf_rn_bwd_args:
+        void *dx
+        void *dw
+        void *db
+        double *work
+        const void *dy
+        const void *x
+        const void *ds
+        const void *w
+        const double *mean
+        const double *rstd
+        nf_index n, d, nb, rows_per_block, width
+        int stream, f64
+
+    int nf_rn_threads(nf_index n, nf_index d)
+    nf_index nf_rn_ahead(nf_index d, nf_index itemsize)
+    void nf_rn_bwd_plan(nf_index n, nf_index d, int want_w, int want_b,
+                        nf_index *nb, nf_index *rows_per_block, nf_index *width)
+    nf_index nf_rn_bwd_scratch(nf_index n, nf_index d, int want_w, int want_b)
+    void nf_rn_fwd_row(const nf_rn_fwd_args *a, nf_index i, int tid)
+    void nf_rn_bwd_block(const nf_rn_bwd_args *a, nf_index blk)
+    void nf_rn_finish(const nf_rn_bwd_args *a, nf_index j0, nf_index j1)
+
+
+cdef inline void rn_forward(const nf_rn_fwd_args *a, int nt) noexcept nogil:
+    """All rows of a forward call on nt threads (a->rowbuf holds nt rows when it is used)."""
+    cdef nf_index i
+    cdef int tid = 0
+    with parallel(num_threads=nt):
+        tid = threadid()
+        for i in prange(a.n, schedule='static'):
+            nf_rn_fwd_row(a, i, tid)
+        if a.stream:
+            nf_stream_fence()
+
+
+cdef inline void rn_backward(nf_rn_bwd_args *a) noexcept nogil:
+    """A backward call: plans the row blocks into a (a.dw/a.db say which partials), runs the
+    blocks, then adds their partials in block order into a.dw/a.db."""
+    cdef nf_index blk, c, nc, j0, j1
+    nf_rn_bwd_plan(a.n, a.d, a.dw != NULL, a.db != NULL, &a.nb, &a.rows_per_block, &a.width)
+    cdef int nt = nf_rn_threads(a.n, a.d)
+    with parallel(num_threads=nt):
+        for blk in prange(a.nb, schedule='static'):
+            nf_rn_bwd_block(a, blk)
+        if a.stream:
+            nf_stream_fence()
+    if a.width > 0:
+        nc = (a.width + NF_RN_REDUCE_CHUNK - 1) // NF_RN_REDUCE_CHUNK
+        for c in prange(nc, schedule='static', num_threads=nf_rn_threads(a.nb, a.width)):
+            j0 = c * NF_RN_REDUCE_CHUNK
+            j1 = j0 + NF_RN_REDUCE_CHUNK
+            if j1 > a.width:
+                j1 = a.width
+            nf_rn_finish(a, j0, j1)

@@ -1,0 +1,346 @@
+/* rms_rows_t.h — the typed row bodies of rms_rows.h, written once; rms_rows.h includes this
+ * file twice, with T = float, SUF = f32 and T = double, SUF = f64.  No include guard, on
+ * purpose.  Maths and contract: see rms_rows.h.
+ *
+ * The flags CENTER (LayerNorm), ADD (residual), HAS_W, ACC_W, ACC_B, DX are `const int`
+ * parameters of always-inlined bodies: each dispatcher calls them with literal values, so every
+ * combination compiles to its own branch-free loop (GCC vectorises each). */
+
+/* The value a row is normalised from: centred (LayerNorm) or as is (RMSNorm). */
+NF_INLINE T NF_T(nf_rn_centre)(T v, T mh, T ml, const int CENTER)
+{
+    return CENTER ? (v - mh) - ml : v;
+}
+
+/* First pass over a row: returns the blocked sum of v (SQ: of v*v), v = x (ADD: v = x + r,
+ * stored to s).  Same blocking and order as nf_sum (core_t.h), so with SQ == 0 the sum of s is
+ * bitwise nf_sum(s, n). */
+NF_INLINE double NF_T(nf_rn_sum)(T *restrict s, const T *restrict x, const T *restrict r,
+                                 nf_index n, const int ADD, const int SQ)
+{
+    double acc[NF_LANES] = {0};
+    nf_index i = 0;
+    while (i + NF_LANES <= n) {
+        T p[NF_LANES] = {0};
+        nf_index end = i + NF_BLOCK < n ? i + NF_BLOCK : n;
+        for (; i + NF_LANES <= end; i += NF_LANES)
+            for (int k = 0; k < NF_LANES; k++) {
+                T v = ADD ? x[i + k] + r[i + k] : x[i + k];
+                if (ADD) s[i + k] = v;
+                p[k] += SQ ? v * v : v;
+            }
+        for (int k = 0; k < NF_LANES; k++) acc[k] += (double)p[k];
+    }
+    double t = 0.0;
+    for (; i < n; i++) {
+        T v = ADD ? x[i] + r[i] : x[i];
+        if (ADD) s[i] = v;
+        t += SQ ? (double)v * (double)v : (double)v;
+    }
+    return t + nf_tree_sum(acc);
+}
+
+/* y[0:n] = (centre(x) * r) [* w] [+ b]. */
+NF_INLINE void NF_T(nf_rn_affine)(T *restrict y, const T *restrict x, const T *restrict w,
+                                  const T *restrict b, nf_index n, T mh, T ml, T r,
+                                  const int CENTER)
+{
+    if (w && b) {
+        for (nf_index i = 0; i < n; i++) y[i] = (NF_T(nf_rn_centre)(x[i], mh, ml, CENTER) * r) * w[i] + b[i];
+    } else if (w) {
+        for (nf_index i = 0; i < n; i++) y[i] = (NF_T(nf_rn_centre)(x[i], mh, ml, CENTER) * r) * w[i];
+    } else if (b) {
+        for (nf_index i = 0; i < n; i++) y[i] = NF_T(nf_rn_centre)(x[i], mh, ml, CENTER) * r + b[i];
+    } else {
+        for (nf_index i = 0; i < n; i++) y[i] = NF_T(nf_rn_centre)(x[i], mh, ml, CENTER) * r;
+    }
+}
+
+/* ---------------------------------------------------------------- forward */
+
+/* Row i: statistics, then y (and s).  Prefetches row i + ahead meanwhile: LayerNorm's x during
+ * its second pass (nf_ssd), RMSNorm's x and the residual during the y pass. */
+NF_INLINE void NF_T(nf_rn_fwd_body)(const nf_rn_fwd_args *a, nf_index i, int tid,
+                                    const int CENTER, const int ADD)
+{
+    const nf_index d = a->d;
+    const nf_index nxt = i + a->ahead < a->n ? i + a->ahead : a->n - 1;
+    const T *x = (const T *)a->x + i * d;
+    const T *pf_x = (const T *)a->x + nxt * d;
+    const T *pf_r = ADD ? (const T *)a->r + nxt * d : NULL;
+    const T *w = (const T *)a->w, *b = CENTER ? (const T *)a->b : NULL;
+    T *y = (T *)a->y + i * d;
+    T *buf = NULL;                       /* where s is built: s itself, or the row buffer */
+    if (ADD) buf = a->stream ? (T *)a->rowbuf + (nf_index)tid * d : (T *)a->s + i * d;
+    const T *src = ADD ? buf : x;        /* the row that is normalised */
+
+    double first = (CENTER && !ADD) ? NF_T(nf_sum)(x, d)
+        : NF_T(nf_rn_sum)(buf, x, ADD ? (const T *)a->r + i * d : NULL, d, ADD, !CENTER);
+    double rstd;
+    T mh = 0, ml = 0;
+    if (CENTER) {
+        double mean0 = first / (double)d, dev;
+        double ssd = NF_T(nf_ssd)(src, d, mean0, pf_x, &dev);
+        double mean = mean0 + dev / (double)d;
+        double var = (ssd - dev * (dev / (double)d)) / (double)d;
+        if (var < 0) var = 0;  /* cannot happen in exact arithmetic; guards rounding */
+        rstd = 1.0 / sqrt(var + a->eps);
+        a->mean[i] = mean;
+        NF_T(nf_mean_split)(mean, &mh, &ml);
+    } else {
+        rstd = 1.0 / sqrt(first / (double)d + a->eps);
+    }
+    a->rstd[i] = rstd;
+
+    T tmp[NF_CHUNK];
+    for (nf_index c = 0; c < d; c += NF_CHUNK) {
+        nf_index m = d - c < NF_CHUNK ? d - c : NF_CHUNK;
+        T *out = a->stream ? tmp : y + c;
+        NF_T(nf_rn_affine)(out, src + c, w ? w + c : NULL, b ? b + c : NULL, m, mh, ml,
+                           (T)rstd, CENTER);
+        if (!CENTER) nf_prefetch_range(pf_x + c, 0, (size_t)m * sizeof(T));
+        if (ADD) nf_prefetch_range(pf_r + c, 0, (size_t)m * sizeof(T));
+        if (a->stream) nf_stream_copy(y + c, tmp, (size_t)m * sizeof(T));
+    }
+    if (ADD && a->stream) nf_stream_copy((T *)a->s + i * d, buf, (size_t)d * sizeof(T));
+}
+
+NF_CLONES static void NF_T(nf_rn_fwd_row)(const nf_rn_fwd_args *a, nf_index i, int tid)
+{
+    if (a->mean) {
+        if (a->r) NF_T(nf_rn_fwd_body)(a, i, tid, 1, 1);
+        else NF_T(nf_rn_fwd_body)(a, i, tid, 1, 0);
+    } else {
+        if (a->r) NF_T(nf_rn_fwd_body)(a, i, tid, 0, 1);
+        else NF_T(nf_rn_fwd_body)(a, i, tid, 0, 0);
+    }
+}
+
+/* ---------------------------------------------------------------- backward */
+
+/* c1 = mean(g * xhat) and (CENTER) c2 = mean(g) of one row, blocked float64 sums. */
+NF_INLINE void NF_T(nf_rn_bwd_stats)(double *c1, double *c2, const T *restrict dy,
+                                     const T *restrict x, const T *restrict w, nf_index n,
+                                     T mh, T ml, T r, const int CENTER, const int HAS_W)
+{
+    double a1[NF_LANES] = {0}, a2[NF_LANES] = {0};
+    nf_index i = 0;
+    while (i + NF_LANES <= n) {
+        T p1[NF_LANES] = {0}, p2[NF_LANES] = {0};
+        nf_index end = i + NF_BLOCK < n ? i + NF_BLOCK : n;
+        for (; i + NF_LANES <= end; i += NF_LANES)
+            for (int k = 0; k < NF_LANES; k++) {
+                T xh = NF_T(nf_rn_centre)(x[i + k], mh, ml, CENTER) * r;
+                T g = HAS_W ? dy[i + k] * w[i + k] : dy[i + k];
+                p1[k] += g * xh;
+                if (CENTER) p2[k] += g;
+            }
+        for (int k = 0; k < NF_LANES; k++) {
+            a1[k] += (double)p1[k];
+            if (CENTER) a2[k] += (double)p2[k];
+        }
+    }
+    double s1 = 0, s2 = 0;
+    for (; i < n; i++) {
+        T xh = NF_T(nf_rn_centre)(x[i], mh, ml, CENTER) * r;
+        T g = HAS_W ? dy[i] * w[i] : dy[i];
+        s1 += (double)g * (double)xh;
+        s2 += (double)g;
+    }
+    *c1 = (s1 + nf_tree_sum(a1)) / (double)n;
+    *c2 = CENTER ? (s2 + nf_tree_sum(a2)) / (double)n : 0.0;
+}
+
+/* The G rows' per-row constants, passed by value into the column loop. */
+typedef struct { T mh[NF_RN_G], ml[NF_RN_G], r[NF_RN_G], c1[NF_RN_G], c2[NF_RN_G]; } NF_T(nf_rn_rowc);
+
+/* Column j of G rows (row k at k*ld of dy, x, ds and k*ldx of dx): dx, and the rows' sums of
+ * dy*xhat / dy added once (in the input precision over G <= NF_RN_G terms, then float64) to the
+ * block's dw/db partials.  DX: 0 no dx, 1 dx, 2 dx + ds. */
+NF_INLINE void NF_T(nf_rn_bwd_elem)(T *restrict dx, nf_index ldx, double *restrict dw_acc,
+                                    double *restrict db_acc, const T *restrict dy,
+                                    const T *restrict x, const T *restrict ds, nf_index ld,
+                                    const T *restrict w, const NF_T(nf_rn_rowc) *q, nf_index j,
+                                    const int G, const int CENTER, const int HAS_W,
+                                    const int ACC_W, const int ACC_B, const int DX)
+{
+    T wj = HAS_W ? w[j] : (T)1;
+    T sw = 0, sb = 0;
+    for (int k = 0; k < G; k++) {
+        T dd = dy[k * ld + j];
+        T xh = NF_T(nf_rn_centre)(x[k * ld + j], q->mh[k], q->ml[k], CENTER) * q->r[k];
+        if (DX) {
+            T g = HAS_W ? dd * wj : dd;
+            T v = CENTER ? q->r[k] * ((g - xh * q->c1[k]) - q->c2[k])
+                         : q->r[k] * (g - xh * q->c1[k]);
+            if (DX == 2) v += ds[k * ld + j];
+            dx[k * ldx + j] = v;
+        }
+        if (ACC_W) sw += dd * xh;
+        if (ACC_B) sb += dd;
+    }
+    if (ACC_W) dw_acc[j] += (double)sw;
+    if (ACC_B) db_acc[j] += (double)sb;
+}
+
+/* Columns [0, m) of G rows, one cache line at a time; each line step also prefetches the same
+ * line of the next group's pf_g rows (dy, x, ds), so their stats pass finds them in L2. */
+NF_INLINE void NF_T(nf_rn_bwd_cols)(T *restrict dx, nf_index ldx, double *restrict dw_acc,
+                                    double *restrict db_acc, const T *restrict dy,
+                                    const T *restrict x, const T *restrict ds, nf_index ld,
+                                    const T *restrict w, nf_index m, NF_T(nf_rn_rowc) q,
+                                    const T *pf_dy, const T *pf_x, const T *pf_ds, nf_index pf_g,
+                                    const int G, const int CENTER, const int HAS_W,
+                                    const int ACC_W, const int ACC_B, const int DX)
+{
+    enum { L = 64 / sizeof(T) };
+    nf_index jb = 0;
+    for (; jb + L <= m; jb += L) {
+        for (nf_index k = 0; k < pf_g; k++) {
+            __builtin_prefetch(pf_dy + k * ld + jb, 0, 2);
+            __builtin_prefetch(pf_x + k * ld + jb, 0, 2);
+            if (DX == 2) __builtin_prefetch(pf_ds + k * ld + jb, 0, 2);
+        }
+        for (nf_index j = jb; j < jb + L; j++)
+            NF_T(nf_rn_bwd_elem)(dx, ldx, dw_acc, db_acc, dy, x, ds, ld, w, &q, j,
+                                 G, CENTER, HAS_W, ACC_W, ACC_B, DX);
+    }
+    for (nf_index j = jb; j < m; j++)
+        NF_T(nf_rn_bwd_elem)(dx, ldx, dw_acc, db_acc, dy, x, ds, ld, w, &q, j,
+                             G, CENTER, HAS_W, ACC_W, ACC_B, DX);
+}
+
+/* Rows [i, i + g) (g <= NF_RN_G) of a block: per-row stats (only when dx is wanted), then the
+ * column pass in L1 chunks (streamed out through tmp with `stream`).  Prefetches the pg rows
+ * starting at row pf meanwhile. */
+NF_INLINE void NF_T(nf_rn_bwd_group)(const nf_rn_bwd_args *a, double *aw, double *ab,
+                                     nf_index i, nf_index g, nf_index pf, nf_index pg,
+                                     const int CENTER, const int HAS_W, const int ACC_W,
+                                     const int ACC_B, const int DX)
+{
+    const nf_index d = a->d;
+    const T *dy = (const T *)a->dy + i * d, *x = (const T *)a->x + i * d;
+    const T *ds = DX == 2 ? (const T *)a->ds + i * d : NULL;
+    const T *w = HAS_W ? (const T *)a->w : NULL;
+    T *dx = DX ? (T *)a->dx + i * d : NULL;
+    const T *pf_dy = (const T *)a->dy + pf * d, *pf_x = (const T *)a->x + pf * d;
+    const T *pf_ds = DX == 2 ? (const T *)a->ds + pf * d : NULL;
+    const int stream = DX && a->stream;
+
+    NF_T(nf_rn_rowc) q;
+    for (nf_index k = 0; k < g; k++) {
+        q.mh[k] = 0;
+        q.ml[k] = 0;
+        if (CENTER) NF_T(nf_mean_split)(a->mean[i + k], &q.mh[k], &q.ml[k]);
+        q.r[k] = (T)a->rstd[i + k];
+        q.c1[k] = 0;
+        q.c2[k] = 0;
+        if (DX) {
+            double s1, s2;
+            NF_T(nf_rn_bwd_stats)(&s1, &s2, dy + k * d, x + k * d, w, d, q.mh[k], q.ml[k],
+                                  q.r[k], CENTER, HAS_W);
+            q.c1[k] = (T)s1;
+            q.c2[k] = (T)s2;
+        }
+    }
+    T tmp[NF_RN_G * NF_CHUNK];
+    for (nf_index c = 0; c < d; c += NF_CHUNK) {
+        nf_index m = d - c < NF_CHUNK ? d - c : NF_CHUNK;
+        T *out = DX ? (stream ? tmp : dx + c) : NULL;
+        nf_index ldo = stream ? NF_CHUNK : d;
+        double *awc = ACC_W ? aw + c : NULL, *abc = ACC_B ? ab + c : NULL;
+        const T *wc = HAS_W ? w + c : NULL;
+        const T *dsc = DX == 2 ? ds + c : NULL;
+        const T *pds = DX == 2 ? pf_ds + c : NULL;
+        if (g == NF_RN_G) {
+            NF_T(nf_rn_bwd_cols)(out, ldo, awc, abc, dy + c, x + c, dsc, d, wc, m, q,
+                                 pf_dy + c, pf_x + c, pds, pg,
+                                 NF_RN_G, CENTER, HAS_W, ACC_W, ACC_B, DX);
+        } else {
+            for (nf_index k = 0; k < g; k++) {
+                NF_T(nf_rn_rowc) qk;
+                qk.mh[0] = q.mh[k]; qk.ml[0] = q.ml[k]; qk.r[0] = q.r[k];
+                qk.c1[0] = q.c1[k]; qk.c2[0] = q.c2[k];
+                NF_T(nf_rn_bwd_cols)(DX ? out + k * ldo : NULL, ldo, awc, abc,
+                                     dy + k * d + c, x + k * d + c,
+                                     DX == 2 ? dsc + k * d : NULL, d, wc, m, qk,
+                                     pf_dy + c, pf_x + c, pds, k == 0 ? pg : 0,
+                                     1, CENTER, HAS_W, ACC_W, ACC_B, DX);
+            }
+        }
+        if (stream)
+            for (nf_index k = 0; k < g; k++)
+                nf_stream_copy(dx + k * d + c, tmp + k * NF_CHUNK, (size_t)m * sizeof(T));
+    }
+}
+
+/* The DX mode as a literal (0: no dx, 1: dx, 2: dx + ds). */
+NF_INLINE void NF_T(nf_rn_bwd_group_dx)(const nf_rn_bwd_args *a, double *aw, double *ab,
+                                        nf_index i, nf_index g, nf_index pf, nf_index pg,
+                                        const int CENTER, const int HAS_W, const int ACC_W,
+                                        const int ACC_B)
+{
+    if (!a->dx)
+        NF_T(nf_rn_bwd_group)(a, aw, ab, i, g, pf, pg, CENTER, HAS_W, ACC_W, ACC_B, 0);
+    else if (a->ds)
+        NF_T(nf_rn_bwd_group)(a, aw, ab, i, g, pf, pg, CENTER, HAS_W, ACC_W, ACC_B, 2);
+    else
+        NF_T(nf_rn_bwd_group)(a, aw, ab, i, g, pf, pg, CENTER, HAS_W, ACC_W, ACC_B, 1);
+}
+
+/* The weight / partial flags as literals (dw needs w; db exists only with CENTER). */
+NF_INLINE void NF_T(nf_rn_bwd_group_flags)(const nf_rn_bwd_args *a, double *aw, double *ab,
+                                           nf_index i, nf_index g, nf_index pf, nf_index pg,
+                                           const int CENTER)
+{
+    const int acc_b = CENTER && ab;
+    if (a->w && aw) {
+        if (acc_b) NF_T(nf_rn_bwd_group_dx)(a, aw, ab, i, g, pf, pg, CENTER, 1, 1, 1);
+        else NF_T(nf_rn_bwd_group_dx)(a, aw, ab, i, g, pf, pg, CENTER, 1, 1, 0);
+    } else if (a->w) {
+        if (acc_b) NF_T(nf_rn_bwd_group_dx)(a, aw, ab, i, g, pf, pg, CENTER, 1, 0, 1);
+        else NF_T(nf_rn_bwd_group_dx)(a, aw, ab, i, g, pf, pg, CENTER, 1, 0, 0);
+    } else {
+        if (acc_b) NF_T(nf_rn_bwd_group_dx)(a, aw, ab, i, g, pf, pg, CENTER, 0, 0, 1);
+        else NF_T(nf_rn_bwd_group_dx)(a, aw, ab, i, g, pf, pg, CENTER, 0, 0, 0);
+    }
+}
+
+/* Block blk: zero its partials, then its rows group by group, prefetching the group
+ * NF_RN_BWD_PF_GROUPS groups ahead. */
+NF_CLONES static void NF_T(nf_rn_bwd_block)(const nf_rn_bwd_args *a, nf_index blk)
+{
+    const nf_index n = a->n, d = a->d, width = a->width;
+    double *aw = NULL, *ab = NULL;
+    if (width > 0) {
+        memset(a->work + blk * width, 0, (size_t)width * sizeof(double));
+        if (a->dw) aw = a->work + blk * width;
+        if (a->db) ab = a->work + blk * width + (a->dw ? d : 0);
+    }
+    nf_index r0 = blk * a->rows_per_block;
+    nf_index r1 = r0 + a->rows_per_block < n ? r0 + a->rows_per_block : n;
+    for (nf_index i = r0; i < r1;) {
+        nf_index g = r1 - i < NF_RN_G ? r1 - i : NF_RN_G;
+        nf_index pf = i + g + (NF_RN_BWD_PF_GROUPS - 1) * NF_RN_G;
+        nf_index pg = n - pf < NF_RN_G ? n - pf : NF_RN_G;
+        if (pg < 0) { pg = 0; pf = i; }
+        if (a->mean) NF_T(nf_rn_bwd_group_flags)(a, aw, ab, i, g, pf, pg, 1);
+        else NF_T(nf_rn_bwd_group_flags)(a, aw, ab, i, g, pf, pg, 0);
+        i += g;
+    }
+}
+
+/* Columns [j0, j1) of the partials summed over blocks in block order (nf_reduce_blocks), then
+ * cast into dw (columns [0, d) of a block when dw is wanted) and db (the rest). */
+static void NF_T(nf_rn_finish)(const nf_rn_bwd_args *a, nf_index j0, nf_index j1)
+{
+    double *work = a->work;
+    const nf_index d = a->d;
+    T *dw = (T *)a->dw, *db = (T *)a->db;
+    nf_reduce_blocks(work, a->nb, a->width, j0, j1);
+    for (nf_index j = j0; j < j1; j++) {
+        if (dw && j < d) dw[j] = (T)work[j];
+        else if (dw) db[j - d] = (T)work[j];
+        else db[j] = (T)work[j];
+    }
+}

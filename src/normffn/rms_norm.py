@@ -1,0 +1,228 @@
+"""RMSNorm: ``y = x / sqrt(mean(x**2) + eps) * weight`` over the trailing dims.
+
+Signatures follow ``torch.nn.functional.rms_norm``; arrays are NumPy arrays.
+
+Layers (see docs/architecture.md): ``check_*`` validates and returns kernel-shaped arrays,
+``run_*`` trusts its arguments (2-D ``(n, d)`` C-contiguous views) and calls the kernel — fused
+ops (``add_rms_norm``, ``ffn_block``) call the ``run_*`` functions on row blocks without
+validating again — and the public functions compose the two.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _checks, _tuning
+from ._context import Context, Field
+from ._kernels import rms_norm as _kernel
+from ._workspace import workspace
+
+__all__ = ["RMSNormContext", "rms_norm", "rms_norm_forward", "rms_norm_backward",
+           "check_rms_norm", "run_rms_norm_forward", "run_rms_norm_backward"]
+
+
+# ---------------------------------------------------------------- helpers shared with add_norm
+def lead_shape(ctx) -> tuple:
+    """Leading (row) dims of a row-norm context: its input shape minus normalized_shape."""
+    return ctx.shape[:len(ctx.shape) - len(ctx.normalized_shape)]
+
+
+def param_shape(ctx) -> tuple:
+    return tuple(ctx.normalized_shape)
+
+
+def check_needs(needs, names: tuple) -> tuple:
+    """``needs`` of a backward: None (everything) or a tuple of bools aligned with ``names``
+    (the returned gradients)."""
+    if needs is None:
+        return (True,) * len(names)
+    if isinstance(needs, (str, bytes)) or not hasattr(needs, "__len__"):
+        raise TypeError(f"needs must be None or a tuple of {len(names)} bools "
+                        f"({', '.join(names)}), got {type(needs).__name__}")
+    if len(needs) != len(names):
+        raise ValueError(f"needs has {len(needs)} entries, expected {len(names)} "
+                         f"({', '.join(names)})")
+    for name, v in zip(names, needs):
+        if not isinstance(v, (bool, np.bool_)):
+            raise TypeError(f"needs entry for {name} must be a bool, got {type(v).__name__}")
+    return tuple(bool(v) for v in needs)
+
+
+def check_eps(eps, dtype) -> float:
+    """``eps=None`` means ``np.finfo(dtype).eps`` (as torch's rms_norm); else finite, >= 0."""
+    return float(np.finfo(dtype).eps) if eps is None else _checks.eps(eps)
+
+
+def check_input(x, normalized_shape, name: str = "x"):
+    """x as a float array of >= 1 dim and its normalized_shape; returns ``(x, nshape, n, d)``."""
+    x = _checks.float_array(x, name)
+    if x.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a 0-d array")
+    nshape = _checks.normalized_shape(normalized_shape, x.shape)
+    lead = x.shape[:x.ndim - len(nshape)]
+    return x, nshape, math.prod(lead), math.prod(nshape)
+
+
+def stream_for(a: np.ndarray) -> int:
+    """1 when an output as large as ``a`` is written with non-temporal stores."""
+    return int(a.nbytes >= _tuning.stream_threshold())
+
+
+# ---------------------------------------------------------------- context
+@dataclass(frozen=True, eq=False)
+class RMSNormContext(Context):
+    """What :func:`rms_norm_backward` needs; returned by :func:`rms_norm_forward`.
+
+    Attributes
+    ----------
+    rstd : ndarray of shape ``x.shape[:x.ndim - len(normalized_shape)]``, float64
+        ``1 / sqrt(mean(x**2) + eps)`` per row.
+    normalized_shape : tuple of int
+    eps : float
+    x : ndarray, C-contiguous (backward recomputes ``xhat = x * rstd`` from it)
+    weight : ndarray of shape normalized_shape, or None
+    """
+
+    x: np.ndarray
+    weight: np.ndarray | None
+    normalized_shape: tuple
+    eps: float
+    rstd: np.ndarray
+
+    _op = "rms_norm"
+    _fields = (
+        Field("x", kind="input"),
+        Field("weight", kind="like_x", shape=param_shape, optional=True),
+        Field("rstd", kind="float64", shape=lead_shape),
+    )
+
+    def _extra_checks(self) -> None:
+        k = len(self.normalized_shape)
+        if self.x.ndim < k or tuple(self.x.shape[self.x.ndim - k:]) != self.normalized_shape:
+            raise ValueError("ctx is inconsistent: x does not end in normalized_shape")
+
+
+# ---------------------------------------------------------------- check / run
+def check_rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
+    """Validate the forward arguments.  Returns ``(x, nshape, weight, eps, y)`` with x
+    C-contiguous, weight C-contiguous or None, eps a float, y the output (``out`` or new)."""
+    x, nshape, _, _ = check_input(x, normalized_shape)
+    dtype = x.dtype
+    weight = _checks.optional_param(weight, "weight", nshape, dtype)
+    eps = check_eps(eps, dtype)
+    y = _checks.new_or_out(out, "out", x.shape, dtype, inputs=(x, weight))
+    return np.ascontiguousarray(x), nshape, weight, eps, y
+
+
+def run_rms_norm_forward(x2, weight, eps, y2, rstd):
+    """RMSNorm of the rows of ``x2`` into ``y2`` and ``rstd``.  Trusts its arguments: x2, y2
+    C-contiguous (n, d) of one dtype, n >= 0; weight (d,) or None; rstd (n,) float64."""
+    if x2.shape[0] > 0:
+        _kernel.forward(y2, rstd, x2, weight, eps, stream_for(y2))
+    return y2, rstd
+
+
+def run_rms_norm_backward(dy2, x2, weight, rstd, dx2, dweight):
+    """RMSNorm backward of the rows of ``x2`` into ``dx2`` and ``dweight`` (either None: not
+    computed; dweight needs weight).  Trusts its arguments (shapes as in
+    :func:`run_rms_norm_forward`, dy2 C-contiguous)."""
+    n, d = x2.shape
+    if n == 0:
+        if dweight is not None:
+            dweight.fill(0)
+        return dx2, dweight
+    if dx2 is None and dweight is None:
+        return dx2, dweight
+    work = _kernel.scratch_size(n, d, dweight is not None)
+    _kernel.backward(dx2, dweight, dy2, x2, weight, rstd,
+                     workspace("rms_norm_backward", work) if work else None,
+                     stream_for(dy2) if dx2 is not None else 0)
+    return dx2, dweight
+
+
+# ---------------------------------------------------------------- public API
+def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None):
+    """RMSNorm forward, keeping what backward needs.
+
+    Parameters
+    ----------
+    x : ndarray of shape (..., *normalized_shape), float32 or float64
+        Any layout; a non-contiguous x is copied once (and that copy is kept for backward).
+    normalized_shape : int or tuple of int
+        The trailing dims to normalise over.
+    weight : ndarray of shape normalized_shape, same dtype as x, or None
+    eps : float >= 0 and finite, or None for ``np.finfo(x.dtype).eps``
+    out : ndarray of x's shape and dtype, C-contiguous, writeable, not overlapping an input
+
+    Returns
+    -------
+    y : ndarray of x's shape and dtype, ``x * rstd * weight``
+    ctx : RMSNormContext
+        ``ctx.rstd = 1 / sqrt(mean(x**2) + eps)`` (float64) has shape
+        ``x.shape[:x.ndim - len(normalized_shape)]``.
+
+    Raises
+    ------
+    TypeError
+        Non-float or mixed dtypes.
+    ValueError
+        0-d x, normalized_shape not matching x's trailing dims, wrong weight shape, eps
+        negative or not finite, a bad ``out``.
+    """
+    x, nshape, weight, eps, y = check_rms_norm(x, normalized_shape, weight, eps, out=out)
+    lead = x.shape[:x.ndim - len(nshape)]
+    n, d = math.prod(lead), math.prod(nshape)
+    rstd = np.empty(lead, dtype=np.float64)
+    run_rms_norm_forward(x.reshape(n, d), None if weight is None else weight.reshape(d), eps,
+                         y.reshape(n, d), rstd.reshape(n))
+    return y, RMSNormContext(x=x, weight=weight, normalized_shape=nshape, eps=eps, rstd=rstd)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
+    """RMSNorm over the trailing ``normalized_shape`` dims (see :func:`rms_norm_forward`):
+    ``y = x / sqrt(mean(x**2) + eps) * weight``.  Returns y only."""
+    return rms_norm_forward(x, normalized_shape, weight, eps, out=out)[0]
+
+
+def rms_norm_backward(dy, ctx, *, out=None, needs=None):
+    """Gradients of RMSNorm given ``dy = dL/dy``.
+
+    Parameters
+    ----------
+    dy : ndarray of the forward output's shape and dtype (any layout)
+    ctx : RMSNormContext from :func:`rms_norm_forward`
+    out : optional preallocated ``dx`` (same rules as the forward ``out``)
+    needs : None or (bool, bool)
+        Which of ``(dx, dweight)`` to compute; False entries are returned as None and their
+        work is skipped.
+
+    Returns
+    -------
+    dx : ndarray like x, or None
+    dweight : ndarray of shape normalized_shape, or None (no weight, or not needed)
+        Reduced over rows in a fixed order: identical for any thread count.
+
+    Maths: ``xhat = x * rstd``, ``g = dy * weight``, ``c1 = mean(g * xhat)`` over the
+    normalised dims, ``dx = rstd * (g - xhat * c1)``, ``dweight = sum dy * xhat`` over rows.
+    """
+    ctx = _checks.context(ctx, RMSNormContext, "rms_norm")
+    ctx.validate()
+    want_dx, want_dw = check_needs(needs, ("dx", "dweight"))
+    dtype = ctx.dtype
+    dy = _checks.grad_output(dy, ctx.shape, dtype)
+    dx = None
+    if want_dx:
+        dx = _checks.new_or_out(out, "out", ctx.shape, dtype,
+                                inputs=(dy, ctx.x, ctx.weight, ctx.rstd))
+    elif out is not None:
+        raise ValueError("out is given but dx is not needed (needs[0] is False)")
+    dweight = np.empty(ctx.normalized_shape, dtype=dtype) \
+        if want_dw and ctx.weight is not None else None
+    n, d = ctx.rstd.size, math.prod(ctx.normalized_shape)
+    run_rms_norm_backward(np.ascontiguousarray(dy).reshape(n, d), ctx.x.reshape(n, d),
+                          None if ctx.weight is None else ctx.weight.reshape(d),
+                          ctx.rstd.reshape(n), None if dx is None else dx.reshape(n, d),
+                          None if dweight is None else dweight.reshape(d))
+    return dx, dweight
