@@ -175,7 +175,7 @@ static inline void nf_chan(double *n, double *mean, double *m2, double nb, doubl
 /* work holds nb blocks of `width` float64 partial sums (block b at work + b*width).  Adds blocks
  * 1..nb-1 into block 0, in block order, for columns [j0, j1): the fixed order that makes the
  * result independent of how columns are split over threads. */
-NF_CLONES static void nf_reduce_blocks(double *work, nf_index nb, nf_index width,
+NF_CLONES static inline void nf_reduce_blocks(double *work, nf_index nb, nf_index width,
                                        nf_index j0, nf_index j1)
 {
     for (nf_index b = 1; b < nb; b++) {

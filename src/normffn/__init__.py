@@ -8,12 +8,19 @@ Every op has three entry points: ``op(...) -> y``, ``op_forward(...) -> (y, ctx)
 from .layer_norm import LayerNormContext, layer_norm, layer_norm_backward, layer_norm_forward
 from .batch_norm import (BatchNormContext, batch_norm, batch_norm_backward,
                          batch_norm_forward)
-from .ffn import FFNContext, ffn, ffn_backward, ffn_forward
+from .ffn import FFNContext, ffn, ffn_backward, ffn_forward, pack_gated
+from .rms_norm import RMSNormContext, rms_norm, rms_norm_backward, rms_norm_forward
+from .add_norm import (AddLayerNormContext, AddRMSNormContext, add_layer_norm,
+                       add_layer_norm_backward, add_layer_norm_forward, add_rms_norm,
+                       add_rms_norm_backward, add_rms_norm_forward)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LayerNormContext", "layer_norm", "layer_norm_forward", "layer_norm_backward",
     "BatchNormContext", "batch_norm", "batch_norm_forward", "batch_norm_backward",
-    "FFNContext", "ffn", "ffn_forward", "ffn_backward",
+    "FFNContext", "ffn", "ffn_forward", "ffn_backward", "pack_gated",
+    "RMSNormContext", "rms_norm", "rms_norm_forward", "rms_norm_backward",
+    "AddLayerNormContext", "add_layer_norm", "add_layer_norm_forward", "add_layer_norm_backward",
+    "AddRMSNormContext", "add_rms_norm", "add_rms_norm_forward", "add_rms_norm_backward",
 ]
