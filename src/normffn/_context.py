@@ -22,6 +22,9 @@ from . import _checks
 
 __all__ = ["Context", "Field"]
 
+_FLOAT64 = np.dtype(np.float64)
+_BOOL = np.dtype(np.bool_)
+
 
 @dataclass(frozen=True)
 class Field:
@@ -72,43 +75,47 @@ class Context:
         return self.x.dtype
 
     def validate(self) -> None:
-        """Raise ``ValueError`` unless every field holds what its op's backward may trust."""
+        """Raise ``ValueError`` unless every field holds what its op's backward may trust.
+
+        On the hot path (a context as its forward built it) this costs a few attribute reads
+        per field; messages are only formatted when a check fails."""
         x = getattr(self, "x", None)
         for f in self._fields:
             a = getattr(self, f.name)
-            where = f"ctx.{f.name}"
             if a is None:
                 if f.optional:
                     continue
-                raise ValueError(f"{where} is None; it must hold what {self._op}_forward saved")
+                raise ValueError(f"ctx.{f.name} is None; it must hold what {self._op}_forward "
+                                 "saved")
             if f.kind == "bool":
                 if not isinstance(a, (bool, np.bool_)):
-                    raise ValueError(f"{where} must be a bool, got {type(a).__name__}")
+                    raise ValueError(f"ctx.{f.name} must be a bool, got {type(a).__name__}")
                 continue
-            if not isinstance(a, np.ndarray):
-                raise ValueError(f"{where} must be a numpy.ndarray, got {type(a).__name__}")
-            if f.kind == "input":
-                ok = a.dtype in _checks.FLOAT_DTYPES
-                expected = "float32 or float64"
-            elif f.kind == "like_x":
-                ok = a.dtype == x.dtype
-                expected = str(x.dtype)
-            elif f.kind == "float64":
-                ok = a.dtype == np.float64
-                expected = "float64"
-            elif f.kind == "bool_array":
-                ok = a.dtype == np.bool_
-                expected = "bool"
+            if type(a) is not np.ndarray and not isinstance(a, np.ndarray):
+                raise ValueError(f"ctx.{f.name} must be a numpy.ndarray, got "
+                                 f"{type(a).__name__}")
+            dt = a.dtype
+            kind = f.kind
+            if kind == "input":
+                ok = dt in _checks.FLOAT_DTYPES
+            elif kind == "like_x":
+                ok = dt == x.dtype
+            elif kind == "float64":
+                ok = dt == _FLOAT64
+            elif kind == "bool_array":
+                ok = dt == _BOOL
             else:  # pragma: no cover - a wrong table is a programming error
-                raise AssertionError(f"unknown field kind {f.kind!r}")
+                raise AssertionError(f"unknown field kind {kind!r}")
             if not ok:
-                raise ValueError(f"{where} has dtype {a.dtype}, expected {expected}")
+                expected = {"input": "float32 or float64", "like_x": str(x.dtype),
+                            "float64": "float64", "bool_array": "bool"}[kind]
+                raise ValueError(f"ctx.{f.name} has dtype {dt}, expected {expected}")
             if f.shape is not None:
                 shape = tuple(f.shape(self))
                 if a.shape != shape:
-                    raise ValueError(f"{where} has shape {a.shape}, expected {shape}")
-            if not _layout_ok(a, f.layout):
-                raise ValueError(f"{where} is not in the memory layout {self._op}_forward "
+                    raise ValueError(f"ctx.{f.name} has shape {a.shape}, expected {shape}")
+            if not (a.flags.c_contiguous if f.layout == "C" else _layout_ok(a, f.layout)):
+                raise ValueError(f"ctx.{f.name} is not in the memory layout {self._op}_forward "
                                  "saved it in")
         self._extra_checks()
 
