@@ -1,6 +1,8 @@
 """Shared test machinery: dtypes, layouts, thread counts and the hard inputs, listed once."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
@@ -83,3 +85,14 @@ def threads(request):
 
 def randn(rng, shape, dtype):
     return rng.standard_normal(shape).astype(dtype)
+
+
+def child_env(**extra) -> dict:
+    """Environment for a child Python process that must import the very normffn this process
+    imported (the installed package in CI, a source tree with built extensions in development):
+    its parent directory goes first on PYTHONPATH."""
+    import normffn
+    root = os.path.dirname(os.path.dirname(os.path.abspath(normffn.__file__)))
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env

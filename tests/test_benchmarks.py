@@ -19,6 +19,7 @@ import sys
 
 import pytest
 
+from conftest import child_env
 from normffn import _ops, bench
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -67,9 +68,7 @@ def test_asv_params_come_from_the_registry():
 
 
 def _bench(*args, timeout=600):
-    env = dict(os.environ)
-    src = str(ROOT / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    env = child_env()
     return subprocess.run([sys.executable, "-m", "normffn", "bench", *args],
                           capture_output=True, text=True, env=env, timeout=timeout)
 
@@ -128,7 +127,7 @@ def test_bench_plot_dependency_checked_first():
 
 
 def test_version():
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = child_env()
     r = subprocess.run([sys.executable, "-m", "normffn", "--version"], capture_output=True,
                        text=True, env=env)
     assert r.returncode == 0 and r.stdout.startswith("normffn ")

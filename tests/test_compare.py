@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import child_env
 from normffn import compare as compare_mod
 from normffn import testing
 
@@ -36,11 +37,7 @@ def test_compare_outputs_flags_a_wrong_result():
 
 
 def _env():
-    import os
-    import pathlib
-    src = str(pathlib.Path(__file__).resolve().parent.parent / "src")
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (src, os.environ.get("PYTHONPATH")) if p))
+    return child_env()
 
 
 def test_compare_command_json(tmp_path):
