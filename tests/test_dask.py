@@ -194,6 +194,28 @@ def test_batch_norm_training_matches_numpy(dtype, shape, chunks):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(9, 6, 5, 7), (300, 10)])
+def test_batch_norm_one_chunk_is_the_one_call(dtype, shape):
+    """One block: the phases (partial_stats -> merge -> finalize -> update_running_stats ->
+    apply; backward_sums -> backward_apply) give exactly the one-call NumPy results."""
+    C = shape[1]
+    x, dy = _arr(shape, dtype, 1, offset=1e3), _arr(shape, dtype, 2)
+    w, b = _arr(C, dtype, 3), _arr(C, dtype, 4)
+    rm, rv = _arr(C, dtype, 5), np.abs(_arr(C, dtype, 6)) + 0.5
+    rm_np, rv_np = rm.copy(), rv.copy()
+    y, ctx = nd.batch_norm_forward(da.from_array(x, chunks=shape), rm, rv, w, b, True, 0.3)
+    yr, cr = normffn.batch_norm_forward(x, rm_np, rv_np, w, b, True, 0.3)
+    _equal(ctx.mean, cr.mean, "mean")
+    _equal(ctx.rstd, cr.rstd, "rstd")
+    _equal(rm, rm_np, "running_mean")
+    _equal(rv, rv_np, "running_var")
+    _equal(y.compute(), yr, "y")
+    got = dask.compute(*nd.batch_norm_backward(da.from_array(dy, chunks=shape), ctx))
+    for g, r, name in zip(got, normffn.batch_norm_backward(dy, cr), ("dx", "dweight", "dbias")):
+        _equal(g, r, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_batch_norm_eval_bitwise(dtype):
     shape, C = (9, 6, 5, 7), 6
     x, dy = _arr(shape, dtype, 1), _arr(shape, dtype, 2)
@@ -222,9 +244,16 @@ def test_batch_norm_statistics_deterministic_and_exact():
     _equal(s1, s2, "stats across schedulers")
     x64 = np.moveaxis(x, 1, 0).reshape(3, -1).astype(np.float64)
     np.testing.assert_allclose(s1[:, 0], x64.shape[1])
-    np.testing.assert_allclose(s1[:, 1], x64.mean(axis=1), rtol=1e-15)
-    np.testing.assert_allclose(s1[:, 2], ((x64 - x64.mean(axis=1, keepdims=True)) ** 2).sum(1),
-                               rtol=1e-12)
+    # The statistics are the kernel's (normffn.batch_norm.partial_stats: the one-call forward's
+    # own block statistics): float64 sums of float32 data, the deviations x - mean formed in
+    # float32 against a split mean.  Against NumPy's all-float64 two-pass statistics: the mean
+    # a few 1e-14 apart, M2 a few 1e-9 (float32's resolution is 6e-8).
+    m2_64 = ((x64 - x64.mean(axis=1, keepdims=True)) ** 2).sum(1)
+    np.testing.assert_allclose(s1[:, 1], x64.mean(axis=1), rtol=1e-13)
+    np.testing.assert_allclose(s1[:, 2], m2_64, rtol=1e-8)
+    _, cr = normffn.batch_norm_forward(x, None, None, training=True)
+    np.testing.assert_allclose(s1[:, 1], cr.mean, rtol=1e-13)
+    np.testing.assert_allclose(1 / np.sqrt(s1[:, 2] / s1[:, 0] + 1e-5), cr.rstd, rtol=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------
