@@ -132,15 +132,19 @@ def test_errors_are_raised_when_called():
 
 # ---------------------------------------------------------------------------------------------
 # FFN
+GATED = ["swiglu", "geglu", "reglu"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"] + GATED)
 def test_ffn_matches_numpy(dtype, activation):
     d, h = 48, 80
+    hw = 2 * h if activation in GATED else h     # gated: w1 packed (d, 2h) = [gate | up]
     # blocks of >= 64 rows: OpenBLAS's small-matrix kernels (tiny M*N*K, transposed operand)
     # round differently from its blocked ones, so tiny blocks can differ in the last bit
     x = _arr((3, 128, d), dtype, 1)
-    w1, w2 = 0.2 * _arr((d, h), dtype, 2), 0.2 * _arr((h, d), dtype, 3)
-    b1, b2 = _arr(h, dtype, 4), _arr(d, dtype, 5)
+    w1, w2 = 0.2 * _arr((d, hw), dtype, 2), 0.2 * _arr((h, d), dtype, 3)
+    b1, b2 = _arr(hw, dtype, 4), _arr(d, dtype, 5)
     dy = _arr(x.shape, dtype, 6)
     xd = da.from_array(x, chunks=(2, 64, 20))       # the feature axis split too
     w2t = np.asfortranarray(w2)                      # a transposed-layout weight, as from torch
@@ -194,6 +198,28 @@ def test_batch_norm_training_matches_numpy(dtype, shape, chunks):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(9, 6, 5, 7), (300, 10)])
+def test_batch_norm_one_chunk_is_the_one_call(dtype, shape):
+    """One block: the phases (partial_stats -> merge -> finalize -> update_running_stats ->
+    apply; backward_sums -> backward_apply) give exactly the one-call NumPy results."""
+    C = shape[1]
+    x, dy = _arr(shape, dtype, 1, offset=1e3), _arr(shape, dtype, 2)
+    w, b = _arr(C, dtype, 3), _arr(C, dtype, 4)
+    rm, rv = _arr(C, dtype, 5), np.abs(_arr(C, dtype, 6)) + 0.5
+    rm_np, rv_np = rm.copy(), rv.copy()
+    y, ctx = nd.batch_norm_forward(da.from_array(x, chunks=shape), rm, rv, w, b, True, 0.3)
+    yr, cr = normffn.batch_norm_forward(x, rm_np, rv_np, w, b, True, 0.3)
+    _equal(ctx.mean, cr.mean, "mean")
+    _equal(ctx.rstd, cr.rstd, "rstd")
+    _equal(rm, rm_np, "running_mean")
+    _equal(rv, rv_np, "running_var")
+    _equal(y.compute(), yr, "y")
+    got = dask.compute(*nd.batch_norm_backward(da.from_array(dy, chunks=shape), ctx))
+    for g, r, name in zip(got, normffn.batch_norm_backward(dy, cr), ("dx", "dweight", "dbias")):
+        _equal(g, r, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_batch_norm_eval_bitwise(dtype):
     shape, C = (9, 6, 5, 7), 6
     x, dy = _arr(shape, dtype, 1), _arr(shape, dtype, 2)
@@ -222,56 +248,134 @@ def test_batch_norm_statistics_deterministic_and_exact():
     _equal(s1, s2, "stats across schedulers")
     x64 = np.moveaxis(x, 1, 0).reshape(3, -1).astype(np.float64)
     np.testing.assert_allclose(s1[:, 0], x64.shape[1])
-    np.testing.assert_allclose(s1[:, 1], x64.mean(axis=1), rtol=1e-15)
-    np.testing.assert_allclose(s1[:, 2], ((x64 - x64.mean(axis=1, keepdims=True)) ** 2).sum(1),
-                               rtol=1e-12)
+    # The statistics are the kernel's (normffn.batch_norm.partial_stats: the one-call forward's
+    # own block statistics): float64 sums of float32 data, the deviations x - mean formed in
+    # float32 against a split mean.  Against NumPy's all-float64 two-pass statistics: the mean
+    # a few 1e-14 apart, M2 a few 1e-9 (float32's resolution is 6e-8).
+    m2_64 = ((x64 - x64.mean(axis=1, keepdims=True)) ** 2).sum(1)
+    np.testing.assert_allclose(s1[:, 1], x64.mean(axis=1), rtol=1e-13)
+    np.testing.assert_allclose(s1[:, 2], m2_64, rtol=1e-8)
+    _, cr = normffn.batch_norm_forward(x, None, None, training=True)
+    np.testing.assert_allclose(s1[:, 1], cr.mean, rtol=1e-13)
+    np.testing.assert_allclose(1 / np.sqrt(s1[:, 2] / s1[:, 0] + 1e-5), cr.rstd, rtol=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------
-# ops that arrive with other issues: run when their NumPy op exists
-@pytest.mark.parametrize("name", ["rms_norm", "add_layer_norm", "add_rms_norm", "ffn_block"])
-def test_pending_ops_guarded(name):
-    if nd.available(name):
-        pytest.skip(f"normffn.{name} exists: covered by the test below")
-    with pytest.raises(NotImplementedError, match=name):
-        getattr(nd, name)(da.zeros((4, 8), chunks=2), 8)
-
-
-@pytest.mark.skipif(not nd.available("rms_norm"), reason="normffn.rms_norm not in this build")
-def test_rms_norm_matches_numpy():
-    x, dy, w = _arr((90, 40), np.float32, 1), _arr((90, 40), np.float32, 2), _arr(40, np.float32)
-    y, ctx = nd.rms_norm_forward(da.from_array(x, chunks=(25, 15)), 40, w)
+# RMSNorm and the residual add + norms
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("eps", [None, 1e-6])
+def test_rms_norm_matches_numpy(dtype, scheduler, eps):
+    x, dy, w = _arr((90, 40), dtype, 1), _arr((90, 40), dtype, 2), _arr(40, dtype, 3)
+    xd = da.from_array(x, chunks=(25, 15))             # the feature axis split: rechunked
+    y_plain = nd.rms_norm(xd, 40, w, eps)
+    y, ctx = nd.rms_norm_forward(xd, 40, w, eps)
     dx, dw = nd.rms_norm_backward(da.from_array(dy, chunks=30), ctx)
-    yr, cr = normffn.rms_norm_forward(x, 40, w)
+    got = dask.compute(y_plain, y, ctx.rstd, dx, dw, scheduler=scheduler)
+    yr, cr = normffn.rms_norm_forward(x, 40, w, eps)
     dxr, dwr = normffn.rms_norm_backward(dy, cr)
-    got = dask.compute(y, dx, dw)
-    _equal(got[0], yr, "y")
-    _equal(got[1], dxr, "dx")
-    _close(got[2], dwr, np.float32, "dweight")
+    for g, r, name in zip(got[:4], (yr, yr, cr.rstd, dxr), ("y", "y(forward)", "rstd", "dx")):
+        _equal(g, r, name)
+    assert got[4].dtype == dtype
+    _close(got[4], dwr, dtype, "dweight")
 
 
-@pytest.mark.skipif(not nd.available("add_layer_norm"), reason="normffn.add_layer_norm not in "
-                    "this build")
-def test_add_layer_norm_matches_numpy():
-    x, r = _arr((90, 40), np.float32, 1), _arr((90, 40), np.float32, 2)
-    dy, ds = _arr((90, 40), np.float32, 3), _arr((90, 40), np.float32, 4)
-    w, b = _arr(40, np.float32, 5), _arr(40, np.float32, 6)
-    y, s = nd.add_layer_norm(da.from_array(x, chunks=(25, 15)), da.from_array(r, chunks=20), 40,
-                             w, b, 1e-5)
-    yr, sr = normffn.add_layer_norm(x, r, 40, w, b, 1e-5)
+def test_rms_norm_multi_axis_and_needs():
+    x, dy = _arr((6, 5, 4, 8), np.float32, 1), _arr((6, 5, 4, 8), np.float32, 2)
+    w = _arr((4, 8), np.float32, 3)
+    xd = da.from_array(x, chunks=(4, 2, 3, 5))
+    y, ctx = nd.rms_norm_forward(xd, (4, 8), w)
+    dx, dw = nd.rms_norm_backward(da.from_array(dy, chunks=3), ctx, needs=(True, False))
+    assert dw is None
+    yr, cr = normffn.rms_norm_forward(x, (4, 8), w)
     _equal(y.compute(), yr, "y")
-    _equal(s.compute(), sr, "s")
-    res = nd.add_layer_norm_forward(da.from_array(x, chunks=30), da.from_array(r, chunks=30), 40,
-                                    w, b, 1e-5)
-    ctx = res[-1]
-    dsum, dw, db = nd.add_layer_norm_backward(da.from_array(dy, chunks=30), ctx,
-                                              da.from_array(ds, chunks=45))
-    cr = normffn.add_layer_norm_forward(x, r, 40, w, b, 1e-5)[-1]
-    dsr, dwr, dbr = normffn.add_layer_norm_backward(dy, cr, ds)
-    got = dask.compute(dsum, dw, db)
-    _equal(got[0], dsr, "dsum")
-    _close(got[1], dwr, np.float32, "dweight")
-    _close(got[2], dbr, np.float32, "dbias")
+    _equal(dx.compute(), normffn.rms_norm_backward(dy, cr)[0], "dx")
+    dx, dw = nd.rms_norm_backward(da.from_array(dy, chunks=3), ctx, needs=(False, True))
+    assert dx is None
+    _close(dw.compute(), normffn.rms_norm_backward(dy, cr)[1], np.float32, "dweight")
+    dx, dw = nd.rms_norm_backward(da.from_array(dy, chunks=3),
+                                  nd.rms_norm_forward(xd, (4, 8))[1])
+    assert dw is None                                      # no weight: no dweight
+    with pytest.raises(ValueError, match="needs"):
+        nd.rms_norm_backward(da.from_array(dy, chunks=3), ctx, needs=(True,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rms", [False, True])
+def test_add_norm_matches_numpy(dtype, rms):
+    n, d = 90, 40
+    x, r = _arr((n, d), dtype, 1, offset=2.0), _arr((n, d), dtype, 2)
+    dy, ds = _arr((n, d), dtype, 3), _arr((n, d), dtype, 4)
+    w, b = _arr(d, dtype, 5), _arr(d, dtype, 6)
+    # x and residual chunked differently (residual takes x's rows), the feature axis split
+    xd, rd = da.from_array(x, chunks=(25, 15)), da.from_array(r, chunks=20)
+    if rms:
+        plain, fwd, bwd = nd.add_rms_norm, nd.add_rms_norm_forward, nd.add_rms_norm_backward
+        np_fwd, np_bwd = normffn.add_rms_norm_forward, normffn.add_rms_norm_backward
+        params = (w, None)
+    else:
+        plain, fwd, bwd = nd.add_layer_norm, nd.add_layer_norm_forward, nd.add_layer_norm_backward
+        np_fwd, np_bwd = normffn.add_layer_norm_forward, normffn.add_layer_norm_backward
+        params = (w, b, 1e-5)
+    y_plain, s_plain = plain(xd, rd, d, *params)
+    y, s, ctx = fwd(da.from_array(x, chunks=30), da.from_array(r, chunks=30), d, *params)
+    grads = bwd(da.from_array(dy, chunks=30), ctx, da.from_array(ds, chunks=45))
+    post = bwd(da.from_array(dy, chunks=30), ctx)           # post-LN: no ds
+    got = dask.compute(y_plain, s_plain, y, s, ctx.rstd, *grads, post[0], scheduler="threads")
+    yr, sr, cr = np_fwd(x, r, d, *params)
+    gr = np_bwd(dy, cr, ds)
+    for g, ref, name in zip(got[:5] + (got[5], got[-1]),
+                            (yr, sr, yr, sr, cr.rstd, gr[0], np_bwd(dy, cr)[0]),
+                            ("y", "s", "y(forward)", "s(forward)", "rstd", "dsum", "dsum(no ds)")):
+        _equal(g, ref, name)
+    if not rms:
+        _equal(ctx.mean.compute(), cr.mean, "mean")
+    for g, ref, name in zip(got[6:-1], gr[1:], ("dweight", "dbias")):
+        assert g.dtype == dtype
+        _close(g, ref, dtype, name)
+    dsum, *rest = bwd(da.from_array(dy, chunks=30), ctx, None,
+                      needs=(False,) + (True,) * (len(gr) - 1))
+    assert dsum is None and all(g is not None for g in rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# FFN block (issue #13): runs where this build has normffn.ffn_block
+def test_ffn_block_guarded_until_available():
+    if nd.available("ffn_block"):
+        pytest.skip("normffn.ffn_block exists: covered by test_ffn_block_matches_numpy")
+    xd = da.zeros((4, 8), chunks=2, dtype=np.float32)
+    w1, w2 = np.zeros((8, 16), np.float32), np.zeros((16, 8), np.float32)
+    for call in (lambda: nd.ffn_block(xd, None, None, w1, None, w2, None),
+                 lambda: nd.ffn_block_forward(xd, None, None, w1, None, w2, None)):
+        with pytest.raises(NotImplementedError, match="ffn_block"):
+            call()
+
+
+@pytest.mark.skipif(not nd.available("ffn_block"), reason="normffn.ffn_block not in this build")
+@pytest.mark.parametrize("norm,placement", [("layer", "pre"), ("rms", "post")])
+def test_ffn_block_matches_numpy(norm, placement):
+    dtype, d, h = np.float64, 48, 80
+    x, dy = _arr((3, 128, d), dtype, 1), _arr((3, 128, d), dtype, 2)
+    nw = _arr(d, dtype, 3)
+    nb = _arr(d, dtype, 4) if norm == "layer" else None
+    w1, w2 = 0.2 * _arr((d, h), dtype, 5), 0.2 * _arr((h, d), dtype, 6)
+    b1, b2 = _arr(h, dtype, 7), _arr(d, dtype, 8)
+    kw = dict(norm=norm, placement=placement, eps=1e-5)
+    args = (nw, nb, w1, b1, w2, b2, "gelu")
+    xd = da.from_array(x, chunks=(2, 64, 20))
+    y_plain = nd.ffn_block(xd, *args, **kw)
+    y, ctx = nd.ffn_block_forward(xd, *args, **kw)
+    grads = nd.ffn_block_backward(da.from_array(dy, chunks=(3, 64, d)), ctx)
+    got = dask.compute(y_plain, y, *grads, scheduler="threads")
+    yr, cr = normffn.ffn_block_forward(x, *args, **kw)
+    gr = normffn.ffn_block_backward(dy, cr)
+    _equal(got[0], normffn.ffn_block(x, *args, **kw), "y")
+    _equal(got[1], yr, "y(forward)")
+    _equal(got[2], gr[0], "dx")
+    for g, r in zip(got[3:], gr[1:]):
+        assert (g is None) == (r is None)
+        if r is not None:
+            _close(g, r, dtype, "parameter gradient")
 
 
 # ---------------------------------------------------------------------------------------------

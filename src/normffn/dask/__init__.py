@@ -59,8 +59,7 @@ __all__ = [
 
 def available(name: str) -> bool:
     """True if ``normffn.dask.<name>`` can run: the NumPy op it wraps exists in this build
-    (``rms_norm``, the add-norms, gated activations and ``ffn_block`` arrive with their own
-    issues)."""
+    (``ffn_block`` arrives with its own issue)."""
     import normffn
     return hasattr(normffn, name)
 
@@ -84,32 +83,38 @@ def layer_norm_backward(dy, ctx, *, needs=None):
     return _rows.backward("layer_norm", {"dy": dy}, ctx, needs)
 
 
-# ---- RMSNorm (issue #11; runs once normffn.rms_norm exists)
-def rms_norm(*args, **kwargs):
-    """``normffn.rms_norm`` on a dask array (same arguments), lazy."""
-    return _rows.plain("rms_norm", args, kwargs)
+# ---- RMSNorm
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
+    """``normffn.rms_norm`` on a dask array: lazy, bitwise identical to the NumPy call."""
+    return _rows.plain("rms_norm", (x, normalized_shape, weight, eps), {"out": out})
 
 
-def rms_norm_forward(*args, **kwargs):
-    """``normffn.rms_norm_forward`` on a dask array: ``(y, ctx)``."""
-    return _rows.forward("rms_norm", args, kwargs)
+def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None):
+    """``normffn.rms_norm_forward`` on a dask array: ``(y, ctx)``, y lazy; ``ctx.rstd`` is a
+    lazy float64 dask array of shape ``x.shape[:-len(normalized_shape)]``."""
+    return _rows.forward("rms_norm", (x, normalized_shape, weight, eps), {"out": out})
 
 
 def rms_norm_backward(dy, ctx, *, needs=None):
-    """``normffn.rms_norm_backward``: ``(dx, dweight)``."""
+    """``normffn.rms_norm_backward``: ``(dx, dweight)``; dx lazy, dweight a lazy fixed-tree
+    float64 sum of per-block gradients (None without weight or where ``needs`` says so)."""
     return _rows.backward("rms_norm", {"dy": dy}, ctx, needs)
 
 
-# ---- residual add + norm (issue #11): forward returns (y, s), s = x + residual
-def add_layer_norm(*args, **kwargs):
-    """``normffn.add_layer_norm`` on dask arrays: ``(y, s)``, both lazy."""
-    return _rows.plain("add_layer_norm", args, kwargs)
+# ---- residual add + norm: forward returns (y, s), s = x + residual
+def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *,
+                   out=None):
+    """``normffn.add_layer_norm`` on dask arrays: ``(y, s)``, both lazy and bitwise identical
+    to the NumPy call (``residual`` takes ``x``'s row chunking)."""
+    return _rows.plain("add_layer_norm", (x, residual, normalized_shape, weight, bias, eps),
+                       {"out": out})
 
 
-def add_layer_norm_forward(*args, **kwargs):
-    """``normffn.add_layer_norm_forward`` on dask arrays: outputs as the NumPy API gives them
-    (lazy) and a context."""
-    return _rows.forward("add_layer_norm", args, kwargs)
+def add_layer_norm_forward(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *,
+                           out=None):
+    """``normffn.add_layer_norm_forward`` on dask arrays: ``(y, s, ctx)``, y and s lazy."""
+    return _rows.forward("add_layer_norm", (x, residual, normalized_shape, weight, bias, eps),
+                         {"out": out})
 
 
 def add_layer_norm_backward(dy, ctx, ds=None, *, needs=None):
@@ -118,14 +123,16 @@ def add_layer_norm_backward(dy, ctx, ds=None, *, needs=None):
     return _rows.backward("add_layer_norm", {"dy": dy, "ds": ds}, ctx, needs)
 
 
-def add_rms_norm(*args, **kwargs):
+def add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, *, out=None):
     """``normffn.add_rms_norm`` on dask arrays: ``(y, s)``, both lazy."""
-    return _rows.plain("add_rms_norm", args, kwargs)
+    return _rows.plain("add_rms_norm", (x, residual, normalized_shape, weight, eps),
+                       {"out": out})
 
 
-def add_rms_norm_forward(*args, **kwargs):
-    """``normffn.add_rms_norm_forward`` on dask arrays."""
-    return _rows.forward("add_rms_norm", args, kwargs)
+def add_rms_norm_forward(x, residual, normalized_shape, weight=None, eps=None, *, out=None):
+    """``normffn.add_rms_norm_forward`` on dask arrays: ``(y, s, ctx)``."""
+    return _rows.forward("add_rms_norm", (x, residual, normalized_shape, weight, eps),
+                         {"out": out})
 
 
 def add_rms_norm_backward(dy, ctx, ds=None, *, needs=None):
@@ -133,7 +140,7 @@ def add_rms_norm_backward(dy, ctx, ds=None, *, needs=None):
     return _rows.backward("add_rms_norm", {"dy": dy, "ds": ds}, ctx, needs)
 
 
-# ---- FFN (gated activations from issue #12 pass straight through)
+# ---- FFN (every activation, gated ones with the packed (d, 2h) w1)
 def ffn(x, w1, b1, w2, b2, activation="relu", *, out=None):
     """``normffn.ffn`` on a dask array of shape (..., d): lazy, bitwise identical to the NumPy
     call as long as the BLAS rounds each row the same whatever the block's row count.
@@ -155,18 +162,25 @@ def ffn_backward(dy, ctx, *, needs=None):
     return _rows.backward("ffn", {"dy": dy}, ctx, needs)
 
 
-# ---- FFN sublayer (issue #13; runs once normffn.ffn_block exists)
-def ffn_block(*args, **kwargs):
-    """``normffn.ffn_block`` on a dask array (same arguments), lazy."""
-    return _rows.plain("ffn_block", args, kwargs)
+# ---- FFN sublayer (issue #13): runs where this build has normffn.ffn_block
+def ffn_block(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", *, norm="layer",
+              placement="pre", eps=1e-5, out=None):
+    """``normffn.ffn_block`` on a dask array of shape (..., d): lazy (the BLAS caveat of
+    :func:`ffn` applies).  NotImplementedError where this build has no ``normffn.ffn_block``
+    (see :func:`available`)."""
+    return _rows.plain("ffn_block", (x, norm_weight, norm_bias, w1, b1, w2, b2, activation),
+                       {"norm": norm, "placement": placement, "eps": eps, "out": out})
 
 
-def ffn_block_forward(*args, **kwargs):
+def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", *,
+                      norm="layer", placement="pre", eps=1e-5, recompute=False):
     """``normffn.ffn_block_forward`` on a dask array: ``(y, ctx)``."""
-    return _rows.forward("ffn_block", args, kwargs)
+    return _rows.forward("ffn_block", (x, norm_weight, norm_bias, w1, b1, w2, b2, activation),
+                         {"norm": norm, "placement": placement, "eps": eps,
+                          "recompute": recompute})
 
 
 def ffn_block_backward(dy, ctx, *, needs=None):
-    """``normffn.ffn_block_backward``: the row gradient lazy, parameter gradients as lazy
-    fixed-tree float64 sums."""
+    """``normffn.ffn_block_backward``: ``(dx, dnorm_weight, dnorm_bias, dw1, db1, dw2, db2)``;
+    dx lazy, the parameter gradients lazy fixed-tree float64 sums of per-block gradients."""
     return _rows.backward("ffn_block", {"dy": dy}, ctx, needs)

@@ -6,8 +6,8 @@ Training, in three phases over the blocks (the same phases ``normffn.batch_norm`
 2. merged in a fixed tree of :data:`~normffn.dask.SPLIT_EVERY` blocks per node with Chan's
    formulas (``merge_stats``), then ``finalize_stats`` -> ``(mean, var_biased, rstd)``.  This is
    computed when ``batch_norm`` is called (the running stats, NumPy arrays, are updated in
-   place then, with the NumPy API's formula); only per-block statistics (3 floats per channel
-   per block) cross the network;
+   place then by ``update_running_stats``, as the NumPy forward updates them); only per-block
+   statistics (3 floats per channel per block) cross the network;
 3. per block, lazily: ``y = (x - mean) * rstd * weight + bias`` (``apply``).
 
 Backward: the two channel sums ``sum(dy)`` and ``sum(dy * (x - mean))`` as lazy fixed-tree
@@ -17,8 +17,9 @@ float64 reductions of per-block sums (``backward_sums``), then ``dx`` per block
 Eval: each block is ``normffn.batch_norm(..., training=False)`` on its channels, bitwise
 identical to the NumPy call on the whole array.
 
-The phase functions come from ``normffn.batch_norm`` when it has them; until then the float64
-NumPy versions below stand in (same names and contracts, slower).
+The phases are ``normffn.batch_norm``'s own (the module; the package attribute of that name is
+the function), so one chunk gives exactly the one-call results and the running stats are
+updated by the same ``update_running_stats`` the NumPy forward calls.
 """
 from __future__ import annotations
 
@@ -30,108 +31,10 @@ import dask.array as da
 import numpy as np
 
 import normffn
-import normffn.batch_norm as _np_bn
+from normffn.batch_norm import (apply, backward_apply, backward_sums, finalize_stats,
+                                merge_stats, partial_stats, update_running_stats)
 
 from . import _graph
-
-
-# ---------------------------------------------------------------------------------------------
-# phases: float64 NumPy stand-ins for normffn.batch_norm's (same names and contracts)
-def _channels_first(a: np.ndarray) -> np.ndarray:
-    """(C, rest) float64 view/copy of an (N, C, *spatial) array."""
-    return np.moveaxis(a, 1, 0).reshape(a.shape[1], -1).astype(np.float64, copy=False)
-
-
-def _partial_stats(x):
-    """Per-channel ``(count, mean, m2)`` (float64, shape (C,)) of one (N, C, *spatial) block:
-    two passes in float64."""
-    xc = _channels_first(x)
-    n = xc.shape[1]
-    count = np.full(x.shape[1], float(n))
-    if n == 0:
-        z = np.zeros(x.shape[1])
-        return count, z, z.copy()
-    mean = xc.sum(axis=1) / n
-    m2 = np.square(xc - mean[:, None]).sum(axis=1)
-    return count, mean, m2
-
-
-def _merge_stats(parts):
-    """Chan's merge of ``[(count, mean, m2), ...]`` in the order given."""
-    it = iter(parts)
-    n, mean, m2 = (np.array(a, dtype=np.float64) for a in next(it))
-    for nb, mb, m2b in it:
-        tot = n + nb
-        with np.errstate(invalid="ignore", divide="ignore"):
-            delta = mb - mean
-            frac = np.where(tot > 0, nb / np.where(tot > 0, tot, 1), 0.0)
-            mean = mean + delta * frac
-            m2 = m2 + m2b + delta * delta * n * frac
-        n = tot
-    return n, mean, m2
-
-
-def _finalize_stats(count, mean, m2, eps):
-    """``(mean, var_biased, rstd)`` from merged statistics."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        var = m2 / count
-        rstd = 1.0 / np.sqrt(var + eps)
-    return mean, var, rstd
-
-
-def _bshape(a, ndim):
-    return a.reshape((1, -1) + (1,) * (ndim - 2))
-
-
-def _apply(x, mean, rstd, weight, bias, out=None):
-    """``y = (x - mean) * rstd * weight + bias`` per channel, in float64, cast to x's dtype."""
-    y = (x - _bshape(mean, x.ndim)) * _bshape(rstd, x.ndim)
-    if weight is not None:
-        y = y * _bshape(weight.astype(np.float64), x.ndim)
-    if bias is not None:
-        y = y + _bshape(bias.astype(np.float64), x.ndim)
-    if out is None:
-        return y.astype(x.dtype)
-    out[...] = y
-    return out
-
-
-def _backward_sums(dy, x, mean):
-    """Per-channel ``(sum(dy), sum(dy * (x - mean)))`` in float64."""
-    dyc = _channels_first(dy)
-    xc = _channels_first(x)
-    return dyc.sum(axis=1), (dyc * (xc - mean[:, None])).sum(axis=1)
-
-
-def _backward_apply(dy, x, mean, rstd, weight, sdy, sdyx, count, training, out=None):
-    """dx per block: ``rstd * (g - mean(g) - xhat * mean(g * xhat))`` with ``g = dy * weight``
-    (training; the means are over the whole batch: ``sdy / count``, ``sdyx * rstd / count``),
-    ``g * rstd`` (eval).  float64, cast to dy's dtype."""
-    nd = x.ndim
-    w = np.ones_like(rstd) if weight is None else weight.astype(np.float64)
-    scale = _bshape(w * rstd, nd)
-    if training:
-        xhat = (x - _bshape(mean, nd)) * _bshape(rstd, nd)
-        dx = scale * (dy - _bshape(sdy / count, nd) - xhat * _bshape(sdyx * rstd / count, nd))
-    else:
-        dx = dy * scale
-    if out is None:
-        return dx.astype(dy.dtype)
-    out[...] = dx
-    return out
-
-
-_FALLBACK = {"partial_stats": _partial_stats, "merge_stats": _merge_stats,
-             "finalize_stats": _finalize_stats, "apply": _apply,
-             "backward_sums": _backward_sums, "backward_apply": _backward_apply}
-
-
-def phase(name: str):
-    """``normffn.batch_norm.<name>`` if this build has the BatchNorm phases, else the float64
-    NumPy stand-in."""
-    if hasattr(_np_bn, "partial_stats"):
-        return getattr(_np_bn, name)
-    return _FALLBACK[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +42,7 @@ def phase(name: str):
 def _stats_task(x, threads):
     """One block's partial statistics as an array of shape (1, Cb, 1, ..., 1, 3)."""
     with _graph.limit_threads(threads):
-        count, mean, m2 = phase("partial_stats")(x)
+        count, mean, m2 = partial_stats(x)
     cb = x.shape[1]
     p = np.stack([np.broadcast_to(np.asarray(a, np.float64), (cb,)) for a in (count, mean, m2)],
                  axis=-1)
@@ -155,7 +58,7 @@ def _merge_task(p, axis=None, keepdims=False):
     axis = tuple(a % p.ndim for a in ((axis,) if isinstance(axis, int) else axis))
     moved = np.moveaxis(p, 1, -2)                  # (..reduced.., Cb, 3)
     flat = moved.reshape(-1, moved.shape[-2], 3)
-    n, m, m2 = phase("merge_stats")([(q[:, 0], q[:, 1], q[:, 2]) for q in flat])
+    n, m, m2 = merge_stats([(q[:, 0], q[:, 1], q[:, 2]) for q in flat])
     out = np.stack([np.broadcast_to(np.asarray(a, np.float64), (p.shape[1],))
                     for a in (n, m, m2)], axis=-1)
     if keepdims:
@@ -165,7 +68,7 @@ def _merge_task(p, axis=None, keepdims=False):
 
 def _apply_task(x, mean, rstd, weight, bias, threads):
     with _graph.limit_threads(threads):
-        return phase("apply")(x, mean, rstd, weight, bias)
+        return apply(x, mean, rstd, weight, bias)
 
 
 def _eval_task(x, running_mean, running_var, weight, bias, eps, threads):
@@ -176,17 +79,18 @@ def _eval_task(x, running_mean, running_var, weight, bias, eps, threads):
 
 def _sums_task(dy, x, mean, threads):
     with _graph.limit_threads(threads):
-        sdy, sdyx = phase("backward_sums")(dy, x, mean)
+        sdy, sdyx = backward_sums(dy, x, mean)
     p = np.stack([sdy, sdyx], axis=-1)
     return p.reshape((1, x.shape[1]) + (1,) * (x.ndim - 2) + (2,))
 
 
 def _dx_task(dy, x, mean, rstd, weight, sums, count, training, threads):
-    sdy = sdyx = None
-    if sums is not None:
+    if sums is None:   # eval: dx = dy * rstd * weight, the sums are not read
+        sdy = sdyx = np.zeros(x.shape[1])
+    else:
         sdy, sdyx = np.ascontiguousarray(sums[:, 0]), np.ascontiguousarray(sums[:, 1])
     with _graph.limit_threads(threads):
-        return phase("backward_apply")(dy, x, mean, rstd, weight, sdy, sdyx, count, training)
+        return backward_apply(dy, x, mean, rstd, weight, sdy, sdyx, count, training)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,16 +218,9 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
     if training:
         stats = batch_statistics(x, threads).compute()
         count, mean_m, m2 = stats[:, 0], stats[:, 1], stats[:, 2]
-        mean64, var64, rstd64 = phase("finalize_stats")(count, mean_m, m2, eps)
-        mean64 = np.ascontiguousarray(mean64, dtype=np.float64)
-        var64 = np.ascontiguousarray(var64, dtype=np.float64)
-        rstd64 = np.ascontiguousarray(rstd64, dtype=np.float64)
-        if running_mean is not None:   # the NumPy API's update, line for line
-            with np.errstate(invalid="ignore", over="ignore"):
-                new_mean = (1.0 - momentum) * running_mean + momentum * mean64
-                new_var = (1.0 - momentum) * running_var + momentum * (var64 * (N * S / (N * S - 1)))
-            running_mean[...] = new_mean
-            running_var[...] = new_var
+        mean64, var64, rstd64 = finalize_stats(count, mean_m, m2, eps)
+        if running_mean is not None:   # the one-call forward's update, with its int count
+            update_running_stats(running_mean, running_var, mean64, var64, N * S, momentum)
         y = da.blockwise(_apply_task, ind, x, ind, _per_channel(mean64, cchunks, "bn-mean"),
                          cind, _per_channel(rstd64, cchunks, "bn-rstd"), cind, *_pc(w, cind),
                          *_pc(b, cind), threads, None, dtype=dtype,

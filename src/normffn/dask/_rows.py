@@ -300,15 +300,6 @@ def plain(opname: str, args, kwargs):
                              f"{op.name}-out{i}") for i, p in enumerate(probe_outs))
 
 
-_NEEDS_CACHE: dict = {}
-
-
-def _accepts_needs(fn) -> bool:
-    if fn not in _NEEDS_CACHE:
-        _NEEDS_CACHE[fn] = "needs" in inspect.signature(fn).parameters
-    return _NEEDS_CACHE[fn]
-
-
 def backward(opname: str, grads_in: dict, ctx: RowContext, needs=None):
     """``normffn.dask.<op>_backward``: the row gradient lazy, parameter gradients as lazy
     fixed-tree float64 sums of the per-block gradients, cast to the input dtype."""
@@ -332,17 +323,14 @@ def backward(opname: str, grads_in: dict, ctx: RowContext, needs=None):
                              f"forward output's)")
         blocks_in.append(_whole_rows(g, g.ndim - nlead, lead_chunks))
         probes[gname] = _probe(g, nlead)
-    native_needs = _accepts_needs(fn)
     probe_kwargs = dict(probes)
     if needs is not None:
-        needs = tuple(bool(n) for n in needs)
-        if native_needs:
-            probe_kwargs["needs"] = needs
-    probe = fn(ctx=ctx._probe_ctx, **probe_kwargs)   # raises what the NumPy API raises
-    if needs is not None and len(needs) != len(probe):
-        raise ValueError(f"{public}(): needs has {len(needs)} entries, expected {len(probe)}")
-    want = needs if needs is not None else (True,) * len(probe)
-    task_needs = needs if native_needs else None
+        probe_kwargs["needs"] = needs
+    # raises what the NumPy API raises (a malformed needs included); each task then skips the
+    # work of the gradients needs leaves out
+    probe = fn(ctx=ctx._probe_ctx, **probe_kwargs)
+    task_needs = None if needs is None else tuple(bool(n) for n in needs)
+    want = task_needs if task_needs is not None else (True,) * len(probe)
 
     lead = _graph.lead_letters(nlead)
     args = [_backward_task, lead, fname, None, tuple(grads_in), None, task_needs, None,
