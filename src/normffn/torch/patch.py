@@ -73,8 +73,8 @@ def patch(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     of ``model`` that normffn can serve with its normffn module.
 
     Modules whose parameters or buffers are not CPU float32/float64 and subclasses of those
-    classes (their forward may differ) are skipped.  Returns ``model`` (or, if the model itself is one of those modules, its
-    replacement).  The report — also logged at INFO on the ``normffn.torch`` logger, printed
+    classes (their forward may differ) are skipped.  Returns ``model`` (or, if the model itself
+    is one of those modules, its replacement).  The report — also logged at INFO on the ``normffn.torch`` logger, printed
     with ``verbose=True`` and kept for :func:`patch_report` — lists what was replaced and what
     was skipped, and why.
     """
