@@ -15,8 +15,10 @@ Layers, per op:
 The operators call the public NumPy API on zero-copy views (``Tensor.numpy()`` in,
 ``torch.from_numpy`` out).  They trust their caller (functional.py) to have sent strided CPU
 float32/float64 tensors of one dtype; argument errors (shapes, eps, momentum) surface as the
-NumPy layer's ValueError/TypeError.  They also rely on the NumPy layer returning fresh arrays
-that nothing else writes (its outputs and context arrays): those become tensors autograd saves.
+NumPy layer's ValueError/TypeError.  They also rely on the NumPy layer returning arrays that
+nothing else writes (its outputs and context arrays): those become tensors autograd saves.  A
+module's reused buffers (FeedForward: ``_util.StepBuffers``) keep that promise: one is written
+again only once no tensor references it.
 
 Weights of the FFN are in ``nn.Linear`` layout (``weight1`` ``(h1, d)``, ``weight2`` ``(d, h)``)
 and reach the kernels as transposed views (``w1 = weight1.T``), never copied; the weight
@@ -38,7 +40,6 @@ A new op plugs in as: implementation + custom op + fake, backward implementation
 fake, one setup/backward pair, one ``register_autograd`` line, one ``_function`` line, and a
 front-end function in functional.py.
 """
-import dataclasses
 import math
 from typing import Optional
 
@@ -50,12 +51,12 @@ from torch import Tensor
 import normffn
 
 from . import _torch_ref
-from ._util import call_backward, compiling, np_, numpy_op, opt_np, warn_fallback
+from ._util import compiling, np_, numpy_op, opt_np, warn_fallback
 
 __all__ = ["layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward",
            "batch_norm", "batch_norm_backward", "ffn", "ffn_forward", "ffn_backward",
            "ffn_block", "LayerNormFunction", "RMSNormFunction", "BatchNormFunction",
-           "FFNFunction"]
+           "FFNFunction", "FFNBlockFunction"]
 
 _custom_op = torch.library.custom_op
 
@@ -67,20 +68,6 @@ def _from(a, like: Tensor) -> Tensor:
 
 def _keep(g: Tensor, needed: bool):
     return g if needed else None
-
-
-def _make_ctx(cls, **fields):
-    """Rebuild a NumPy-layer context from its fields (those the class does not declare are
-    dropped, so a context that gains or loses an optional field keeps working; a field it
-    requires that we cannot supply is a clear error, not a wrong result)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.name not in fields and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise RuntimeError(f"normffn.torch cannot rebuild {cls.__name__}: it has fields "
-                           f"{missing} that normffn/torch/_ops.py does not know; update it")
-    return cls(**{k: v for k, v in fields.items() if k in names})
 
 
 def _op(name: str, impl, fake):
@@ -137,10 +124,10 @@ def _ln_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional
                  mean: Tensor, rstd: Tensor, normalized_shape: list[int], eps: float,
                  needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dx, dweight, dbias), empty where not needed."""
-    c = _make_ctx(normffn.LayerNormContext, x=np.ascontiguousarray(np_(x)), weight=opt_np(weight),
-                  bias=opt_np(bias), normalized_shape=tuple(normalized_shape), eps=eps,
-                  mean=np_(mean), rstd=np_(rstd))
-    dx, dw, db = call_backward(normffn.layer_norm_backward, np_(dy), c, needs)
+    c = normffn.LayerNormContext(x=np.ascontiguousarray(np_(x)), weight=opt_np(weight),
+                                 bias=opt_np(bias), normalized_shape=tuple(normalized_shape),
+                                 eps=eps, mean=np_(mean), rstd=np_(rstd))
+    dx, dw, db = normffn.layer_norm_backward(np_(dy), c, needs=tuple(needs))
     return _from(dx, x), _from(dw, x), _from(db, x)
 
 
@@ -182,7 +169,7 @@ LayerNormFunction = _function("LayerNormFunction", _ln_impl, _ln_setup,
                               _ln_backward(_ln_bwd_impl))
 
 
-# ---------------------------------------------------------------- RMSNorm (issue #11)
+# ---------------------------------------------------------------- RMSNorm
 
 def _rms_impl(x: Tensor, normalized_shape: list[int], weight: Optional[Tensor],
               eps: float) -> tuple[Tensor, Tensor]:
@@ -200,9 +187,10 @@ def _rms_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
                   normalized_shape: list[int], eps: float,
                   needs: list[bool]) -> tuple[Tensor, Tensor]:
     """-> (dx, dweight), empty where not needed."""
-    c = _make_ctx(normffn.RMSNormContext, x=np.ascontiguousarray(np_(x)), weight=opt_np(weight),
-                  normalized_shape=tuple(normalized_shape), eps=eps, rstd=np_(rstd))
-    dx, dw = call_backward(normffn.rms_norm_backward, np_(dy), c, needs)
+    c = normffn.RMSNormContext(x=np.ascontiguousarray(np_(x)), weight=opt_np(weight),
+                               normalized_shape=tuple(normalized_shape), eps=eps,
+                               rstd=np_(rstd))
+    dx, dw = normffn.rms_norm_backward(np_(dy), c, needs=tuple(needs))
     return _from(dx, x), _from(dw, x)
 
 
@@ -287,10 +275,10 @@ def _bn_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional
                  mean: Tensor, rstd: Tensor, training: bool, eps: float,
                  needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dx in x's layout, dweight, dbias), empty where not needed."""
-    c = _make_ctx(normffn.BatchNormContext, x=_bn_saved_x(np_(x)), weight=opt_np(weight),
-                  bias=opt_np(bias), eps=eps, training=training, mean=np_(mean),
-                  rstd=np_(rstd))
-    dx, dw, db = call_backward(normffn.batch_norm_backward, np_(dy), c, needs)
+    c = normffn.BatchNormContext(x=_bn_saved_x(np_(x)), weight=opt_np(weight),
+                                 bias=opt_np(bias), eps=eps, training=training,
+                                 mean=np_(mean), rstd=np_(rstd))
+    dx, dw, db = normffn.batch_norm_backward(np_(dy), c, needs=tuple(needs))
     return _from(dx, x), _from(dw, x), _from(db, x)
 
 
@@ -339,12 +327,11 @@ BatchNormFunction = _function("BatchNormFunction", _bn_impl, _bn_setup,
 
 
 # ---------------------------------------------------------------- FFN
+# The eager route of a module (FeedForward) passes its StepBuffers (see _util) as one more
+# argument: the forward writes y and the hidden activation, the backward the gradients, into the
+# previous step's arrays when nothing references them any more.  The operators never take it.
 
-def _hidden_cols(activation: str, h1: int) -> int:
-    """Width of the hidden activation ffn_forward saves, for ``weight1`` of h1 rows: the plain
-    activations save (n, h) (a for relu, v otherwise); the gated ones (issue #12) are expected
-    to save the (n, 2h) pre-activation.  Checked against the real array on every call."""
-    return h1
+_FFN_GRADS = ("dx", "dw1", "db1", "dw2", "db2")
 
 
 def _w(t: Tensor) -> np.ndarray:
@@ -357,54 +344,87 @@ def _blas_ready(w: np.ndarray) -> np.ndarray:
     return w if (w.flags.c_contiguous or w.flags.f_contiguous) else np.ascontiguousarray(w)
 
 
+def _ffn_infer(x, weight1, bias1, weight2, bias2, activation, buffers=None) -> Tensor:
+    xa = np_(x)
+    out = None if buffers is None else buffers.take("y", xa.shape, xa.dtype)
+    y = normffn.ffn(xa, _w(weight1), opt_np(bias1), _w(weight2), opt_np(bias2), activation,
+                    out=out)
+    if buffers is not None:
+        buffers.keep("y", y)
+    return torch.from_numpy(y)
+
+
 def _ffn_impl(x: Tensor, weight1: Tensor, bias1: Optional[Tensor], weight2: Tensor,
               bias2: Optional[Tensor], activation: str) -> Tensor:
     """Inference: y only, no (n, h) buffer kept."""
-    return torch.from_numpy(normffn.ffn(np_(x), _w(weight1), opt_np(bias1), _w(weight2),
-                                        opt_np(bias2), activation))
+    return _ffn_infer(x, weight1, bias1, weight2, bias2, activation)
 
 
 def _ffn_fake(x, weight1, bias1, weight2, bias2, activation):
     return x.new_empty(x.shape)
 
 
+def _ffn_fwd(x, weight1, bias1, weight2, bias2, activation, recompute, buffers=None):
+    """-> (y, hidden); hidden is what ffn_forward keeps: (n, weight1.shape[0]) — (n, h), gated
+    (n, 2h) — or empty with recompute=True."""
+    xa = np_(x)
+    out = hidden_out = None
+    if buffers is not None:
+        out = buffers.take("y", xa.shape, xa.dtype)
+        if not recompute:
+            hidden_out = buffers.take("hidden", (math.prod(xa.shape[:-1]), weight1.shape[0]),
+                                      xa.dtype)
+    y, c = normffn.ffn_forward(xa, _w(weight1), opt_np(bias1), _w(weight2), opt_np(bias2),
+                               activation, recompute=recompute, out=out, hidden_out=hidden_out)
+    if buffers is not None:
+        buffers.keep("y", y)
+        buffers.keep("hidden", c.hidden)
+    return torch.from_numpy(y), _from(c.hidden, x)
+
+
 def _ffn_fwd_impl(x: Tensor, weight1: Tensor, bias1: Optional[Tensor], weight2: Tensor,
                   bias2: Optional[Tensor], activation: str,
                   recompute: bool) -> tuple[Tensor, Tensor]:
-    """-> (y, hidden); hidden is (n, h) (empty with recompute=True)."""
-    y, c = normffn.ffn_forward(np_(x), _w(weight1), opt_np(bias1), _w(weight2), opt_np(bias2),
-                               activation, recompute=recompute)
-    hidden = c.hidden
-    if hidden is not None:
-        expected = (math.prod(x.shape[:-1]), _hidden_cols(activation, weight1.shape[0]))
-        if hidden.shape != expected:
-            raise RuntimeError(f"normffn.ffn_forward saved a hidden of shape {hidden.shape}, "
-                               f"normffn.torch expected {expected} for activation "
-                               f"{activation!r}: update _hidden_cols in normffn/torch/_ops.py")
-    return torch.from_numpy(y), _from(hidden, x)
+    """-> (y, hidden); hidden is (n, h) — gated (n, 2h) — or empty with recompute=True."""
+    return _ffn_fwd(x, weight1, bias1, weight2, bias2, activation, recompute)
 
 
 def _ffn_fwd_fake(x, weight1, bias1, weight2, bias2, activation, recompute):
     if recompute:
         return x.new_empty(x.shape), x.new_empty(0)
     n = math.prod(x.shape[:-1])
-    return x.new_empty(x.shape), x.new_empty((n, _hidden_cols(activation, weight1.shape[0])))
+    return x.new_empty(x.shape), x.new_empty((n, weight1.shape[0]))
+
+
+def _ffn_bwd(dy, x, weight1, bias1, weight2, bias2, hidden, activation, recompute, needs,
+             buffers=None):
+    """-> (dx, dweight1, dbias1, dweight2, dbias2), weight grads in nn.Linear layout (transposed
+    views of the kernels' C-ordered dw1/dw2); empty where not needed."""
+    w1, w2 = _blas_ready(_w(weight1)), _blas_ready(_w(weight2))
+    c = normffn.FFNContext(x=np.ascontiguousarray(np_(x)), w1=w1, b1=opt_np(bias1), w2=w2,
+                           b2=opt_np(bias2), activation=activation, recompute=recompute,
+                           hidden=None if recompute else np_(hidden), dead_units=None)
+    needs = tuple(needs)
+    out = None
+    if buffers is not None:
+        shapes = (c.x.shape, w1.shape, (w1.shape[1],), w2.shape, (w2.shape[1],))
+        out = tuple(buffers.take(role, shape, c.x.dtype) if need else None
+                    for role, shape, need in zip(_FFN_GRADS, shapes, needs))
+    grads = normffn.ffn_backward(np_(dy), c, needs=needs, out=out)
+    if buffers is not None:
+        for role, g in zip(_FFN_GRADS, grads):
+            buffers.keep(role, g)
+    dx, dw1, db1, dw2, db2 = grads
+    return (_from(dx, x), _from(None if dw1 is None else dw1.T, x), _from(db1, x),
+            _from(None if dw2 is None else dw2.T, x), _from(db2, x))
 
 
 def _ffn_bwd_impl(dy: Tensor, x: Tensor, weight1: Tensor, bias1: Optional[Tensor],
                   weight2: Tensor, bias2: Optional[Tensor], hidden: Tensor, activation: str,
                   recompute: bool, needs: list[bool]
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (dx, dweight1, dbias1, dweight2, dbias2), weight grads in nn.Linear layout (transposed
-    views of the kernels' C-ordered dw1/dw2); empty where not needed."""
-    c = _make_ctx(normffn.FFNContext, x=np.ascontiguousarray(np_(x)),
-                  w1=_blas_ready(_w(weight1)), b1=opt_np(bias1),
-                  w2=_blas_ready(_w(weight2)), b2=opt_np(bias2), activation=activation,
-                  recompute=recompute, hidden=None if recompute else np_(hidden),
-                  dead_units=None)
-    dx, dw1, db1, dw2, db2 = call_backward(normffn.ffn_backward, np_(dy), c, needs)
-    return (_from(dx, x), _from(None if dw1 is None else dw1.T, x), _from(db1, x),
-            _from(None if dw2 is None else dw2.T, x), _from(db2, x))
+    """-> (dx, dweight1, dbias1, dweight2, dbias2), empty where not needed."""
+    return _ffn_bwd(dy, x, weight1, bias1, weight2, bias2, hidden, activation, recompute, needs)
 
 
 def _ffn_bwd_fake(dy, x, weight1, bias1, weight2, bias2, hidden, activation, recompute, needs):
@@ -418,25 +438,28 @@ def _ffn_bwd_fake(dy, x, weight1, bias1, weight2, bias2, hidden, activation, rec
 
 
 def _ffn_setup(ctx, inputs, output):
-    x, weight1, bias1, weight2, bias2, activation, recompute = inputs
+    x, weight1, bias1, weight2, bias2, activation, recompute = inputs[:7]
     ctx.save_for_backward(x, weight1, bias1, weight2, bias2, output[1])
     ctx.activation, ctx.recompute = activation, recompute
+    ctx.buffers = inputs[7] if len(inputs) > 7 else None   # the eager route of a module
     ctx.mark_non_differentiable(output[1])
 
 
 def _ffn_backward(bwd):
     def backward(ctx, dy, _dhidden):
         x, weight1, bias1, weight2, bias2, hidden = ctx.saved_tensors
-        nx, nw1, nb1, nw2, nb2, _, _ = ctx.needs_input_grad
+        nx, nw1, nb1, nw2, nb2 = ctx.needs_input_grad[:5]
         needs = [nx, nw1, nb1 and bias1 is not None, nw2, nb2 and bias2 is not None]
         if _double_backward(ctx, dy):
             grads = _torch_grads(
                 "ffn", lambda *a: _torch_ref.ffn(*a, ctx.activation),
                 (x, weight1, bias1, weight2, bias2), dy, needs)
         else:
+            extra = () if ctx.buffers is None else (ctx.buffers,)
             grads = bwd(dy, x, weight1, bias1, weight2, bias2, hidden, ctx.activation,
-                        ctx.recompute, needs)
-        return tuple(_keep(g, n) for g, n in zip(grads, needs)) + (None, None)
+                        ctx.recompute, needs, *extra)
+        return tuple(_keep(g, n) for g, n in zip(grads, needs)) + \
+            (None,) * (len(ctx.needs_input_grad) - 5)
     return backward
 
 
@@ -444,13 +467,16 @@ ffn = _op("ffn", _ffn_impl, _ffn_fake)
 ffn_forward = _op("ffn_forward", _ffn_fwd_impl, _ffn_fwd_fake)
 ffn_backward = _op("ffn_backward", _ffn_bwd_impl, _ffn_bwd_fake)
 ffn_forward.register_autograd(_ffn_backward(ffn_backward), setup_context=_ffn_setup)
-FFNFunction = _function("FFNFunction", _ffn_fwd_impl, _ffn_setup, _ffn_backward(_ffn_bwd_impl))
+# apply(x, weight1, bias1, weight2, bias2, activation, recompute[, buffers])
+FFNFunction = _function("FFNFunction", _ffn_fwd, _ffn_setup, _ffn_backward(_ffn_bwd))
 
 
 # ---------------------------------------------------------------- FFN block (issue #13)
-# Inference only for now: y = normffn.ffn_block(...).  Training composes layer_norm/rms_norm,
-# ffn and the residual add in functional.ffn_block until a forward/backward pair is added here
-# (its context fields become op outputs, as for the ops above).
+# Inference: the operator below (y = normffn.ffn_block(...)).  Training in eager mode:
+# FFNBlockFunction (normffn.ffn_block_forward / _backward).  Both run only where this normffn
+# build has ffn_block (functional.ffn_block checks); otherwise, and for training under
+# torch.compile (an operator pair needs the context's fields as tensors), functional.ffn_block
+# composes layer_norm/rms_norm, ffn and the residual add.
 
 def _ffn_block_impl(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                     weight1: Tensor, bias1: Optional[Tensor], weight2: Tensor,
@@ -468,3 +494,43 @@ def _ffn_block_fake(x, norm_weight, norm_bias, weight1, bias1, weight2, bias2, a
 
 
 ffn_block = _op("ffn_block", _ffn_block_impl, _ffn_block_fake)
+
+
+class FFNBlockFunction(torch.autograd.Function):
+    """The fused FFN sublayer with autograd, eager mode:
+    ``apply(x, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation, norm,
+    placement, eps)``.
+
+    The NumPy context stays a Python object on ``ctx``: its statistics and hidden activation
+    are fresh arrays nothing else writes, and the tensor inputs it reads (x, the weights) are
+    saved with ``save_for_backward`` too, so autograd still catches an in-place change to them
+    before backward."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation,
+                norm, placement, eps):
+        y, c = numpy_op("ffn_block_forward")(
+            np_(x), opt_np(norm_weight), opt_np(norm_bias), _w(weight1), opt_np(bias1),
+            _w(weight2), opt_np(bias2), activation, norm=norm, placement=placement, eps=eps)
+        ctx.save_for_backward(x, norm_weight, norm_bias, weight1, bias1, weight2, bias2)
+        ctx.numpy_ctx = c
+        ctx.spec = (activation, norm, placement, eps)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved = ctx.saved_tensors          # the version check of the inputs c reads
+        needs = [n and t is not None for n, t in zip(ctx.needs_input_grad[:7], saved)]
+        activation, norm, placement, eps = ctx.spec
+        if _double_backward(ctx, dy):
+            grads = _torch_grads(
+                "ffn_block",
+                lambda *a: _torch_ref.ffn_block(*a, activation, norm=norm, placement=placement,
+                                                eps=eps),
+                saved, dy, needs)
+        else:
+            g = numpy_op("ffn_block_backward")(np_(dy), ctx.numpy_ctx, needs=tuple(needs))
+            grads = [None if a is None else torch.from_numpy(a)
+                     for a in (g[0], g[1], g[2], None if g[3] is None else g[3].T, g[4],
+                               None if g[5] is None else g[5].T, g[6])]
+        return tuple(_keep(t, n) for t, n in zip(grads, needs)) + (None,) * 4

@@ -1,18 +1,20 @@
 """What every part of normffn.torch shares: the zero-copy bridge, the support test, the
-one-time fallback warning and the lookup of NumPy ops that later issues add.
+one-time fallback warning, the lookup of NumPy ops that later issues add (``ffn_block``) and
+the buffers a module reuses across steps.
 
 Kept small because it runs on every call: the per-call budget of a wrapper is ~15 µs.
 """
-import inspect
+import sys
 import warnings
 
 import numpy as np
 import torch
 
 import normffn
+from normffn.ffn import ACTIVATIONS as _FFN_ACTIVATIONS, GATED as _FFN_GATED
 
 __all__ = ["FallbackWarning", "FLOATS", "np_", "opt_np", "plan", "warn_fallback",
-           "numpy_op", "call_backward", "compiling", "KERNEL_ACTIVATIONS", "GATED"]
+           "numpy_op", "compiling", "KERNEL_ACTIVATIONS", "GATED", "StepBuffers"]
 
 FLOATS = (torch.float32, torch.float64)
 
@@ -102,42 +104,63 @@ def numpy_op(name: str):
     return getattr(normffn, name, None)
 
 
-_accepts_needs: dict = {}
+# The FFN activations of normffn's kernels; the gated ones take a packed (d, 2h) w1 (nn.Linear
+# weight1 (2h, d), gate rows first) and an (h, d) w2.
+GATED = tuple(_FFN_GATED)
+KERNEL_ACTIVATIONS = frozenset(_FFN_ACTIVATIONS)
 
 
-def call_backward(fn, dy: np.ndarray, ctx, needs) -> tuple:
-    """``fn(dy, ctx, needs=needs)`` where the NumPy backward takes ``needs=`` (it then skips
-    the work for False entries); otherwise every gradient is computed and the unneeded ones
-    dropped.  Unneeded entries come back as None either way."""
-    needs = tuple(bool(n) for n in needs)
-    takes = _accepts_needs.get(fn)
-    if takes is None:
-        try:
-            takes = "needs" in inspect.signature(fn).parameters
-        except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-            takes = False
-        _accepts_needs[fn] = takes
-    grads = fn(dy, ctx, needs=needs) if takes else fn(dy, ctx)
-    return tuple(g if n else None for g, n in zip(grads, needs))
+def _refs(a) -> int:
+    return sys.getrefcount(a)
 
 
-GATED = ("swiglu", "geglu", "reglu")
+def _baseline_refs() -> int:
+    a = np.empty(1)
+    return _refs(a)     # the count of an array held by one local variable, measured as take() does
 
 
-def _kernel_activations() -> frozenset:
-    """The FFN activations this normffn build has, probed once at import with 1-row calls (at
-    import, not per call: torch.compile must not trace NumPy code).  Gated ones (issue #12)
-    take a packed (d, 2h) w1 and an (h, d) w2."""
-    found = set()
-    x = np.zeros((1, 2))
-    for name in ("relu", "gelu", "gelu_tanh", "silu") + GATED:
-        w2 = np.zeros((1, 2)) if name in GATED else np.zeros((2, 2))
-        try:
-            normffn.ffn(x, np.zeros((2, 2)), None, w2, None, name)
-        except (TypeError, ValueError):
-            continue
-        found.add(name)
-    return frozenset(found)
+_UNSHARED = _baseline_refs()
 
 
-KERNEL_ACTIVATIONS = _kernel_activations()
+class StepBuffers:
+    """The arrays a module hands to its kernels again on its next step (issue #14): the FFN's
+    hidden activation, its output and its gradients, so a training loop does not page-fault
+    fresh ones every step.
+
+    The rule that keeps this safe under autograd: a buffer is handed out again only when nothing
+    but this object references it.  Every tensor made from an array by ``torch.from_numpy`` (and
+    every view of such a tensor) keeps that array alive through its storage, so an unreferenced
+    buffer is saved by no autograd graph (its step's backward has run and freed the saved
+    tensors, or the graph was dropped), held by no ``.grad``, hook or caller.  When the previous
+    step's buffer is still in use — gradient accumulation over several forwards,
+    ``retain_graph=True``, the module called twice in one step, an output the caller kept — the
+    kernel gets a fresh array and that buffer stays with its user: a later step never writes
+    memory a saved tensor or a returned gradient still holds.  One buffer per role is kept.
+    Eager mode only (torch.compile plans its own memory).
+    """
+
+    __slots__ = ("_free",)
+
+    def __init__(self):
+        self._free = {}
+
+    def take(self, role: str, shape: tuple, dtype):
+        """The last buffer kept for ``role`` if it has this shape and dtype and nothing else
+        references it; otherwise None (the caller allocates)."""
+        buf = self._free.pop(role, None)
+        if buf is not None and buf.shape == shape and buf.dtype == dtype \
+                and _refs(buf) <= _UNSHARED:
+            return buf
+        return None
+
+    def keep(self, role: str, buf) -> None:
+        """Remember ``buf`` (the array the kernel wrote, the very object the returned tensor
+        was made from) for the next step."""
+        if buf is not None:
+            self._free[role] = buf
+
+    def clear(self) -> None:
+        self._free.clear()
+
+    def __reduce__(self):   # a copied or pickled module starts with no buffers of its own
+        return (StepBuffers, ())

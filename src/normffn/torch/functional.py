@@ -50,12 +50,9 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
-    """``torch.nn.functional.rms_norm`` on normffn's kernel; ``eps=None`` means
-    ``torch.finfo(input.dtype).eps`` as in PyTorch.  Runs PyTorch's op (with a one-time
-    warning) while this normffn build has no ``normffn.rms_norm``."""
+    """``torch.nn.functional.rms_norm`` on normffn's kernel (float64 statistics); ``eps=None``
+    means ``torch.finfo(input.dtype).eps`` as in PyTorch."""
     reason, grad, direct = plan(input, weight)
-    if reason is None and numpy_op("rms_norm_forward") is None:
-        reason = "this normffn build has no rms_norm kernel yet"
     if reason is not None:
         warn_fallback("rms_norm", reason, "torch.nn.functional.rms_norm")
         return F.rms_norm(input, tuple(_shape(normalized_shape)), weight, eps)
@@ -93,34 +90,52 @@ def ffn(input, weight1, bias1, weight2, bias2, activation="relu", *, recompute=F
         first (nn.Linear layout; reaches the kernel as a transposed view, never copied)
     bias1 : tensor of shape (h,) (``(2h,)`` gated) or None
     weight2 : tensor of shape (d, h);  bias2 : tensor of shape (d,) or None
-    activation : "relu", "gelu", "gelu_tanh", "silu" (and the gated ones where normffn has them)
+    activation : "relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu"
     recompute : keep no (n, h) activation for backward; backward recomputes it (one more GEMM)
 
     Without autograd (no_grad, or nothing requires grad) the inference kernel runs and keeps
     nothing; otherwise the forward keeps the hidden activation for backward.
     """
+    return _ffn(input, weight1, bias1, weight2, bias2, activation, recompute, None)
+
+
+def _ffn(input, weight1, bias1, weight2, bias2, activation, recompute, buffers):
+    """:func:`ffn`; ``buffers``: a module's StepBuffers (reused on the eager route only)."""
     reason, grad, direct = plan(input, weight1, bias1, weight2, bias2)
-    if reason is None and activation not in KERNEL_ACTIVATIONS:
-        if activation not in _torch_ref.ACTIVATIONS and activation not in _torch_ref.GATED:
-            raise ValueError(f"activation must be one of "
-                             f"{sorted(_torch_ref.ACTIVATIONS) + sorted(_torch_ref.GATED)}, "
-                             f"got {activation!r}")
-        reason = f"this normffn build has no {activation!r} FFN kernel yet"
+    if activation not in KERNEL_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(KERNEL_ACTIVATIONS)}, got "
+                         f"{activation!r}")
     if reason is not None:
         warn_fallback("ffn", reason, "nn.Linear -> activation -> nn.Linear in PyTorch")
         return _torch_ref.ffn(input, weight1, bias1, weight2, bias2, activation)
+    recompute = bool(recompute)
+    if direct and buffers is not None:
+        if grad:
+            return _ops.FFNFunction.apply(input, weight1, bias1, weight2, bias2, activation,
+                                          recompute, buffers)[0]
+        return _ops._ffn_infer(input, weight1, bias1, weight2, bias2, activation, buffers)
     if grad:
         return _run(_FFN_TRAIN, True, direct, input, weight1, bias1, weight2, bias2, activation,
-                    bool(recompute))[0]
+                    recompute)[0]
     return _run(_FFN_INFER, False, direct, input, weight1, bias1, weight2, bias2, activation)
 
 
 def ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation="relu",
               *, norm="layer", placement="pre", eps=1e-5):
     """The FFN sublayer: pre ``x + ffn(norm(x))``, post ``norm(x + ffn(x))``; norm "layer" or
-    "rms" over the last dim.  Inference runs ``normffn.ffn_block`` where this build has it;
-    otherwise (and for training, until the fused backward is wired here) it composes
-    :func:`layer_norm`/:func:`rms_norm`, :func:`ffn` and the residual add."""
+    "rms" over the last dim.
+
+    Where this normffn build has ``normffn.ffn_block`` the fused op runs: inference through
+    its operator, training in eager mode through :class:`~normffn.torch._ops.FFNBlockFunction`.
+    Otherwise — and for training under torch.compile — it composes :func:`layer_norm` /
+    :func:`rms_norm`, :func:`ffn` and the residual add (the same maths)."""
+    return _ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation,
+                      norm, placement, eps, None)
+
+
+def _ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation, norm,
+               placement, eps, buffers):
+    """:func:`ffn_block`; ``buffers``: a module's StepBuffers for the composed FFN."""
     if norm not in ("layer", "rms"):
         raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
     if placement not in ("pre", "post"):
@@ -133,6 +148,9 @@ def ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, act
         if reason is None and not grad:
             return _run(_FFN_BLOCK, False, direct, *tensors, activation, norm, placement,
                         float(eps))
+        if reason is None and direct and numpy_op("ffn_block_backward") is not None:
+            return _ops.FFNBlockFunction.apply(*tensors, activation, norm, placement,
+                                               float(eps))
     d = input.shape[-1]
 
     def normed(t):
@@ -141,5 +159,7 @@ def ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, act
         return rms_norm(t, d, norm_weight, eps)
 
     if placement == "pre":
-        return input + ffn(normed(input), weight1, bias1, weight2, bias2, activation)
-    return normed(input + ffn(input, weight1, bias1, weight2, bias2, activation))
+        return input + _ffn(normed(input), weight1, bias1, weight2, bias2, activation, False,
+                            buffers)
+    return normed(input + _ffn(input, weight1, bias1, weight2, bias2, activation, False,
+                               buffers))

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import _torch_ref
 from . import functional as NF
-from ._util import GATED
+from ._util import GATED, StepBuffers
 
 __all__ = ["LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FeedForward",
            "FFNBlock",
@@ -79,18 +79,28 @@ class FeedForward(nn.Module):
     ``nn.Linear(d_hidden, d_model)``.  For "swiglu"/"geglu"/"reglu" ``fc1`` has ``2 * d_hidden``
     outputs, the gate's rows first.  ``recompute=True`` keeps no (tokens × d_hidden) activation
     for backward (backward redoes the first GEMM).  State dict: ``fc1.*``, ``fc2.*``, as
-    :class:`TorchFeedForward`."""
+    :class:`TorchFeedForward`.
+
+    In eager mode, step after step, the kernels write the hidden activation, the output and the
+    gradients into the previous step's arrays once nothing references those any more (see
+    :class:`normffn.torch._util.StepBuffers`; a buffer still saved by a graph or held as a
+    ``.grad`` is never overwritten).  ``release_buffers()`` drops them."""
 
     def __init__(self, d_model, d_hidden, activation="relu", bias=True, *, recompute=False,
                  device=None, dtype=None):
         super().__init__()
         self.d_model, self.d_hidden, self.activation = d_model, d_hidden, activation
         self.recompute = recompute
+        self._step_buffers = StepBuffers()
         _linears(self, d_model, d_hidden, activation, bias, {"device": device, "dtype": dtype})
 
     def forward(self, input):
-        return NF.ffn(input, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                      self.activation, recompute=self.recompute)
+        return NF._ffn(input, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                       self.activation, self.recompute, self._step_buffers)
+
+    def release_buffers(self):
+        """Forget the arrays kept for reuse by the next step (memory in use is not touched)."""
+        self._step_buffers.clear()
 
     def extra_repr(self):
         return f"activation={self.activation!r}"
@@ -121,6 +131,7 @@ class FFNBlock(nn.Module):
         norms = self._norm_classes()
         self.norm = (norms[0](d_model, eps=eps, **factory) if norm == "layer"
                      else norms[1](d_model, eps=eps, **factory))
+        self._step_buffers = StepBuffers()
         _linears(self, d_model, d_hidden, activation, bias, factory)
 
     @staticmethod
@@ -128,10 +139,14 @@ class FFNBlock(nn.Module):
         return LayerNorm, RMSNorm
 
     def forward(self, input):
-        return NF.ffn_block(input, self.norm.weight, getattr(self.norm, "bias", None),
-                            self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                            self.activation, norm=self.norm_kind, placement=self.placement,
-                            eps=self.eps)
+        return NF._ffn_block(input, self.norm.weight, getattr(self.norm, "bias", None),
+                             self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                             self.activation, self.norm_kind, self.placement, self.eps,
+                             self._step_buffers)
+
+    def release_buffers(self):
+        """Forget the arrays the composed FFN keeps for reuse by the next step."""
+        self._step_buffers.clear()
 
     def extra_repr(self):
         return (f"activation={self.activation!r}, norm={self.norm_kind!r}, "

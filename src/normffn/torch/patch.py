@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import modules as M
-from ._util import FLOATS, numpy_op
+from ._util import FLOATS
 
 __all__ = ["patch", "PatchReport", "patch_report"]
 
@@ -47,8 +47,6 @@ class PatchReport:
 
 def _why_not(module: nn.Module) -> str | None:
     """Why this (exact-class) module is left alone, or None to replace it."""
-    if isinstance(module, nn.RMSNorm) and numpy_op("rms_norm_forward") is None:
-        return "this normffn build has no rms_norm kernel yet"
     for name, t in list(module.named_parameters(recurse=False)) + \
             list(module.named_buffers(recurse=False)):
         if name == "num_batches_tracked" or t is None:
@@ -74,10 +72,9 @@ def patch(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     """Replace, in place, every ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.BatchNorm1d/2d/3d``
     of ``model`` that normffn can serve with its normffn module.
 
-    Modules whose parameters or buffers are not CPU float32/float64, subclasses of those
-    classes (their forward may differ), and ``nn.RMSNorm`` while normffn has no RMSNorm kernel
-    are skipped.  Returns ``model`` (or, if the model itself is one of those modules, its
-    replacement).  The report — also logged at INFO on the ``normffn.torch`` logger, printed
+    Modules whose parameters or buffers are not CPU float32/float64 and subclasses of those
+    classes (their forward may differ) are skipped.  Returns ``model`` (or, if the model itself
+    is one of those modules, its replacement).  The report — also logged at INFO on the ``normffn.torch`` logger, printed
     with ``verbose=True`` and kept for :func:`patch_report` — lists what was replaced and what
     was skipped, and why.
     """
