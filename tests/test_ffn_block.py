@@ -13,7 +13,7 @@ from normffn import reference_block as ref
 from normffn.ffn_block import ffn_block, ffn_block_backward, ffn_block_forward
 from normffn.testing import assert_close, gradcheck
 
-from conftest import DTYPES
+from conftest import DTYPES, make_array
 
 FB = importlib.import_module("normffn.ffn_block")
 FFN = importlib.import_module("normffn.ffn")
@@ -309,6 +309,25 @@ def test_inputs_not_modified(rng, norm, placement):
     for a, k in zip((x, dy) + params, keep):
         if a is not None:
             np.testing.assert_array_equal(a, k)
+
+
+@pytest.mark.parametrize("layout", ["strided", "transposed", "readonly"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_input_layouts(rng, placement, layout):
+    """x and dy in any layout (copied once to C order); the result does not depend on it."""
+    params = make_params(rng, 12, 10, np.float64, "silu", "layer")
+    x = rng.standard_normal((6, 12))
+    dy = rng.standard_normal((6, 12))
+    y0, c0 = ffn_block_forward(x, *params, "silu", placement=placement)
+    g0 = ffn_block_backward(dy, c0)
+    xl, dyl = make_array(x, layout), make_array(dy, layout)
+    y1, c1 = ffn_block_forward(xl, *params, "silu", placement=placement)
+    g1 = ffn_block_backward(dyl, c1)
+    np.testing.assert_array_equal(y1, y0)
+    for a, b in zip(g0, g1):
+        np.testing.assert_array_equal(b, a)
+    np.testing.assert_array_equal(ffn_block(x.tolist(), *params, "silu", placement=placement),
+                                  y0)
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
