@@ -262,6 +262,33 @@ def test_out(rng, norm, placement):
         np.testing.assert_array_equal(b, a, err_msg=name)
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("act", ["relu", "swiglu"])
+def test_training_step_reuses_hidden(rng, act, placement):
+    """hidden_out= takes the previous step's ctx.hidden: same results, no fresh (n, h)."""
+    params = make_params(rng, 16, 12, np.float64, act, "rms")
+    x = rng.standard_normal((7, 16))
+    dy = rng.standard_normal((7, 16))
+    y0, c0 = ffn_block_forward(x, *params, act, norm="rms", placement=placement)
+    g0 = ffn_block_backward(dy, c0)
+    buf = c0.hidden
+    y1, c1 = ffn_block_forward(x, *params, act, norm="rms", placement=placement,
+                               hidden_out=buf)
+    assert c1.hidden is buf
+    np.testing.assert_array_equal(y1, y0)
+    for a, b in zip(g0, ffn_block_backward(dy, c1)):
+        if a is not None:
+            np.testing.assert_array_equal(b, a)
+    with pytest.raises(ValueError, match="hidden_out"):
+        ffn_block_forward(x, *params, act, norm="rms", placement=placement, recompute=True,
+                          hidden_out=buf)
+    base = np.empty(x.size + buf.size)
+    out, hid = base[:x.size].reshape(x.shape), base[x.size - 1:-1].reshape(buf.shape)
+    with pytest.raises(ValueError, match="hidden_out overlaps"):
+        ffn_block_forward(x, *params, act, norm="rms", placement=placement, out=out,
+                          hidden_out=hid)
+
+
 def test_out_rejected(rng):
     params = make_params(rng, 8, 4, np.float64, "relu", "layer")
     x = rng.standard_normal((3, 8))

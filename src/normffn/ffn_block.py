@@ -189,7 +189,8 @@ class FFNBlockContext(Context):
 # ---------------------------------------------------------------- check layer
 class BlockArgs(NamedTuple):
     """Checked forward arguments, as :func:`check_forward` returns them."""
-    ffn: FFNArgs             # x (C-contiguous), x2 (n, d), the FFN's parameters, n, d, h
+    ffn: FFNArgs                  # x (C-contiguous), x2 (n, d), the FFN's parameters,
+                                  # hidden_out, n, d, h
     norm_weight: np.ndarray | None
     norm_bias: np.ndarray | None
     norm: str
@@ -207,8 +208,8 @@ def _choice(value, name: str, allowed: tuple) -> str:
 
 
 def check_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", *,
-                  norm="layer", placement="pre", eps=1e-5, recompute=False,
-                  out=None) -> BlockArgs:
+                  norm="layer", placement="pre", eps=1e-5, recompute=False, out=None,
+                  hidden_out=None) -> BlockArgs:
     """Validate the forward's arguments (see :func:`ffn_block_forward` for what raises).
     Nothing is written; x is copied to C order only once every check passed."""
     norm = _choice(norm, "norm", NORMS)
@@ -217,7 +218,8 @@ def check_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", 
         raise ValueError("norm_bias must be None for norm='rms' (RMSNorm has no bias)")
     # the FFN's checks (x, weights, biases, activation, recompute); out is checked below
     # against every input, norm parameters included
-    a = ffn_check_forward(x, w1, b1, w2, b2, activation, recompute=recompute)
+    a = ffn_check_forward(x, w1, b1, w2, b2, activation, recompute=recompute,
+                          hidden_out=hidden_out)
     dtype, d = a.x.dtype, a.d
     norm_weight = _checks.optional_param(norm_weight, "norm_weight", (d,), dtype)
     norm_bias = _checks.optional_param(norm_bias, "norm_bias", (d,), dtype)
@@ -232,6 +234,9 @@ def check_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", 
         out = _checks.out_array(out, "out", a.x.shape, dtype,
                                 inputs=(x if isinstance(x, np.ndarray) else None, a.x,
                                         norm_weight, norm_bias, a.w1, a.b1, a.w2, a.b2))
+    if a.hidden_out is not None:      # the FFN checked it against x and its own parameters
+        _checks.out_array(a.hidden_out, "hidden_out", a.hidden_out.shape, dtype,
+                          inputs=(norm_weight, norm_bias, out))
     return BlockArgs(a, norm_weight, norm_bias, norm, placement, eps, out)
 
 
@@ -276,13 +281,15 @@ def _norm_forward(norm, x2, weight, bias, eps, y2, mean, rstd):
 
 
 def run_forward(x2, norm_weight, norm_bias, w1, b1, w2, b2, activation, norm, placement, eps,
-                *, training=False, recompute=False, out=None, mean=None, rstd=None):
+                *, training=False, recompute=False, out=None, mean=None, rstd=None,
+                hidden_out=None):
     """The sublayer's forward on checked arrays; trusts its arguments.
 
     x2 : (n, d) C-contiguous;  norm_weight, norm_bias : (d,) or None (bias None for "rms");
     w1, b1, w2, b2, activation as :func:`normffn.ffn.run_forward` takes them;  norm, placement,
     eps valid;  out : (n, d) C-contiguous or None;  mean (LayerNorm), rstd : (n,) float64
-    outputs or None (allocated).  ``training=False`` keeps nothing (xn or s and the norm
+    outputs or None (allocated);  hidden_out : where the FFN keeps its hidden (training without
+    recompute), or None.  ``training=False`` keeps nothing (xn or s and the norm
     statistics live in scratch).  Returns ``(y2, mean, rstd, xn, s, hidden, dead_units)``:
     xn (pre-LN) and s (post-LN) are None unless kept, hidden and dead_units as the FFN's.
     """
@@ -304,12 +311,14 @@ def run_forward(x2, norm_weight, norm_bias, w1, b1, w2, b2, activation, norm, pl
         xn2 = np.empty((n, d), dtype) if keep else _scratch("ffn_block.xn", n, d, dtype)
         _norm_forward(norm, x2, norm_weight, norm_bias, eps, xn2, mean, rstd)
         _, hidden, dead = ffn_run_forward(xn2, w1, b1, w2, b2, activation, training=training,
-                                          recompute=recompute, out=y2, residual=x2)
+                                          recompute=recompute, out=y2, residual=x2,
+                                          hidden_out=hidden_out)
         xn = xn2 if keep else None
     else:
         s2 = np.empty((n, d), dtype) if training else _scratch("ffn_block.s", n, d, dtype)
         _, hidden, dead = ffn_run_forward(x2, w1, b1, w2, b2, activation, training=training,
-                                          recompute=recompute, out=s2, residual=x2)
+                                          recompute=recompute, out=s2, residual=x2,
+                                          hidden_out=hidden_out)
         _norm_forward(norm, s2, norm_weight, norm_bias, eps, y2, mean, rstd)
         s = s2 if training else None
     return y2, mean, rstd, xn, s, hidden, dead
@@ -375,7 +384,8 @@ def run_backward(dy2, x2, norm_weight, norm_bias, mean, rstd, xn2, s2, hidden, w
 
 # ---------------------------------------------------------------- public API
 def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", *,
-                      norm="layer", placement="pre", eps=1e-5, recompute=False, out=None):
+                      norm="layer", placement="pre", eps=1e-5, recompute=False, out=None,
+                      hidden_out=None):
     """FFN sublayer forward, keeping what backward needs.
 
     ``pre``: ``y = x + ffn(norm(x))``;  ``post``: ``y = norm(x + ffn(x))``, with
@@ -400,6 +410,10 @@ def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="rel
         True keeps neither the normalised input (pre-LN) nor the FFN's hidden activation:
         backward recomputes them (one more GEMM and one norm pass, far less memory).
     out : ndarray of x's shape and dtype, C-contiguous, writeable, not overlapping an input
+    hidden_out : ndarray of shape (n, w1.shape[1]), x's dtype, C-contiguous, writeable, or None
+        Where to keep the FFN's hidden (recompute=False only; ``n = prod(x.shape[:-1])``), as
+        :func:`normffn.ffn_forward` takes it: a training loop passes the previous step's
+        ``ctx.hidden`` once that step's backward is done, so no step page-faults a fresh one.
 
     Returns
     -------
@@ -421,7 +435,8 @@ def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="rel
         bad ``out``).  Nothing is written when an argument is rejected.
     """
     b = check_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation, norm=norm,
-                      placement=placement, eps=eps, recompute=recompute, out=out)
+                      placement=placement, eps=eps, recompute=recompute, out=out,
+                      hidden_out=hidden_out)
     a = b.ffn
     lead = a.x.shape[:-1]
     mean = None if b.norm == "rms" else np.empty(lead, np.float64)
@@ -430,7 +445,8 @@ def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="rel
         a.x2, b.norm_weight, b.norm_bias, a.w1, a.b1, a.w2, a.b2, a.activation, b.norm,
         b.placement, b.eps, training=True, recompute=a.recompute,
         out=None if b.out is None else b.out.reshape(a.n, a.d),
-        mean=None if mean is None else mean.reshape(a.n), rstd=rstd.reshape(a.n))
+        mean=None if mean is None else mean.reshape(a.n), rstd=rstd.reshape(a.n),
+        hidden_out=a.hidden_out)
     ctx = FFNBlockContext(
         x=a.x, norm_weight=b.norm_weight, norm_bias=b.norm_bias, w1=a.w1, b1=a.b1, w2=a.w2,
         b2=a.b2, activation=a.activation, norm=b.norm, placement=b.placement, eps=b.eps,

@@ -52,11 +52,12 @@ def _norm_backward(norm, dy, ctx):
 
 
 def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", *,
-                      norm="layer", placement="pre", eps=1e-5, recompute=False, out=None):
+                      norm="layer", placement="pre", eps=1e-5, recompute=False, out=None,
+                      hidden_out=None):
     """Returns ``(y, ctx)``; ``ctx`` has ``mean`` (None for RMS) and ``rstd`` of shape
     x.shape[:-1], ``dead_units`` (relu, reglu; None otherwise), the pre-LN normalised input
     ``xn`` or the post-LN residual sum ``s``, and the composed ops' contexts.  ``recompute``
-    changes nothing here."""
+    and ``hidden_out`` change nothing here."""
     x0 = np.asarray(x)
     if norm == "rms" and eps is None:
         eps = float(np.finfo(x0.dtype).eps)
