@@ -289,6 +289,18 @@ def test_training_step_reuses_hidden(rng, act, placement):
                           hidden_out=hid)
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_recompute_keeps_no_hidden(rng, placement):
+    """recompute=True: the context holds x, the statistics and (post-LN) s — nothing n x h,
+    and pre-LN not even xn."""
+    params = make_params(rng, 16, 64, np.float32, "swiglu", "layer")
+    x = rng.standard_normal((50, 16)).astype(np.float32)
+    _, ctx = ffn_block_forward(x, *params, "swiglu", placement=placement, recompute=True)
+    kept = [getattr(ctx, f.name) for f in ctx._fields if f.name not in ("w1", "w2")]
+    big = sum(a.nbytes for a in kept if isinstance(a, np.ndarray) and a.size >= x.size)
+    assert big == x.nbytes * (1 if placement == "pre" else 2)
+
+
 def test_out_rejected(rng):
     params = make_params(rng, 8, 4, np.float64, "relu", "layer")
     x = rng.standard_normal((3, 8))
