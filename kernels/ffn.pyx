@@ -2,7 +2,8 @@
 #
 # Contract (normffn/ffn.py and _checks.py guarantee it; nothing here re-checks):
 #   * x, y, dy, dx are C-contiguous (n, d); the saved hidden is C-contiguous (n, hw); n >= 1,
-#     1 <= d, hw < 2**31, one float dtype throughout, no output overlaps an input.
+#     1 <= d, hw < 2**31, one float dtype throughout, no output overlaps an input (one
+#     exception: backward's dx may be dy itself when dx_acc is set; see _backward).
 #   * hw is w1's width: h (the hidden units) for a plain activation, 2h for a gated one, whose
 #     pre-activation rows are packed [gate | up] (ffn_elementwise.h).  w2 is (h, d).
 #   * w1 (d, hw) and w2 (h, d) have contiguous rows or contiguous columns (PyTorch's weight.T):
@@ -32,6 +33,7 @@ from libc.string cimport memset
 from _blas cimport blas_layout, flip, gemm
 from ffn_elementwise cimport (NF_ACT_GEGLU, NF_ACT_GELU, NF_ACT_GELU_TANH, NF_ACT_REGLU,
                               NF_ACT_RELU, NF_ACT_SILU, NF_ACT_SWIGLU,
+                              nf_add_rows_f32, nf_add_rows_f64,
                               nf_colsum_f32, nf_colsum_f64, nf_ffn_activate_f32,
                               nf_ffn_activate_f64, nf_ffn_bwd_f32, nf_ffn_bwd_f64,
                               nf_ffn_fwd_f32, nf_ffn_fwd_f64, nf_fill_rows_f32, nf_fill_rows_f64,
@@ -58,6 +60,8 @@ cdef Py_ssize_t INT32_MAX = 2147483647
 #        and write a to scratch.  Not saved: a replaces z in scratch (its first h columns).
 #        dead[j] &= a[:, j] == 0 (relu; reglu: its gate; ctx.dead_units).
 #   yb (m, d)  = b2 (broadcast) + a (m, h) @ w2 (h, d)                               GEMM 2
+#        with a residual res (ffn_block): yb = (resb + b2) + a @ w2, resb written into yb just
+#        before the GEMM accumulates onto it (the residual add costs no pass of its own)
 cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
                   floating[:, ::1] hidden,                # OUT (n, hw) or None (not kept)
                   unsigned char[::1] dead,                # OUT (h,) or None
@@ -66,6 +70,7 @@ cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
                   const floating[:, ::1] x,               # IN  (n, d)
                   const floating[:, :] w1, const floating[::1] b1,    # IN (d, hw), (hw,) or None
                   const floating[:, :] w2, const floating[::1] b2,    # IN (h, d), (d,) or None
+                  const floating[:, ::1] res,             # IN (n, d) or None: added to y
                   int act, Py_ssize_t blk) except -1:
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], hw = w1.shape[1], h = w2.shape[0]
     cdef int ld1, ld2
@@ -75,6 +80,7 @@ cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
     cdef const floating *b1p = NULL
     cdef const floating *b2p = NULL
     cdef const floating *xp = &x[0, 0]
+    cdef const floating *resp = NULL
     cdef floating *yp = &y[0, 0]
     cdef floating *hp = NULL
     cdef floating *sp = NULL
@@ -89,6 +95,9 @@ cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
         b1p = &b1[0]
     if b2 is not None:
         b2p = &b2[0]
+        beta2 = 1
+    if res is not None:
+        resp = &res[0, 0]
         beta2 = 1
     if hidden is not None:
         hp = &hidden[0, 0]
@@ -110,11 +119,15 @@ cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
                  w1p, ld1, <floating> 0, zp, <int> hw)
             if floating is float:
                 nf_ffn_fwd_f32(zp, hw, a_apart, h, b1p, deadp, m, h, act)
-                if b2p != NULL:
+                if resp != NULL:
+                    nf_add_rows_f32(yp + r0 * d, d, resp + r0 * d, d, b2p, m, d)
+                elif b2p != NULL:
                     nf_fill_rows_f32(yp + r0 * d, d, b2p, m, d)
             else:
                 nf_ffn_fwd_f64(zp, hw, a_apart, h, b1p, deadp, m, h, act)
-                if b2p != NULL:
+                if resp != NULL:
+                    nf_add_rows_f64(yp + r0 * d, d, resp + r0 * d, d, b2p, m, d)
+                elif b2p != NULL:
                     nf_fill_rows_f64(yp + r0 * d, d, b2p, m, d)
             gemm(c'N', t2, <int> m, <int> d, <int> h, <floating> 1, ap, <int> lda,
                  w2p, ld2, beta2, yp + r0 * d, <int> d)
@@ -137,6 +150,9 @@ cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
 # With relu and the hidden saved, `hidden` is a itself: no block of a is rebuilt, and
 # dw2 = a^T @ dy is one GEMM over all rows after the loop (fewer, larger GEMMs; measured faster)
 # whenever n fits BLAS's int.  db1/db2 are float64 sums in `sums`, rounded once at the end.
+# dx_acc (ffn_block's post-LN residual): dxb = dxb + dH @ w1^T, dx holding the addend on entry
+# and possibly being dy itself (each block reads its dy rows before its dx GEMM writes them;
+# the whole-dw2 GEMM, which reads every row of dy, then runs before the loop).
 cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
                    floating[:, ::1] dw1,                  # OUT (d, hw) or None
                    floating[::1] db1,                     # OUT (hw,) or None
@@ -151,7 +167,8 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
                    const floating[:, ::1] x,              # IN (n, d)
                    const floating[:, :] w1, const floating[::1] b1,
                    const floating[:, :] w2,
-                   int act, Py_ssize_t blk) except -1:
+                   int act, Py_ssize_t blk,
+                   bint dx_acc) except -1:               # dx += (not =) dH @ w1^T
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], hw = w1.shape[1], h = w2.shape[0]
     cdef int ld1, ld2
     cdef char t1 = blas_layout(w1, &ld1), t2 = blas_layout(w2, &ld2)
@@ -177,6 +194,7 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
     cdef const floating *ap    # the block's a, for dw2
     cdef Py_ssize_t ldap
     cdef floating beta
+    cdef floating beta_dx = 1 if dx_acc else 0
     cdef Py_ssize_t r0, m
     cdef bint recompute = hidden is None
     cdef bint need_dh, need_a, dw2_whole
@@ -211,6 +229,9 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
             memset(s1, 0, hw * sizeof(double))
         if s2 != NULL:
             memset(s2, 0, d * sizeof(double))
+        if dw2_whole and dx_acc:
+            gemm(c'T', c'N', <int> h, <int> d, <int> n, <floating> 1, hp, <int> hw,
+                 dyp, <int> d, <floating> 0, dw2p, <int> d)
         r0 = 0
         while r0 < n:
             m = n - r0 if n - r0 < blk else blk
@@ -255,12 +276,12 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
                      dyp + r0 * d, <int> d, beta, dw2p, <int> d)
             if dxp != NULL:
                 gemm(c'N', flip(t1), <int> m, <int> d, <int> hw, <floating> 1, gp, <int> hw,
-                     w1p, ld1, <floating> 0, dxp + r0 * d, <int> d)
+                     w1p, ld1, beta_dx, dxp + r0 * d, <int> d)
             if dw1p != NULL:
                 gemm(c'T', c'N', <int> d, <int> hw, <int> m, <floating> 1, xp + r0 * d, <int> d,
                      gp, <int> hw, beta, dw1p, <int> hw)
             r0 = r0 + m
-        if dw2_whole:
+        if dw2_whole and not dx_acc:
             gemm(c'T', c'N', <int> h, <int> d, <int> n, <floating> 1, hp, <int> hw,
                  dyp, <int> d, <floating> 0, dw2p, <int> d)
         if floating is float:
@@ -277,22 +298,23 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
 
 
 # ---------------------------------------------------------------- Python entry points
-def forward(y, hidden, dead, scratch, x, w1, b1, w2, b2, int act, Py_ssize_t blk):
-    """y (and hidden, dead) <- the FFN forward.  Arguments already validated (module doc);
-    `dead` is a bool array viewed as uint8."""
+def forward(y, hidden, dead, scratch, x, w1, b1, w2, b2, int act, Py_ssize_t blk, res=None):
+    """y (and hidden, dead) <- the FFN forward, plus `res` ((n, d) or None) if given.
+    Arguments already validated (module doc); `dead` is a bool array viewed as uint8."""
     if x.dtype == np.float32:
-        _forward[float](y, hidden, dead, scratch, x, w1, b1, w2, b2, act, blk)
+        _forward[float](y, hidden, dead, scratch, x, w1, b1, w2, b2, res, act, blk)
     else:
-        _forward[double](y, hidden, dead, scratch, x, w1, b1, w2, b2, act, blk)
+        _forward[double](y, hidden, dead, scratch, x, w1, b1, w2, b2, res, act, blk)
 
 
 def backward(dx, dw1, db1, dw2, db2, sums, gbuf, zbuf, dy, hidden, x, w1, b1, w2, int act,
-             Py_ssize_t blk):
-    """dx, dw1, db1, dw2, db2 (those not None) <- the FFN backward.  Arguments already
-    validated (module doc)."""
+             Py_ssize_t blk, bint dx_acc=False):
+    """dx, dw1, db1, dw2, db2 (those not None) <- the FFN backward; with `dx_acc` dx is
+    accumulated onto (it holds an addend, and may be dy itself).  Arguments already validated
+    (module doc)."""
     if x.dtype == np.float32:
         _backward[float](dx, dw1, db1, dw2, db2, sums, gbuf, zbuf, dy, hidden, x, w1, b1, w2,
-                         act, blk)
+                         act, blk, dx_acc)
     else:
         _backward[double](dx, dw1, db1, dw2, db2, sums, gbuf, zbuf, dy, hidden, x, w1, b1, w2,
-                          act, blk)
+                          act, blk, dx_acc)

@@ -8,6 +8,7 @@
 #                        asked, db1 column sums
 #   nf_ffn_activate      a = act(z + b1) alone (backward with no gradient through the hidden)
 #   nf_fill_rows         y[i, :] = b2 (the second GEMM accumulates onto it)
+#   nf_add_rows          y[i, :] = r[i, :] + b2 (a residual the second GEMM accumulates onto)
 #   nf_colsum            acc[j] += sum_i x[i, j], rows in order, float64
 #   nf_round_sums        out[j] = acc[j] rounded to the dtype (finished db1, db2)
 from core cimport nf_index
@@ -32,6 +33,10 @@ cdef extern from "ffn_elementwise.h" nogil:
                              const double *b1, nf_index m, nf_index h, int act)
     void nf_fill_rows_f32(float *y, nf_index ldy, const float *b, nf_index m, nf_index w)
     void nf_fill_rows_f64(double *y, nf_index ldy, const double *b, nf_index m, nf_index w)
+    void nf_add_rows_f32(float *y, nf_index ldy, const float *r, nf_index ldr, const float *b,
+                         nf_index m, nf_index w)
+    void nf_add_rows_f64(double *y, nf_index ldy, const double *r, nf_index ldr,
+                         const double *b, nf_index m, nf_index w)
     void nf_colsum_f32(double *acc, const float *x, nf_index ldx, nf_index m, nf_index w)
     void nf_colsum_f64(double *acc, const double *x, nf_index ldx, nf_index m, nf_index w)
     void nf_round_sums_f32(float *out, const double *acc, nf_index w)

@@ -234,6 +234,21 @@ NF_CLONES static void NF_T(nf_fill_rows)(T *restrict y, nf_index ldy, const T *r
         for (nf_index j = 0; j < w; j++) y[i * ldy + j] = b[j];
 }
 
+/* y[i, :] = r[i, :] + b, or r[i, :] when b is NULL: a residual (and the bias) under the second
+ * GEMM's accumulation (ffn_block's y = x + FFN). */
+NF_CLONES static void NF_T(nf_add_rows)(T *restrict y, nf_index ldy, const T *restrict r,
+                                        nf_index ldr, const T *restrict b, nf_index m,
+                                        nf_index w)
+{
+    for (nf_index i = 0; i < m; i++) {
+        if (b == NULL) {
+            memcpy(y + i * ldy, r + i * ldr, (size_t)w * sizeof(T));
+        } else {
+            for (nf_index j = 0; j < w; j++) y[i * ldy + j] = r[i * ldr + j] + b[j];
+        }
+    }
+}
+
 /* acc[j] += sum_i x[i, j], rows in order (float64). */
 NF_CLONES static void NF_T(nf_colsum)(double *restrict acc, const T *restrict x, nf_index ldx,
                                       nf_index m, nf_index w)

@@ -13,6 +13,7 @@ from .rms_norm import RMSNormContext, rms_norm, rms_norm_backward, rms_norm_forw
 from .add_norm import (AddLayerNormContext, AddRMSNormContext, add_layer_norm,
                        add_layer_norm_backward, add_layer_norm_forward, add_rms_norm,
                        add_rms_norm_backward, add_rms_norm_forward)
+from .ffn_block import FFNBlockContext, ffn_block, ffn_block_backward, ffn_block_forward
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "RMSNormContext", "rms_norm", "rms_norm_forward", "rms_norm_backward",
     "AddLayerNormContext", "add_layer_norm", "add_layer_norm_forward", "add_layer_norm_backward",
     "AddRMSNormContext", "add_rms_norm", "add_rms_norm_forward", "add_rms_norm_backward",
+    "FFNBlockContext", "ffn_block", "ffn_block_forward", "ffn_block_backward",
 ]

@@ -288,14 +288,16 @@ def check_backward(dy, ctx, *, out=None, needs=None):
 
 # ---------------------------------------------------------------- run layer
 def run_forward(x, w1, b1, w2, b2, activation, *, training=False, recompute=False, out=None,
-                hidden_out=None):
+                hidden_out=None, residual=None):
     """The FFN forward on checked arrays; trusts its arguments.
 
     x : (n, d) C-contiguous;  w1, w2 as BLAS reads them;  b1, b2 C-contiguous or None;
     activation a valid name;  out : (n, d) C-contiguous or None;  hidden_out : (n, h) or None.
     ``training=False`` keeps nothing (inference); True keeps the hidden unless ``recompute`` and
-    flags dead units (relu).  Returns ``(y, hidden, dead_units)`` (the last two None when not
-    kept), y being ``out`` when given.
+    flags dead units (relu).  ``residual`` ((n, d) C-contiguous, not overlapping ``out``, or
+    None) is added to y block by block under the second GEMM (ffn_block's ``x + FFN``).
+    Returns ``(y, hidden, dead_units)`` (the last two None when not kept), y being ``out`` when
+    given.
     """
     n, d = x.shape
     hw, h = w1.shape[1], w2.shape[0]
@@ -321,11 +323,12 @@ def run_forward(x, w1, b1, w2, b2, activation, *, training=False, recompute=Fals
         width = h if hidden is not None else hw
         scratch = workspace("ffn.hidden_block", blk * width, dtype)
     _kernel.forward(y, hidden, None if dead is None else dead.view(np.uint8), scratch, x,
-                    w1, b1, w2, b2, _CODES[activation], blk)
+                    w1, b1, w2, b2, _CODES[activation], blk, residual)
     return y, hidden, dead
 
 
-def run_backward(dy, x, hidden, w1, b1, w2, activation, needs, *, out=(None,) * 5):
+def run_backward(dy, x, hidden, w1, b1, w2, activation, needs, *, out=(None,) * 5,
+                 dx_accumulate=False):
     """The FFN backward on checked arrays; trusts its arguments.
 
     dy, x : (n, d) C-contiguous;  hidden : what ffn_forward saved, or None (recompute);
@@ -333,7 +336,9 @@ def run_backward(dy, x, hidden, w1, b1, w2, activation, needs, *, out=(None,) * 
     out : five buffers or None (dx as (n, d)).  Returns the five gradients, None where not
     needed; only the GEMMs and sums of the needed ones run.  Scratch: "ffn.grad_block" (dA,
     blk x hw) and "ffn.hidden_block" (the recomputed block, or a's block) — the forward's key,
-    so recompute=True holds two blocks in all.
+    so recompute=True holds two blocks in all.  ``dx_accumulate`` (dx needed, given as out[0]):
+    dx += dH @ w1^T onto what out[0] holds, which may be ``dy`` itself (ffn_block's post-LN
+    residual gradient, with no copy).
     """
     n, d = x.shape
     hw, h = w1.shape[1], w2.shape[0]
@@ -363,7 +368,7 @@ def run_backward(dy, x, hidden, w1, b1, w2, activation, needs, *, out=(None,) * 
     sums = workspace("ffn.bias_sums", hw + d, np.float64) \
         if (db1 is not None or db2 is not None) else None
     _kernel.backward(dx, dw1, db1, dw2, db2, sums, gbuf, zbuf, dy, hidden, x, w1, b1, w2,
-                     _CODES[activation], blk)
+                     _CODES[activation], blk, dx_accumulate)
     return tuple(grads)
 
 
