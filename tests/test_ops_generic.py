@@ -12,6 +12,7 @@ in normffn and in the reference alike).  Fused ops return several outputs (add +
 from __future__ import annotations
 
 import inspect
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -140,8 +141,9 @@ def test_every_public_op_is_registered():
 
 @pytest.mark.parametrize("op", list(_ops.OPS.values()), ids=list(_ops.OPS))
 def test_every_bench_case_and_provider_runs(op):
-    """bench's callables, once each, at the op's small test shape (no timing): each provider
-    of each case, the ``out=`` training step of the FFNs included."""
+    """bench's callables, at the op's small test shape (no timing): each provider of each case
+    runs; ``normffn out=`` allocates nothing (the FFNs' training step included) and its
+    forward + backward gives bitwise what the allocating call gives."""
     torch = _ops.torch_or_none()
     ran = 0
     for case in op.cases_for(op.test_shape):
@@ -151,6 +153,15 @@ def test_every_bench_case_and_provider_runs(op):
             fn()
             got = fn()    # a second call: out= buffers and reused ctx fields are valid again
             ran += 1
+            if provider == "normffn out=":
+                # reused buffers: no output, gradient or saved activation is allocated
+                tracemalloc.start()
+                try:
+                    fn()
+                    peak = tracemalloc.get_traced_memory()[1]
+                finally:
+                    tracemalloc.stop()
+                assert peak < 16 << 10, f"{case.direction}: {peak} bytes allocated"
             if case.call == "fwd+bwd" and provider == "normffn out=":
                 # the reusing training step computes what the allocating one does, bitwise
                 want = _ops.bench_callable(op, case, "normffn", inp)()
