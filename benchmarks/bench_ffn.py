@@ -2,8 +2,12 @@
 registry: shapes, data and calls are ``python -m normffn bench``'s (see ``_registry.py``).
 
 ``time_forward``: inference (normffn.ffn with ``out=``; torch under no_grad);
-``time_forward_backward``: forward keeping what backward needs, then backward (torch: eager
-autograd); ``FFNRecompute``: the same with ``recompute=True`` (normffn only)."""
+``time_forward_backward``: a training step, forward keeping what backward needs then backward,
+reusing every buffer (``ffn_forward(..., out=, hidden_out=previous ctx.hidden)`` +
+``ffn_backward(..., out=(dx, dw1, db1, dw2, db2))``; torch: eager autograd); its
+``peakmem_*`` is the default, allocating call.  ``FFNRecompute``: the same with
+``recompute=True`` (normffn only).  ``GatedFFN``: SwiGLU with the packed w1 (d, 2h) at the gated
+bench shapes (torch: Linear -> chunk -> silu(a) * b -> Linear)."""
 from ._registry import registry_benchmark
 
 FFN = registry_benchmark(
@@ -14,3 +18,13 @@ FFNRecompute = registry_benchmark(
     "FFNRecompute", "ffn", {"forward_backward": "fwd+bwd"}, peakmem=("forward_backward",),
     providers=["normffn"], normffn_label="normffn recompute",
     doc="forward(recompute=True) + backward: no (n, h) buffer kept (normffn only).")
+
+GatedFFN = registry_benchmark(
+    "GatedFFN", "ffn_gated", {"forward": "fwd swiglu", "forward_backward": "fwd+bwd swiglu"},
+    peakmem=("forward", "forward_backward"),
+    doc="SwiGLU: forward (out=) and a training step (every buffer reused); peakmem: allocating.")
+
+GatedFFNRecompute = registry_benchmark(
+    "GatedFFNRecompute", "ffn_gated", {"forward_backward": "fwd+bwd swiglu"},
+    peakmem=("forward_backward",), providers=["normffn"], normffn_label="normffn recompute",
+    doc="SwiGLU forward(recompute=True) + backward: no (n, 2h) buffer kept (normffn only).")

@@ -2,18 +2,21 @@
 
     python tests/_fuzz_worker.py OP SEED EXAMPLES
 
-OP is ``layer_norm``, ``batch_norm`` or ``ffn``.  Each example draws a full set of arguments —
-shapes with 0- and 1-sized dims, float32/float64, layouts (C, F/transposed, strided slices,
-negative strides, read-only, byte-swapped, unaligned, broadcast with zero strides, nested lists),
-None-ness of the optional arguments, scalars — and, half of the time, one "bad" mutation (a wrong
-dtype, shape, type, value, an ``out=`` that is wrong or overlaps an input, a tampered ``ctx``...).
+OP is a registered op: ``layer_norm``, ``rms_norm``, ``add_layer_norm``, ``add_rms_norm``,
+``batch_norm``, ``ffn`` or ``ffn_gated`` (the FFN with swiglu / geglu / reglu and a packed w1).
+Each example draws a full set of arguments — shapes with 0- and 1-sized dims, float32/float64,
+layouts (C, F/transposed, strided slices, negative strides, read-only, byte-swapped, unaligned,
+broadcast with zero strides, nested lists), None-ness of the optional arguments, scalars — and,
+half of the time, one "bad" mutation (a wrong dtype, shape, type, value, an ``out=`` that is
+wrong or overlaps an input, a tampered ``ctx``, a ctx of another op, a bad ``needs``...).
 It then calls ``op(...)``, or ``op_forward(...)`` followed by ``op_backward(...)``, and checks:
 
 * every call either returns what ``normffn.reference`` returns (``normffn.testing.assert_close``)
   or raises ``TypeError``/``ValueError`` — nothing else; arguments without a bad mutation must be
   accepted, a bad mutation must be rejected;
 * no input array is modified; when a call raises, BatchNorm's running stats and the ``out=``
-  buffer are bitwise untouched.
+  buffers (add + norm's pair, ffn_backward's five) are bitwise untouched;
+* backward's ``needs=`` gives None exactly where the reference (which honours it) does.
 
 Crash reporting: before each call the example is written to stdout as one ``EXAMPLE ...`` line
 (flushed), and faulthandler is on, so when the process dies on a signal the parent reports the
@@ -727,35 +730,40 @@ def run_batch_norm(data, rng):
 
 # ---------------------------------------------------------------- FFN
 ACTS = ("relu", "gelu", "gelu_tanh", "silu")
+GATED_ACTS = ("swiglu", "geglu", "reglu")
 
 
-def ffn_case(data, rng) -> dict:
+def ffn_case(data, rng, gated: bool = False) -> dict:
+    """Arguments of ffn / ffn_forward; ``gated``: a gated activation, w1 (d, 2h) = [gate | up]
+    and b1 (2h,) (``hw`` below is w1's width: h, or 2h when gated)."""
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     ndim = data.draw(st.integers(1, 3), label="ndim")
     shape = _dims(data, ndim, lo=(0,) * (ndim - 1) + (1,))
     d = shape[-1]
     h = data.draw(st.sampled_from([1, 2, 3, 5, 8, 16, 17, 33]), label="h")
+    hw = 2 * h if gated else h
     mutation = data.draw(st.sampled_from([None] * 12 + [
         "x_dtype", "x_0d", "x_none", "d_zero", "h_zero", "w1_shape", "w1_rank", "w2_shape",
         "w2_dtype", "w1_bad_dtype", "b1_shape", "b2_shape", "b1_dtype", "act_value", "act_type",
         "recompute_type", "out_shape", "out_dtype", "out_readonly", "out_noncontig",
-        "out_is_x", "out_overlap_x", "out_overlap_w2", "out_type"]), label="mutation")
+        "out_is_x", "out_overlap_x", "out_overlap_w2", "out_type"] +
+        (["w1_odd", "b1_half", "w1_unpacked"] if gated else [])), label="mutation")
     case = {"mutation": mutation, "expect": "raise" if mutation else "ok", "dtype": dtype}
     # NaN only: with an Inf, float32 underflow of act(v) (0 * Inf = NaN) against the float64
     # reference's tiny-but-nonzero value (tiny * Inf = Inf) is a precision question, not safety
     nan = (np.nan,)
     xv = values(data, rng, shape, specials=nan)
     x, _ = layout(data, xv, dtype, label="x layout")
-    w1, _ = layout(data, values(data, rng, (d, h), scale=1 / math.sqrt(d), specials=nan), dtype,
-                   label="w1 layout")
+    w1, _ = layout(data, values(data, rng, (d, hw), scale=1 / math.sqrt(d), specials=nan),
+                   dtype, label="w1 layout")
     w2, _ = layout(data, values(data, rng, (h, d), scale=1 / math.sqrt(h), specials=nan), dtype,
                    label="w2 layout")
     b1 = b2 = None
     if data.draw(st.booleans(), label="b1?"):
-        b1, _ = layout(data, values(data, rng, (h,), specials=nan), dtype, label="b1 layout")
+        b1, _ = layout(data, values(data, rng, (hw,), specials=nan), dtype, label="b1 layout")
     if data.draw(st.booleans(), label="b2?"):
         b2, _ = layout(data, values(data, rng, (d,), specials=nan), dtype, label="b2 layout")
-    act = data.draw(st.sampled_from(ACTS), label="activation")
+    act = data.draw(st.sampled_from(GATED_ACTS if gated else ACTS), label="activation")
     recompute = data.draw(st.sampled_from([False, True, np.True_]), label="recompute")
     out = poisoned(shape, dtype, rng) if data.draw(st.booleans(), label="out?") else None
     m = mutation
@@ -766,15 +774,15 @@ def ffn_case(data, rng) -> dict:
     elif m == "x_none":
         x = None
     elif m == "d_zero":
-        x, w1, w2, b2 = (np.ones(shape[:-1] + (0,), dtype=dtype), np.ones((0, h), dtype=dtype),
+        x, w1, w2, b2 = (np.ones(shape[:-1] + (0,), dtype=dtype), np.ones((0, hw), dtype=dtype),
                          np.ones((h, 0), dtype=dtype), None)
         out = None
     elif m == "h_zero":
         w1, w2, b1 = np.ones((d, 0), dtype=dtype), np.ones((0, d), dtype=dtype), None
     elif m == "w1_shape":
-        w1 = np.ones((d + 1, h), dtype=dtype)
+        w1 = np.ones((d + 1, hw), dtype=dtype)
     elif m == "w1_rank":
-        w1 = np.ones(data.draw(st.sampled_from([(d,), (d, h, 1), ()])), dtype=dtype)
+        w1 = np.ones(data.draw(st.sampled_from([(d,), (d, hw, 1), ()])), dtype=dtype)
     elif m == "w2_shape":
         w2 = np.ones((h, d + 1), dtype=dtype) if data.draw(st.booleans()) else \
             np.ones((d, h), dtype=dtype)
@@ -783,13 +791,13 @@ def ffn_case(data, rng) -> dict:
     elif m == "w2_dtype":
         w2 = np.ones((h, d), dtype=other(dtype))
     elif m == "w1_bad_dtype":
-        w1 = bad_array(data, rng, (d, h))
+        w1 = bad_array(data, rng, (d, hw))
     elif m == "b1_shape":
-        b1 = np.ones((h + 1,), dtype=dtype)
+        b1 = np.ones((hw + 1,), dtype=dtype)
     elif m == "b2_shape":
         b2 = np.ones((1, d), dtype=dtype)
     elif m == "b1_dtype":
-        b1 = bad_array(data, rng, (h,))
+        b1 = bad_array(data, rng, (hw,))
     elif m == "act_value":
         act = data.draw(st.sampled_from(["tanh", "", "RELU", "gelu ", "none"]))
     elif m == "act_type":
@@ -824,6 +832,12 @@ def ffn_case(data, rng) -> dict:
             case["expect"] = "either"
     elif m == "out_type":
         out = data.draw(st.sampled_from(["out", [0.0], 3.0]))
+    elif m == "w1_odd":              # a packed w1 must be 2h wide
+        w1 = np.ones((d, hw + 1), dtype=dtype)
+    elif m == "b1_half":             # the gate's bias alone, not the packed [gate | up]
+        b1 = np.ones((h,), dtype=dtype)
+    elif m == "w1_unpacked":         # w1 (d, h) with w2 (h, d): the up half is missing
+        w1, b1 = np.ones((d, h), dtype=dtype), None
     case["args"] = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "activation": act}
     case["recompute"] = recompute
     case["out"] = out
@@ -877,8 +891,45 @@ def _ffn_dy_ctx(data, rng, ctx):
     return dy, ctx, m, expect
 
 
-def run_ffn(data, rng):
-    case = ffn_case(data, rng)
+def _ffn_backward_out(data, rng, ctx, dy, m):
+    """out= and needs= for ffn_backward: None, or five buffers (some None) in the gradients'
+    shapes, sometimes mutated (a wrong shape, an overlap with dy, not five entries)."""
+    if m is not None or not data.draw(st.booleans(), label="bwd out/needs?"):
+        return None, None, None
+    dtype = ctx.dtype
+    d, hw = ctx.w1.shape
+    shapes = (ctx.shape, (d, hw), (hw,), (ctx.w2.shape[0], d), (d,))
+    out = [poisoned(s, dtype, rng) if data.draw(st.booleans(), label=f"out[{i}]?") else None
+           for i, s in enumerate(shapes)]
+    needs = data.draw(st.sampled_from([None, None] + [
+        tuple(bool(i >> j & 1) for j in range(5)) for i in range(0, 32, 3)]), label="needs")
+    bad = data.draw(st.sampled_from([None] * 6 + ["out_len", "out_shape", "out_is_dy",
+                                                  "out_twice", "needs_len"]), label="bwd bad")
+    if bad == "out_len":
+        out = out[:4]
+    elif bad == "out_shape":
+        out[1] = np.empty((d + 1, hw), dtype)
+        needs = None
+    elif bad == "out_is_dy":
+        if not isinstance(dy, np.ndarray) or not dy.flags.c_contiguous or not \
+                dy.flags.writeable or dy.size == 0:
+            bad = None
+        else:
+            out[0] = dy
+            needs = None
+    elif bad == "out_twice":         # dw1 and dw2 into one buffer (d == hw == h only)
+        if d == hw == ctx.w2.shape[0] and d > 0:
+            out[1] = out[3] = np.empty((d, d), dtype)
+            needs = None
+        else:
+            bad = None
+    elif bad == "needs_len":
+        needs = (True,) * 4
+    return tuple(out), needs, bad
+
+
+def run_ffn(data, rng, gated: bool = False):
+    case = ffn_case(data, rng, gated)
     a = case["args"]
     dtype = case["dtype"]
     entry = data.draw(st.sampled_from(["op", "forward"]), label="entry")
@@ -907,11 +958,19 @@ def run_ffn(data, rng):
     if ctx.dead_units is not None:
         assert np.array_equal(ctx.dead_units, ctx_r.dead_units), "dead_units differ"
     dy, bctx, m, expect = _ffn_dy_ctx(data, rng, ctx)
+    out, needs, bad = _ffn_backward_out(data, rng, ctx, dy, m)
+    if bad is not None:
+        m, expect = bad, "raise"
+    guard = tuple(o for o in out or () if o is not None)
     grads = call("ffn_backward", {"mutation": m, "expect": expect}, normffn.ffn_backward,
-                 {"dy": dy, "ctx": bctx})
+                 {"dy": dy, "ctx": bctx, "out": out, "needs": needs}, ("out", "needs"),
+                 guard=guard)
     if m is not None:
         return          # an accepted "either" mutation (e.g. another valid ctx): not comparable
-    grads_r = ref.ffn_backward(dy, ctx_r)
+    for g, o in zip(grads, out or ()):
+        if g is not None and o is not None:
+            assert g is o or g.base is o, "out= given but another array returned"
+    grads_r = ref.ffn_backward(dy, ctx_r, needs=needs)
     rows = max(1, math.prod(np.shape(x)[:-1]))
     for g, g_r, name in zip(grads, grads_r, _ops.get("ffn").grads):
         if g_r is None:
@@ -921,8 +980,335 @@ def run_ffn(data, rng):
             assert_close(g, g_r, name=name, context=label, **_grad_tol("ffn", name, dtype, rows))
 
 
+# ---------------------------------------------------------------- RMSNorm and add + norm
+ROW_OPS = {
+    # op -> (has residual, has bias, eps=None allowed)
+    "rms_norm": (False, False, True),
+    "add_layer_norm": (True, True, False),
+    "add_rms_norm": (True, False, True),
+}
+
+
+def rownorm_case(data, rng, op: str) -> dict:
+    """Arguments of rms_norm / add_layer_norm / add_rms_norm (the rms_norm and add_norm modules
+    share their checks), possibly with one bad mutation."""
+    residual, has_bias, eps_none = ROW_OPS[op]
+    dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
+    ndim = data.draw(st.integers(1, 4), label="ndim")
+    k = data.draw(st.integers(1, ndim), label="len(normalized_shape)")
+    shape = _dims(data, ndim, lo=(0,) * (ndim - k) + (1,) * k)
+    nshape = shape[ndim - k:]
+    muts = ["x_dtype", "x_0d", "x_none", "x_str", "ns_mismatch", "ns_zero", "ns_empty",
+            "ns_toolong", "ns_type", "w_shape", "w_dtype", "w_bad_dtype", "w_str", "eps_neg",
+            "eps_nonfinite", "eps_type", "out_dtype", "out_readonly", "out_is_x",
+            "out_overlap_x", "out_overlap_w"]
+    if residual:
+        muts += ["r_shape", "r_dtype", "r_bad_dtype", "r_none", "out_not_pair", "out_same",
+                 "out_overlap_r", "out_s_shape", "out_s_noncontig"]
+    else:
+        muts += ["out_shape", "out_noncontig", "out_type"]
+    if has_bias:
+        muts += ["b_shape", "b_dtype", "eps_none"]
+    else:
+        muts += ["bias_given"]
+    mutation = data.draw(st.sampled_from([None] * 14 + muts), label="mutation")
+    case = {"mutation": mutation, "expect": "raise" if mutation else "ok", "dtype": dtype}
+    # eps > 0 only: eps = 0 on an all-zero row is 0/0 (ill-posed, not a safety question)
+    eps = data.draw(st.sampled_from([1e-5, 1e-3, 1.0, 1, np.float32(1e-5), np.float64(1e-6)] +
+                                    ([None, None] if eps_none else [])), label="eps")
+    xv = values(data, rng, shape)
+    x, _ = layout(data, xv, dtype, label="x layout")
+    r = rv = None
+    if residual:
+        rv = values(data, rng, shape)
+        r, _ = layout(data, rv, dtype, label="residual layout")
+    ns = data.draw(st.sampled_from([tuple(nshape), list(nshape)] +
+                                   ([nshape[0], np.int64(nshape[0])] if k == 1 else [])),
+                   label="normalized_shape form")
+    w = b = None
+    if data.draw(st.booleans(), label="weight?"):
+        w, _ = layout(data, values(data, rng, nshape), dtype, label="w layout")
+    if has_bias and data.draw(st.booleans(), label="bias?"):
+        b, _ = layout(data, values(data, rng, nshape), dtype, label="b layout")
+    out = None
+    if data.draw(st.booleans(), label="out?"):
+        out = (poisoned(shape, dtype, rng), poisoned(shape, dtype, rng)) if residual \
+            else poisoned(shape, dtype, rng)
+    extra = {}
+    m = mutation
+    if m == "x_dtype":
+        x = bad_array(data, rng, shape)
+    elif m == "x_0d":
+        x, ns = np.array(1.0, dtype=dtype), 1
+        if residual:
+            r = np.array(1.0, dtype=dtype)
+    elif m == "x_none":
+        x = None
+    elif m == "x_str":
+        x = "not an array"
+    elif m == "ns_mismatch":
+        ns = tuple(nshape[:-1]) + (nshape[-1] + 1,)
+    elif m == "ns_zero":
+        ns = tuple(nshape[:-1]) + (0,)
+    elif m == "ns_empty":
+        ns = ()
+    elif m == "ns_toolong":
+        ns = (1,) + tuple(shape)
+    elif m == "ns_type":
+        ns = data.draw(st.sampled_from([1.5, "3", None, True, (1.0,), [None]]), label="bad ns")
+    elif m == "w_shape":
+        w = np.ones((nshape[-1] + 1,), dtype=dtype)
+    elif m == "w_dtype":
+        w = np.ones(nshape, dtype=other(dtype))
+    elif m == "w_bad_dtype":
+        w = bad_array(data, rng, nshape)
+    elif m == "w_str":
+        w = "weight"
+    elif m == "b_shape":
+        b = np.ones((1,) + nshape, dtype=dtype)
+    elif m == "b_dtype":
+        b = bad_array(data, rng, nshape) if data.draw(st.booleans()) \
+            else np.ones(nshape, dtype=other(dtype))
+    elif m == "bias_given":          # rms ops take no bias argument at all
+        extra["bias"] = np.ones(nshape, dtype=dtype)
+    elif m == "eps_neg":
+        eps = data.draw(st.sampled_from([-1e-5, -1.0]))
+    elif m == "eps_nonfinite":
+        eps = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    elif m == "eps_type":
+        eps = data.draw(st.sampled_from(["1e-5", True, 1j, np.array([1e-5]), [1e-5]]))
+    elif m == "eps_none":            # add_layer_norm's eps is a number (default 1e-5)
+        eps = None
+    elif m == "r_shape":
+        r = np.ones(shape + (1,), dtype=dtype) if data.draw(st.booleans()) \
+            else np.ones(shape[:-1] + (shape[-1] + 1,), dtype=dtype)
+    elif m == "r_dtype":
+        r = np.ones(shape, dtype=other(dtype))
+    elif m == "r_bad_dtype":
+        r = bad_array(data, rng, shape)
+    elif m == "r_none":
+        r = None
+    elif m == "out_shape":
+        out = np.empty(shape + (1,), dtype=dtype)
+    elif m == "out_s_shape":
+        out = (poisoned(shape, dtype, rng), np.empty(shape + (1,), dtype=dtype))
+    elif m == "out_dtype":
+        bad = np.empty(shape, dtype=other(dtype))
+        out = (poisoned(shape, dtype, rng), bad) if residual else bad
+    elif m == "out_noncontig":
+        out = np.empty(shape[:-1] + (2 * shape[-1],), dtype=dtype)[..., ::2]
+        if out.flags.c_contiguous:
+            case["expect"] = "either"
+    elif m == "out_s_noncontig":
+        s_out = np.empty(shape[:-1] + (2 * shape[-1],), dtype=dtype)[..., ::2]
+        out = (poisoned(shape, dtype, rng), s_out)
+        if s_out.flags.c_contiguous:
+            case["expect"] = "either"
+    elif m == "out_readonly":
+        ro = np.empty(shape, dtype=dtype)
+        ro.setflags(write=False)
+        out = (ro, poisoned(shape, dtype, rng)) if residual else ro
+    elif m == "out_type":
+        out = data.draw(st.sampled_from(["out", [0.0], 3.0]))
+    elif m == "out_not_pair":
+        y_out = poisoned(shape, dtype, rng)
+        out = data.draw(st.sampled_from([y_out, (y_out,), (y_out, y_out.copy(), y_out.copy()),
+                                         "out"]), label="not a pair")
+    elif m == "out_same":            # y and s into one buffer
+        y_out = poisoned(shape, dtype, rng)
+        out = (y_out, y_out)
+        if y_out.size == 0:
+            case["expect"] = "either"
+    elif m == "out_is_x":
+        x = np.ascontiguousarray(xv.astype(dtype))
+        out = (x, poisoned(shape, dtype, rng)) if residual else x
+        if x.size == 0:
+            case["expect"] = "either"
+    elif m == "out_overlap_x":
+        o, x = _overlapping_out(data, rng, shape, dtype, "x", shape)
+        out = (poisoned(shape, dtype, rng), o) if residual else o
+        if x.size == 0:
+            case["expect"] = "either"
+    elif m == "out_overlap_r":
+        o, r = _overlapping_out(data, rng, shape, dtype, "r", shape)
+        out = (o, poisoned(shape, dtype, rng))
+        if r.size == 0:
+            case["expect"] = "either"
+    elif m == "out_overlap_w":
+        o, w = _overlapping_out(data, rng, shape, dtype, "w", nshape)
+        out = (o, poisoned(shape, dtype, rng)) if residual else o
+        if o.size == 0:
+            case["expect"] = "either"
+    args = {"x": x}
+    if residual:
+        args["residual"] = r
+    args.update(normalized_shape=ns, weight=w)
+    if has_bias:
+        args["bias"] = b
+    args["eps"] = eps
+    args.update(extra)
+    args["out"] = out
+    case["args"] = args
+    return case
+
+
+def _rownorm_backward_case(data, rng, op, ctx):
+    """dy, ctx, ds, out and needs for the backward of a row-norm op, possibly mutated."""
+    residual, has_bias, _ = ROW_OPS[op]
+    shape, dtype = ctx.shape, ctx.dtype
+    n_grads = 3 if has_bias else 2
+    dy, _ = layout(data, values(data, rng, shape, special=False), dtype, label="dy layout")
+    ds = None
+    if residual and data.draw(st.booleans(), label="ds?"):
+        ds, _ = layout(data, values(data, rng, shape, special=False), dtype, label="ds layout")
+    out = poisoned(shape, dtype, rng) if data.draw(st.booleans(), label="dx out?") else None
+    needs = data.draw(st.sampled_from([None, None] + [
+        tuple(bool(i >> j & 1) for j in range(n_grads)) for i in range(2 ** n_grads)]),
+        label="needs")
+    if needs is not None and not needs[0]:
+        out = None
+    saved = "s" if residual else "x"
+    muts = ["dy_shape", "dy_dtype", "dy_none", "ctx_type", "ctx_other_op", "ctx_rstd",
+            "ctx_saved", "ctx_weight", "ctx_ns", "out_overlap_dy", "out_is_ctx_saved",
+            "out_readonly", "needs_len", "needs_type", "out_not_needed"]
+    if residual:
+        muts += ["ds_shape", "ds_dtype", "out_overlap_ds"]
+    m = data.draw(st.sampled_from([None] * 8 + muts), label="backward mutation")
+    expect = "raise" if m else "ok"
+    if m == "dy_shape":
+        dy = np.ones(shape + (1,), dtype=dtype)
+    elif m == "dy_dtype":
+        dy = np.ones(shape, dtype=other(dtype))
+    elif m == "dy_none":
+        dy = None
+    elif m == "ctx_type":
+        ctx = data.draw(st.sampled_from([None, "ctx", (1, 2)])) if data.draw(st.booleans()) \
+            else types.SimpleNamespace(**{f.name: getattr(ctx, f.name)
+                                          for f in dataclasses.fields(ctx)})
+    elif m == "ctx_other_op":        # a valid context, but of another op
+        xx = np.ones((2, 3), dtype=dtype)
+        ctx = data.draw(st.sampled_from(["ln", "rms", "add_ln", "add_rms"]), label="other ctx")
+        ctx = {"ln": lambda: normffn.layer_norm_forward(xx, 3)[1],
+               "rms": lambda: normffn.rms_norm_forward(xx, 3)[1],
+               "add_ln": lambda: normffn.add_layer_norm_forward(xx, xx, 3)[2],
+               "add_rms": lambda: normffn.add_rms_norm_forward(xx, xx, 3)[2]}[ctx]()
+        mine = {"rms_norm": normffn.RMSNormContext, "add_layer_norm":
+                normffn.AddLayerNormContext, "add_rms_norm": normffn.AddRMSNormContext}[op]
+        if isinstance(ctx, mine):
+            expect = "raise" if shape != (2, 3) else "either"
+    elif m == "ctx_rstd":
+        ctx = dataclasses.replace(ctx, rstd=data.draw(st.sampled_from(
+            [ctx.rstd.astype(np.float32), np.zeros(ctx.rstd.shape + (2,)), None, [0.0]])))
+    elif m == "ctx_saved":
+        bad = data.draw(st.sampled_from(
+            [np.ones(shape + (2,), dtype=dtype), None,
+             np.asfortranarray(np.ones(shape + (2,), dtype=dtype))[..., 0]]))
+        ctx = dataclasses.replace(ctx, **{saved: bad})
+        if isinstance(bad, np.ndarray) and bad.flags.c_contiguous and bad.shape == shape:
+            expect = "either"
+    elif m == "ctx_weight":
+        ctx = dataclasses.replace(ctx, weight=np.ones(tuple(ctx.normalized_shape) + (2,),
+                                                      dtype=dtype))
+    elif m == "ctx_ns":
+        ctx = dataclasses.replace(ctx, normalized_shape=tuple(ctx.normalized_shape) + (3,))
+    elif m == "out_overlap_dy":
+        out, dy = _overlapping_out(data, rng, shape, dtype, "dy", shape)
+        needs = None
+        if out.size == 0:
+            expect = "either"
+    elif m == "out_overlap_ds":
+        out, ds = _overlapping_out(data, rng, shape, dtype, "ds", shape)
+        needs = None
+        if out.size == 0:
+            expect = "either"
+    elif m == "out_is_ctx_saved":
+        out = getattr(ctx, saved)
+        needs = None
+        if out.size == 0 or not out.flags.writeable:
+            expect = "either"
+    elif m == "out_readonly":
+        out = np.empty(shape, dtype=dtype)
+        out.setflags(write=False)
+        needs = None
+    elif m == "ds_shape":
+        ds = np.ones(shape + (1,), dtype=dtype)
+    elif m == "ds_dtype":
+        ds = np.ones(shape, dtype=other(dtype))
+    elif m == "needs_len":
+        needs = (True,) * (n_grads + 1)
+    elif m == "needs_type":
+        needs = data.draw(st.sampled_from(["all", True, (1,) * n_grads, [None] * n_grads]))
+    elif m == "out_not_needed":      # out= for dx, but dx not needed
+        out = poisoned(shape, dtype, rng)
+        needs = (False,) + (True,) * (n_grads - 1)
+    return dy, ctx, ds, out, needs, m, expect
+
+
+def run_rownorm(data, rng, op):
+    residual, has_bias, _ = ROW_OPS[op]
+    case = rownorm_case(data, rng, op)
+    a = case["args"]
+    dtype = case["dtype"]
+    out = a["out"]
+    guard = tuple(o for o in (out if isinstance(out, tuple) else (out,))
+                  if isinstance(o, np.ndarray))
+    entry = data.draw(st.sampled_from(["op", "forward"]), label="entry")
+    fn = getattr(normffn, op if entry == "op" else f"{op}_forward")
+    by_kw = ("out",) if has_bias else ("out", "bias")    # rms ops: a bias is a bad keyword
+    res = call(op if entry == "op" else f"{op}_forward", case, fn, a, by_kw, guard=guard)
+    if residual:
+        y, s = res[:2]
+        ctx = res[2] if entry == "forward" else None
+    else:
+        y, ctx = (res, None) if entry == "op" else res
+    x = a["x"]
+    if out is not None:
+        same = (y is out[0] and s is out[1]) if residual else y is out
+        assert same, "out= given but other arrays returned"
+    assert isinstance(y, np.ndarray) and y.dtype == dtype and y.shape == np.shape(x)
+    label = describe(a)
+    ref_args = [x] + ([a["residual"]] if residual else []) + [a["normalized_shape"], a["weight"]]
+    ref_args += ([a["bias"]] if has_bias else []) + [a["eps"]]
+    res_r = getattr(ref, f"{op}_forward")(*ref_args)
+    y_r, ctx_r = res_r[0], res_r[-1]
+    assert_close(y, y_r, name="y", context=label)
+    if residual:
+        assert s.dtype == dtype and s.shape == np.shape(x)
+        assert_close(s, res_r[1], name="s", context=label)
+    if ctx is None:
+        return
+    if has_bias:
+        assert_close(ctx.mean, ctx_r.mean, dtype=dtype, name="mean", context=label)
+    assert_close(ctx.rstd, ctx_r.rstd, dtype=dtype, name="rstd", context=label)
+    dy, bctx, ds, bout, needs, m, expect = _rownorm_backward_case(data, rng, op, ctx)
+    args = {"dy": dy, "ctx": bctx}
+    if residual:
+        args["ds"] = ds
+    args.update(out=bout, needs=needs)
+    grads = call(f"{op}_backward", {"mutation": m, "expect": expect},
+                 getattr(normffn, f"{op}_backward"), args, ("out", "needs"), guard=(bout,))
+    if m is not None:
+        return          # an accepted "either" mutation (e.g. another valid ctx): not comparable
+    names = ("dsum" if residual else "dx", "dweight") + (("dbias",) if has_bias else ())
+    assert len(grads) == len(names)
+    if bout is not None:
+        assert grads[0] is bout
+    grads_r = getattr(ref, f"{op}_backward")(dy, ctx_r, *([ds] if residual else []),
+                                             needs=needs)
+    rows = max(1, np.size(x) // max(1, math.prod(ctx.normalized_shape)))
+    for g, g_r, name in zip(grads, grads_r, names):
+        if g_r is None:
+            assert g is None, f"{name} should be None"
+        else:
+            assert g is not None and g.dtype == dtype, name
+            tol = {} if name in ("dx", "dsum") else _grad_tol(op, name, dtype, rows)
+            assert_close(g, g_r, name=name, context=label, **tol)
+
+
 # ---------------------------------------------------------------- driver
-RUNNERS = {"layer_norm": run_layer_norm, "batch_norm": run_batch_norm, "ffn": run_ffn}
+RUNNERS = {"layer_norm": run_layer_norm, "batch_norm": run_batch_norm, "ffn": run_ffn,
+           "ffn_gated": lambda data, rng: run_ffn(data, rng, gated=True),
+           **{op: (lambda data, rng, op=op: run_rownorm(data, rng, op)) for op in ROW_OPS}}
 # every registered op has a fuzz runner (a new op without one fails test_hardening loudly)
 MISSING = sorted(set(_ops.OPS) - set(RUNNERS))
 

@@ -10,7 +10,7 @@ from conftest import ADVERSARIAL, DTYPES, LAYOUTS, make_array, randn
 from threadpoolctl import threadpool_limits
 
 from normffn import _tuning
-from normffn import reference_norms as ref
+from normffn import reference as ref
 from normffn.add_norm import (AddLayerNormContext, AddRMSNormContext, add_layer_norm,
                               add_layer_norm_backward, add_layer_norm_forward, add_rms_norm,
                               add_rms_norm_backward, add_rms_norm_forward)

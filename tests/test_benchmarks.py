@@ -96,6 +96,23 @@ def test_bench_end_to_end(mode, tmp_path):
         assert all(p["median_ms"] > 0 for p in c["providers"].values())
 
 
+def test_bench_fused_and_gated_ops_in_process(tmp_path):
+    """Ops with two outputs (add + norm's out= pair, backward with ds) and the gated FFN (its
+    own shapes, the training step reusing every buffer) through the whole command."""
+    out = tmp_path / "b.json"
+    r = _bench("--op", "add_layer_norm", "--op", "rms_norm", "--op", "ffn_gated", "--shape",
+               "6x8", "--shape", "6x8x16", "--min-time", "0", "--repeat", "1", "--in-process",
+               "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(out.read_text())
+    got = {(c["op"], c["direction"]) for c in data["cases"]}
+    assert got == {("add_layer_norm", "forward"), ("add_layer_norm", "backward+ds"),
+                   ("rms_norm", "forward"), ("rms_norm", "backward"), ("rms_norm", "fwd+bwd"),
+                   ("ffn_gated", "fwd swiglu"), ("ffn_gated", "fwd+bwd swiglu")}
+    for c in data["cases"]:
+        assert "normffn out=" in c["providers"] and "normffn" in c["providers"]
+
+
 def test_bench_threads_list_prints_scaling(tmp_path):
     r = _bench("--op", "layer_norm", "--shape", "6x8", "--min-time", "0", "--repeat", "1",
                "--rounds", "1", "--threads", "1,2", "--no-torch")

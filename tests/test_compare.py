@@ -85,3 +85,16 @@ def test_assert_close_message_has_no_repr_noise():
         testing.assert_close(np.float32([1.0, 2.5]), np.array([1.0, 2.0]), name="y")
     msg = str(e.value)
     assert "np.float64" not in msg and "()" not in msg and "first at [1]" in msg
+
+
+def test_fused_and_gated_ops_are_compared():
+    """Ops with several outputs (add + norm: y and s; backward dsum with ds) and the gated FFN
+    entry (labelled by activation) come out of the same machinery, within tolerance."""
+    rows = testing.run_comparison(ops=("rms_norm", "add_layer_norm", "add_rms_norm",
+                                       "ffn_gated"),
+                                  dtypes=("float32",), inputs=("normal",), torch=False)
+    got = {(r.op, r.output) for r in rows}
+    assert {("add_layer_norm", "s"), ("add_layer_norm", "dsum"), ("add_layer_norm", "mean"),
+            ("add_rms_norm", "dweight"), ("rms_norm", "rstd"), ("rms_norm", "dx"),
+            ("ffn_gated[swiglu]", "dw1"), ("ffn_gated[reglu]", "y")} <= got
+    assert all(r.within_tolerance for r in rows), [r for r in rows if not r.within_tolerance]

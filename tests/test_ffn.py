@@ -469,7 +469,7 @@ def test_out_buffers_rejected(rng):
 
 
 # ---------------------------------------------------------------- gated activations (issue #12)
-from normffn import reference_gated as refg  # noqa: E402  (merged into reference later)
+from normffn import reference as refg  # noqa: E402
 
 GATED = ["swiglu", "geglu", "reglu"]
 

@@ -6,16 +6,18 @@ layer keeps them safe:
 * fuzzing (hypothesis, in a child process so a segfault fails the test instead of killing
   pytest): every public function either matches ``normffn.reference`` or raises
   TypeError/ValueError (tests/_fuzz_worker.py has the details);
-* failure atomicity: a call that raises leaves BatchNorm's running stats and ``out=`` bitwise
-  untouched;
+* failure atomicity: a call that raises leaves BatchNorm's running stats and every ``out=``
+  buffer (a pair for add + norm, five for ffn_backward) bitwise untouched;
 * concurrency: 4 threads give bitwise the serial results, and every kernel releases the GIL;
 * leaks: 10,000 calls leave RSS and input refcounts flat;
-* aliasing: an ``out=`` that overlaps any input (partially, via views of one buffer) is rejected;
+* aliasing: an ``out=`` (either of add + norm's pair, any of ffn_backward's five) that overlaps
+  any input (partially, via views of one buffer) is rejected;
 * large sizes: more than 2**31 elements or a row longer than 2**31 is accepted with 64-bit sizes
   (norms) or rejected before any allocation (FFN, whose BLAS takes 32-bit ints).
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import os
@@ -42,6 +44,8 @@ SEED = int(os.environ.get("NORMFFN_FUZZ_SEED", "20261127"))
 LN = sys.modules["normffn.layer_norm"]
 BN = sys.modules["normffn.batch_norm"]
 FFN = sys.modules["normffn.ffn"]
+RMS = sys.modules["normffn.rms_norm"]
+ADDN = sys.modules["normffn.add_norm"]
 
 
 # ---------------------------------------------------------------- fuzzing in a child process
@@ -95,7 +99,7 @@ def test_fuzz(op, tmp_path):
 
 @pytest.fixture(scope="module")
 def slow_fuzz_runs(tmp_path_factory):
-    """Start the three slow fuzz runs at once (they share the cores; each test waits for its own)."""
+    """Start the slow fuzz runs at once (they share the cores; each test waits for its own)."""
     tmp = tmp_path_factory.mktemp("fuzz")
     runs = {op: _start(op, SLOW_EXAMPLES, tmp) for op in OPS}
     yield runs
@@ -230,6 +234,127 @@ def test_ffn_failure_leaves_out_untouched(rng):
     assert np.all(out == 2.0)
 
 
+# name -> f(kwargs) making a valid add_layer_norm / add_rms_norm call invalid
+ADD_BAD = {
+    "residual_shape": lambda k: k.update(residual=np.ones((5, 9))),
+    "residual_dtype": lambda k: k.update(residual=k["residual"].astype(np.float32)),
+    "weight_shape": lambda k: k.update(weight=np.ones(7)),
+    "eps": lambda k: k.update(eps=-1.0),
+    "normalized_shape": lambda k: k.update(normalized_shape=(5, 9)),
+    "out_not_pair": lambda k: k.update(out=k["out"][:1]),
+    "out_s_readonly": lambda k: k["out"][1].setflags(write=False),
+    "out_s_overlaps_x": lambda k: k.update(out=(k["out"][0], k["x"])),
+    "out_y_is_s": lambda k: k.update(out=(k["out"][0], k["out"][0])),
+    "out_s_overlaps_weight": lambda k: k.update(weight=k["out"][1].reshape(-1)[4:12]),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(ADD_BAD))
+@pytest.mark.parametrize("entry", ["add_layer_norm", "add_layer_norm_forward", "add_rms_norm",
+                                   "add_rms_norm_forward"])
+def test_add_norm_failure_leaves_both_outs_untouched(entry, bad, rng):
+    """out= is a pair (y_out, s_out): a call that raises writes neither (nor its inputs)."""
+    k = dict(x=_rand(rng, (5, 8)), residual=_rand(rng, (5, 8)), normalized_shape=8,
+             weight=_rand(rng, 8), eps=1e-5, out=(np.full((5, 8), 3.0), np.full((5, 8), 4.0)))
+    if "layer" in entry:
+        k["bias"] = _rand(rng, 8)
+    ys, ss = k["out"]
+    ADD_BAD[bad](k)
+    watched = [ys, ss, k["x"], k["residual"]]
+    before = [_bits(a) for a in watched]
+    with pytest.raises((TypeError, ValueError)):
+        getattr(normffn, entry)(**k)
+    assert [_bits(a) for a in watched] == before
+
+
+@pytest.mark.parametrize("entry", ["rms_norm", "rms_norm_forward"])
+@pytest.mark.parametrize("bad", ["weight_shape", "weight_dtype", "eps", "normalized_shape",
+                                 "bias_given", "out_overlaps_weight"])
+def test_rms_norm_failure_leaves_out_untouched(entry, bad, rng):
+    x = _rand(rng, (5, 8))
+    out = np.full((5, 8), 3.0)
+    kw = dict(weight=_rand(rng, 8), eps=None, out=out)
+    ns = 8
+    if bad == "weight_shape":
+        kw["weight"] = np.ones(7)
+    elif bad == "weight_dtype":
+        kw["weight"] = np.ones(8, np.float32)
+    elif bad == "eps":
+        kw["eps"] = float("nan")
+    elif bad == "normalized_shape":
+        ns = (5, 9)
+    elif bad == "bias_given":
+        kw["bias"] = np.ones(8)
+    else:
+        kw["weight"] = out.reshape(-1)[4:12]
+    before = _bits(out)
+    with pytest.raises((TypeError, ValueError)):
+        getattr(normffn, entry)(x, ns, **kw)
+    assert _bits(out) == before
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "add_layer_norm", "add_rms_norm"])
+def test_row_norm_backward_failure_leaves_out_untouched(op, rng):
+    x = _rand(rng, (6, 4, 3))
+    if op == "rms_norm":
+        _, ctx = normffn.rms_norm_forward(x, 3, np.ones(3))
+        extra = {}
+    else:
+        *_, ctx = getattr(normffn, f"{op}_forward")(x, x, 3, np.ones(3))
+        extra = {"ds": np.ones(x.shape)}
+    backward = getattr(normffn, f"{op}_backward")
+    out = np.full(x.shape, 5.0)
+    bad_calls = [dict(dy=np.ones((6, 4, 4))), dict(dy=np.ones(x.shape, np.float32)),
+                 dict(dy=None), dict(dy=x.astype(np.int64)), dict(dy=out),
+                 dict(dy=x, needs=(True,)), dict(dy=x, needs=(False,) * (3 if "layer" in op
+                                                                          else 2))]
+    if extra:
+        bad_calls += [dict(dy=x, ds=np.ones((6, 4, 4))), dict(dy=x, ds=out),
+                      dict(dy=x, ds=np.ones(x.shape, np.float32))]
+    for kw in bad_calls:
+        args = dict(extra, **kw)
+        dy = args.pop("dy")
+        with pytest.raises((TypeError, ValueError)):
+            backward(dy, ctx, out=out, **args)
+    wrong = normffn.layer_norm_forward(x, 3)[1]          # a context of another op
+    with pytest.raises(TypeError):
+        backward(x, wrong, out=out)
+    assert np.all(out == 5.0)
+
+
+@pytest.mark.parametrize("act", ["relu", "swiglu"])
+def test_ffn_backward_failure_leaves_every_out_untouched(act, rng):
+    h = 6
+    hw = 2 * h if act == "swiglu" else h
+    x, w1, w2 = _rand(rng, (5, 4)), _rand(rng, (4, hw)), _rand(rng, (h, 4))
+    b1, b2 = _rand(rng, hw), _rand(rng, 4)
+    _, ctx = normffn.ffn_forward(x, w1, b1, w2, b2, act)
+    dy = _rand(rng, (5, 4))
+
+    def outs():
+        return [np.full(s, 9.0) for s in ((5, 4), (4, hw), (hw,), (h, 4), (4,))]
+
+    cases = []
+    o = outs()
+    o[3] = np.full((h, 5), 9.0)                          # dw2 of the wrong shape (the last
+    cases.append((o, {}))                                # checked after dx, dw1 are fine)
+    o = outs()
+    o[4] = o[4].astype(np.float32)
+    cases.append((o, {}))
+    o = outs()
+    o[2] = ctx.b1                                        # db1 into an input
+    cases.append((o, {}))
+    cases.append((outs()[:4], {}))                       # not five entries
+    cases.append((outs(), {"needs": (True,) * 4}))
+    cases.append((outs(), {"dy": np.ones((5, 5))}))
+    for o, kw in cases:
+        watched = [a for a in o if isinstance(a, np.ndarray)] + [ctx.x, ctx.hidden]
+        before = [_bits(a) for a in watched]
+        with pytest.raises((TypeError, ValueError)):
+            normffn.ffn_backward(kw.pop("dy", dy), ctx, out=tuple(o), **kw)
+        assert [_bits(a) for a in watched] == before
+
+
 # ---------------------------------------------------------------- concurrency
 def _ln_all(x, w, b, dy):
     y, ctx = normffn.layer_norm_forward(x, x.shape[-1], w, b)
@@ -251,6 +376,18 @@ def _ffn_all(x, w1, b1, w2, b2, dy, act):
     return (normffn.ffn(x, w1, b1, w2, b2, act), y, *grads)
 
 
+def _rows_all(x, r, w, b, dy):
+    """RMSNorm and both add + norm ops, every entry point."""
+    d = x.shape[-1]
+    y, ctx = normffn.rms_norm_forward(x, d, w)
+    y1, s1, c1 = normffn.add_layer_norm_forward(x, r, d, w, b)
+    y2, s2, c2 = normffn.add_rms_norm_forward(x, r, d, w)
+    return (normffn.rms_norm(x, d, w), y, ctx.rstd, *normffn.rms_norm_backward(dy, ctx),
+            *normffn.add_layer_norm(x, r, d, w, b), y1, s1, c1.mean, c1.rstd,
+            *normffn.add_layer_norm_backward(dy, c1, r), *normffn.add_rms_norm(x, r, d, w),
+            y2, s2, c2.rstd, *normffn.add_rms_norm_backward(dy, c2, r))
+
+
 def _jobs(rng, dtype, n_threads):
     """Per thread, one job per op on its own data and shapes: callables returning all outputs
     (every entry point, forward and backward)."""
@@ -267,10 +404,17 @@ def _jobs(rng, dtype, n_threads):
         w1, w2 = _rand(rng, (32, h), dtype) / 6, _rand(rng, (h, 32), dtype) / 8
         b1, b2, dyf = _rand(rng, h, dtype), _rand(rng, 32, dtype), _rand(rng, xf.shape, dtype)
         act = ("relu", "gelu", "gelu_tanh", "silu")[t % 4]
+        r = _rand(rng, x.shape, dtype)
+        gw1 = _rand(rng, (32, 2 * h), dtype) / 6
+        gb1 = _rand(rng, 2 * h, dtype)
+        gact = ("swiglu", "geglu", "reglu")[t % 3]
         per_thread.append([
             lambda x=x, w=w, b=b, dy=dy: _ln_all(x, w, b, dy),
             lambda x=xb, w=wb, b=bb, dy=dyb: _bn_all(x, w, b, dy),
             lambda x=xf, w1=w1, b1=b1, w2=w2, b2=b2, dy=dyf, act=act:
+                _ffn_all(x, w1, b1, w2, b2, dy, act),
+            lambda x=x, r=r, w=w, b=b, dy=dy: _rows_all(x, r, w, b, dy),
+            lambda x=xf, w1=gw1, b1=gb1, w2=w2, b2=b2, dy=dyf, act=gact:
                 _ffn_all(x, w1, b1, w2, b2, dy, act),
         ])
     return per_thread
@@ -289,9 +433,10 @@ def test_threads_match_serial_bitwise(dtype, rng):
         try:
             barrier.wait()
             for r in range(repeats):
-                # thread t starts at op t: LayerNorm, BatchNorm and FFN all run at once
-                order = [(tid + r + j) % 3 for j in range(3)]
-                got = [None] * 3
+                # thread t starts at op t: every op family runs at once
+                n_ops = len(jobs[tid])
+                order = [(tid + r + j) % n_ops for j in range(n_ops)]
+                got = [None] * n_ops
                 for j in order:
                     got[j] = jobs[tid][j]()
                 results[tid].append(got)
@@ -333,7 +478,21 @@ def _gil_calls(rng):
     b1 = _rand(rng, 1024, np.float32)
     _, fctx = normffn.ffn_forward(xf, w1, b1, w2, None, "gelu")
     out = np.empty_like(x)
+    r = _rand(rng, x.shape, np.float32)
+    _, rctx = normffn.rms_norm_forward(x, 1024, w)
+    *_, alctx = normffn.add_layer_norm_forward(x, r, 1024, w, w)
+    *_, arctx = normffn.add_rms_norm_forward(x, r, 1024, w)
+    gw1 = _rand(rng, (256, 2048), np.float32) / 16
+    _, gctx = normffn.ffn_forward(xf, gw1, None, w2, None, "swiglu")
     return {
+        "rms_norm": lambda: normffn.rms_norm(x, 1024, w, out=out),
+        "rms_norm_backward": lambda: normffn.rms_norm_backward(x, rctx),
+        "add_layer_norm": lambda: normffn.add_layer_norm(x, r, 1024, w, w),
+        "add_layer_norm_backward": lambda: normffn.add_layer_norm_backward(x, alctx, r),
+        "add_rms_norm": lambda: normffn.add_rms_norm(x, r, 1024, w),
+        "add_rms_norm_backward": lambda: normffn.add_rms_norm_backward(x, arctx, r),
+        "ffn_swiglu": lambda: normffn.ffn(xf, gw1, None, w2, None, "swiglu"),
+        "ffn_swiglu_backward": lambda: normffn.ffn_backward(xf, gctx),
         "layer_norm": lambda: normffn.layer_norm(x, 1024, w, w, out=out),
         "layer_norm_backward": lambda: normffn.layer_norm_backward(x, lctx),
         "batch_norm_train": lambda: normffn.batch_norm(xb, rm, rv, wb, wb, training=True),
@@ -417,6 +576,13 @@ def _leak_calls(rng):
     b1, b2 = _rand(rng, 16), _rand(rng, 8)
     _, fctx = normffn.ffn_forward(xf, w1, b1, w2, b2, "gelu")
     bad = x.astype(np.int32)
+    r = _rand(rng, (4, 8))
+    pair = (np.empty_like(x), np.empty_like(x))
+    _, rctx = normffn.rms_norm_forward(x, 8, w)
+    *_, actx = normffn.add_layer_norm_forward(x, r, 8, w, b)
+    gw1 = _rand(rng, (8, 32))
+    _, gctx = normffn.ffn_forward(xf, gw1, None, w2, b2, "swiglu")
+    fouts = tuple(np.empty(s) for s in ((4, 8), (8, 16), (16,), (16, 8), (8,)))
 
     def raises(fn, *a, **k):
         try:
@@ -441,6 +607,18 @@ def _leak_calls(rng):
                                                     "silu", True), (xf, w1, w2, b2)),
         "ffn_backward": (lambda: normffn.ffn_backward(xf, fctx), (xf, fctx)),
         "ffn_error": (lambda: raises(normffn.ffn, xf, w1, b1, w2, b2, "tanh"), (xf, w1)),
+        "ffn_backward_out": (lambda: normffn.ffn_backward(xf, fctx, out=fouts), (xf, fctx)),
+        "ffn_swiglu": (lambda: normffn.ffn_backward(
+            xf, normffn.ffn_forward(xf, gw1, None, w2, b2, "swiglu")[1]), (xf, gw1, w2)),
+        "ffn_swiglu_backward": (lambda: normffn.ffn_backward(xf, gctx), (xf, gctx)),
+        "rms_norm": (lambda: normffn.rms_norm(x, 8, w, out=out), (x, w, out)),
+        "rms_norm_backward": (lambda: normffn.rms_norm_backward(x, rctx), (x, rctx)),
+        "add_layer_norm": (lambda: normffn.add_layer_norm(x, r, 8, w, b, out=pair),
+                           (x, r, w, b) + pair),
+        "add_layer_norm_backward": (lambda: normffn.add_layer_norm_backward(x, actx, r),
+                                    (x, r, actx)),
+        "add_rms_norm": (lambda: normffn.add_rms_norm_forward(x, r, 8, w), (x, r, w)),
+        "add_norm_error": (lambda: raises(normffn.add_layer_norm, x, bad, 8), (x, bad)),
     }
 
 
@@ -558,6 +736,83 @@ def _alias_cases():
 
     for v, size in (("x", n), ("w1", 8 * h), ("b1", h), ("w2", h * 8), ("b2", 8)):
         cases.append((f"ffn/{v}", n, size, ffn(v)))
+
+    def ffn_bwd(victim, slot):
+        def run(out, inp, rng):
+            x = _rand(rng, fshape)
+            if victim == "ctx.x":
+                inp[...] = x.reshape(-1)
+                x = inp.reshape(fshape)
+            _, ctx = normffn.ffn_forward(x, _rand(rng, (8, h)), _rand(rng, h),
+                                         _rand(rng, (h, 8)), None, "silu")
+            dy = inp.reshape(fshape) if victim == "dy" else _rand(rng, fshape)
+            outs = [None] * 5
+            outs[slot] = out.reshape(((6, 8), (8, h))[slot])
+            return lambda: normffn.ffn_backward(dy, ctx, out=tuple(outs))
+        return run
+
+    for v, size in (("dy", n), ("ctx.x", n)):
+        cases.append((f"ffn_backward/{v}", n, size, ffn_bwd(v, 0)))
+    cases.append(("ffn_backward[dw1]/dy", 8 * h, n, ffn_bwd("dy", 1)))
+
+    def rms(victim):
+        def run(out, inp, rng):
+            args = dict(x=_rand(rng, shape), weight=_rand(rng, 8))
+            args[victim] = inp.reshape(args[victim].shape)
+            return lambda: normffn.rms_norm(args["x"], 8, args["weight"], out=out.reshape(shape))
+        return run
+
+    for v, size in (("x", n), ("weight", 8)):
+        cases.append((f"rms_norm/{v}", n, size, rms(v)))
+
+    def add(victim, which, entry):
+        def run(out, inp, rng):
+            args = dict(x=_rand(rng, shape), residual=_rand(rng, shape), weight=_rand(rng, 8))
+            if "layer" in entry:
+                args["bias"] = _rand(rng, 8)
+            args[victim] = inp.reshape(args[victim].shape)
+            pair = [np.empty(shape), np.empty(shape)]
+            pair[which] = out.reshape(shape)
+            return lambda: getattr(normffn, entry)(normalized_shape=8, out=tuple(pair), **args)
+        return run
+
+    for entry in ("add_layer_norm", "add_rms_norm"):
+        for which, label in ((0, "y"), (1, "s")):
+            for v, size in (("x", n), ("residual", n), ("weight", 8)) + \
+                    ((("bias", 8),) if "layer" in entry else ()):
+                cases.append((f"{entry}[{label}]/{v}", n, size, add(v, which, entry)))
+
+    def add_bwd(victim, entry):
+        def run(out, inp, rng):
+            x = _rand(rng, shape)
+            w = inp.reshape(8) if victim == "ctx.weight" else _rand(rng, 8)
+            *_, ctx = getattr(normffn, f"{entry}_forward")(x, _rand(rng, shape), 8, w)
+            if victim == "ctx.s":
+                inp[...] = ctx.s.reshape(-1)
+                ctx = dataclasses.replace(ctx, s=inp.reshape(shape))
+            dy = inp.reshape(shape) if victim == "dy" else _rand(rng, shape)
+            ds = inp.reshape(shape) if victim == "ds" else _rand(rng, shape)
+            return lambda: getattr(normffn, f"{entry}_backward")(dy, ctx, ds,
+                                                                 out=out.reshape(shape))
+        return run
+
+    for entry in ("add_layer_norm", "add_rms_norm"):
+        for v, size in (("dy", n), ("ds", n), ("ctx.s", n), ("ctx.weight", 8)):
+            cases.append((f"{entry}_backward/{v}", n, size, add_bwd(v, entry)))
+
+    def rms_bwd(victim):
+        def run(out, inp, rng):
+            x = _rand(rng, shape)
+            if victim == "ctx.x":
+                inp[...] = x.reshape(-1)
+                x = inp.reshape(shape)
+            _, ctx = normffn.rms_norm_forward(x, 8, _rand(rng, 8))
+            dy = inp.reshape(shape) if victim == "dy" else _rand(rng, shape)
+            return lambda: normffn.rms_norm_backward(dy, ctx, out=out.reshape(shape))
+        return run
+
+    for v, size in (("dy", n), ("ctx.x", n)):
+        cases.append((f"rms_norm_backward/{v}", n, size, rms_bwd(v)))
     return cases
 
 
@@ -709,6 +964,26 @@ def test_batch_norm_passes_64bit_sizes_to_the_kernel(shape, monkeypatch):
     assert y.shape == shape and math.prod(rec.calls[-1][1][0]) == x.size > 2**31
     normffn.batch_norm_backward(x, ctx, out=y)
     assert rec.calls[-1][0] == "backward" and math.prod(rec.calls[-1][1][0]) == x.size
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "add_layer_norm", "add_rms_norm"])
+def test_row_norms_pass_64bit_sizes_to_the_kernel(op, monkeypatch):
+    mod = RMS if op == "rms_norm" else ADDN
+    rec = _Recorder(mod._kernel)
+    monkeypatch.setattr(mod, "_kernel", rec)
+    shape = (BIG // 8 + 1, 8)
+    n, d = shape
+    x = _virtual(shape)
+    if op == "rms_norm":
+        y, ctx = normffn.rms_norm_forward(x, d)
+        extra = ()
+    else:
+        y, _, ctx = getattr(normffn, f"{op}_forward")(x, _virtual(shape), d)
+        extra = (x,)                       # ds
+    assert n * d > 2**31 and y.shape == shape
+    assert rec.calls[-1][0] == "forward" and rec.calls[-1][1][0] == (n, d)
+    getattr(normffn, f"{op}_backward")(x, ctx, *extra, out=y)
+    assert rec.calls[-1][0] == "backward" and rec.calls[-1][1][0] == (n, d)
 
 
 def test_ffn_more_than_2_31_rows_keeps_blas_sizes_32bit(monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 from conftest import ADVERSARIAL, DTYPES, LAYOUTS, make_array, randn
 
 from normffn import _tuning
-from normffn import reference_norms as ref
+from normffn import reference as ref
 from normffn.rms_norm import RMSNormContext, rms_norm, rms_norm_backward, rms_norm_forward
 from normffn.testing import assert_close, gradcheck
 

@@ -14,16 +14,23 @@ What an entry gives (see :class:`Op` for the fields):
   call (in signature order), an upstream gradient ``dy``, and what the tolerance needs (rows
   summed by weight gradients, conditioning); ``kind`` is one of :data:`INPUT_KINDS`;
 * the callables: normffn's and :mod:`normffn.reference`'s are found by name (the reference
-  mirrors the API name for name: ``op``, ``op_forward``, ``op_backward``), with flags saying
-  which take ``out=``; ``torch(inputs) -> TorchOp`` builds PyTorch's twin (torch imported
-  lazily, only when called);
-* output names: ``outputs`` (forward), ``stats`` (ctx fields compared), ``state`` (arguments
-  updated in place, e.g. running stats), ``grads`` (backward, aligned with the returned tuple);
+  mirrors the API name for name: ``op``, ``op_forward``, ``op_backward``; ``api`` when the
+  entry's name is not the function's, e.g. ``ffn_gated`` -> ``ffn``), with flags saying
+  which take ``out=`` (``backward_out``: ``"first"`` = the first gradient, ``"all"`` = a
+  tuple aligned with ``grads``); ``forward_reuse`` names ctx fields a training loop passes
+  back to the next forward as ``<field>_out=`` (FFN: ``hidden``); ``torch(inputs) -> TorchOp``
+  builds PyTorch's twin (torch imported lazily, only when called);
+* output names: ``outputs`` (forward: ``op`` returns them, a tuple when there are several,
+  ``op_forward`` returns them followed by ctx, and ``out=`` is one buffer per output),
+  ``stats`` (ctx fields compared), ``state`` (arguments updated in place, e.g. running
+  stats), ``grads`` (backward, aligned with the returned tuple); further backward arguments
+  (add + norm's ``ds``) travel in ``Inputs.grad_kwargs``;
 * ``tolerance`` class (``"norm"`` or ``"gemm"``) and ``row_sums`` (outputs summed over batch
   rows), read by :func:`documented_tolerance`;
 * ``variants``: configurations compared and tested (BatchNorm train / eval, FFN activations);
 * ``bench_cases``: what ``bench`` times per shape, and the rate model: ``unit``, ``work(shape,
-  itemsize, call)`` and ``limit`` (the machine-limit probe: ``"copy"`` or ``"gemm"``).
+  itemsize, call)`` and ``limit`` (the machine-limit probe: ``"copy"`` of the bytes the
+  forward moves, or ``"gemm"``: the FFN's bare GEMMs, ``gated`` ones with x·w1 of width 2h).
 
 This module imports only NumPy and :mod:`normffn.testing` at import time (no op module, no
 torch), so every tool may import it without cycles; ops are resolved when called.
@@ -41,7 +48,8 @@ from .testing import tolerance
 
 __all__ = ["Op", "Inputs", "BenchCase", "TorchOp", "OPS", "INPUT_KINDS", "get",
            "documented_tolerance", "bench_callable", "bench_providers", "bench_inputs",
-           "copy_probe", "gemm_probe", "channels_last", "torch_or_none"]
+           "copy_probe", "gemm_probe", "limit_probe", "limit_work", "channels_last",
+           "torch_or_none", "forward_out_buffers", "backward_out_buffers", "split_forward"]
 
 
 # ---------------------------------------------------------------- input kinds
@@ -100,12 +108,15 @@ class Inputs:
 
     ``args``: the forward arguments by name, in signature order (``op(*args.values())``);
     ``dy``: the upstream gradient; ``rows``: how many batch rows a weight gradient sums;
-    ``condition``: max |mean| / std of the normalised groups (1 where it does not apply)."""
+    ``condition``: max |mean| / std of the normalised groups (1 where it does not apply);
+    ``grad_kwargs``: further keyword arguments of the backward (add + norm: ``ds``, the
+    gradient reaching ``s``)."""
 
     args: dict
     dy: np.ndarray
     rows: int = 1
     condition: float = 1.0
+    grad_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -159,8 +170,9 @@ class Op:
     stats: tuple = ()                 # ctx fields compared against the reference's ctx
     state: tuple = ()                 # args updated in place by forward (compared too)
     grads: tuple = ()
-    forward_out: bool = True          # op(..., out=) exists
-    backward_out: bool = True         # op_backward(..., out=) exists
+    forward_out: bool = True          # op(..., out=) exists (one buffer per output)
+    backward_out: str = "first"       # op_backward(..., out=): "first" grad, "all", "" none
+    forward_reuse: tuple = ()         # ctx fields passed back to forward as <field>_out=
     tolerance: str = "norm"           # "norm" or "gemm" (documented_tolerance)
     row_sums: tuple = ()              # outputs summed over batch rows (atol * sqrt(rows))
     variants: dict = field(default_factory=lambda: {"": {}})
@@ -168,6 +180,8 @@ class Op:
     unit: str = "GB/s"                # rate unit: "GB/s" or "GFLOP/s"
     work: Callable = None             # (shape, itemsize, call) -> bytes or flops per call
     limit: str = "copy"               # machine-limit probe: "copy" or "gemm"
+    gated: bool = False               # gemm limit: x·w1 is 2h wide (packed gate | up)
+    api: str = ""                     # function name when not `name` (ffn_gated -> ffn)
     module: str = "normffn"
 
     # -- callables, by name (normffn and normffn.reference share the names)
@@ -176,7 +190,7 @@ class Op:
         ``"forward"`` or ``"backward"``."""
         mod = importlib.import_module("normffn" if provider == "normffn"
                                       else "normffn.reference")
-        return getattr(mod, self.name + (f"_{entry}" if entry else ""))
+        return getattr(mod, (self.api or self.name) + (f"_{entry}" if entry else ""))
 
     def parse_shape(self, text) -> tuple:
         """``"8192x768"`` (or a bench-shape name, or a tuple) -> (8192, 768); ``ValueError``
@@ -236,9 +250,12 @@ def copy_probe(nbytes: int) -> Callable:
     return lambda: _bench.parallel_copy(dst, src)
 
 
-def gemm_probe(n: int, d: int, h: int, dtype, backward: bool, seed: int = 0) -> Callable:
+def gemm_probe(n: int, d: int, h: int, dtype, backward: bool, seed: int = 0,
+               gated: bool = False) -> Callable:
     """A callable running the FFN's bare GEMMs (2 forward, 6 forward + backward) with scipy's
-    BLAS (the BLAS normffn calls) on preallocated buffers: the FFN's machine limit."""
+    BLAS (the BLAS normffn calls) on preallocated buffers: the FFN's machine limit.  ``gated``:
+    the first layer is 2h wide (``x @ w1`` with w1 (d, 2h); its backward GEMMs as wide), the
+    second h."""
     from scipy.linalg import blas
 
     rng = np.random.default_rng(seed)
@@ -252,36 +269,47 @@ def gemm_probe(n: int, d: int, h: int, dtype, backward: bool, seed: int = 0) -> 
         aa, ta = fmat(a.T)
         gemm(1.0, bb, aa, beta=0.0, c=c.T, trans_a=tb, trans_b=ta, overwrite_c=1)
 
+    hw = 2 * h if gated else h
     x, dy = (rng.standard_normal((n, d)).astype(dtype) for _ in range(2))
-    w1 = rng.standard_normal((d, h)).astype(dtype)
+    w1 = rng.standard_normal((d, hw)).astype(dtype)
     w2 = rng.standard_normal((h, d)).astype(dtype)
-    hid, dhid = np.empty((n, h), dtype), np.empty((n, h), dtype)
+    v, dv = np.empty((n, hw), dtype), np.empty((n, hw), dtype)   # pre-activation, its grad
+    # the (n, h) hidden and dA: the same buffers as v, dv for a plain FFN
+    hid, dhid = (np.empty((n, h), dtype), np.empty((n, h), dtype)) if gated else (v, dv)
     y, dx = np.empty((n, d), dtype), np.empty((n, d), dtype)
-    dw1, dw2 = np.empty((d, h), dtype), np.empty((h, d), dtype)
+    dw1, dw2 = np.empty((d, hw), dtype), np.empty((h, d), dtype)
 
     def fwd():
-        mm(x, w1, hid)
+        mm(x, w1, v)
         mm(hid, w2, y)
 
     def fwd_bwd():
         fwd()
         mm(dy, w2.T, dhid)
         mm(hid.T, dy, dw2)
-        mm(dhid, w1.T, dx)
-        mm(x.T, dhid, dw1)
+        mm(dv, w1.T, dx)
+        mm(x.T, dv, dw1)
 
     return fwd_bwd if backward else fwd
 
 
-def limit_probe(op: "Op", shape, dtype, call: str):
-    """(probe name, zero-argument callable, work per call) of the machine limit for one case."""
+def limit_work(op: "Op", shape, dtype, call: str) -> float:
+    """Work per call of the machine-limit probe of one case: the op's own flops for the GEMM
+    probe; for the copy probe, the bytes the op's forward moves (read and written: 2·numel·
+    itemsize for a norm, 4· for add + norm, which reads x and residual and writes y and s)."""
     itemsize = np.dtype(dtype).itemsize
     if op.limit == "gemm":
+        return float(op.work(shape, itemsize, call))
+    return float(op.work(shape, itemsize, "forward"))
+
+
+def limit_probe(op: "Op", shape, dtype, call: str):
+    """(probe name, zero-argument callable, work per call) of the machine limit for one case."""
+    work = limit_work(op, shape, dtype, call)
+    if op.limit == "gemm":
         n, d, h = shape
-        flops = op.work(shape, itemsize, call)
-        return "gemm", gemm_probe(n, d, h, dtype, call != "forward"), flops
-    nbytes = math.prod(shape) * itemsize
-    return "copy", copy_probe(nbytes), 2.0 * nbytes
+        return "gemm", gemm_probe(n, d, h, dtype, call != "forward", gated=op.gated), work
+    return "copy", copy_probe(int(work) // 2), work
 
 
 # ---------------------------------------------------------------- LayerNorm
@@ -469,8 +497,16 @@ def _ffn_torch(inp: Inputs, variant="relu") -> TorchOp:
 
     a = inp.args
     F = torch.nn.functional
+    gate = _GATES.get(a["activation"])       # gated: Linear -> chunk -> act(g) * u -> Linear
     act = {"relu": torch.relu, "silu": F.silu, "gelu": F.gelu,
-           "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}[a["activation"]]
+           "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}[gate or a["activation"]]
+
+    def hidden(v):
+        if gate is None:
+            return act(v)
+        g, u = v.chunk(2, dim=-1)
+        return act(g) * u
+
     # nn.Linear's layout: weight (out, in); same values as w1, w2
     W1 = torch.from_numpy(np.ascontiguousarray(a["w1"].T)).requires_grad_()
     W2 = torch.from_numpy(np.ascontiguousarray(a["w2"].T)).requires_grad_()
@@ -482,12 +518,12 @@ def _ffn_torch(inp: Inputs, variant="relu") -> TorchOp:
 
     def forward():
         with torch.no_grad():
-            return F.linear(act(F.linear(xt, W1, B1)), W2, B2)
+            return F.linear(hidden(F.linear(xt, W1, B1)), W2, B2)
 
     def fwd_bwd():
         for p in params:
             p.grad = None
-        F.linear(act(F.linear(xt, W1, B1)), W2, B2).backward(dyt)
+        F.linear(hidden(F.linear(xt, W1, B1)), W2, B2).backward(dyt)
 
     def forward_outputs():
         return {"y": _np(forward())}
@@ -517,7 +553,8 @@ FFN = Op(
     make_inputs=_ffn_inputs,
     torch=_ffn_torch,
     grads=("dx", "dw1", "db1", "dw2", "db2"),
-    backward_out=False,
+    backward_out="all",
+    forward_reuse=("hidden",),
     tolerance="gemm",
     row_sums=("dw1", "db1", "dw2", "db2"),
     variants={a: {"activation": a} for a in FFN_ACTIVATIONS},
@@ -530,8 +567,266 @@ FFN = Op(
 )
 
 
+# ---------------------------------------------------------------- RMSNorm
+def _rms_norm_inputs(shape, dtype, kind="normal", seed=0, variant=""):
+    rng = np.random.default_rng(seed)
+    d = shape[-1]
+    x = INPUT_KINDS[kind](rng, shape).astype(dtype)
+    w = (1 + 0.1 * rng.standard_normal(d)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    # eps=None: the dtype's machine epsilon (torch's default); no mean is subtracted, so no
+    # conditioning term
+    return Inputs({"x": x, "normalized_shape": d, "weight": w, "eps": None}, dy,
+                  rows=x.size // d)
+
+
+def _leaves(*arrays):
+    """Tensors over the arrays' memory that autograd tracks (None stays None)."""
+    import torch
+    return [None if a is None else torch.from_numpy(a).requires_grad_() for a in arrays]
+
+
+def _clear(*ts):
+    for t in ts:
+        if t is not None:
+            t.grad = None
+
+
+def _rms_norm_torch(inp: Inputs, variant="") -> TorchOp:
+    import torch
+
+    a = inp.args
+    d, eps = a["normalized_shape"], a["eps"]
+    F = torch.nn.functional
+    xt, wt = _leaves(a["x"], a["weight"])
+    dyt = torch.from_numpy(inp.dy)
+    graph = {}
+
+    def forward():
+        with torch.no_grad():
+            return F.rms_norm(xt, [d], wt, eps)
+
+    def fwd_bwd():
+        _clear(xt, wt)
+        F.rms_norm(xt, [d], wt, eps).backward(dyt)
+
+    def backward():   # autograd's backward alone, on a graph kept from one forward
+        if "y" not in graph:
+            graph["y"] = F.rms_norm(xt, [d], wt, eps)
+        _clear(xt, wt)
+        graph["y"].backward(dyt, retain_graph=True)
+
+    def forward_outputs():
+        return {"y": _np(forward())}      # F.rms_norm returns no rstd
+
+    def backward_outputs():
+        fwd_bwd()
+        return {"dx": _np(xt.grad), "dweight": _np(wt.grad)}
+
+    return TorchOp(forward, fwd_bwd, forward_outputs, backward_outputs, backward)
+
+
+RMS_NORM = Op(
+    name="rms_norm",
+    shape_format="NxD (rows x normalized size)",
+    ndims=(2,),
+    bench_shapes={"8192x768": (8192, 768), "2048x4096": (2048, 4096),
+                  "65536x96": (65536, 96), "262144x32": (262144, 32), "1000x769": (1000, 769),
+                  "3x1": (3, 1)},
+    default_shapes=("8192x768", "2048x4096"),
+    test_shape=(64, 768),
+    make_inputs=_rms_norm_inputs,
+    torch=_rms_norm_torch,
+    stats=("rstd",),
+    grads=("dx", "dweight"),
+    row_sums=("dweight",),
+    bench_cases=(BenchCase("forward", "forward"), BenchCase("backward", "backward"),
+                 BenchCase("fwd+bwd", "fwd+bwd")),
+    work=_norm_work,
+)
+
+
+# ---------------------------------------------------------------- residual add + norm
+def _add_norm_inputs(shape, dtype, kind="normal", seed=0, variant="", rms=False):
+    rng = np.random.default_rng(seed)
+    d = shape[-1]
+    x = INPUT_KINDS[kind](rng, shape).astype(dtype)
+    # the residual keeps the kind's character in s = x + residual (a tiny variance stays tiny)
+    scale = {"tiny_variance": 1e-3, "large_offset": 0.1}.get(kind, 1.0)
+    r = (scale * rng.standard_normal(shape)).astype(dtype)
+    w = (1 + 0.1 * rng.standard_normal(d)).astype(dtype)
+    b = (0.1 * rng.standard_normal(d)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    ds = rng.standard_normal(shape).astype(dtype)
+    args = {"x": x, "residual": r, "normalized_shape": d, "weight": w}
+    if rms:
+        args["eps"] = None
+    else:
+        args.update(bias=b, eps=1e-5)
+    return Inputs(args, dy, rows=x.size // d,
+                  condition=1.0 if rms else _condition(x + r, axis=-1),
+                  grad_kwargs={"ds": ds})
+
+
+def _add_rms_norm_inputs(shape, dtype, kind="normal", seed=0, variant=""):
+    return _add_norm_inputs(shape, dtype, kind, seed, variant, rms=True)
+
+
+def _add_norm_torch(inp: Inputs, variant="") -> TorchOp:
+    """``s = x + r`` then ``F.layer_norm`` (or ``F.rms_norm`` without a bias argument);
+    backward: autograd of the pair (y, s) with the gradients (dy, ds)."""
+    import torch
+
+    a = inp.args
+    d, eps = a["normalized_shape"], a["eps"]
+    rms = "bias" not in a
+    F = torch.nn.functional
+    xt, rt, wt, bt = _leaves(a["x"], a["residual"], a["weight"], a.get("bias"))
+    dyt, dst = torch.from_numpy(inp.dy), torch.from_numpy(inp.grad_kwargs["ds"])
+    graph = {}
+
+    def norm(s):
+        return F.rms_norm(s, [d], wt, eps) if rms else F.layer_norm(s, [d], wt, bt, eps)
+
+    def pair():
+        s = xt + rt
+        return norm(s), s
+
+    def forward():
+        with torch.no_grad():
+            return pair()
+
+    def fwd_bwd():
+        _clear(xt, rt, wt, bt)
+        torch.autograd.backward(pair(), (dyt, dst))
+
+    def backward():   # autograd's backward alone, on a graph kept from one forward
+        if "ys" not in graph:
+            graph["ys"] = pair()
+        _clear(xt, rt, wt, bt)
+        torch.autograd.backward(graph["ys"], (dyt, dst), retain_graph=True)
+
+    def forward_outputs():
+        y, s = forward()
+        out = {"y": _np(y), "s": _np(s)}
+        if not rms:
+            with torch.no_grad():
+                _, m, r = torch.native_layer_norm(s, [d], wt, bt, eps)
+            out.update(mean=_np(m).reshape(s.shape[:-1]), rstd=_np(r).reshape(s.shape[:-1]))
+        return out
+
+    def backward_outputs():
+        fwd_bwd()
+        out = {"dsum": _np(xt.grad), "dweight": _np(wt.grad)}
+        if not rms:
+            out["dbias"] = _np(bt.grad)
+        return out
+
+    return TorchOp(forward, fwd_bwd, forward_outputs, backward_outputs, backward)
+
+
+def _add_norm_work(shape, itemsize, call):
+    """Add + norm: forward reads x and residual and writes y and s (4·numel·itemsize);
+    backward with ds reads dy, s and ds and writes dsum (4·)."""
+    nbytes = math.prod(shape) * itemsize
+    return {"forward": 4, "backward": 4, "fwd+bwd": 8}[call] * nbytes
+
+
+_ADD_NORM_SHAPES = {"8192x768": (8192, 768), "2048x4096": (2048, 4096),
+                    "1000x769": (1000, 769), "3x1": (3, 1)}
+
+ADD_LAYER_NORM = Op(
+    name="add_layer_norm",
+    shape_format="NxD (rows x normalized size)",
+    ndims=(2,),
+    bench_shapes=dict(_ADD_NORM_SHAPES),
+    default_shapes=("8192x768",),
+    test_shape=(64, 768),
+    make_inputs=_add_norm_inputs,
+    torch=_add_norm_torch,
+    outputs=("y", "s"),
+    stats=("mean", "rstd"),
+    grads=("dsum", "dweight", "dbias"),
+    row_sums=("dweight", "dbias"),
+    bench_cases=(BenchCase("forward", "forward"), BenchCase("backward+ds", "backward")),
+    work=_add_norm_work,
+)
+
+ADD_RMS_NORM = Op(
+    name="add_rms_norm",
+    shape_format="NxD (rows x normalized size)",
+    ndims=(2,),
+    bench_shapes=dict(_ADD_NORM_SHAPES),
+    default_shapes=("8192x768",),
+    test_shape=(64, 768),
+    make_inputs=_add_rms_norm_inputs,
+    torch=_add_norm_torch,
+    outputs=("y", "s"),
+    stats=("rstd",),
+    grads=("dsum", "dweight"),
+    row_sums=("dweight",),
+    bench_cases=(BenchCase("forward", "forward"), BenchCase("backward+ds", "backward")),
+    work=_add_norm_work,
+)
+
+
+# ---------------------------------------------------------------- gated FFN
+GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu")
+_GATES = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+
+
+def _ffn_gated_inputs(shape, dtype, kind="normal", seed=0, variant="swiglu"):
+    """Shape (n, d, h): h hidden units, so w1 is the packed (d, 2h) = [gate | up]."""
+    rng = np.random.default_rng(seed)
+    n, d, h = shape
+    x = INPUT_KINDS[kind](rng, (n, d))
+    if kind in ("large_offset", "tiny_variance"):   # an offset input, at a scale a GEMM keeps
+        x = x / np.abs(np.nanmean(x))
+    x = x.astype(dtype)
+    w1 = (rng.standard_normal((d, 2 * h)) / math.sqrt(d)).astype(dtype)
+    b1 = (0.1 * rng.standard_normal(2 * h)).astype(dtype)
+    w2 = (rng.standard_normal((h, d)) / math.sqrt(h)).astype(dtype)
+    b2 = (0.1 * rng.standard_normal(d)).astype(dtype)
+    dy = rng.standard_normal((n, d)).astype(dtype)
+    return Inputs({"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2,
+                   "activation": variant or "swiglu"}, dy, rows=n)
+
+
+def _ffn_gated_work(shape, itemsize, call):
+    """Gated FFN: x·w1 is 2·n·d·2h flops, hidden·w2 2·n·h·d; forward + backward 3x that."""
+    n, d, h = shape
+    return {"forward": 1, "fwd+bwd": 3}[call] * 6.0 * n * d * h
+
+
+FFN_GATED = Op(
+    name="ffn_gated",
+    api="ffn",
+    shape_format="NxDxH (rows x model dim x hidden units; w1 is (D, 2H))",
+    ndims=(3,),
+    bench_shapes={"2048x768x2048": (2048, 768, 2048), "8192x512x1376": (8192, 512, 1376)},
+    default_shapes=("2048x768x2048", "8192x512x1376"),
+    test_shape=(64, 96, 128),
+    make_inputs=_ffn_gated_inputs,
+    torch=lambda inp, variant="swiglu": _ffn_torch(inp, variant),
+    grads=("dx", "dw1", "db1", "dw2", "db2"),
+    backward_out="all",
+    forward_reuse=("hidden",),
+    tolerance="gemm",
+    row_sums=("dw1", "db1", "dw2", "db2"),
+    variants={a: {"activation": a} for a in GATED_ACTIVATIONS},
+    bench_cases=(BenchCase("fwd swiglu", "forward", "swiglu"),
+                 BenchCase("fwd+bwd swiglu", "fwd+bwd", "swiglu",
+                           extra={"normffn recompute": {"recompute": True}})),
+    unit="GFLOP/s",
+    work=_ffn_gated_work,
+    limit="gemm",
+    gated=True,
+)
+
+
 #: op name -> entry, in the order the tools list them
-OPS = {op.name: op for op in (LAYER_NORM, BATCH_NORM, FFN)}
+OPS = {op.name: op for op in (LAYER_NORM, RMS_NORM, ADD_LAYER_NORM, ADD_RMS_NORM, BATCH_NORM,
+                              FFN, FFN_GATED)}
 
 
 def get(name: str) -> Op:
@@ -554,9 +849,11 @@ def bench_inputs(op: Op, case: BenchCase, shape, dtype, seed: int = 0) -> Inputs
 
 
 def bench_providers(op: Op, case: BenchCase, numpy: bool = True, torch: bool = True) -> list:
-    """Provider labels of one case, normffn's headline first."""
+    """Provider labels of one case, normffn's headline first (``normffn out=``: every output
+    buffer preallocated and reused, where the op's entry points take them all)."""
     names = []
-    if case.call == "forward" and op.forward_out or case.call == "backward" and op.backward_out:
+    fwd, bwd = op.forward_out, bool(op.backward_out)
+    if {"forward": fwd, "backward": bwd, "fwd+bwd": fwd and bwd}.get(case.call):
         names.append("normffn out=")
     names.append("normffn")
     names += list(case.extra)
@@ -567,12 +864,66 @@ def bench_providers(op: Op, case: BenchCase, numpy: bool = True, torch: bool = T
     return names
 
 
+# ---------------------------------------------------------------- calling an op generically
+def split_forward(op: Op, result) -> tuple:
+    """``op_forward``'s result -> ``(outputs, ctx)``, outputs a dict name -> array in the order
+    of ``op.outputs`` (``(y, ctx)``, or ``(y, s, ctx)`` for add + norm)."""
+    *ys, ctx = result
+    return dict(zip(op.outputs, ys)), ctx
+
+
+def op_outputs(op: Op, result) -> dict:
+    """``op(...)``'s result (one array, or a tuple for several outputs) -> name -> array."""
+    if len(op.outputs) == 1:
+        return {op.outputs[0]: result}
+    return dict(zip(op.outputs, result))
+
+
+def forward_out_buffers(op: Op, x, fill=None):
+    """``out=`` for the forward: one buffer like x per output (a tuple when several);
+    ``fill``: a value to fill them with (default: uninitialised)."""
+    make = np.empty_like if fill is None else (lambda a: np.full_like(a, fill))
+    bufs = tuple(make(x) for _ in op.outputs)
+    return bufs if len(bufs) > 1 else bufs[0]
+
+
+def backward_out_buffers(op: Op, grads, dtype, fill=None):
+    """``out=`` for the backward, shaped like ``grads`` (one call's gradients, any dtype):
+    the first gradient's buffer (``backward_out="first"``) or a tuple aligned with ``grads``
+    (``"all"``; None where the gradient is None)."""
+    def make(g):
+        if g is None:
+            return None
+        a = np.empty(np.shape(g), dtype=dtype)
+        if fill is not None:
+            a.fill(fill)
+        return a
+    if op.backward_out == "all":
+        return tuple(make(g) for g in grads)
+    return make(grads[0])
+
+
+def _reuse(op: Op, ctx) -> dict:
+    """Buffers a training loop hands back to the next forward (``hidden_out=ctx.hidden``)."""
+    out = {}
+    for k in op.forward_reuse:
+        v = getattr(ctx, k, None)
+        if v is not None:
+            out[f"{k}_out"] = v
+    return out
+
+
 def bench_callable(op: Op, case: BenchCase, provider: str, inp: Inputs) -> Callable:
     """A zero-argument callable doing ``case``'s work with ``provider`` on ``inp`` (outputs
     preallocated for ``out=``, a ctx made beforehand for ``backward``).  Raises
-    ``NotImplementedError`` when the provider does not exist here (torch missing, ...)."""
+    ``NotImplementedError`` when the provider does not exist here (torch missing, ...).
+
+    ``normffn out=`` for ``fwd+bwd`` is a training step that touches no fresh memory: the
+    forward writes into its ``out=`` buffers and gets the previous step's saved activations
+    back (``forward_reuse``, e.g. ``hidden_out=ctx.hidden``), the backward writes every
+    gradient into its ``out=`` buffers."""
     args = dict(inp.args)
-    dy = inp.dy
+    dy, gkw = inp.dy, dict(inp.grad_kwargs)
     if provider == "torch":
         if op.torch is None or torch_or_none() is None:
             raise NotImplementedError("torch is not installed")
@@ -597,18 +948,33 @@ def bench_callable(op: Op, case: BenchCase, provider: str, inp: Inputs) -> Calla
     f_op, f_fwd, f_bwd = (op.function(lib, e) for e in ("", "forward", "backward"))
     if case.call == "forward":
         if use_out:
-            y = np.empty_like(args["x"])
+            y = forward_out_buffers(op, args["x"])
             return lambda: f_op(*pos, out=y)
         return (lambda: f_fwd(*pos)) if provider in case.extra else (lambda: f_op(*pos))
     if case.call == "backward":
-        _, ctx = f_fwd(*pos)
+        ctx = f_fwd(*pos)[-1]
         if use_out:
-            dx = np.empty_like(dy)
-            return lambda: f_bwd(dy, ctx, out=dx)
-        return lambda: f_bwd(dy, ctx)
+            if op.backward_out == "all":
+                gout = backward_out_buffers(op, f_bwd(dy, ctx, **gkw), dy.dtype)
+            else:
+                gout = np.empty_like(dy)
+            return lambda: f_bwd(dy, ctx, out=gout, **gkw)
+        return lambda: f_bwd(dy, ctx, **gkw)
     if case.call == "fwd+bwd":
+        if use_out:
+            yout = forward_out_buffers(op, args["x"])
+            ctx0 = f_fwd(*pos, out=yout)[-1]
+            reuse = _reuse(op, ctx0)      # ctx0 is spent: the next forward overwrites them
+            gout = backward_out_buffers(op, f_bwd(dy, ctx0, **gkw), dy.dtype) \
+                if op.backward_out == "all" else np.empty_like(dy)
+
+            def fwd_bwd_out():
+                c = f_fwd(*pos, out=yout, **reuse)[-1]
+                return f_bwd(dy, c, out=gout, **gkw)
+            return fwd_bwd_out
+
         def fwd_bwd():
-            _, c = f_fwd(*pos)
-            return f_bwd(dy, c)
+            c = f_fwd(*pos)[-1]
+            return f_bwd(dy, c, **gkw)
         return fwd_bwd
     raise ValueError(case.call)

@@ -14,10 +14,14 @@ range of the per-round medians (how much a fresh process moves it).  ``--in-proc
 old mode: all providers in this process, interleaved round by round in random order, a short
 call timed right after an untimed one, ± half the inter-quartile range.
 
-Rates: norms report GB/s (forward moves 2·numel·itemsize, backward 3·) and the fraction of the
-copy bandwidth for the same bytes (``normffn._kernels._bench.parallel_copy``); the FFN reports
-GFLOP/s and the fraction of its bare GEMMs' rate; both limits measured in the same run, in their
-own process.
+Rates: norms report GB/s (forward moves 2·numel·itemsize, backward 3·; add + norm 4· both, as
+it reads x and residual and writes y and s, backward reads dy, s, ds and writes dsum) and the
+fraction of the copy bandwidth for the forward's bytes (``normffn._kernels._bench.parallel_copy``);
+the FFNs report GFLOP/s and the fraction of their bare GEMMs' rate (gated: x·w1 of width 2h,
+hidden·w2); both limits measured in the same run, in their own process.  For the FFNs'
+forward+backward, ``normffn out=`` is a training step that reuses every buffer
+(``ffn_forward(..., out=, hidden_out=previous ctx.hidden)`` + ``ffn_backward(..., out=(dx, dw1,
+db1, dw2, db2))``); ``normffn`` is the default, allocating call.
 """
 from __future__ import annotations
 
@@ -204,15 +208,10 @@ def _cases_of(op: _ops.Op, shape, dtype: str, threads, numpy: bool, torch: bool)
     itemsize = np.dtype(dtype).itemsize
     cases = []
     for bc in op.cases_for(shape):
-        limit_name = op.limit
-        if op.limit == "gemm":
-            limit_work = op.work(shape, itemsize, bc.call)
-        else:
-            limit_work = 2.0 * math.prod(shape) * itemsize
         cases.append(Case(op.name, bc.direction, bc.call, tuple(shape), dtype, threads,
                           op.work(shape, itemsize, bc.call), op.unit,
                           _ops.bench_providers(op, bc, numpy=numpy, torch=torch),
-                          limit_name, limit_work))
+                          op.limit, _ops.limit_work(op, shape, dtype, bc.call)))
     return cases
 
 

@@ -1,12 +1,13 @@
 """``python -m normffn compare``: accuracy of normffn (and torch) against the float64 reference.
 
 For every op of the registry (:mod:`normffn._ops`), each of its variants (BatchNorm train /
-eval, the FFN's activations), on normal and adversarial inputs, in float32 and float64, this runs
-normffn, torch (when importable) and :mod:`normffn.reference` on the same data and reports, per
-output (``y``, ``mean``, ``rstd``, ``dx``, ``dweight``, ...), the max abs error and the max error
-relative to the output's scale (``max |reference|``), whether NaN/Inf sit where the reference
-puts them, the tolerance normffn promises (:func:`normffn.testing.documented_tolerance`) and
-whether normffn is within it.  The command exits non-zero if normffn is outside it anywhere.
+eval, the FFN's plain and gated activations), on normal and adversarial inputs, in float32 and
+float64, this runs normffn, torch (when importable) and :mod:`normffn.reference` on the same
+data and reports, per output (``y``, ``s``, ``mean``, ``rstd``, ``dx``, ``dsum``, ``dweight``,
+...), the max abs error and the max error relative to the output's scale (``max |reference|``),
+whether NaN/Inf sit where the reference puts them, the tolerance normffn promises
+(:func:`normffn.testing.documented_tolerance`) and whether normffn is within it.  The command
+exits non-zero if normffn is outside it anywhere.
 
 Everything here is importable for your own comparison scripts::
 
@@ -33,8 +34,8 @@ OPS = tuple(_ops.OPS)
 
 
 def _labels(op: _ops.Op):
-    """(label, variant) per variant: ``batch_norm[train]``, ``ffn[gelu]``; the bare name for an
-    op with one variant."""
+    """(label, variant) per variant: ``batch_norm[train]``, ``ffn[gelu]``,
+    ``ffn_gated[swiglu]``; the bare name for an op with one variant."""
     if len(op.variants) == 1:
         return [(op.name, next(iter(op.variants)))]
     return [(f"{op.name}[{v}]", v) for v in op.variants]
@@ -48,8 +49,8 @@ def _copy_state(op, args, dtype=None):
     return args
 
 
-def _outputs(op, y, ctx, args):
-    fwd = {"y": y}
+def _outputs(op, result, args):
+    fwd, ctx = _ops.split_forward(op, result)
     for k in op.stats:
         fwd[k] = getattr(ctx, k, None)
     for k in op.state:
@@ -71,11 +72,13 @@ def run_case(op: _ops.Op, variant, kind: str, dtype, seed: int = 0, torch: bool 
     fwd_nf, bwd_nf = op.function("normffn", "forward"), op.function("normffn", "backward")
     fwd_rf, bwd_rf = op.function("reference", "forward"), op.function("reference", "backward")
     a = _copy_state(op, inp.args)
-    y, ctx = fwd_nf(*a.values())
-    res = {"normffn": (_outputs(op, y, ctx, a), dict(zip(op.grads, bwd_nf(inp.dy, ctx))))}
+    gkw = inp.grad_kwargs
+    fwd = fwd_nf(*a.values())
+    res = {"normffn": (_outputs(op, fwd, a),
+                       dict(zip(op.grads, bwd_nf(inp.dy, fwd[-1], **gkw))))}
     ar = _copy_state(op, inp.args, np.float64)
-    yr, cr = fwd_rf(*ar.values())
-    reference = (_outputs(op, yr, cr, ar), dict(zip(op.grads, bwd_rf(inp.dy, cr))))
+    fwd_r = fwd_rf(*ar.values())
+    reference = (_outputs(op, fwd_r, ar), dict(zip(op.grads, bwd_rf(inp.dy, fwd_r[-1], **gkw))))
     if torch and op.torch is not None and _ops.torch_or_none() is not None:
         t = op.torch(inp, variant)
         res["torch"] = (t.forward_outputs(), t.backward_outputs())

@@ -5,6 +5,20 @@ against these.  They mirror the public API name for name and signature for signa
 everything in float64 whatever the input dtype, and return float64 arrays.  Clarity over speed:
 no tricks, the textbook formulas with the literature's names.  They validate nothing; give them
 what you would give the real op.
+
+Every ``*_backward`` honours ``needs=`` (a tuple of bools aligned with the returned gradients;
+False entries come back as None) and accepts ``out=`` (ignored: references allocate).  Fused
+ops form ``s = x + residual`` in the input dtype (one rounding, as the op does), then normalise
+``s`` in float64.
+
+Gated FFNs (``activation="swiglu" | "geglu" | "reglu"``) take a packed first layer: ``w1`` is
+``(d, 2h)``, its first h columns the gate and the last h the linear ("up") half; ``b1`` is
+``(2h,)`` or None; ``w2`` is ``(h, d)``::
+
+    g = x @ w1[:, :h] + b1[:h],  u = x @ w1[:, h:] + b1[h:]
+    a = act(g) * u,              y = a @ w2 + b2
+
+with act = silu (swiglu), gelu (erf; geglu) or relu (reglu).
 """
 from __future__ import annotations
 
@@ -13,20 +27,39 @@ from types import SimpleNamespace
 import numpy as np
 
 __all__ = ["layer_norm", "layer_norm_forward", "layer_norm_backward",
-           "batch_norm", "batch_norm_forward", "batch_norm_backward"]
-__all__ += ["ffn", "ffn_forward", "ffn_backward"]
+           "batch_norm", "batch_norm_forward", "batch_norm_backward",
+           "ffn", "ffn_forward", "ffn_backward", "pack_gated",
+           "rms_norm", "rms_norm_forward", "rms_norm_backward",
+           "add_layer_norm", "add_layer_norm_forward", "add_layer_norm_backward",
+           "add_rms_norm", "add_rms_norm_forward", "add_rms_norm_backward"]
+
+#: gated activation -> the activation of its gate
+GATES = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
 
 
 def _f64(a):
     return None if a is None else np.asarray(a, dtype=np.float64)
 
 
+def _axes(x, normalized_shape):
+    """The trailing axes ``normalized_shape`` covers."""
+    k = 1 if np.ndim(normalized_shape) == 0 else len(normalized_shape)
+    return tuple(range(x.ndim - k, x.ndim))
+
+
+def _mask(grads, needs):
+    """``grads`` with the entries ``needs`` marks False replaced by None."""
+    if needs is None:
+        return tuple(grads)
+    return tuple(g if want else None for g, want in zip(grads, needs))
+
+
 # ---------------------------------------------------------------- LayerNorm
 def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
     """Returns ``(y, ctx)``; ``ctx`` has ``mean`` and ``rstd`` of shape x.shape[:-k]."""
     x = _f64(x)
-    k = 1 if np.ndim(normalized_shape) == 0 else len(normalized_shape)
-    axes = tuple(range(x.ndim - k, x.ndim))
+    axes = _axes(x, normalized_shape)
+    k = len(axes)
     mean = x.mean(axis=axes, keepdims=True)
     mean = mean + (x - mean).mean(axis=axes, keepdims=True)         # corrected two-pass mean
     var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)          # biased, two-pass
@@ -47,8 +80,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     return layer_norm_forward(x, normalized_shape, weight, bias, eps)[0]
 
 
-def layer_norm_backward(dy, ctx, *, out=None):
-    """Returns ``(dx, dweight, dbias)`` (None where weight/bias were None)."""
+def layer_norm_backward(dy, ctx, *, out=None, needs=None):
+    """Returns ``(dx, dweight, dbias)`` (None where weight/bias were None or not needed):
+    ``g = dy * weight``, ``c1 = mean(g * xhat)``, ``c2 = mean(g)``,
+    ``dx = rstd * (g - xhat * c1 - c2)``, ``dweight = sum dy * xhat``, ``dbias = sum dy``."""
     dy = _f64(dy)
     axes = ctx.axes
     lead_axes = tuple(range(ctx.x.ndim - len(axes)))
@@ -61,12 +96,12 @@ def layer_norm_backward(dy, ctx, *, out=None):
     dx = rstd * (g - xhat * c1 - c2)
     dweight = (dy * xhat).sum(axis=lead_axes) if ctx.weight is not None else None
     dbias = dy.sum(axis=lead_axes) if ctx.bias is not None else None
-    return dx, dweight, dbias
+    return _mask((dx, dweight, dbias), needs)
 
 
-# ---------------------------------------------------------------- FFN
+# ---------------------------------------------------------------- FFN (plain and gated)
 def _ffn_act(activation, v):
-    """``(act(v), act'(v))``; relu's derivative is ``None`` (its backward uses the mask a > 0)."""
+    """``(act(v), act'(v))``; relu's derivative is ``None`` (its backward uses the mask v > 0)."""
     from scipy.special import erfc
     if activation == "relu":
         return np.maximum(v, 0.0), None                               # NaN stays NaN
@@ -86,22 +121,36 @@ def _ffn_act(activation, v):
     raise ValueError(activation)
 
 
-def ffn_forward(x, w1, b1, w2, b2, activation="relu", recompute=False):
-    """Returns ``(y, ctx)``, ``y = act(x @ w1 + b1) @ w2 + b2``; ``ctx`` has ``v`` (the
-    pre-activation), ``a`` (the activation), both (n, h), and ``dead_units`` (relu: units whose
-    output is 0 on every row; None otherwise).  ``recompute`` changes nothing here."""
+def ffn_forward(x, w1, b1, w2, b2, activation="relu", recompute=False, *, out=None,
+                hidden_out=None):
+    """Returns ``(y, ctx)``, ``y = act(x @ w1 + b1) @ w2 + b2`` (gated: ``y = (act(g) * u)
+    @ w2 + b2``, see the module docstring).
+
+    ``ctx`` has ``v`` (the pre-activation, (n, h); gated: the packed [g | u], (n, 2h)), ``a``
+    (the hidden activation, (n, h)), for gated activations ``g`` and ``u``, and ``dead_units``
+    (relu: units whose output is 0 on every row; reglu: the same of the gate ``act(g)``; None
+    otherwise).  ``recompute``, ``out`` and ``hidden_out`` change nothing here."""
     x = _f64(x)
     x2 = x.reshape(-1, x.shape[-1])
     v = x2 @ _f64(w1)
     if b1 is not None:
         v = v + _f64(b1)
-    a, _ = _ffn_act(activation, v)
+    g = u = None
+    if activation in GATES:
+        h = v.shape[1] // 2
+        g, u = v[:, :h], v[:, h:]
+        s, _ = _ffn_act(GATES[activation], g)
+        a = s * u
+        dead = np.all(s == 0, axis=0) if activation == "reglu" else None
+    else:
+        a, _ = _ffn_act(activation, v)
+        dead = np.all(a == 0, axis=0) if activation == "relu" else None
     y = a @ _f64(w2)
     if b2 is not None:
         y = y + _f64(b2)
-    dead = np.all(a == 0, axis=0) if activation == "relu" else None
     ctx = SimpleNamespace(x=x2, shape=x.shape, w1=_f64(w1), b1=_f64(b1), w2=_f64(w2),
-                          b2=_f64(b2), activation=activation, v=v, a=a, dead_units=dead)
+                          b2=_f64(b2), activation=activation, v=v, g=g, u=u, a=a,
+                          dead_units=dead)
     return y.reshape(x.shape), ctx
 
 
@@ -109,22 +158,135 @@ def ffn(x, w1, b1, w2, b2, activation="relu", *, out=None):
     return ffn_forward(x, w1, b1, w2, b2, activation)[0]
 
 
-def ffn_backward(dy, ctx):
-    """Returns ``(dx, dw1, db1, dw2, db2)`` (db1/db2 None where b1/b2 were None).
+def ffn_backward(dy, ctx, *, out=None, needs=None):
+    """Returns ``(dx, dw1, db1, dw2, db2)`` (db1/db2 None where b1/b2 were None; any None
+    where ``needs`` says False).
 
-    ``dA = dy @ w2^T``; ``dH = dA * act'(v)`` (relu: dA where not a <= 0, as PyTorch's
-    threshold_backward, so a NaN activation passes its gradient); ``dx = dH @ w1^T``,
-    ``dw1 = x^T @ dH``, ``db1 = sum dH``, ``dw2 = a^T @ dy``, ``db2 = sum dy`` over rows."""
+    ``dA = dy @ w2^T``.  Plain: ``dH = dA * act'(v)`` (relu: dA where not a <= 0, as PyTorch's
+    threshold_backward, so a NaN activation passes its gradient).  Gated: ``dg = dA * u *
+    act'(g)`` (reglu: ``dA * u`` where g is not <= 0, else 0), ``du = dA * act(g)``,
+    ``dH = [dg | du]``.  Then ``dx = dH @ w1^T``, ``dw1 = x^T @ dH``, ``db1 = sum dH``,
+    ``dw2 = a^T @ dy``, ``db2 = sum dy`` over rows."""
     dy = _f64(dy).reshape(-1, ctx.w1.shape[0])
     dA = dy @ ctx.w2.T
-    _, deriv = _ffn_act(ctx.activation, ctx.v)
-    dH = np.where(ctx.a <= 0, 0.0, dA) if ctx.activation == "relu" else dA * deriv
+    if ctx.activation in GATES:
+        gate = GATES[ctx.activation]
+        s, ds = _ffn_act(gate, ctx.g)
+        dg = np.where(ctx.g <= 0, 0.0, dA * ctx.u) if gate == "relu" else dA * ctx.u * ds
+        dH = np.concatenate([dg, dA * s], axis=1)
+    else:
+        _, deriv = _ffn_act(ctx.activation, ctx.v)
+        dH = np.where(ctx.a <= 0, 0.0, dA) if ctx.activation == "relu" else dA * deriv
     dx = (dH @ ctx.w1.T).reshape(ctx.shape)
     dw1 = ctx.x.T @ dH
     dw2 = ctx.a.T @ dy
     db1 = dH.sum(axis=0) if ctx.b1 is not None else None
     db2 = dy.sum(axis=0) if ctx.b2 is not None else None
-    return dx, dw1, db1, dw2, db2
+    return _mask((dx, dw1, db1, dw2, db2), needs)
+
+
+def pack_gated(w_gate, w_up, b_gate=None, b_up=None, *, layout="math"):
+    """``(w1, b1)``: ``w1 = [w_gate | w_up]`` of shape (d, 2h) (``layout="torch"``: the
+    weights are (h, d), as ``nn.Linear.weight``), ``b1 = [b_gate | b_up]`` (zeros for a missing
+    half; None when both are None)."""
+    w_gate, w_up = _f64(w_gate), _f64(w_up)
+    if layout == "torch":
+        w_gate, w_up = w_gate.T, w_up.T
+    h = w_gate.shape[1]
+    w1 = np.concatenate([w_gate, w_up], axis=1)
+    if b_gate is None and b_up is None:
+        return w1, None
+    zero = np.zeros(h)
+    return w1, np.concatenate([zero if b_gate is None else _f64(b_gate),
+                               zero if b_up is None else _f64(b_up)])
+
+
+# ---------------------------------------------------------------- RMSNorm
+def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None):
+    """Returns ``(y, ctx)``; ``y = x * rstd * weight``, ``rstd = 1/sqrt(mean(x^2) + eps)``
+    over the trailing dims; ``eps=None`` means ``np.finfo(x.dtype).eps``.  ``ctx.rstd`` has
+    shape x.shape[:-k]."""
+    if eps is None:
+        eps = float(np.finfo(np.asarray(x).dtype).eps)
+    x = _f64(x)
+    axes = _axes(x, normalized_shape)
+    rstd = 1.0 / np.sqrt((x * x).mean(axis=axes, keepdims=True) + eps)
+    y = x * rstd
+    if weight is not None:
+        y = y * _f64(weight)
+    ctx = SimpleNamespace(x=x, weight=_f64(weight), axes=axes, eps=eps,
+                          rstd=rstd.reshape(x.shape[:x.ndim - len(axes)]))
+    return y, ctx
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
+    return rms_norm_forward(x, normalized_shape, weight, eps)[0]
+
+
+def rms_norm_backward(dy, ctx, *, out=None, needs=None):
+    """Returns ``(dx, dweight)`` (dweight None without weight; either None where ``needs``
+    says False): ``xhat = x * rstd``, ``g = dy * weight``, ``c1 = mean(g * xhat)``,
+    ``dx = rstd * (g - xhat * c1)``, ``dweight = sum dy * xhat`` over rows."""
+    dy = _f64(dy)
+    axes = ctx.axes
+    lead_axes = tuple(range(ctx.x.ndim - len(axes)))
+    rstd = np.expand_dims(ctx.rstd, axes)
+    xhat = ctx.x * rstd
+    g = dy * ctx.weight if ctx.weight is not None else dy
+    c1 = (g * xhat).mean(axis=axes, keepdims=True)
+    dx = rstd * (g - xhat * c1)
+    dweight = (dy * xhat).sum(axis=lead_axes) if ctx.weight is not None else None
+    return _mask((dx, dweight), needs)
+
+
+# ---------------------------------------------------------------- residual add + norm
+def _add(x, residual):
+    """``s = x + residual`` rounded once in the input dtype (as the op), as float64."""
+    return _f64(np.asarray(x) + np.asarray(residual))
+
+
+def add_layer_norm_forward(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *,
+                           out=None):
+    """Returns ``(y, s, ctx)``: ``s = x + residual``, ``y = layer_norm(s)``; ``ctx`` is
+    :func:`layer_norm_forward`'s, computed from s (``ctx.mean``, ``ctx.rstd``)."""
+    s = _add(x, residual)
+    y, ctx = layer_norm_forward(s, normalized_shape, weight, bias, eps)
+    return y, s, ctx
+
+
+def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+    return add_layer_norm_forward(x, residual, normalized_shape, weight, bias, eps)[:2]
+
+
+def add_layer_norm_backward(dy, ctx, ds=None, *, out=None, needs=None):
+    """Returns ``(dsum, dweight, dbias)``: ``dsum = layer_norm_backward(dy)[0] + ds``, the
+    gradient of both x and residual (``needs`` as in :func:`layer_norm_backward`)."""
+    dx, dw, db = layer_norm_backward(dy, ctx)
+    if ds is not None:
+        dx = dx + _f64(ds)
+    return _mask((dx, dw, db), needs)
+
+
+def add_rms_norm_forward(x, residual, normalized_shape, weight=None, eps=None, *, out=None):
+    """Returns ``(y, s, ctx)``: ``s = x + residual``, ``y = rms_norm(s)`` (``eps=None``:
+    ``np.finfo(x.dtype).eps``)."""
+    if eps is None:
+        eps = float(np.finfo(np.asarray(x).dtype).eps)
+    s = _add(x, residual)
+    y, ctx = rms_norm_forward(s, normalized_shape, weight, eps)
+    return y, s, ctx
+
+
+def add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, *, out=None):
+    return add_rms_norm_forward(x, residual, normalized_shape, weight, eps)[:2]
+
+
+def add_rms_norm_backward(dy, ctx, ds=None, *, out=None, needs=None):
+    """Returns ``(dsum, dweight)``: ``dsum = rms_norm_backward(dy)[0] + ds``."""
+    dx, dw = rms_norm_backward(dy, ctx)
+    if ds is not None:
+        dx = dx + _f64(ds)
+    return _mask((dx, dw), needs)
 
 
 # ---------------------------------------------------------------- BatchNorm
@@ -167,8 +329,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                               eps)[0]
 
 
-def batch_norm_backward(dy, ctx, *, out=None):
-    """Returns ``(dx, dweight, dbias)`` (None where weight/bias were None)."""
+def batch_norm_backward(dy, ctx, *, out=None, needs=None):
+    """Returns ``(dx, dweight, dbias)`` (None where weight/bias were None or not needed)."""
     dy = _f64(dy)
     axes, shape = ctx.axes, ctx.shape
     mean, rstd = ctx.mean.reshape(shape), ctx.rstd.reshape(shape)
@@ -182,4 +344,4 @@ def batch_norm_backward(dy, ctx, *, out=None):
         dx = rstd * g
     dweight = (dy * xhat).sum(axis=axes) if ctx.weight is not None else None
     dbias = dy.sum(axis=axes) if ctx.bias is not None else None
-    return dx, dweight, dbias
+    return _mask((dx, dweight, dbias), needs)
