@@ -135,28 +135,25 @@ NF_INLINE void NF_T(nf_nr_bwd_stats)(double *c1, double *c2, const T *restrict d
     *c2 = CENTER ? (s2 + nf_tree_sum(a2)) / (double)n : 0.0;
 }
 
-/* The G rows' per-row constants, passed by value into the column loop. */
-typedef struct { T mh[NF_G], ml[NF_G], r[NF_G], c1[NF_G], c2[NF_G]; } NF_T(nf_nr_rowc);
-
 /* Column j of G rows (row k at k*ld of dy, x, ds and k*ldx of dx): dx, and the rows' sums of
  * dy*xhat / dy added once (in the input precision over G <= NF_G terms, then float64) to the
  * block's dw/db partials.  DX: 0 no dx, 1 dx, 2 dx + ds. */
 NF_INLINE void NF_T(nf_nr_bwd_elem)(T *restrict dx, nf_index ldx, double *restrict dw_acc,
                                     double *restrict db_acc, const T *restrict dy,
                                     const T *restrict x, const T *restrict ds, nf_index ld,
-                                    const T *restrict w, const NF_T(nf_nr_rowc) *q, nf_index j,
-                                    const int G, const int CENTER, const int HAS_W,
-                                    const int ACC_W, const int ACC_B, const int DX)
+                                    const T *restrict w, nf_index j, const T *mh, const T *ml,
+                                    const T *r, const T *c1, const T *c2, const int G,
+                                    const int CENTER, const int HAS_W, const int ACC_W,
+                                    const int ACC_B, const int DX)
 {
     T wj = HAS_W ? w[j] : (T)1;
     T sw = 0, sb = 0;
     for (int k = 0; k < G; k++) {
         T dd = dy[k * ld + j];
-        T xh = NF_T(nf_nr_centre)(x[k * ld + j], q->mh[k], q->ml[k], CENTER) * q->r[k];
+        T xh = NF_T(nf_nr_centre)(x[k * ld + j], mh[k], ml[k], CENTER) * r[k];
         if (DX) {
             T g = HAS_W ? dd * wj : dd;
-            T v = CENTER ? q->r[k] * ((g - xh * q->c1[k]) - q->c2[k])
-                         : q->r[k] * (g - xh * q->c1[k]);
+            T v = CENTER ? r[k] * ((g - xh * c1[k]) - c2[k]) : r[k] * (g - xh * c1[k]);
             if (DX == 2) v += ds[k * ld + j];
             dx[k * ldx + j] = v;
         }
@@ -170,16 +167,23 @@ NF_INLINE void NF_T(nf_nr_bwd_elem)(T *restrict dx, nf_index ldx, double *restri
 /* Columns [0, m) of G rows, one cache line at a time; each line step also prefetches the same
  * line of the pf_g rows at pf_dy/pf_x/pf_ds (a later group), so their stats pass finds them in
  * L2.  Full lines and the remainder are separate loops (the full-line loop has a constant trip
- * count). */
+ * count).  ivdep: the pointers come from an argument struct, so GCC cannot see the contract
+ * (outputs overlap no input); without it the column loops are versioned for aliasing with
+ * more checks than it makes, and run scalar (callgrind: ~3x the instructions). */
 NF_INLINE void NF_T(nf_nr_bwd_cols)(T *restrict dx, nf_index ldx, double *restrict dw_acc,
                                     double *restrict db_acc, const T *restrict dy,
                                     const T *restrict x, const T *restrict ds, nf_index ld,
-                                    const T *restrict w, nf_index m, NF_T(nf_nr_rowc) q,
-                                    const T *pf_dy, const T *pf_x, const T *pf_ds, nf_index pf_g,
-                                    const int G, const int CENTER, const int HAS_W,
-                                    const int ACC_W, const int ACC_B, const int DX)
+                                    const T *restrict w, nf_index m, const T *mh_, const T *ml_,
+                                    const T *r_, const T *c1_, const T *c2_, const T *pf_dy,
+                                    const T *pf_x, const T *pf_ds, nf_index pf_g, const int G,
+                                    const int CENTER, const int HAS_W, const int ACC_W,
+                                    const int ACC_B, const int DX)
 {
     enum { L = 64 / sizeof(T) };
+    T mh[NF_G], ml[NF_G], r[NF_G], c1[NF_G], c2[NF_G];
+    for (int k = 0; k < G; k++) {
+        mh[k] = mh_[k]; ml[k] = ml_[k]; r[k] = r_[k]; c1[k] = c1_[k]; c2[k] = c2_[k];
+    }
     nf_index jb = 0;
     for (; jb + L <= m; jb += L) {
         for (nf_index k = 0; k < pf_g; k++) {
@@ -187,12 +191,14 @@ NF_INLINE void NF_T(nf_nr_bwd_cols)(T *restrict dx, nf_index ldx, double *restri
             __builtin_prefetch(pf_x + k * ld + jb, 0, 2);
             if (DX == 2) __builtin_prefetch(pf_ds + k * ld + jb, 0, 2);
         }
+#pragma GCC ivdep
         for (nf_index j = jb; j < jb + L; j++)
-            NF_T(nf_nr_bwd_elem)(dx, ldx, dw_acc, db_acc, dy, x, ds, ld, w, &q, j,
+            NF_T(nf_nr_bwd_elem)(dx, ldx, dw_acc, db_acc, dy, x, ds, ld, w, j, mh, ml, r, c1, c2,
                                  G, CENTER, HAS_W, ACC_W, ACC_B, DX);
     }
+#pragma GCC ivdep
     for (nf_index j = jb; j < m; j++)
-        NF_T(nf_nr_bwd_elem)(dx, ldx, dw_acc, db_acc, dy, x, ds, ld, w, &q, j,
+        NF_T(nf_nr_bwd_elem)(dx, ldx, dw_acc, db_acc, dy, x, ds, ld, w, j, mh, ml, r, c1, c2,
                              G, CENTER, HAS_W, ACC_W, ACC_B, DX);
 }
 
@@ -213,20 +219,20 @@ NF_INLINE void NF_T(nf_nr_bwd_group)(const nf_nr_bwd_args *a, double *aw, double
     const T *pf_ds = DX == 2 ? (const T *)a->ds + pf * d : NULL;
     const int stream = DX && a->stream;
 
-    NF_T(nf_nr_rowc) q;
+    T mh[NF_G], ml[NF_G], r[NF_G], c1[NF_G], c2[NF_G];
     for (nf_index k = 0; k < g; k++) {
-        q.mh[k] = 0;
-        q.ml[k] = 0;
-        if (CENTER) NF_T(nf_mean_split)(a->mean[i + k], &q.mh[k], &q.ml[k]);
-        q.r[k] = (T)a->rstd[i + k];
-        q.c1[k] = 0;
-        q.c2[k] = 0;
+        mh[k] = 0;
+        ml[k] = 0;
+        if (CENTER) NF_T(nf_mean_split)(a->mean[i + k], &mh[k], &ml[k]);
+        r[k] = (T)a->rstd[i + k];
+        c1[k] = 0;
+        c2[k] = 0;
         if (DX) {
             double s1, s2;
-            NF_T(nf_nr_bwd_stats)(&s1, &s2, dy + k * d, x + k * d, w, d, q.mh[k], q.ml[k],
-                                  q.r[k], CENTER, HAS_W);
-            q.c1[k] = (T)s1;
-            q.c2[k] = (T)s2;
+            NF_T(nf_nr_bwd_stats)(&s1, &s2, dy + k * d, x + k * d, w, d, mh[k], ml[k], r[k],
+                                  CENTER, HAS_W);
+            c1[k] = (T)s1;
+            c2[k] = (T)s2;
         }
     }
     T tmp[NF_G * NF_CHUNK];
@@ -239,20 +245,16 @@ NF_INLINE void NF_T(nf_nr_bwd_group)(const nf_nr_bwd_args *a, double *aw, double
         const T *dsc = DX == 2 ? ds + c : NULL;
         const T *pds = DX == 2 ? pf_ds + c : NULL;
         if (g == NF_G) {
-            NF_T(nf_nr_bwd_cols)(out, ldo, awc, abc, dy + c, x + c, dsc, d, wc, m, q,
-                                 pf_dy + c, pf_x + c, pds, pg,
+            NF_T(nf_nr_bwd_cols)(out, ldo, awc, abc, dy + c, x + c, dsc, d, wc, m, mh, ml, r,
+                                 c1, c2, pf_dy + c, pf_x + c, pds, pg,
                                  NF_G, CENTER, HAS_W, ACC_W, ACC_B, DX);
         } else {
-            for (nf_index k = 0; k < g; k++) {
-                NF_T(nf_nr_rowc) qk;
-                qk.mh[0] = q.mh[k]; qk.ml[0] = q.ml[k]; qk.r[0] = q.r[k];
-                qk.c1[0] = q.c1[k]; qk.c2[0] = q.c2[k];
+            for (nf_index k = 0; k < g; k++)
                 NF_T(nf_nr_bwd_cols)(DX ? out + k * ldo : NULL, ldo, awc, abc,
                                      dy + k * d + c, x + k * d + c,
-                                     DX == 2 ? dsc + k * d : NULL, d, wc, m, qk,
-                                     pf_dy + c, pf_x + c, pds, k == 0 ? pg : 0,
-                                     1, CENTER, HAS_W, ACC_W, ACC_B, DX);
-            }
+                                     DX == 2 ? dsc + k * d : NULL, d, wc, m, mh + k, ml + k,
+                                     r + k, c1 + k, c2 + k, pf_dy + c, pf_x + c, pds,
+                                     k == 0 ? pg : 0, 1, CENTER, HAS_W, ACC_W, ACC_B, DX);
         }
         if (stream)
             for (nf_index k = 0; k < g; k++)
