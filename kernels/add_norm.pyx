@@ -9,12 +9,13 @@
 #   * rowbuf (streamed forward only) holds rowbuf_size(n, d) elements of x's dtype; scratch
 #     holds scratch_size(...) float64 values (or is None when no dweight/dbias is wanted).
 #   * The GIL is released once per call; `stream` (non-temporal stores) is the caller's choice.
-# The row bodies and the OpenMP loops are rms_rows.h / rms_rows.pxd, shared with RMSNorm.
+# The row bodies and the OpenMP loops are norm_rows.h / norm_rows.pxd (shared with LayerNorm and
+# RMSNorm).
 from cython cimport floating
 from libc.string cimport memset
 
-from rms_rows cimport (nf_rn_ahead, nf_rn_bwd_args, nf_rn_bwd_scratch, nf_rn_fwd_args,
-                       nf_rn_threads, rn_backward, rn_forward)
+from norm_rows cimport (nf_nr_ahead, nf_nr_bwd_args, nf_nr_bwd_scratch, nf_nr_fwd_args,
+                        nf_nr_threads, nr_backward, nr_forward)
 
 
 # ---------------------------------------------------------------- forward
@@ -26,7 +27,7 @@ cdef int _forward(floating[:, ::1] y, floating[:, ::1] s,                       
                   const floating[:, ::1] x, const floating[:, ::1] residual,       # IN
                   const floating[::1] weight, const floating[::1] bias,            # IN or None
                   double eps, int stream, floating[::1] rowbuf) except -1:         # WORK or None
-    cdef nf_rn_fwd_args a
+    cdef nf_nr_fwd_args a
     cdef int nt
     memset(&a, 0, sizeof(a))
     a.y = &y[0, 0]
@@ -42,17 +43,17 @@ cdef int _forward(floating[:, ::1] y, floating[:, ::1] s,                       
         a.b = &bias[0]
     a.n = x.shape[0]
     a.d = x.shape[1]
-    a.ahead = nf_rn_ahead(a.d, sizeof(floating))
+    a.ahead = nf_nr_ahead(a.d, sizeof(floating))
     a.eps = eps
     a.stream = stream
     a.f64 = floating is double
-    nt = nf_rn_threads(a.n, a.d)
+    nt = nf_nr_threads(a.n * a.d)
     if stream:
         a.rowbuf = &rowbuf[0]
         if nt > rowbuf.shape[0] // a.d:      # the thread limit changed since rowbuf_size
             nt = <int>(rowbuf.shape[0] // a.d)
     with nogil:
-        rn_forward(&a, nt)
+        nr_forward(&a, nt)
     return 0
 
 
@@ -68,7 +69,7 @@ cdef int _backward(floating[:, ::1] dsum,                                       
                    const double[::1] mean, const double[::1] rstd,                  # IN (mean or None)
                    const floating[:, ::1] ds,                                       # IN or None
                    double[::1] scratch, int stream) except -1:                      # WORK
-    cdef nf_rn_bwd_args a
+    cdef nf_nr_bwd_args a
     memset(&a, 0, sizeof(a))
     if dsum is not None:
         a.dx = &dsum[0, 0]
@@ -92,14 +93,14 @@ cdef int _backward(floating[:, ::1] dsum,                                       
     a.stream = stream
     a.f64 = floating is double
     with nogil:
-        rn_backward(&a)
+        nr_backward(&a)
     return 0
 
 
 # ---------------------------------------------------------------- Python entry points
 def rowbuf_size(Py_ssize_t n, Py_ssize_t d):
     """Elements of the row buffer a streamed `forward` needs (one row per thread)."""
-    return nf_rn_threads(n, d) * d
+    return nf_nr_threads(n * d) * d
 
 
 def forward(y, s, mean, rstd, x, residual, weight, bias, double eps, int stream, rowbuf):
@@ -113,7 +114,7 @@ def forward(y, s, mean, rstd, x, residual, weight, bias, double eps, int stream,
 
 def scratch_size(Py_ssize_t n, Py_ssize_t d, bint want_w, bint want_b):
     """float64 elements of scratch `backward` needs for the dweight/dbias partials."""
-    return nf_rn_bwd_scratch(n, d, want_w, want_b)
+    return nf_nr_bwd_scratch(n, d, want_w, want_b)
 
 
 def backward(dsum, dweight, dbias, dy, s, weight, mean, rstd, ds, scratch, int stream):

@@ -41,7 +41,8 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport isinf, sqrt
 
-from core cimport nf_chan, nf_index, nf_stream_fence, nf_threads_for
+from core cimport (nf_chan, nf_index, nf_mean_split_f32, nf_mean_split_f64, nf_stream_fence,
+                  nf_threads_for)
 from bn_channels cimport *
 
 # ---------------------------------------------------------------- tuning

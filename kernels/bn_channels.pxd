@@ -52,7 +52,3 @@ cdef extern from "bn_channels.h" nogil:
     void nf_bn_cols_dx_f64(double *dx, const double *dy, const double *x, nf_index rows,
                            nf_index K, const double *mh, const double *ml, const double *k1,
                            const double *c2, const double *k2)
-
-    # the core's typed mean split, declared here because core.pxd lists only untyped helpers
-    void nf_mean_split_f32(double mean, float *hi, float *lo)
-    void nf_mean_split_f64(double mean, double *hi, double *lo)

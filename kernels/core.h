@@ -22,7 +22,8 @@
  *   nf_chan                   Chan et al. merge of (count, mean, M2)
  *   nf_reduce_blocks          fixed-order sum of float64 block partials
  * Typed, stamped once per dtype from core_t.h (SUF = f32 for float, f64 for double):
- *   nf_sum_SUF                blocked sum
+ *   nf_sum_ex_SUF             blocked sum of x, x*x, x + r or (x + r)^2 (storing x + r)
+ *   nf_sum_SUF                blocked sum of x
  *   nf_ssd_SUF                corrected two-pass sum of squared deviations
  *   nf_mean_split_SUF         the float64 mean as the (hi, lo) pair a row is centred with
  *

@@ -8,6 +8,7 @@
 #   nf_chan                  Chan/Welford merge of (count, mean, M2)
 #   nf_reduce_blocks         fixed-order sum of float64 block partials
 #   nf_split                 double -> hi + lo floats
+#   nf_mean_split_f32/_f64   the float64 mean as the (hi, lo) pair values are centred with
 
 cdef extern from "core.h" nogil:
     ctypedef Py_ssize_t nf_index
@@ -17,3 +18,5 @@ cdef extern from "core.h" nogil:
     void nf_chan(double *n, double *mean, double *m2, double nb, double mb, double m2b)
     void nf_reduce_blocks(double *work, nf_index nb, nf_index width, nf_index j0, nf_index j1)
     void nf_split(double v, float *hi, float *lo)
+    void nf_mean_split_f32(double mean, float *hi, float *lo)
+    void nf_mean_split_f64(double mean, double *hi, double *lo)

@@ -17,9 +17,13 @@ NF_INLINE void NF_T(nf_mean_split)(double mean, T *hi, T *lo)
     }
 }
 
-/* sum(x[0:n]): NF_LANES partial sums in the input precision over NF_BLOCK elements, flushed to
- * float64 lanes, then a fixed tree (see core.h).  n >= 0. */
-NF_INLINE double NF_T(nf_sum)(const T *x, nf_index n)
+/* The blocked sum, written once: returns sum(v) (SQ: sum(v * v)) over v = x[0:n] (ADD:
+ * v = x + r, rounded once in the input precision and stored to s[0:n]).  NF_LANES partial sums
+ * in the input precision over NF_BLOCK elements, flushed to float64 lanes, then a fixed tree
+ * (see core.h).  ADD and SQ are literals at every call, so each combination compiles to its own
+ * branch-free loop.  n >= 0. */
+NF_INLINE double NF_T(nf_sum_ex)(T *restrict s, const T *restrict x, const T *restrict r,
+                                 nf_index n, const int ADD, const int SQ)
 {
     double acc[NF_LANES] = {0};
     nf_index i = 0;
@@ -27,12 +31,26 @@ NF_INLINE double NF_T(nf_sum)(const T *x, nf_index n)
         T p[NF_LANES] = {0};
         nf_index end = i + NF_BLOCK < n ? i + NF_BLOCK : n;
         for (; i + NF_LANES <= end; i += NF_LANES)
-            for (int k = 0; k < NF_LANES; k++) p[k] += x[i + k];
+            for (int k = 0; k < NF_LANES; k++) {
+                T v = ADD ? x[i + k] + r[i + k] : x[i + k];
+                if (ADD) s[i + k] = v;
+                p[k] += SQ ? v * v : v;
+            }
         for (int k = 0; k < NF_LANES; k++) acc[k] += (double)p[k];
     }
-    double s = 0.0;
-    for (; i < n; i++) s += (double)x[i];
-    return s + nf_tree_sum(acc);
+    double t = 0.0;
+    for (; i < n; i++) {
+        T v = ADD ? x[i] + r[i] : x[i];
+        if (ADD) s[i] = v;
+        t += SQ ? (double)v * (double)v : (double)v;
+    }
+    return t + nf_tree_sum(acc);
+}
+
+/* sum(x[0:n]), blocked (nf_sum_ex without residual or square).  n >= 0. */
+NF_INLINE double NF_T(nf_sum)(const T *x, nf_index n)
+{
+    return NF_T(nf_sum_ex)(NULL, x, NULL, n, 0, 0);
 }
 
 /* Returns sum((x - mean)^2) and stores sum(x - mean) in *dev: the corrected two-pass algorithm

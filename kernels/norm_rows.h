@@ -1,43 +1,151 @@
-/* norm_rows.h — row-norm bodies: LayerNorm forward per row, backward per group of NF_G rows.
+/* norm_rows.h — the row-norm family: LayerNorm, RMSNorm and the residual add + norm (either),
+ * forward per row, backward per block of rows.  One body serves the four ops.
  *
- * Contract: the caller (kernels/layer_norm.pyx, after the Python check layer) passes rows of a
- * C-contiguous (n_rows, n) matrix of one float dtype, n >= 1, outputs not overlapping inputs;
- * optional vectors (w, b, accumulators, dx) are NULL when absent.  Nothing here allocates, takes
- * the GIL or decides policy: whether outputs stream and how rows are split over threads and
- * blocks is the caller's.
+ * Contract: the Python check layer validated everything; nothing here re-checks.  Every (n, d)
+ * buffer is C-contiguous, n >= 1, d >= 1, one float dtype (f64 says which); no output overlaps
+ * an input; optional pointers are NULL when absent.  No GIL, no allocation, no policy: scratch
+ * (block partials, the per-thread row buffer) is passed in, and whether outputs stream is the
+ * caller's flag.  The OpenMP loops over rows, blocks and columns are in norm_rows.pxd.
  *
- * Maths (per row of length n; mean and rstd are float64):
- *   forward    mean = sum(x)/n,  var = sum((x - mean)^2)/n  (biased),  rstd = 1/sqrt(var + eps)
- *              y = (x - mean) * rstd * w + b
- *   backward   xhat = (x - mean) * rstd,  g = dy * w  (g = dy without w)
- *              c1 = mean(g * xhat),  c2 = mean(g),  dx = rstd * (g - xhat * c1 - c2)
- *              dw += sum over rows of dy * xhat,  db += sum over rows of dy  (float64 partials)
+ * Which op is chosen by the arguments:
+ *   mean != NULL  centre the row (LayerNorm); NULL: RMSNorm
+ *   r    != NULL  normalise s = x + r (written to s) instead of x      (forward)
+ *   ds   != NULL  add the gradient reaching s to dx                     (backward)
  *
- * Numerics (core.h): blocked sums with NF_LANES accumulators, the corrected two-pass variance,
- * float32 rows centred as ((x - mean_hi) - mean_lo) via nf_mean_split.
+ * Maths (per row of d values; mean and rstd are float64):
+ *   add        s = x + r, rounded once in the input dtype (exactly numpy's x + r); below, x is s
+ *   LayerNorm  mean = sum(x)/d,  var = sum((x - mean)^2)/d  (biased; two-pass, Chan-Golub-
+ *              LeVeque corrected),  rstd = 1/sqrt(var + eps),  xhat = (x - mean) * rstd
+ *   RMSNorm    rstd = 1/sqrt(sum(x^2)/d + eps),  xhat = x * rstd
+ *   y = xhat * w + b  (b: LayerNorm only)
+ * Backward (g = dy * w, or g = dy without weight):
+ *   c1 = mean(g * xhat),  c2 = mean(g)  (LayerNorm only)
+ *   dx = rstd * ((g - xhat * c1) - c2)  LayerNorm,   dx = rstd * (g - xhat * c1)  RMSNorm
+ *   ds addend  dx += ds: with s = x + r carried on downstream, dL/dx = dL/dr = dnorm + ds
+ *   dw = sum over rows of dy * xhat,  db = sum over rows of dy
  *
- * Memory traffic: forward reads x from memory once (the sum); the second pass (nf_ssd) and the
- * affine pass find it in L1/L2 while prefetching the next row the thread will normalise.
- * Backward's stats pass reads dy and x; the dx pass finds them in L1/L2 and, one cache line at a
- * time, prefetches the same line of a later group's rows.  With `stream`, outputs are built in an
- * L1 chunk of NF_CHUNK elements and copied out with non-temporal stores (core.h).
+ * Numerics (core.h): blocked sums with NF_LANES accumulators; float32 rows centred as
+ * ((x - mean_hi) - mean_lo) (nf_mean_split), so large offsets cost no accuracy; RMSNorm squares
+ * in the input precision (no cancellation: every term is >= 0).  Backward works on groups of
+ * NF_G rows; a block of rows (fixed by (n, d) only: nf_nr_bwd_plan) accumulates its float64
+ * dw/db partials, and nf_nr_finish adds the blocks in block order — 1 and N threads agree
+ * bitwise.  NaN/Inf stay in their row (dw/db: in their column).
  *
- * Each body is written once in norm_rows_t.h and stamped for float (SUF = f32) and double
- * (SUF = f64) below.  The entry points, per SUF:
- *   nf_ln_fwd_row_SUF         one forward row
- *   nf_ln_bwd_rows_SUF        backward for 1..NF_G rows: dx, dweight iff w, dbias optional
- *   nf_ln_bwd_rows_nodw_SUF   the same with a weight whose dweight is not wanted
- *   nf_ln_bwd_sums_SUF        the dweight/dbias partials alone (no dx wanted)
- * All are NF_CLONES (one ISA dispatch per row or group); everything they call is NF_INLINE.
+ * Memory: forward reads x (and r, writing s) from memory once, in the first sum; LayerNorm's
+ * second pass (nf_ssd) and the y pass find the row in L1/L2 while the row `ahead` rows on is
+ * prefetched.  Backward's stats pass reads dy and x; the dx pass finds them in L1/L2 and, one
+ * cache line at a time, prefetches that line of a later group.  With `stream`, outputs are built
+ * in an L1 chunk (s in the per-thread row buffer) and copied out with non-temporal stores.
+ *
+ * Specialisation: the flags (CENTER, ADD, HAS_W, ACC_W, ACC_B, DX) are `const int` parameters of
+ * always-inlined bodies, passed as literals, so each combination compiles to its own
+ * branch-free loop.  Each entry point (NF_CLONES: one ISA dispatch per row or block) holds only
+ * the combinations of one case: with the rarer ones in the same function GCC compiled the
+ * common LayerNorm backward into ~9% more instructions (callgrind).  Entry points, per SUF:
+ *   nf_nr_fwd_{ln,rms,add_ln,add_rms}_SUF   one forward row
+ *   nf_nr_bwd_ln_SUF          LayerNorm backward block: dx, dw iff w, db optional
+ *   nf_nr_bwd_ln_nodw_SUF     the same with a weight whose dw is not wanted
+ *   nf_nr_bwd_ln_sums_SUF     dw/db partials alone (no dx)
+ *   nf_nr_bwd_ln_ds_SUF       LayerNorm backward with the ds addend (add_layer_norm, pre-LN)
+ *   nf_nr_bwd_rms_SUF         RMSNorm backward, every case (ds or not, dx or not)
+ *   nf_nr_finish_SUF          columns of the partials: block-order sum, cast into dw/db
+ * nf_nr_fwd_pick / nf_nr_bwd_pick (below) choose one for a call.
  */
 #ifndef NORMFFN_NORM_ROWS_H
 #define NORMFFN_NORM_ROWS_H
 
 #include "core.h"
 
-/* Rows per backward group: the dx pass walks NF_G rows column by column, so each column's
- * dweight/dbias partial is added to its float64 accumulator once per group, not once per row. */
-#define NF_G 4
+/* ---------------------------------------------------------------- tuning (docs/tuning.md)
+ * Changing NF_G or the block constants changes dw/db bits (they fix the summation order). */
+#define NF_G 4                          /* rows per backward group (a layout choice, not timed) */
+#define NF_NR_MIN_ELEMS_PER_THREAD 32768 /* fork/join threshold (no measurement recorded) */
+#define NF_NR_SCRATCH_BUDGET (1 << 16)  /* blocks = budget / d, clamped below (scratch bound) */
+#define NF_NR_MIN_BLOCKS 8              /* at least this many dw/db partial blocks */
+#define NF_NR_MAX_BLOCKS 64             /* at most this many */
+#define NF_NR_PF_BYTES 8192             /* fwd prefetch >= this far ahead: 8192x768 f32, 2 thr */
+#define NF_NR_PF_MAX_ROWS 16            /* ... and at most this many rows ahead */
+#define NF_NR_BWD_PF_GROUPS 5           /* bwd prefetch groups ahead: 8192x768, 2048x4096 f32 */
+#define NF_NR_REDUCE_CHUNK 512          /* columns per task in the partials' sum (not timed) */
+
+/* ---------------------------------------------------------------- arguments
+ * Untyped, so the OpenMP loops (norm_rows.pxd) are written once; f64 selects the body. */
+typedef struct {
+    void *y;               /* OUT (n, d) */
+    void *s;               /* OUT (n, d) x + r; NULL without r */
+    double *mean;          /* OUT (n,); NULL: RMSNorm */
+    double *rstd;          /* OUT (n,) */
+    const void *x;         /* IN (n, d) */
+    const void *r;         /* IN (n, d) residual, or NULL */
+    const void *w, *b;     /* IN (d,) or NULL; b only with mean */
+    void *rowbuf;          /* WORK threads * d: where s is built when streamed (r and stream) */
+    nf_index n, d;
+    nf_index ahead;        /* rows between a row and the one prefetched meanwhile */
+    double eps;
+    int stream, f64;
+} nf_nr_fwd_args;
+
+typedef struct {
+    void *dx;              /* OUT (n, d), or NULL: dx not wanted */
+    void *dw, *db;         /* OUT (d,) finished dweight / dbias, or NULL: not wanted */
+    double *work;          /* WORK nb * width float64 block partials (NULL when width == 0) */
+    const void *dy;        /* IN (n, d) */
+    const void *x;         /* IN (n, d) the normalised input (s for the add ops) */
+    const void *ds;        /* IN (n, d) added to dx, or NULL */
+    const void *w;         /* IN (d,) or NULL; dw needs it */
+    const double *mean;    /* IN (n,); NULL: RMSNorm */
+    const double *rstd;    /* IN (n,) */
+    nf_index n, d;
+    nf_index nb, rows_per_block, width;   /* the block plan (nf_nr_bwd_plan) */
+    int stream, f64;
+} nf_nr_bwd_args;
+
+/* ---------------------------------------------------------------- plans */
+
+/* Threads for `work` elements (forward, backward: n * d; the partials' sum: nb * width). */
+static inline int nf_nr_threads(nf_index work)
+{
+    return nf_threads_for(work, NF_NR_MIN_ELEMS_PER_THREAD);
+}
+
+/* Forward prefetch distance in rows: >= NF_NR_PF_BYTES and 2 rows, <= NF_NR_PF_MAX_ROWS. */
+static inline nf_index nf_nr_ahead(nf_index d, nf_index itemsize)
+{
+    nf_index a = NF_NR_PF_BYTES / (d * itemsize);
+    if (a < 2) a = 2;
+    if (a > NF_NR_PF_MAX_ROWS) a = NF_NR_PF_MAX_ROWS;
+    return a;
+}
+
+/* The backward block plan, a function of (n, d) and which partials are wanted only: nb blocks
+ * of rows_per_block rows (a whole number of NF_G-row groups), `width` float64 partials each. */
+static inline void nf_nr_bwd_plan(nf_index n, nf_index d, int want_w, int want_b,
+                                  nf_index *nb, nf_index *rows_per_block, nf_index *width)
+{
+    nf_index b = NF_NR_SCRATCH_BUDGET / d;
+    if (b > NF_NR_MAX_BLOCKS) b = NF_NR_MAX_BLOCKS;
+    if (b < NF_NR_MIN_BLOCKS) b = NF_NR_MIN_BLOCKS;
+    if (b > n) b = n;
+    nf_index r = (n + b - 1) / b;
+    r = ((r + NF_G - 1) / NF_G) * NF_G;
+    *rows_per_block = r;
+    *nb = (n + r - 1) / r;
+    *width = ((nf_index)(want_w != 0) + (nf_index)(want_b != 0)) * d;
+}
+
+/* float64 scratch elements a backward call needs (0 when no dw/db is wanted). */
+static inline nf_index nf_nr_bwd_scratch(nf_index n, nf_index d, int want_w, int want_b)
+{
+    nf_index nb, rpb, width;
+    if (n < 1 || d < 1) return 0;
+    nf_nr_bwd_plan(n, d, want_w, want_b, &nb, &rpb, &width);
+    return nb * width;
+}
+
+/* The backward entry points' cases (a literal at every use). */
+enum { NF_NR_LN, NF_NR_LN_NODW, NF_NR_LN_SUMS, NF_NR_LN_DS, NF_NR_RMS };
+
+/* ---------------------------------------------------------------- typed bodies */
 
 #define T float
 #define SUF f32
@@ -50,5 +158,38 @@
 #include "norm_rows_t.h"
 #undef T
 #undef SUF
+
+/* ---------------------------------------------------------------- choosing the entry point */
+
+typedef void (*nf_nr_fwd_fn)(const nf_nr_fwd_args *a, nf_index i, int tid);
+typedef void (*nf_nr_bwd_fn)(const nf_nr_bwd_args *a, nf_index blk);
+typedef void (*nf_nr_finish_fn)(const nf_nr_bwd_args *a, nf_index j0, nf_index j1);
+
+/* The forward row function for a call (row i on thread tid: fn(a, i, tid)). */
+static inline nf_nr_fwd_fn nf_nr_fwd_pick(const nf_nr_fwd_args *a)
+{
+    if (a->f64) {
+        if (a->mean) return a->r ? nf_nr_fwd_add_ln_f64 : nf_nr_fwd_ln_f64;
+        return a->r ? nf_nr_fwd_add_rms_f64 : nf_nr_fwd_rms_f64;
+    }
+    if (a->mean) return a->r ? nf_nr_fwd_add_ln_f32 : nf_nr_fwd_ln_f32;
+    return a->r ? nf_nr_fwd_add_rms_f32 : nf_nr_fwd_rms_f32;
+}
+
+/* The backward block function for a call (block blk: fn(a, blk); a->nb etc. planned). */
+static inline nf_nr_bwd_fn nf_nr_bwd_pick(const nf_nr_bwd_args *a)
+{
+    int f64 = a->f64;
+    if (!a->mean) return f64 ? nf_nr_bwd_rms_f64 : nf_nr_bwd_rms_f32;
+    if (!a->dx) return f64 ? nf_nr_bwd_ln_sums_f64 : nf_nr_bwd_ln_sums_f32;
+    if (a->ds) return f64 ? nf_nr_bwd_ln_ds_f64 : nf_nr_bwd_ln_ds_f32;
+    if (a->w && !a->dw) return f64 ? nf_nr_bwd_ln_nodw_f64 : nf_nr_bwd_ln_nodw_f32;
+    return f64 ? nf_nr_bwd_ln_f64 : nf_nr_bwd_ln_f32;
+}
+
+static inline nf_nr_finish_fn nf_nr_finish_pick(const nf_nr_bwd_args *a)
+{
+    return a->f64 ? nf_nr_finish_f64 : nf_nr_finish_f32;
+}
 
 #endif /* NORMFFN_NORM_ROWS_H */

@@ -1,42 +1,100 @@
-# Declarations of the row-norm bodies (norm_rows.h; contract and maths there).
+# Declarations of norm_rows.h (the row-norm family: LayerNorm, RMSNorm, residual add + norm;
+# contract and maths there) and the OpenMP loops over its bodies, written once for every op of
+# the family (layer_norm.pyx, rms_norm.pyx, add_norm.pyx).
 #
 # Table of contents
-#   NF_G                 rows per backward group
-#   nf_ln_fwd_row_*      LayerNorm forward, one row: mean, rstd, y
-#   nf_ln_bwd_rows_*     LayerNorm backward, 1..NF_G rows: dx and (each optional) the rows'
-#                        float64 dweight/dbias partials
-#   nf_ln_bwd_rows_nodw_* the same for a weight whose dweight is not wanted
-#   nf_ln_bwd_sums_*     the dweight/dbias partials alone (no dx wanted), bitwise as above
+#   nf_nr_fwd_args, nf_nr_bwd_args     one call's buffers and sizes (untyped; f64 picks the body)
+#   nf_nr_threads, nf_nr_ahead         thread plan, forward prefetch distance
+#   nf_nr_bwd_scratch                  float64 scratch of the backward's fixed row blocks
+#   nr_forward, nr_backward            the loops: rows over threads; row blocks, then columns
+#
+# Threads: forward gives each thread whole rows (static schedule); backward gives each thread
+# whole row blocks, whose float64 dweight/dbias partials are then added in block order column
+# chunk by column chunk — the blocks depend on (n, d) only, so the thread count never changes a
+# result bit.
+from cython.parallel cimport parallel, prange, threadid
 
-from core cimport nf_index
+from core cimport nf_index, nf_stream_fence
+
 
 cdef extern from "norm_rows.h" nogil:
-    int NF_G
-    void nf_ln_fwd_row_f32(float *y, double *mean, double *rstd, const float *x,
-                           const float *w, const float *b, nf_index n, double eps, int stream,
-                           const float *next_x)
-    void nf_ln_fwd_row_f64(double *y, double *mean, double *rstd, const double *x,
-                           const double *w, const double *b, nf_index n, double eps, int stream,
-                           const double *next_x)
-    void nf_ln_bwd_rows_f32(float *dx, double *dw_acc, double *db_acc, const float *dy,
-                            const float *x, const float *w, const double *mean, const double *rstd,
-                            nf_index g, nf_index n, int stream, const float *next_dy,
-                            const float *next_x, nf_index next_g)
-    void nf_ln_bwd_rows_f64(double *dx, double *dw_acc, double *db_acc, const double *dy,
-                            const double *x, const double *w, const double *mean,
-                            const double *rstd, nf_index g, nf_index n, int stream,
-                            const double *next_dy, const double *next_x, nf_index next_g)
-    void nf_ln_bwd_sums_f32(double *dw_acc, double *db_acc, const float *dy, const float *x,
-                            const double *mean, const double *rstd, nf_index g, nf_index n,
-                            const float *next_dy, const float *next_x, nf_index next_g)
-    void nf_ln_bwd_sums_f64(double *dw_acc, double *db_acc, const double *dy, const double *x,
-                            const double *mean, const double *rstd, nf_index g, nf_index n,
-                            const double *next_dy, const double *next_x, nf_index next_g)
-    void nf_ln_bwd_rows_nodw_f32(float *dx, double *db_acc, const float *dy, const float *x,
-                                 const float *w, const double *mean, const double *rstd,
-                                 nf_index g, nf_index n, int stream, const float *next_dy,
-                                 const float *next_x, nf_index next_g)
-    void nf_ln_bwd_rows_nodw_f64(double *dx, double *db_acc, const double *dy, const double *x,
-                                 const double *w, const double *mean, const double *rstd,
-                                 nf_index g, nf_index n, int stream, const double *next_dy,
-                                 const double *next_x, nf_index next_g)
+    int NF_NR_REDUCE_CHUNK
+
+    ctypedef struct nf_nr_fwd_args:
+        void *y
+        void *s
+        double *mean
+        double *rstd
+        const void *x
+        const void *r
+        const void *w
+        const void *b
+        void *rowbuf
+        nf_index n, d, ahead
+        double eps
+        int stream, f64
+
+    ctypedef struct nf_nr_bwd_args:
+        void *dx
+        void *dw
+        void *db
+        double *work
+        const void *dy
+        const void *x
+        const void *ds
+        const void *w
+        const double *mean
+        const double *rstd
+        nf_index n, d, nb, rows_per_block, width
+        int stream, f64
+
+    ctypedef void (*nf_nr_fwd_fn)(const nf_nr_fwd_args *a, nf_index i, int tid) noexcept nogil
+    ctypedef void (*nf_nr_bwd_fn)(const nf_nr_bwd_args *a, nf_index blk) noexcept nogil
+    ctypedef void (*nf_nr_finish_fn)(const nf_nr_bwd_args *a, nf_index j0,
+                                     nf_index j1) noexcept nogil
+
+    int nf_nr_threads(nf_index work)
+    nf_index nf_nr_ahead(nf_index d, nf_index itemsize)
+    void nf_nr_bwd_plan(nf_index n, nf_index d, int want_w, int want_b,
+                        nf_index *nb, nf_index *rows_per_block, nf_index *width)
+    nf_index nf_nr_bwd_scratch(nf_index n, nf_index d, int want_w, int want_b)
+    nf_nr_fwd_fn nf_nr_fwd_pick(const nf_nr_fwd_args *a)
+    nf_nr_bwd_fn nf_nr_bwd_pick(const nf_nr_bwd_args *a)
+    nf_nr_finish_fn nf_nr_finish_pick(const nf_nr_bwd_args *a)
+
+
+cdef inline void nr_forward(const nf_nr_fwd_args *a, int nt) noexcept nogil:
+    """All rows of a forward call on nt threads (a.rowbuf holds nt rows when it is used)."""
+    cdef nf_index i
+    cdef int tid = 0
+    cdef nf_nr_fwd_fn row = nf_nr_fwd_pick(a)
+    with parallel(num_threads=nt):
+        tid = threadid()
+        for i in prange(a.n, schedule='static'):
+            row(a, i, tid)
+        if a.stream:
+            nf_stream_fence()
+
+
+cdef inline void nr_backward(nf_nr_bwd_args *a) noexcept nogil:
+    """A backward call: plans the row blocks into a (a.dw/a.db say which partials; a.work holds
+    nf_nr_bwd_scratch(...) values when one is wanted), runs the blocks, then adds their
+    partials in block order into a.dw/a.db."""
+    cdef nf_index blk, c, nc, j0, j1
+    nf_nr_bwd_plan(a.n, a.d, a.dw != NULL, a.db != NULL, &a.nb, &a.rows_per_block, &a.width)
+    cdef nf_nr_bwd_fn block = nf_nr_bwd_pick(a)
+    cdef nf_nr_finish_fn finish = nf_nr_finish_pick(a)
+    cdef int nt = nf_nr_threads(a.n * a.d)
+    with parallel(num_threads=nt):
+        for blk in prange(a.nb, schedule='static'):
+            block(a, blk)
+        if a.stream:
+            nf_stream_fence()
+    if a.width > 0:
+        nc = (a.width + NF_NR_REDUCE_CHUNK - 1) // NF_NR_REDUCE_CHUNK
+        for c in prange(nc, schedule='static', num_threads=nf_nr_threads(a.nb * a.width)):
+            j0 = c * NF_NR_REDUCE_CHUNK
+            j1 = j0 + NF_NR_REDUCE_CHUNK
+            if j1 > a.width:
+                j1 = a.width
+            finish(a, j0, j1)

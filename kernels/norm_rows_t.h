@@ -1,62 +1,111 @@
 /* norm_rows_t.h — the row-norm bodies, written once; norm_rows.h includes this file twice, with
  * T = float, SUF = f32 and T = double, SUF = f64.  No include guard, on purpose.
- * NF_T(name) expands to name_SUF.  The contract and the maths are in norm_rows.h. */
+ * NF_T(name) expands to name_SUF.  The contract, the maths and the flags are in norm_rows.h. */
 
-/* ================================================================ LayerNorm forward */
+/* The value a row is normalised from: centred (LayerNorm) or as is (RMSNorm). */
+NF_INLINE T NF_T(nf_nr_centre)(T v, T mh, T ml, const int CENTER)
+{
+    return CENTER ? (v - mh) - ml : v;
+}
 
-/* y[0:n] = ((x - mh) - ml) * r [* w] [+ b].  float64 rows have ml == 0.  One branch-free loop
- * per (w, b) combination, so each vectorises. */
-NF_INLINE void NF_T(nf_ln_affine)(T *restrict y, const T *restrict x, const T *restrict w,
-                                  const T *restrict b, nf_index n, T mh, T ml, T r)
+/* y[0:n] = (centre(x) * r) [* w] [+ b].  float64 rows have ml == 0.  One branch-free loop per
+ * (w, b) combination, so each vectorises. */
+NF_INLINE void NF_T(nf_nr_affine)(T *restrict y, const T *restrict x, const T *restrict w,
+                                  const T *restrict b, nf_index n, T mh, T ml, T r,
+                                  const int CENTER)
 {
     if (w && b) {
-        for (nf_index i = 0; i < n; i++) y[i] = (((x[i] - mh) - ml) * r) * w[i] + b[i];
+        for (nf_index i = 0; i < n; i++)
+            y[i] = (NF_T(nf_nr_centre)(x[i], mh, ml, CENTER) * r) * w[i] + b[i];
     } else if (w) {
-        for (nf_index i = 0; i < n; i++) y[i] = (((x[i] - mh) - ml) * r) * w[i];
+        for (nf_index i = 0; i < n; i++)
+            y[i] = (NF_T(nf_nr_centre)(x[i], mh, ml, CENTER) * r) * w[i];
     } else if (b) {
-        for (nf_index i = 0; i < n; i++) y[i] = ((x[i] - mh) - ml) * r + b[i];
+        for (nf_index i = 0; i < n; i++)
+            y[i] = NF_T(nf_nr_centre)(x[i], mh, ml, CENTER) * r + b[i];
     } else {
-        for (nf_index i = 0; i < n; i++) y[i] = ((x[i] - mh) - ml) * r;
+        for (nf_index i = 0; i < n; i++)
+            y[i] = NF_T(nf_nr_centre)(x[i], mh, ml, CENTER) * r;
     }
 }
 
-/* One row: *mean_out, *rstd_out, then y[0:n].  w, b may be NULL.  next_x is the row this thread
- * normalises next (prefetched during the second pass; may equal x).  With `stream`, y is built
- * NF_CHUNK elements at a time in L1 and copied out with non-temporal stores; the caller fences. */
-NF_CLONES static void NF_T(nf_ln_fwd_row)(T *restrict y, double *mean_out, double *rstd_out,
-                                         const T *restrict x, const T *restrict w,
-                                         const T *restrict b, nf_index n, double eps,
-                                         int stream, const T *next_x)
+/* ================================================================ forward */
+
+/* Row i (thread tid): statistics, then y (and s).  Prefetches row i + ahead meanwhile:
+ * LayerNorm's x during its second pass (nf_ssd), RMSNorm's x and the residual during the y
+ * pass. */
+NF_INLINE void NF_T(nf_nr_fwd_body)(const nf_nr_fwd_args *a, nf_index i, int tid,
+                                    const int CENTER, const int ADD)
 {
-    double mean0 = NF_T(nf_sum)(x, n) / (double)n, dev;
-    double ssd = NF_T(nf_ssd)(x, n, mean0, next_x, &dev);
-    double mean = mean0 + dev / (double)n;
-    double var = (ssd - dev * (dev / (double)n)) / (double)n;
-    if (var < 0) var = 0;   /* cannot happen in exact arithmetic; guards rounding */
-    double rstd = 1.0 / sqrt(var + eps);
-    *mean_out = mean;
-    *rstd_out = rstd;
-    T mh, ml;
-    NF_T(nf_mean_split)(mean, &mh, &ml);
-    if (!stream) {
-        NF_T(nf_ln_affine)(y, x, w, b, n, mh, ml, (T)rstd);
-        return;
+    const nf_index d = a->d;
+    const nf_index nxt = i + a->ahead < a->n ? i + a->ahead : a->n - 1;
+    const T *x = (const T *)a->x + i * d;
+    const T *pf_x = (const T *)a->x + nxt * d;
+    const T *pf_r = ADD ? (const T *)a->r + nxt * d : NULL;
+    const T *w = (const T *)a->w, *b = CENTER ? (const T *)a->b : NULL;
+    T *y = (T *)a->y + i * d;
+    T *buf = NULL;                       /* where s is built: s itself, or the row buffer */
+    if (ADD) buf = a->stream ? (T *)a->rowbuf + (nf_index)tid * d : (T *)a->s + i * d;
+    const T *src = ADD ? buf : x;        /* the row that is normalised */
+
+    double first = NF_T(nf_sum_ex)(buf, x, ADD ? (const T *)a->r + i * d : NULL, d, ADD,
+                                   !CENTER);
+    double rstd;
+    T mh = 0, ml = 0;
+    if (CENTER) {
+        double mean0 = first / (double)d, dev;
+        double ssd = NF_T(nf_ssd)(src, d, mean0, pf_x, &dev);
+        double mean = mean0 + dev / (double)d;
+        double var = (ssd - dev * (dev / (double)d)) / (double)d;
+        if (var < 0) var = 0;  /* cannot happen in exact arithmetic; guards rounding */
+        rstd = 1.0 / sqrt(var + a->eps);
+        a->mean[i] = mean;
+        NF_T(nf_mean_split)(mean, &mh, &ml);
+    } else {
+        rstd = 1.0 / sqrt(first / (double)d + a->eps);
     }
+    a->rstd[i] = rstd;
+
     T tmp[NF_CHUNK];
-    for (nf_index c = 0; c < n; c += NF_CHUNK) {
-        nf_index m = n - c < NF_CHUNK ? n - c : NF_CHUNK;
-        NF_T(nf_ln_affine)(tmp, x + c, w ? w + c : NULL, b ? b + c : NULL, m, mh, ml, (T)rstd);
-        nf_stream_copy(y + c, tmp, (size_t)m * sizeof(T));
+    for (nf_index c = 0; c < d; c += NF_CHUNK) {
+        nf_index m = d - c < NF_CHUNK ? d - c : NF_CHUNK;
+        T *out = a->stream ? tmp : y + c;
+        NF_T(nf_nr_affine)(out, src + c, w ? w + c : NULL, b ? b + c : NULL, m, mh, ml,
+                           (T)rstd, CENTER);
+        if (!CENTER) nf_prefetch_range(pf_x + c, 0, (size_t)m * sizeof(T));
+        if (ADD) nf_prefetch_range(pf_r + c, 0, (size_t)m * sizeof(T));
+        if (a->stream) nf_stream_copy(y + c, tmp, (size_t)m * sizeof(T));
     }
+    if (ADD && a->stream) nf_stream_copy((T *)a->s + i * d, buf, (size_t)d * sizeof(T));
 }
 
-/* ================================================================ LayerNorm backward */
+NF_CLONES static void NF_T(nf_nr_fwd_ln)(const nf_nr_fwd_args *a, nf_index i, int tid)
+{
+    NF_T(nf_nr_fwd_body)(a, i, tid, 1, 0);
+}
 
-/* One row's c1 = mean(g * xhat) and c2 = mean(g) (g = dy * w, or dy when w is NULL), blocked
- * float64 sums as in core.h's nf_sum. */
-NF_INLINE void NF_T(nf_ln_bwd_stats)(double *c1, double *c2, const T *restrict dy,
+NF_CLONES static void NF_T(nf_nr_fwd_rms)(const nf_nr_fwd_args *a, nf_index i, int tid)
+{
+    NF_T(nf_nr_fwd_body)(a, i, tid, 0, 0);
+}
+
+NF_CLONES static void NF_T(nf_nr_fwd_add_ln)(const nf_nr_fwd_args *a, nf_index i, int tid)
+{
+    NF_T(nf_nr_fwd_body)(a, i, tid, 1, 1);
+}
+
+NF_CLONES static void NF_T(nf_nr_fwd_add_rms)(const nf_nr_fwd_args *a, nf_index i, int tid)
+{
+    NF_T(nf_nr_fwd_body)(a, i, tid, 0, 1);
+}
+
+/* ================================================================ backward */
+
+/* c1 = mean(g * xhat) and (CENTER) c2 = mean(g) of one row, blocked float64 sums as in
+ * nf_sum_ex. */
+NF_INLINE void NF_T(nf_nr_bwd_stats)(double *c1, double *c2, const T *restrict dy,
                                      const T *restrict x, const T *restrict w, nf_index n,
-                                     T mh, T ml, T r)
+                                     T mh, T ml, T r, const int CENTER, const int HAS_W)
 {
     double a1[NF_LANES] = {0}, a2[NF_LANES] = {0};
     nf_index i = 0;
@@ -65,67 +114,70 @@ NF_INLINE void NF_T(nf_ln_bwd_stats)(double *c1, double *c2, const T *restrict d
         nf_index end = i + NF_BLOCK < n ? i + NF_BLOCK : n;
         for (; i + NF_LANES <= end; i += NF_LANES)
             for (int k = 0; k < NF_LANES; k++) {
-                T xh = ((x[i + k] - mh) - ml) * r;
-                T g = w ? dy[i + k] * w[i + k] : dy[i + k];
+                T xh = NF_T(nf_nr_centre)(x[i + k], mh, ml, CENTER) * r;
+                T g = HAS_W ? dy[i + k] * w[i + k] : dy[i + k];
                 p1[k] += g * xh;
-                p2[k] += g;
+                if (CENTER) p2[k] += g;
             }
         for (int k = 0; k < NF_LANES; k++) {
             a1[k] += (double)p1[k];
-            a2[k] += (double)p2[k];
+            if (CENTER) a2[k] += (double)p2[k];
         }
     }
     double s1 = 0, s2 = 0;
     for (; i < n; i++) {
-        T xh = ((x[i] - mh) - ml) * r;
-        T g = w ? dy[i] * w[i] : dy[i];
+        T xh = NF_T(nf_nr_centre)(x[i], mh, ml, CENTER) * r;
+        T g = HAS_W ? dy[i] * w[i] : dy[i];
         s1 += (double)g * (double)xh;
         s2 += (double)g;
     }
     *c1 = (s1 + nf_tree_sum(a1)) / (double)n;
-    *c2 = (s2 + nf_tree_sum(a2)) / (double)n;
+    *c2 = CENTER ? (s2 + nf_tree_sum(a2)) / (double)n : 0.0;
 }
 
-/* Column j of G rows (row k at dx[k*ldx], dy[k*ld], x[k*ld]).  Compile-time flags (the
- * callers pass constants, and always_inline makes each combination a branch-free loop):
- *   HAS_W  g = dy * w (else g = dy)          DX     write dx
- *   ACC_W  dw_acc[j] += sum_k dy * xhat      ACC_B  db_acc[j] += sum_k dy
- * The G <= NF_G terms of a column are summed in the input precision, then added in float64. */
-NF_INLINE void NF_T(nf_ln_bwd_col)(T *restrict dx, nf_index ldx, double *restrict dw_acc,
-                                   double *restrict db_acc, const T *restrict dy,
-                                   const T *restrict x, nf_index ld, const T *restrict w,
-                                   nf_index j, const T *mh, const T *ml, const T *r,
-                                   const T *c1, const T *c2, const int G, const int HAS_W,
-                                   const int DX, const int ACC_W, const int ACC_B)
+/* Column j of G rows (row k at k*ld of dy, x, ds and k*ldx of dx): dx, and the rows' sums of
+ * dy*xhat / dy added once (in the input precision over G <= NF_G terms, then float64) to the
+ * block's dw/db partials.  DX: 0 no dx, 1 dx, 2 dx + ds. */
+NF_INLINE void NF_T(nf_nr_bwd_elem)(T *restrict dx, nf_index ldx, double *restrict dw_acc,
+                                    double *restrict db_acc, const T *restrict dy,
+                                    const T *restrict x, const T *restrict ds, nf_index ld,
+                                    const T *restrict w, nf_index j, const T *mh, const T *ml,
+                                    const T *r, const T *c1, const T *c2, const int G,
+                                    const int CENTER, const int HAS_W, const int ACC_W,
+                                    const int ACC_B, const int DX)
 {
     T wj = HAS_W ? w[j] : (T)1;
     T sw = 0, sb = 0;
     for (int k = 0; k < G; k++) {
-        T d = dy[k * ld + j];
-        T xh = ((x[k * ld + j] - mh[k]) - ml[k]) * r[k];
+        T dd = dy[k * ld + j];
+        T xh = NF_T(nf_nr_centre)(x[k * ld + j], mh[k], ml[k], CENTER) * r[k];
         if (DX) {
-            T g = HAS_W ? d * wj : d;
-            dx[k * ldx + j] = r[k] * ((g - xh * c1[k]) - c2[k]);
+            T g = HAS_W ? dd * wj : dd;
+            T v = CENTER ? r[k] * ((g - xh * c1[k]) - c2[k]) : r[k] * (g - xh * c1[k]);
+            if (DX == 2) v += ds[k * ld + j];
+            dx[k * ldx + j] = v;
         }
-        if (ACC_W) sw += d * xh;
-        if (ACC_B) sb += d;
+        if (ACC_W) sw += dd * xh;
+        if (ACC_B) sb += dd;
     }
     if (ACC_W) dw_acc[j] += (double)sw;
     if (ACC_B) db_acc[j] += (double)sb;
 }
 
-/* The dx pass over columns [0, m) of G rows, one cache line (L columns) at a time; each line
- * step also prefetches that line of pf_g rows at pf_dy/pf_x (a later group), so the later
- * group's stats pass finds them in L2.  Full lines and the remainder are separate loops (the
- * full-line loop has a constant trip count). */
-NF_INLINE void NF_T(nf_ln_bwd_dx_body)(T *restrict dx, nf_index ldx, double *restrict dw_acc,
-                                       double *restrict db_acc, const T *restrict dy,
-                                       const T *restrict x, nf_index ld, const T *restrict w,
-                                       nf_index m, const T *mh_, const T *ml_, const T *r_,
-                                       const T *c1_, const T *c2_, const T *pf_dy,
-                                       const T *pf_x, nf_index pf_g, const int G,
-                                       const int HAS_W, const int DX, const int ACC_W,
-                                       const int ACC_B)
+/* Columns [0, m) of G rows, one cache line at a time; each line step also prefetches the same
+ * line of the pf_g rows at pf_dy/pf_x/pf_ds (a later group), so their stats pass finds them in
+ * L2.  Full lines and the remainder are separate loops (the full-line loop has a constant trip
+ * count).  ivdep: the pointers come from an argument struct, so GCC cannot see the contract
+ * (outputs overlap no input); without it the column loops are versioned for aliasing with
+ * more checks than it makes, and run scalar (callgrind: ~3x the instructions). */
+NF_INLINE void NF_T(nf_nr_bwd_cols)(T *restrict dx, nf_index ldx, double *restrict dw_acc,
+                                    double *restrict db_acc, const T *restrict dy,
+                                    const T *restrict x, const T *restrict ds, nf_index ld,
+                                    const T *restrict w, nf_index m, const T *mh_, const T *ml_,
+                                    const T *r_, const T *c1_, const T *c2_, const T *pf_dy,
+                                    const T *pf_x, const T *pf_ds, nf_index pf_g, const int G,
+                                    const int CENTER, const int HAS_W, const int ACC_W,
+                                    const int ACC_B, const int DX)
 {
     enum { L = 64 / sizeof(T) };
     T mh[NF_G], ml[NF_G], r[NF_G], c1[NF_G], c2[NF_G];
@@ -137,159 +189,182 @@ NF_INLINE void NF_T(nf_ln_bwd_dx_body)(T *restrict dx, nf_index ldx, double *res
         for (nf_index k = 0; k < pf_g; k++) {
             __builtin_prefetch(pf_dy + k * ld + jb, 0, 2);
             __builtin_prefetch(pf_x + k * ld + jb, 0, 2);
+            if (DX == 2) __builtin_prefetch(pf_ds + k * ld + jb, 0, 2);
         }
+#pragma GCC ivdep
         for (nf_index j = jb; j < jb + L; j++)
-            NF_T(nf_ln_bwd_col)(dx, ldx, dw_acc, db_acc, dy, x, ld, w, j, mh, ml, r, c1, c2, G,
-                                HAS_W, DX, ACC_W, ACC_B);
+            NF_T(nf_nr_bwd_elem)(dx, ldx, dw_acc, db_acc, dy, x, ds, ld, w, j, mh, ml, r, c1, c2,
+                                 G, CENTER, HAS_W, ACC_W, ACC_B, DX);
     }
+#pragma GCC ivdep
     for (nf_index j = jb; j < m; j++)
-        NF_T(nf_ln_bwd_col)(dx, ldx, dw_acc, db_acc, dy, x, ld, w, j, mh, ml, r, c1, c2, G,
-                            HAS_W, DX, ACC_W, ACC_B);
+        NF_T(nf_nr_bwd_elem)(dx, ldx, dw_acc, db_acc, dy, x, ds, ld, w, j, mh, ml, r, c1, c2,
+                             G, CENTER, HAS_W, ACC_W, ACC_B, DX);
 }
 
-/* The dx pass for G rows: picks the nf_ln_bwd_dx_body instantiation.  NO_DW = 0: dw_acc is
- * given exactly when w is (the default: dweight exists iff weight does); NO_DW = 1: w is given
- * but dweight is not wanted.  db_acc NULL: no dbias. */
-NF_INLINE void NF_T(nf_ln_bwd_dx)(T *restrict dx, nf_index ldx, double *restrict dw_acc,
-                                  double *restrict db_acc, const T *restrict dy,
-                                  const T *restrict x, nf_index ld, const T *restrict w,
-                                  nf_index m, const T *mh, const T *ml, const T *r,
-                                  const T *c1, const T *c2, const T *pf_dy, const T *pf_x,
-                                  nf_index pf_g, const int G, const int NO_DW)
+/* Rows [i, i + g) (g <= NF_G) of a block: per-row stats (only when dx is wanted), then the
+ * column pass in L1 chunks of NF_CHUNK (streamed out through tmp with `stream`).  Prefetches
+ * the pg rows starting at row pf meanwhile. */
+NF_INLINE void NF_T(nf_nr_bwd_group)(const nf_nr_bwd_args *a, double *aw, double *ab,
+                                     nf_index i, nf_index g, nf_index pf, nf_index pg,
+                                     const int CENTER, const int HAS_W, const int ACC_W,
+                                     const int ACC_B, const int DX)
 {
-    if (NO_DW && db_acc)
-        NF_T(nf_ln_bwd_dx_body)(dx, ldx, dw_acc, db_acc, dy, x, ld, w, m, mh, ml, r, c1, c2,
-                                pf_dy, pf_x, pf_g, G, 1, 1, 0, 1);
-    else if (NO_DW)
-        NF_T(nf_ln_bwd_dx_body)(dx, ldx, dw_acc, db_acc, dy, x, ld, w, m, mh, ml, r, c1, c2,
-                                pf_dy, pf_x, pf_g, G, 1, 1, 0, 0);
-    else if (w && db_acc)
-        NF_T(nf_ln_bwd_dx_body)(dx, ldx, dw_acc, db_acc, dy, x, ld, w, m, mh, ml, r, c1, c2,
-                                pf_dy, pf_x, pf_g, G, 1, 1, 1, 1);
-    else if (w)
-        NF_T(nf_ln_bwd_dx_body)(dx, ldx, dw_acc, db_acc, dy, x, ld, w, m, mh, ml, r, c1, c2,
-                                pf_dy, pf_x, pf_g, G, 1, 1, 1, 0);
-    else if (db_acc)
-        NF_T(nf_ln_bwd_dx_body)(dx, ldx, dw_acc, db_acc, dy, x, ld, w, m, mh, ml, r, c1, c2,
-                                pf_dy, pf_x, pf_g, G, 0, 1, 0, 1);
-    else
-        NF_T(nf_ln_bwd_dx_body)(dx, ldx, dw_acc, db_acc, dy, x, ld, w, m, mh, ml, r, c1, c2,
-                                pf_dy, pf_x, pf_g, G, 0, 1, 0, 0);
-}
+    const nf_index d = a->d;
+    const T *dy = (const T *)a->dy + i * d, *x = (const T *)a->x + i * d;
+    const T *ds = DX == 2 ? (const T *)a->ds + i * d : NULL;
+    const T *w = HAS_W ? (const T *)a->w : NULL;
+    T *dx = DX ? (T *)a->dx + i * d : NULL;
+    const T *pf_dy = (const T *)a->dy + pf * d, *pf_x = (const T *)a->x + pf * d;
+    const T *pf_ds = DX == 2 ? (const T *)a->ds + pf * d : NULL;
+    const int stream = DX && a->stream;
 
-/* Backward for g (1..NF_G) consecutive rows of length n at dx/dy/x (row stride n): c1, c2 per
- * row, then the dx pass (see nf_ln_bwd_dx for NO_DW).  While a chunk of columns is in L1/L2, the
- * same chunk of the next_g rows at next_dy/next_x (next_g may be 0) is prefetched.  With
- * `stream`, dx is built per chunk in L1 and copied out with non-temporal stores; the caller
- * fences. */
-NF_INLINE void NF_T(nf_ln_bwd_rows_body)(T *restrict dx, double *restrict dw_acc,
-                                         double *restrict db_acc, const T *restrict dy,
-                                         const T *restrict x, const T *restrict w,
-                                         const double *mean, const double *rstd, nf_index g,
-                                         nf_index n, int stream, const T *next_dy,
-                                         const T *next_x, nf_index next_g, const int NO_DW)
-{
     T mh[NF_G], ml[NF_G], r[NF_G], c1[NF_G], c2[NF_G];
     for (nf_index k = 0; k < g; k++) {
-        double s1, s2;
-        NF_T(nf_mean_split)(mean[k], &mh[k], &ml[k]);
-        r[k] = (T)rstd[k];
-        NF_T(nf_ln_bwd_stats)(&s1, &s2, dy + k * n, x + k * n, w, n, mh[k], ml[k], r[k]);
-        c1[k] = (T)s1;
-        c2[k] = (T)s2;
+        mh[k] = 0;
+        ml[k] = 0;
+        if (CENTER) NF_T(nf_mean_split)(a->mean[i + k], &mh[k], &ml[k]);
+        r[k] = (T)a->rstd[i + k];
+        c1[k] = 0;
+        c2[k] = 0;
+        if (DX) {
+            double s1, s2;
+            NF_T(nf_nr_bwd_stats)(&s1, &s2, dy + k * d, x + k * d, w, d, mh[k], ml[k], r[k],
+                                  CENTER, HAS_W);
+            c1[k] = (T)s1;
+            c2[k] = (T)s2;
+        }
     }
     T tmp[NF_G * NF_CHUNK];
-    for (nf_index c = 0; c < n; c += NF_CHUNK) {
-        nf_index m = n - c < NF_CHUNK ? n - c : NF_CHUNK;
-        T *out = stream ? tmp : dx + c;
-        nf_index ldo = stream ? NF_CHUNK : n;
-        double *aw = dw_acc ? dw_acc + c : NULL, *ab = db_acc ? db_acc + c : NULL;
-        const T *wc = w ? w + c : NULL;
+    for (nf_index c = 0; c < d; c += NF_CHUNK) {
+        nf_index m = d - c < NF_CHUNK ? d - c : NF_CHUNK;
+        T *out = DX ? (stream ? tmp : dx + c) : NULL;
+        nf_index ldo = stream ? NF_CHUNK : d;
+        double *awc = ACC_W ? aw + c : NULL, *abc = ACC_B ? ab + c : NULL;
+        const T *wc = HAS_W ? w + c : NULL;
+        const T *dsc = DX == 2 ? ds + c : NULL;
+        const T *pds = DX == 2 ? pf_ds + c : NULL;
         if (g == NF_G) {
-            NF_T(nf_ln_bwd_dx)(out, ldo, aw, ab, dy + c, x + c, n, wc, m, mh, ml, r, c1, c2,
-                               next_dy + c, next_x + c, next_g, NF_G, NO_DW);
+            NF_T(nf_nr_bwd_cols)(out, ldo, awc, abc, dy + c, x + c, dsc, d, wc, m, mh, ml, r,
+                                 c1, c2, pf_dy + c, pf_x + c, pds, pg,
+                                 NF_G, CENTER, HAS_W, ACC_W, ACC_B, DX);
         } else {
             for (nf_index k = 0; k < g; k++)
-                NF_T(nf_ln_bwd_dx)(out + k * ldo, ldo, aw, ab, dy + k * n + c, x + k * n + c, n,
-                                   wc, m, mh + k, ml + k, r + k, c1 + k, c2 + k, next_dy + c,
-                                   next_x + c, k == 0 ? next_g : 0, 1, NO_DW);
+                NF_T(nf_nr_bwd_cols)(DX ? out + k * ldo : NULL, ldo, awc, abc,
+                                     dy + k * d + c, x + k * d + c,
+                                     DX == 2 ? dsc + k * d : NULL, d, wc, m, mh + k, ml + k,
+                                     r + k, c1 + k, c2 + k, pf_dy + c, pf_x + c, pds,
+                                     k == 0 ? pg : 0, 1, CENTER, HAS_W, ACC_W, ACC_B, DX);
         }
         if (stream)
             for (nf_index k = 0; k < g; k++)
-                nf_stream_copy(dx + k * n + c, tmp + k * NF_CHUNK, (size_t)m * sizeof(T));
+                nf_stream_copy(dx + k * d + c, tmp + k * NF_CHUNK, (size_t)m * sizeof(T));
     }
 }
 
-/* Backward for g rows with dweight exactly when there is a weight:
- *   w       NULL: no weight (g = dy); else dw_acc[0:n] += sum over the g rows of dy * xhat
- *   db_acc  NULL: no dbias;           else db_acc[0:n] += sum over the g rows of dy
- * Three entry points, not one with more branches: with the NO_DW instantiations in the same
- * function GCC compiled the common ones into ~9% more instructions (callgrind). */
-NF_CLONES static void NF_T(nf_ln_bwd_rows)(T *restrict dx, double *restrict dw_acc,
-                                          double *restrict db_acc, const T *restrict dy,
-                                          const T *restrict x, const T *restrict w,
-                                          const double *mean, const double *rstd, nf_index g,
-                                          nf_index n, int stream, const T *next_dy,
-                                          const T *next_x, nf_index next_g)
+/* One group with the flags as literals: the combinations the entry point's CASE allows (see
+ * norm_rows.h), chosen from which of w, dw (aw), db (ab), dx, ds are given. */
+NF_INLINE void NF_T(nf_nr_bwd_group_case)(const nf_nr_bwd_args *a, double *aw, double *ab,
+                                          nf_index i, nf_index g, nf_index pf, nf_index pg,
+                                          const int CASE)
 {
-    NF_T(nf_ln_bwd_rows_body)(dx, dw_acc, db_acc, dy, x, w, mean, rstd, g, n, stream, next_dy,
-                              next_x, next_g, 0);
-}
-
-/* As nf_ln_bwd_rows, for a weight w (not NULL) whose dweight is not wanted. */
-NF_CLONES static void NF_T(nf_ln_bwd_rows_nodw)(T *restrict dx, double *restrict db_acc,
-                                               const T *restrict dy, const T *restrict x,
-                                               const T *restrict w, const double *mean,
-                                               const double *rstd, nf_index g, nf_index n,
-                                               int stream, const T *next_dy, const T *next_x,
-                                               nf_index next_g)
-{
-    NF_T(nf_ln_bwd_rows_body)(dx, NULL, db_acc, dy, x, w, mean, rstd, g, n, stream, next_dy,
-                              next_x, next_g, 1);
-}
-
-/* The parameter sums alone (no dx wanted) for g (1..NF_G) rows, as nf_ln_bwd_rows would add
- * them (same order, so the same bits): dw_acc and/or db_acc (at least one given).  No c1/c2
- * pass, no weight needed.  Prefetches the next_g rows as nf_ln_bwd_rows does. */
-NF_CLONES static void NF_T(nf_ln_bwd_sums)(double *restrict dw_acc, double *restrict db_acc,
-                                          const T *restrict dy, const T *restrict x,
-                                          const double *mean, const double *rstd, nf_index g,
-                                          nf_index n, const T *next_dy, const T *next_x,
-                                          nf_index next_g)
-{
-    T mh[NF_G], ml[NF_G], r[NF_G], zero[NF_G] = {0};
-    for (nf_index k = 0; k < g; k++) {
-        NF_T(nf_mean_split)(mean[k], &mh[k], &ml[k]);
-        r[k] = (T)rstd[k];
-    }
-    for (nf_index c = 0; c < n; c += NF_CHUNK) {
-        nf_index m = n - c < NF_CHUNK ? n - c : NF_CHUNK;
-        double *aw = dw_acc ? dw_acc + c : NULL, *ab = db_acc ? db_acc + c : NULL;
-        for (nf_index k0 = 0; k0 < g; k0 += (g == NF_G ? NF_G : 1)) {
-            const int full = g == NF_G;
-            const T *dyk = dy + k0 * n + c, *xk = x + k0 * n + c;
-            nf_index pg = k0 == 0 ? next_g : 0;
-            if (full && aw && ab)
-                NF_T(nf_ln_bwd_dx_body)(NULL, 0, aw, ab, dyk, xk, n, NULL, m, mh, ml, r, zero,
-                                        zero, next_dy + c, next_x + c, pg, NF_G, 0, 0, 1, 1);
-            else if (full && aw)
-                NF_T(nf_ln_bwd_dx_body)(NULL, 0, aw, ab, dyk, xk, n, NULL, m, mh, ml, r, zero,
-                                        zero, next_dy + c, next_x + c, pg, NF_G, 0, 0, 1, 0);
-            else if (full)
-                NF_T(nf_ln_bwd_dx_body)(NULL, 0, aw, ab, dyk, xk, n, NULL, m, mh, ml, r, zero,
-                                        zero, next_dy + c, next_x + c, pg, NF_G, 0, 0, 0, 1);
-            else if (aw && ab)
-                NF_T(nf_ln_bwd_dx_body)(NULL, 0, aw, ab, dyk, xk, n, NULL, m, mh + k0, ml + k0,
-                                        r + k0, zero, zero, next_dy + c, next_x + c, pg, 1, 0, 0,
-                                        1, 1);
-            else if (aw)
-                NF_T(nf_ln_bwd_dx_body)(NULL, 0, aw, ab, dyk, xk, n, NULL, m, mh + k0, ml + k0,
-                                        r + k0, zero, zero, next_dy + c, next_x + c, pg, 1, 0, 0,
-                                        1, 0);
-            else
-                NF_T(nf_ln_bwd_dx_body)(NULL, 0, aw, ab, dyk, xk, n, NULL, m, mh + k0, ml + k0,
-                                        r + k0, zero, zero, next_dy + c, next_x + c, pg, 1, 0, 0,
-                                        0, 1);
+    /* group(a, aw, ab, i, g, pf, pg, CENTER, HAS_W, ACC_W, ACC_B, DX) */
+    if (CASE == NF_NR_LN) {                  /* dx; dw exactly when w */
+        if (a->w && ab) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 1, 1, 1);
+        else if (a->w) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 1, 0, 1);
+        else if (ab) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 0, 0, 1, 1);
+        else NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 0, 0, 0, 1);
+    } else if (CASE == NF_NR_LN_NODW) {      /* dx; w without dw */
+        if (ab) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 0, 1, 1);
+        else NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 0, 0, 1);
+    } else if (CASE == NF_NR_LN_SUMS) {      /* no dx: dw and/or db */
+        if (aw && ab) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 0, 1, 1, 0);
+        else if (aw) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 0, 1, 0, 0);
+        else NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 0, 0, 1, 0);
+    } else if (CASE == NF_NR_LN_DS) {        /* dx + ds */
+        if (a->w && aw && ab) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 1, 1, 2);
+        else if (a->w && aw) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 1, 0, 2);
+        else if (a->w && ab) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 0, 1, 2);
+        else if (a->w) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 0, 0, 2);
+        else if (ab) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 0, 0, 1, 2);
+        else NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 0, 0, 0, 2);
+    } else {                                 /* RMSNorm: no db; dx, dx + ds or none */
+        const int dxm = !a->dx ? 0 : a->ds ? 2 : 1;
+        if (dxm == 0) {
+            if (a->w && aw) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 1, 1, 0, 0);
+            else if (a->w) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 1, 0, 0, 0);
+            else NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 0, 0, 0, 0);
+        } else if (dxm == 1) {
+            if (a->w && aw) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 1, 1, 0, 1);
+            else if (a->w) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 1, 0, 0, 1);
+            else NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 0, 0, 0, 1);
+        } else {
+            if (a->w && aw) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 1, 1, 0, 2);
+            else if (a->w) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 1, 0, 0, 2);
+            else NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 0, 0, 0, 2);
         }
+    }
+}
+
+/* Block blk: zero its partials, then its rows group by group, prefetching the group
+ * NF_NR_BWD_PF_GROUPS groups ahead (rows past n: none). */
+NF_INLINE void NF_T(nf_nr_bwd_block)(const nf_nr_bwd_args *a, nf_index blk, const int CASE)
+{
+    const nf_index n = a->n, d = a->d, width = a->width;
+    double *aw = NULL, *ab = NULL;
+    if (width > 0) {
+        memset(a->work + blk * width, 0, (size_t)width * sizeof(double));
+        if (a->dw) aw = a->work + blk * width;
+        if (a->db) ab = a->work + blk * width + (a->dw ? d : 0);
+    }
+    nf_index r0 = blk * a->rows_per_block;
+    nf_index r1 = r0 + a->rows_per_block < n ? r0 + a->rows_per_block : n;
+    for (nf_index i = r0; i < r1;) {
+        nf_index g = r1 - i < NF_G ? r1 - i : NF_G;
+        nf_index pf = i + g + (NF_NR_BWD_PF_GROUPS - 1) * NF_G;
+        nf_index pg = n - pf < NF_G ? n - pf : NF_G;
+        if (pg < 0) { pg = 0; pf = i; }
+        NF_T(nf_nr_bwd_group_case)(a, aw, ab, i, g, pf, pg, CASE);
+        i += g;
+    }
+}
+
+NF_CLONES static void NF_T(nf_nr_bwd_ln)(const nf_nr_bwd_args *a, nf_index blk)
+{
+    NF_T(nf_nr_bwd_block)(a, blk, NF_NR_LN);
+}
+
+NF_CLONES static void NF_T(nf_nr_bwd_ln_nodw)(const nf_nr_bwd_args *a, nf_index blk)
+{
+    NF_T(nf_nr_bwd_block)(a, blk, NF_NR_LN_NODW);
+}
+
+NF_CLONES static void NF_T(nf_nr_bwd_ln_sums)(const nf_nr_bwd_args *a, nf_index blk)
+{
+    NF_T(nf_nr_bwd_block)(a, blk, NF_NR_LN_SUMS);
+}
+
+NF_CLONES static void NF_T(nf_nr_bwd_ln_ds)(const nf_nr_bwd_args *a, nf_index blk)
+{
+    NF_T(nf_nr_bwd_block)(a, blk, NF_NR_LN_DS);
+}
+
+NF_CLONES static void NF_T(nf_nr_bwd_rms)(const nf_nr_bwd_args *a, nf_index blk)
+{
+    NF_T(nf_nr_bwd_block)(a, blk, NF_NR_RMS);
+}
+
+/* Columns [j0, j1) of the partials summed over blocks in block order (nf_reduce_blocks), then
+ * cast into dw (columns [0, d) of a block when dw is wanted) and db (the rest). */
+static void NF_T(nf_nr_finish)(const nf_nr_bwd_args *a, nf_index j0, nf_index j1)
+{
+    double *work = a->work;
+    const nf_index d = a->d;
+    T *dw = (T *)a->dw, *db = (T *)a->db;
+    nf_reduce_blocks(work, a->nb, a->width, j0, j1);
+    for (nf_index j = j0; j < j1; j++) {
+        if (dw && j < d) dw[j] = (T)work[j];
+        else if (dw) db[j - d] = (T)work[j];
+        else db[j] = (T)work[j];
     }
 }

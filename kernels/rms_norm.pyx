@@ -6,14 +6,14 @@
 #     scratch holds scratch_size(...) float64 values (or is None when no dweight is wanted).
 #   * The GIL is released once per call.  Whether outputs are streamed (non-temporal stores) is
 #     the caller's decision (normffn._tuning.stream_threshold), passed as `stream`.
-# The row bodies and the OpenMP loops are shared with the residual add + norm ops
-# (rms_rows.h, rms_rows.pxd): rows over threads in forward; fixed row blocks with float64
+# The row bodies and the OpenMP loops are shared with LayerNorm and the residual add + norm ops
+# (norm_rows.h, norm_rows.pxd): rows over threads in forward; fixed row blocks with float64
 # dweight partials added in block order in backward (1 and N threads agree bitwise).
 from cython cimport floating
 from libc.string cimport memset
 
-from rms_rows cimport (nf_rn_ahead, nf_rn_bwd_args, nf_rn_bwd_scratch, nf_rn_fwd_args,
-                       nf_rn_threads, rn_backward, rn_forward)
+from norm_rows cimport (nf_nr_ahead, nf_nr_bwd_args, nf_nr_bwd_scratch, nf_nr_fwd_args,
+                        nf_nr_threads, nr_backward, nr_forward)
 
 
 # ---------------------------------------------------------------- forward
@@ -22,7 +22,7 @@ from rms_rows cimport (nf_rn_ahead, nf_rn_bwd_args, nf_rn_bwd_scratch, nf_rn_fwd
 cdef int _forward(floating[:, ::1] y, double[::1] rstd,                          # OUT
                   const floating[:, ::1] x, const floating[::1] weight,          # IN (w or None)
                   double eps, int stream) except -1:
-    cdef nf_rn_fwd_args a
+    cdef nf_nr_fwd_args a
     memset(&a, 0, sizeof(a))
     a.y = &y[0, 0]
     a.rstd = &rstd[0]
@@ -31,12 +31,12 @@ cdef int _forward(floating[:, ::1] y, double[::1] rstd,                         
         a.w = &weight[0]
     a.n = x.shape[0]
     a.d = x.shape[1]
-    a.ahead = nf_rn_ahead(a.d, sizeof(floating))
+    a.ahead = nf_nr_ahead(a.d, sizeof(floating))
     a.eps = eps
     a.stream = stream
     a.f64 = floating is double
     with nogil:
-        rn_forward(&a, nf_rn_threads(a.n, a.d))
+        nr_forward(&a, nf_nr_threads(a.n * a.d))
     return 0
 
 
@@ -47,7 +47,7 @@ cdef int _backward(floating[:, ::1] dx, floating[::1] dweight,                  
                    const floating[:, ::1] dy, const floating[:, ::1] x,          # IN
                    const floating[::1] weight, const double[::1] rstd,           # IN (w or None)
                    double[::1] scratch, int stream) except -1:                   # WORK
-    cdef nf_rn_bwd_args a
+    cdef nf_nr_bwd_args a
     memset(&a, 0, sizeof(a))
     if dx is not None:
         a.dx = &dx[0, 0]
@@ -64,7 +64,7 @@ cdef int _backward(floating[:, ::1] dx, floating[::1] dweight,                  
     a.stream = stream
     a.f64 = floating is double
     with nogil:
-        rn_backward(&a)
+        nr_backward(&a)
     return 0
 
 
@@ -79,7 +79,7 @@ def forward(y, rstd, x, weight, double eps, int stream):
 
 def scratch_size(Py_ssize_t n, Py_ssize_t d, bint want_w):
     """float64 elements of scratch `backward` needs for the dweight partials."""
-    return nf_rn_bwd_scratch(n, d, want_w, 0)
+    return nf_nr_bwd_scratch(n, d, want_w, 0)
 
 
 def backward(dx, dweight, dy, x, weight, rstd, scratch, int stream):

@@ -394,8 +394,12 @@ def test_needs_skip_work_and_match_the_full_backward(rng, threads, dtype, shape,
 
 def test_needs_rejects_malformed():
     _, ctx = normffn.layer_norm_forward(X32, 6)
-    for bad in [(True, True), (1, 0, 0), "xyz", True, (True, None, True)]:
-        with pytest.raises(TypeError, match="needs must be a tuple of 3 bools"):
+    for bad, exc, match in [((True, True), ValueError, "needs has 2 entries, expected 3 bools"),
+                            ((1, 0, 0), TypeError, "needs entry for dx must be a bool"),
+                            ("xyz", TypeError, "needs must be a tuple of 3 bools"),
+                            (True, TypeError, "needs must be a tuple of 3 bools"),
+                            ((True, None, True), TypeError, "needs entry for dweight")]:
+        with pytest.raises(exc, match=match):
             normffn.layer_norm_backward(X32, ctx, needs=bad)
 
 

@@ -77,7 +77,11 @@ def finite_float(value, name: str, *, low: float | None = None, low_inclusive: b
     return v
 
 
-def eps(value, *, strictly_positive: bool = False) -> float:
+def eps(value, *, strictly_positive: bool = False, dtype: np.dtype | None = None) -> float:
+    """``eps``: finite, >= 0 (> 0 if strictly_positive).  With ``dtype`` given, None means
+    ``np.finfo(dtype).eps`` (RMSNorm's default, as ``torch.nn.functional.rms_norm``)."""
+    if value is None and dtype is not None:
+        return float(np.finfo(dtype).eps)
     return finite_float(value, "eps", low=0.0, low_inclusive=not strictly_positive)
 
 
@@ -150,16 +154,35 @@ def context(ctx, cls, op: str):
 
 
 def needs(value, names: tuple, exists: tuple) -> tuple:
-    """A backward's ``needs=``: None (every gradient that exists) or a tuple of bools, one per
-    entry of ``names`` (the returned gradients, in order).  Returns the bools and-ed with
-    ``exists`` (a gradient of an absent parameter is never computed)."""
+    """A backward's ``needs=``: None (every gradient that exists) or a tuple (or list) of bools,
+    one per entry of ``names`` (the returned gradients, in order).  Returns the bools and-ed with
+    ``exists`` (a gradient of an absent parameter is never computed).  Raises TypeError for a
+    value that is not a tuple/list or an entry that is not a bool, ValueError for a wrong
+    length."""
     if value is None:
         return tuple(bool(e) for e in exists)
-    if not isinstance(value, (tuple, list)) or len(value) != len(names) \
-            or not all(isinstance(v, (bool, np.bool_)) for v in value):
-        raise TypeError(f"needs must be a tuple of {len(names)} bools ({', '.join(names)}), "
-                        f"got {value!r}")
+    spelled = f"{len(names)} bools ({', '.join(names)})"
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"needs must be a tuple of {spelled} or None, got "
+                        f"{type(value).__name__}")
+    if len(value) != len(names):
+        raise ValueError(f"needs has {len(value)} entries, expected {spelled}")
+    for name, v in zip(names, value):
+        if not isinstance(v, (bool, np.bool_)):
+            raise TypeError(f"needs entry for {name} must be a bool, got {type(v).__name__}")
     return tuple(bool(v) and bool(e) for v, e in zip(value, exists))
+
+
+def row_input(x, nshape, name: str = "x"):
+    """The input of a row norm: a float array of >= 1 dim whose trailing dims are ``nshape``
+    (an int or tuple: the op's ``normalized_shape``).  Returns ``(x, nshape, lead)``, nshape a
+    tuple and lead the shape of the per-row statistics (n = prod(lead) rows of d =
+    prod(nshape))."""
+    x = float_array(x, name)
+    if x.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a 0-d array")
+    nshape = normalized_shape(nshape, x.shape)
+    return x, nshape, x.shape[:x.ndim - len(nshape)]
 
 
 def grad_output(dy, ctx_shape: tuple, dtype: np.dtype, name: str = "dy") -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["l3_bytes", "stream_threshold", "set_stream_threshold"]
+__all__ = ["l3_bytes", "stream_threshold", "set_stream_threshold", "stream_for"]
 
 _DEFAULT_L3 = 32 << 20
 _l3_cache: int | None = None
@@ -64,3 +64,9 @@ def set_stream_threshold(nbytes: int | None) -> int:
             raise ValueError(f"nbytes must be >= 1 or None, got {nbytes}")
     _stream_override = nbytes
     return stream_threshold()
+
+
+def stream_for(out) -> int:
+    """1 when an output as large as ``out`` (an ndarray) is written with non-temporal stores
+    (at least :func:`stream_threshold` bytes), else 0: the flag the kernels take."""
+    return int(out.nbytes >= stream_threshold())

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _tuning
 from ._context import Context, Field
 from ._kernels import add_norm as _kernel
 from ._workspace import workspace
-from .rms_norm import check_eps, check_input, check_needs, lead_shape, param_shape, stream_for
+from .rms_norm import lead_shape, param_shape
 
 __all__ = ["AddLayerNormContext", "AddRMSNormContext",
            "add_layer_norm", "add_layer_norm_forward", "add_layer_norm_backward",
@@ -120,7 +120,7 @@ def check_add_norm(x, residual, normalized_shape, weight=None, bias=None, eps=No
     required) or add_rms_norm (``rms=True``; bias must be None, eps None means the dtype's
     machine epsilon).  Returns ``(x, residual, nshape, weight, bias, eps, y, s)`` with x and
     residual C-contiguous and y, s the outputs (``out`` or new)."""
-    x, nshape, _, _ = check_input(x, normalized_shape)
+    x, nshape, _ = _checks.row_input(x, normalized_shape)
     dtype = x.dtype
     residual = _checks.float_array(residual, "residual")
     _checks.same_dtype(dtype, "residual", residual)
@@ -129,7 +129,7 @@ def check_add_norm(x, residual, normalized_shape, weight=None, bias=None, eps=No
                          "of x)")
     weight = _checks.optional_param(weight, "weight", nshape, dtype)
     bias = None if rms else _checks.optional_param(bias, "bias", nshape, dtype)
-    eps = check_eps(eps, dtype) if rms else _checks.eps(eps)
+    eps = _checks.eps(eps, dtype=dtype if rms else None)
     y, s = _out_pair(out, x.shape, dtype, (x, residual, weight, bias))
     return (np.ascontiguousarray(x), np.ascontiguousarray(residual), nshape, weight, bias, eps,
             y, s)
@@ -141,7 +141,7 @@ def run_add_norm_forward(x2, r2, weight, bias, eps, y2, s2, mean, rstd):
     C-contiguous (n, d) of one dtype, n >= 0; weight/bias (d,) or None; mean/rstd (n,) float64."""
     n, d = x2.shape
     if n > 0:
-        stream = stream_for(y2)
+        stream = _tuning.stream_for(y2)
         rowbuf = workspace("add_norm_row", _kernel.rowbuf_size(n, d), x2.dtype) \
             if stream else None
         _kernel.forward(y2, s2, mean, rstd, x2, r2, weight, bias, eps, stream, rowbuf)
@@ -163,7 +163,7 @@ def run_add_norm_backward(dy2, s2, weight, mean, rstd, ds2, dsum2, dweight, dbia
     work = _kernel.scratch_size(n, d, dweight is not None, dbias is not None)
     _kernel.backward(dsum2, dweight, dbias, dy2, s2, weight, mean, rstd, ds2,
                      workspace("add_norm_backward", work) if work else None,
-                     stream_for(dy2) if dsum2 is not None else 0)
+                     _tuning.stream_for(dy2) if dsum2 is not None else 0)
     return dsum2, dweight, dbias
 
 
@@ -190,12 +190,12 @@ def _forward(x, residual, normalized_shape, weight, bias, eps, out, rms):
 def _backward(dy, ctx, ds, out, needs, cls, op, names):
     ctx = _checks.context(ctx, cls, op)
     ctx.validate()
-    wants = check_needs(needs, names)
+    params = (ctx.weight, getattr(ctx, "bias", None))[:len(names) - 1]   # add_rms: no bias
+    wants = _checks.needs(needs, names, (True,) + tuple(p is not None for p in params))
     dtype = ctx.dtype
     dy = _checks.grad_output(dy, ctx.shape, dtype)
     if ds is not None:
         ds = np.ascontiguousarray(_checks.grad_output(ds, ctx.shape, dtype, name="ds"))
-    params = (ctx.weight, getattr(ctx, "bias", None))
     dsum = None
     if wants[0]:
         dsum = _checks.new_or_out(out, "out", ctx.shape, dtype,
@@ -203,8 +203,7 @@ def _backward(dy, ctx, ds, out, needs, cls, op, names):
                                   + params)
     elif out is not None:
         raise ValueError("out is given but dsum is not needed (needs[0] is False)")
-    grads = [np.empty(ctx.normalized_shape, dtype=dtype) if want and p is not None else None
-             for want, p in zip(wants[1:], params)]
+    grads = [np.empty(ctx.normalized_shape, dtype=dtype) if want else None for want in wants[1:]]
     n, d = ctx.rstd.size, math.prod(ctx.normalized_shape)
     mean = getattr(ctx, "mean", None)
     run_add_norm_backward(np.ascontiguousarray(dy).reshape(n, d), ctx.s.reshape(n, d),

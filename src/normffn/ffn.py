@@ -256,16 +256,7 @@ def check_backward(dy, ctx, *, out=None, needs=None):
     dtype = ctx.dtype
     dy = _checks.grad_output(dy, ctx.shape, dtype)
     exists = (True, True, ctx.b1 is not None, True, ctx.b2 is not None)
-    if needs is None:
-        needs = exists
-    else:
-        if isinstance(needs, (str, bytes)) or not hasattr(needs, "__len__") or len(needs) != 5:
-            raise ValueError(f"needs must be a tuple of 5 bools aligned with {GRAD_NAMES}, "
-                             f"got {needs!r}")
-        for name, v in zip(GRAD_NAMES, needs):
-            if not isinstance(v, (bool, np.bool_)):
-                raise TypeError(f"needs entry for {name} must be a bool, got {type(v).__name__}")
-        needs = tuple(bool(v) and e for v, e in zip(needs, exists))
+    needs = _checks.needs(needs, GRAD_NAMES, exists)
     outs = [None] * 5
     if out is not None:
         if not isinstance(out, (tuple, list)) or len(out) != 5:

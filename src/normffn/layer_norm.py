@@ -104,16 +104,12 @@ def check_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, out=Non
     A non-contiguous ``x`` is copied once (that copy is what backward reads).  Raises as
     :func:`layer_norm_forward` documents; on error nothing has been written.
     """
-    x = _checks.float_array(x, "x")
-    if x.ndim == 0:
-        raise ValueError("x must have at least one dimension, got a 0-d array")
+    x, nshape, lead = _checks.row_input(x, normalized_shape)
     dtype = x.dtype
-    nshape = _checks.normalized_shape(normalized_shape, x.shape)
     weight = _checks.optional_param(weight, "weight", nshape, dtype)
     bias = _checks.optional_param(bias, "bias", nshape, dtype)
     eps = _checks.eps(eps)
     y = _checks.new_or_out(out, "out", x.shape, dtype, inputs=(x, weight, bias))
-    lead = x.shape[:x.ndim - len(nshape)]
     n, d = math.prod(lead), math.prod(nshape)
     x = np.ascontiguousarray(x)
     return ForwardArgs(x, weight, bias, nshape, eps, y, lead, x.reshape(n, d),
@@ -140,8 +136,7 @@ def run_forward(x2, weight, bias, eps, y2=None, mean=None, rstd=None):
     if rstd is None:
         rstd = np.empty(n, np.float64)
     if n > 0:
-        _kernel.forward(y2, mean, rstd, x2, weight, bias, eps,
-                        y2.nbytes >= _tuning.stream_threshold())
+        _kernel.forward(y2, mean, rstd, x2, weight, bias, eps, _tuning.stream_for(y2))
     return y2, mean, rstd
 
 
@@ -258,7 +253,7 @@ def run_backward(dy2, x2, weight, mean, rstd, dx2=None, need_dx=True, need_dweig
     if not (need_dx or need_dweight or need_dbias):
         return dx2, dweight, dbias
     work = _kernel.scratch_size(n, d, need_dweight, need_dbias)
-    stream = need_dx and dx2.nbytes >= _tuning.stream_threshold()
+    stream = _tuning.stream_for(dx2) if need_dx else 0
     _kernel.backward(dx2, dweight, dbias, dy2, x2, weight, mean, rstd,
                      workspace("layer_norm_backward", work) if work else None, stream)
     return dx2, dweight, dbias

@@ -23,7 +23,7 @@ __all__ = ["RMSNormContext", "rms_norm", "rms_norm_forward", "rms_norm_backward"
            "check_rms_norm", "run_rms_norm_forward", "run_rms_norm_backward"]
 
 
-# ---------------------------------------------------------------- helpers shared with add_norm
+# ---------------------------------------------------------------- shapes (add_norm uses them)
 def lead_shape(ctx) -> tuple:
     """Leading (row) dims of a row-norm context: its input shape minus normalized_shape."""
     return ctx.shape[:len(ctx.shape) - len(ctx.normalized_shape)]
@@ -31,43 +31,6 @@ def lead_shape(ctx) -> tuple:
 
 def param_shape(ctx) -> tuple:
     return tuple(ctx.normalized_shape)
-
-
-def check_needs(needs, names: tuple) -> tuple:
-    """``needs`` of a backward: None (everything) or a tuple of bools aligned with ``names``
-    (the returned gradients)."""
-    if needs is None:
-        return (True,) * len(names)
-    if isinstance(needs, (str, bytes)) or not hasattr(needs, "__len__"):
-        raise TypeError(f"needs must be None or a tuple of {len(names)} bools "
-                        f"({', '.join(names)}), got {type(needs).__name__}")
-    if len(needs) != len(names):
-        raise ValueError(f"needs has {len(needs)} entries, expected {len(names)} "
-                         f"({', '.join(names)})")
-    for name, v in zip(names, needs):
-        if not isinstance(v, (bool, np.bool_)):
-            raise TypeError(f"needs entry for {name} must be a bool, got {type(v).__name__}")
-    return tuple(bool(v) for v in needs)
-
-
-def check_eps(eps, dtype) -> float:
-    """``eps=None`` means ``np.finfo(dtype).eps`` (as torch's rms_norm); else finite, >= 0."""
-    return float(np.finfo(dtype).eps) if eps is None else _checks.eps(eps)
-
-
-def check_input(x, normalized_shape, name: str = "x"):
-    """x as a float array of >= 1 dim and its normalized_shape; returns ``(x, nshape, n, d)``."""
-    x = _checks.float_array(x, name)
-    if x.ndim == 0:
-        raise ValueError(f"{name} must have at least one dimension, got a 0-d array")
-    nshape = _checks.normalized_shape(normalized_shape, x.shape)
-    lead = x.shape[:x.ndim - len(nshape)]
-    return x, nshape, math.prod(lead), math.prod(nshape)
-
-
-def stream_for(a: np.ndarray) -> int:
-    """1 when an output as large as ``a`` is written with non-temporal stores."""
-    return int(a.nbytes >= _tuning.stream_threshold())
 
 
 # ---------------------------------------------------------------- context
@@ -108,10 +71,10 @@ class RMSNormContext(Context):
 def check_rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
     """Validate the forward arguments.  Returns ``(x, nshape, weight, eps, y)`` with x
     C-contiguous, weight C-contiguous or None, eps a float, y the output (``out`` or new)."""
-    x, nshape, _, _ = check_input(x, normalized_shape)
+    x, nshape, _ = _checks.row_input(x, normalized_shape)
     dtype = x.dtype
     weight = _checks.optional_param(weight, "weight", nshape, dtype)
-    eps = check_eps(eps, dtype)
+    eps = _checks.eps(eps, dtype=dtype)
     y = _checks.new_or_out(out, "out", x.shape, dtype, inputs=(x, weight))
     return np.ascontiguousarray(x), nshape, weight, eps, y
 
@@ -120,7 +83,7 @@ def run_rms_norm_forward(x2, weight, eps, y2, rstd):
     """RMSNorm of the rows of ``x2`` into ``y2`` and ``rstd``.  Trusts its arguments: x2, y2
     C-contiguous (n, d) of one dtype, n >= 0; weight (d,) or None; rstd (n,) float64."""
     if x2.shape[0] > 0:
-        _kernel.forward(y2, rstd, x2, weight, eps, stream_for(y2))
+        _kernel.forward(y2, rstd, x2, weight, eps, _tuning.stream_for(y2))
     return y2, rstd
 
 
@@ -138,7 +101,7 @@ def run_rms_norm_backward(dy2, x2, weight, rstd, dx2, dweight):
     work = _kernel.scratch_size(n, d, dweight is not None)
     _kernel.backward(dx2, dweight, dy2, x2, weight, rstd,
                      workspace("rms_norm_backward", work) if work else None,
-                     stream_for(dy2) if dx2 is not None else 0)
+                     _tuning.stream_for(dy2) if dx2 is not None else 0)
     return dx2, dweight
 
 
@@ -209,7 +172,7 @@ def rms_norm_backward(dy, ctx, *, out=None, needs=None):
     """
     ctx = _checks.context(ctx, RMSNormContext, "rms_norm")
     ctx.validate()
-    want_dx, want_dw = check_needs(needs, ("dx", "dweight"))
+    want_dx, want_dw = _checks.needs(needs, ("dx", "dweight"), (True, ctx.weight is not None))
     dtype = ctx.dtype
     dy = _checks.grad_output(dy, ctx.shape, dtype)
     dx = None
@@ -218,8 +181,7 @@ def rms_norm_backward(dy, ctx, *, out=None, needs=None):
                                 inputs=(dy, ctx.x, ctx.weight, ctx.rstd))
     elif out is not None:
         raise ValueError("out is given but dx is not needed (needs[0] is False)")
-    dweight = np.empty(ctx.normalized_shape, dtype=dtype) \
-        if want_dw and ctx.weight is not None else None
+    dweight = np.empty(ctx.normalized_shape, dtype=dtype) if want_dw else None
     n, d = ctx.rstd.size, math.prod(ctx.normalized_shape)
     run_rms_norm_backward(np.ascontiguousarray(dy).reshape(n, d), ctx.x.reshape(n, d),
                           None if ctx.weight is None else ctx.weight.reshape(d),
