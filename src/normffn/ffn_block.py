@@ -57,7 +57,6 @@ from .ffn import check_forward as ffn_check_forward
 from .ffn import run_backward as ffn_run_backward
 from .ffn import run_forward as ffn_run_forward
 from .layer_norm import run_forward as layer_norm_run_forward
-from .rms_norm import check_eps as rms_check_eps
 from .rms_norm import run_rms_norm_forward
 
 __all__ = ["FFNBlockContext", "ffn_block", "ffn_block_forward", "ffn_block_backward",
@@ -224,7 +223,7 @@ def check_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", 
     norm_weight = _checks.optional_param(norm_weight, "norm_weight", (d,), dtype)
     norm_bias = _checks.optional_param(norm_bias, "norm_bias", (d,), dtype)
     if norm == "rms":
-        eps = rms_check_eps(eps, dtype)
+        eps = _checks.eps(eps, dtype=dtype)
     else:
         if eps is None:
             raise TypeError("eps must be a real number for norm='layer' (eps=None, the "
