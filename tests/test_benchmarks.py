@@ -113,6 +113,44 @@ def test_bench_fused_and_gated_ops_in_process(tmp_path):
         assert "normffn out=" in c["providers"] and "normffn" in c["providers"]
 
 
+def test_bench_ffn_block_in_process(tmp_path):
+    """The FFN sublayer (keyword-only arguments, seven gradients reused by ``normffn out=``)
+    through the whole command; at a shape that is not a named bench shape every case runs."""
+    out = tmp_path / "b.json"
+    r = _bench("--op", "ffn_block", "--shape", "6x8x16", "--min-time", "0", "--repeat", "1",
+               "--in-process", "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(out.read_text())
+    got = {c["direction"] for c in data["cases"]}
+    assert got == {c.direction for c in _ops.get("ffn_block").bench_cases}
+    for c in data["cases"]:
+        assert "normffn out=" in c["providers"] and "normffn" in c["providers"]
+
+
+def test_ffn_block_cases_and_rate_model_follow_the_shape():
+    """Issue #13's pairing: ReLU cases at 2048x768x3072, SwiGLU ones at 2048x768x2048; the
+    gated cases count (and probe) a first GEMM 2h wide."""
+    op = _ops.get("ffn_block")
+    relu, swiglu = (2048, 768, 3072), (2048, 768, 2048)
+    assert all("relu" in c.direction for c in op.cases_for(relu))
+    assert all("swiglu" in c.direction for c in op.cases_for(swiglu))
+    assert len(op.cases_for(relu)) + len(op.cases_for(swiglu)) == len(op.bench_cases)
+    n, d, h = swiglu
+    for c in op.cases_for(swiglu):
+        assert _ops.case_gated(op, c)
+        fwd = 2.0 * n * d * 2 * h + 2.0 * n * h * d
+        assert _ops.case_work(op, c, swiglu, "float32") == fwd * (3 if c.call == "fwd+bwd" else 1)
+    n, d, h = relu
+    for c in op.cases_for(relu):
+        assert not _ops.case_gated(op, c)
+        assert _ops.limit_work(op, relu, "float32", c) == \
+            4.0 * n * d * h * (3 if c.call == "fwd+bwd" else 1)
+    # the plain FFNs' rate model is unchanged by the per-case gating
+    ffn, gated = _ops.get("ffn"), _ops.get("ffn_gated")
+    assert _ops.case_work(ffn, ffn.bench_cases[1], (8, 4, 6), "float32") == 6 * 2.0 * 8 * 4 * 6
+    assert _ops.case_work(gated, gated.bench_cases[0], (8, 4, 6), "float32") == 6.0 * 8 * 4 * 6
+
+
 def test_bench_threads_list_prints_scaling(tmp_path):
     r = _bench("--op", "layer_norm", "--shape", "6x8", "--min-time", "0", "--repeat", "1",
                "--rounds", "1", "--threads", "1,2", "--no-torch")
