@@ -14,25 +14,25 @@ from ._registry import registry_benchmark
 
 FFNBlock = registry_benchmark(
     "FFNBlock", "ffn_block",
-    {"forward": "fwd pre-LN relu", "forward_backward_pre": "fwd+bwd pre-LN relu",
-     "forward_backward_post": "fwd+bwd post-LN relu"},
+    {"forward": "fwd pre relu", "forward_backward_pre": "fwd+bwd pre relu",
+     "forward_backward_post": "fwd+bwd post relu"},
     peakmem=("forward", "forward_backward_pre"), doc=__doc__)
 
 FFNBlockRecompute = registry_benchmark(
-    "FFNBlockRecompute", "ffn_block", {"forward_backward_pre": "fwd+bwd pre-LN relu"},
+    "FFNBlockRecompute", "ffn_block", {"forward_backward_pre": "fwd+bwd pre relu"},
     peakmem=("forward_backward_pre",), providers=["normffn"], normffn_label="normffn recompute",
     doc="pre-LN ReLU forward(recompute=True) + backward: neither xn nor the (n, h) hidden kept.")
 
 GatedFFNBlock = registry_benchmark(
     "GatedFFNBlock", "ffn_block",
-    {"forward": "fwd pre-RMS swiglu", "forward_backward_pre": "fwd+bwd pre-RMS swiglu",
-     "forward_backward_post": "fwd+bwd post-RMS swiglu"},
+    {"forward": "fwd pre swiglu", "forward_backward_pre": "fwd+bwd pre swiglu",
+     "forward_backward_post": "fwd+bwd post swiglu"},
     peakmem=("forward", "forward_backward_pre"),
     doc="SwiGLU + RMSNorm sublayer: forward (out=) and training steps (buffers reused); "
         "peakmem: allocating.")
 
 GatedFFNBlockRecompute = registry_benchmark(
-    "GatedFFNBlockRecompute", "ffn_block", {"forward_backward_pre": "fwd+bwd pre-RMS swiglu"},
+    "GatedFFNBlockRecompute", "ffn_block", {"forward_backward_pre": "fwd+bwd pre swiglu"},
     peakmem=("forward_backward_pre",), providers=["normffn"],
     normffn_label="normffn recompute",
     doc="pre-RMS SwiGLU forward(recompute=True) + backward: no (n, 2h) hidden kept.")

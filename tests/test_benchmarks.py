@@ -17,6 +17,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import child_env
@@ -124,7 +125,24 @@ def test_bench_ffn_block_in_process(tmp_path):
     got = {c["direction"] for c in data["cases"]}
     assert got == {c.direction for c in _ops.get("ffn_block").bench_cases}
     for c in data["cases"]:
-        assert "normffn out=" in c["providers"] and "normffn" in c["providers"]
+        assert {"normffn out=", "normffn", "normffn unfused"} <= set(c["providers"])
+
+
+def test_ffn_block_unfused_composition_computes_the_fused_op():
+    """bench's "normffn unfused" (layer_norm / add_layer_norm + ffn, what users composed by
+    hand) gives the fused op's results, so the two are timed doing the same work."""
+    import normffn
+    op = _ops.get("ffn_block")
+    for variant in ("pre-layer-relu", "post-rms-swiglu", "post-layer-gelu", "pre-rms-relu"):
+        inp = op.make_inputs(op.test_shape, np.float64, "normal", 0, variant)
+        pos, kw = op.split_args(inp.args)
+        y, ctx = normffn.ffn_block_forward(*pos, **kw)
+        grads = [g for g in normffn.ffn_block_backward(inp.dy, ctx) if g is not None]
+        np.testing.assert_allclose(op.unfused(inp, "forward")(), y, rtol=1e-12, atol=1e-12)
+        got = op.unfused(inp, "fwd+bwd")()
+        assert len(got) == len(grads)
+        for g, w in zip(got, grads):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
 
 
 def test_ffn_block_cases_and_rate_model_follow_the_shape():

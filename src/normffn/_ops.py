@@ -35,6 +35,9 @@ What an entry gives (see :class:`Op` for the fields):
   rate model: ``unit``, ``work(shape, itemsize, call[, gated=True])`` and ``limit`` (the
   machine-limit probe: ``"copy"`` of the bytes the forward moves, or ``"gemm"``: the FFN's
   bare GEMMs, x·w1 of width 2h when the case's activation is gated, see :func:`case_gated`);
+* ``unfused(inputs, call) -> callable``: the op composed from other ops' public calls, timed
+  by ``bench`` as ``normffn unfused`` (``ffn_block``: ``layer_norm`` / ``add_layer_norm`` +
+  ``ffn``, what users wrote by hand before the fused op);
 * ``step_alloc(shape, itemsize)``: bytes a buffer-reusing training step (``normffn out=``
   fwd+bwd) still allocates because the API takes no buffer for them (``ffn_block``: the kept
   ``xn`` or ``s`` and the statistics); the generic test allows exactly that much.
@@ -195,6 +198,7 @@ class Op:
     module: str = "normffn"
     kwonly: tuple = ()                # keyword-only arguments (split_args)
     step_alloc: Callable = None       # (shape, itemsize) -> bytes a reusing step allocates
+    unfused: Callable = None          # (Inputs, call) -> callable: bench's "normffn unfused"
 
     def split_args(self, args: dict) -> tuple[tuple, dict]:
         """``Inputs.args`` (or any name -> value dict in signature order) -> ``(positional,
@@ -857,8 +861,8 @@ FFN_GATED = Op(
 
 # ---------------------------------------------------------------- FFN sublayer
 #: norm x placement x a few activations (plain ReLU and GELU, gated SwiGLU); the bench cases
-#: are "pre-layer-relu" (GPT-2) style at the ReLU shape and "*-rms-swiglu" (LLaMA) at the
-#: SwiGLU shape
+#: ("fwd+bwd pre relu", ...) are "*-layer-relu" (GPT-2 style, LayerNorm) at the ReLU shape and
+#: "*-rms-swiglu" (LLaMA style, RMSNorm) at the SwiGLU shape
 FFN_BLOCK_VARIANTS = {f"{p}-{nm}-{a}": {"activation": a, "norm": nm, "placement": p}
                       for p in ("pre", "post") for nm in ("layer", "rms")
                       for a in ("relu", "gelu", "swiglu")}
@@ -950,6 +954,55 @@ def _ffn_block_torch(inp: Inputs, variant="pre-layer-relu") -> TorchOp:
     return TorchOp(forward, fwd_bwd, forward_outputs, backward_outputs, None)
 
 
+def _ffn_block_unfused(inp: Inputs, call: str) -> Callable:
+    """The sublayer from normffn's separate public ops, as users composed it before
+    ``ffn_block``: pre-LN ``layer_norm`` / ``rms_norm`` -> ``ffn`` -> ``x + f``; post-LN ``ffn``
+    -> ``add_layer_norm`` / ``add_rms_norm`` (residual x); backward chains the ops' backwards
+    (pre-LN: ``dx = dy + norm_backward(ffn_backward(dy)[0])``; post-LN: ``ds`` from the add +
+    norm backward, ``dx = ds + ffn_backward(ds)[0]``)."""
+    import normffn as nf
+
+    a = inp.args
+    x, nw, nb, act, eps = a["x"], a["norm_weight"], a["norm_bias"], a["activation"], a["eps"]
+    ffn_p = (a["w1"], a["b1"], a["w2"], a["b2"], act)
+    d, dy, rms = x.shape[-1], inp.dy, a["norm"] == "rms"
+    if a["placement"] == "pre":
+        def norm_fwd(v):
+            return nf.rms_norm_forward(v, d, nw, eps) if rms else \
+                nf.layer_norm_forward(v, d, nw, nb, eps)
+        norm_bwd = nf.rms_norm_backward if rms else nf.layer_norm_backward
+
+        def forward():
+            v = nf.rms_norm(x, d, nw, eps) if rms else nf.layer_norm(x, d, nw, nb, eps)
+            return x + nf.ffn(v, *ffn_p)
+
+        def fwd_bwd():
+            xn, nctx = norm_fwd(x)
+            f, fctx = nf.ffn_forward(xn, *ffn_p)
+            _ = x + f                                   # y
+            dxn, *gf = nf.ffn_backward(dy, fctx)
+            dxnorm, *gn = norm_bwd(dxn, nctx)
+            return (dy + dxnorm, *gn, *gf)
+    else:
+        def add_norm_fwd(f):
+            return nf.add_rms_norm_forward(f, x, d, nw, eps) if rms else \
+                nf.add_layer_norm_forward(f, x, d, nw, nb, eps)
+        add_norm_bwd = nf.add_rms_norm_backward if rms else nf.add_layer_norm_backward
+
+        def forward():
+            f = nf.ffn(x, *ffn_p)
+            return (nf.add_rms_norm(f, x, d, nw, eps) if rms else
+                    nf.add_layer_norm(f, x, d, nw, nb, eps))[0]
+
+        def fwd_bwd():
+            f, fctx = nf.ffn_forward(x, *ffn_p)
+            _, _, nctx = add_norm_fwd(f)
+            ds, *gn = add_norm_bwd(dy, nctx)
+            dxf, *gf = nf.ffn_backward(ds, fctx)
+            return (ds + dxf, *gn, *gf)
+    return {"forward": forward, "fwd+bwd": fwd_bwd}[call]
+
+
 def _ffn_block_step_alloc(shape, itemsize):
     """What ``ffn_block_forward(..., out=, hidden_out=)`` still allocates per training step:
     the kept (n, d) ``xn`` (pre-LN) or ``s`` (post-LN), and mean and rstd (n float64 each)."""
@@ -977,16 +1030,17 @@ FFN_BLOCK = Op(
     variants=FFN_BLOCK_VARIANTS,
     kwonly=("norm", "placement", "eps", "recompute"),
     step_alloc=_ffn_block_step_alloc,
+    unfused=_ffn_block_unfused,
     bench_cases=(
-        BenchCase("fwd+bwd pre-LN relu", "fwd+bwd", "pre-layer-relu", shapes=_RELU_SHAPE,
+        BenchCase("fwd+bwd pre relu", "fwd+bwd", "pre-layer-relu", shapes=_RELU_SHAPE,
                   extra={"normffn recompute": {"recompute": True}}),
-        BenchCase("fwd+bwd post-LN relu", "fwd+bwd", "post-layer-relu", shapes=_RELU_SHAPE),
-        BenchCase("fwd pre-LN relu", "forward", "pre-layer-relu", shapes=_RELU_SHAPE),
-        BenchCase("fwd+bwd pre-RMS swiglu", "fwd+bwd", "pre-rms-swiglu", shapes=_SWIGLU_SHAPE,
+        BenchCase("fwd+bwd post relu", "fwd+bwd", "post-layer-relu", shapes=_RELU_SHAPE),
+        BenchCase("fwd pre relu", "forward", "pre-layer-relu", shapes=_RELU_SHAPE),
+        BenchCase("fwd+bwd pre swiglu", "fwd+bwd", "pre-rms-swiglu", shapes=_SWIGLU_SHAPE,
                   extra={"normffn recompute": {"recompute": True}}),
-        BenchCase("fwd+bwd post-RMS swiglu", "fwd+bwd", "post-rms-swiglu",
+        BenchCase("fwd+bwd post swiglu", "fwd+bwd", "post-rms-swiglu",
                   shapes=_SWIGLU_SHAPE),
-        BenchCase("fwd pre-RMS swiglu", "forward", "pre-rms-swiglu", shapes=_SWIGLU_SHAPE)),
+        BenchCase("fwd pre swiglu", "forward", "pre-rms-swiglu", shapes=_SWIGLU_SHAPE)),
     unit="GFLOP/s",
     work=_ffn_work,                    # the sublayer's GEMMs: its limit is the bare GEMMs
     limit="gemm",
@@ -1026,6 +1080,8 @@ def bench_providers(op: Op, case: BenchCase, numpy: bool = True, torch: bool = T
         names.append("normffn out=")
     names.append("normffn")
     names += list(case.extra)
+    if op.unfused is not None:
+        names.append("normffn unfused")
     if numpy and case.layout == "contiguous":
         names.append("numpy")
     if torch and op.torch is not None:
@@ -1101,6 +1157,10 @@ def bench_callable(op: Op, case: BenchCase, provider: str, inp: Inputs) -> Calla
         if fn is None:
             raise NotImplementedError(f"torch has no separate {case.call} for {op.name}")
         return fn
+    if provider == "normffn unfused":
+        if op.unfused is None:
+            raise NotImplementedError(f"{op.name} has no unfused composition")
+        return op.unfused(inp, case.call)
     if provider == "numpy":
         lib = "reference"
         for k in op.state:   # the reference updates float64 running stats

@@ -23,7 +23,8 @@ and residual must hide inside them); both limits measured in the same run, in th
 process.  For the FFNs' forward+backward, ``normffn out=`` is a training step that reuses every
 buffer (``ffn_forward(..., out=, hidden_out=previous ctx.hidden)`` + ``ffn_backward(...,
 out=(dx, dw1, db1, dw2, db2))``; ``ffn_block`` the same with its seven gradients);
-``normffn`` is the default, allocating call.
+``normffn`` is the default, allocating call; ``normffn unfused`` (``ffn_block``) the same
+sublayer composed from the separate ops (``layer_norm`` / ``add_layer_norm`` + ``ffn``).
 """
 from __future__ import annotations
 
