@@ -3,7 +3,8 @@
     python tests/_fuzz_worker.py OP SEED EXAMPLES
 
 OP is a registered op: ``layer_norm``, ``rms_norm``, ``add_layer_norm``, ``add_rms_norm``,
-``batch_norm``, ``ffn`` or ``ffn_gated`` (the FFN with swiglu / geglu / reglu and a packed w1).
+``batch_norm``, ``ffn``, ``ffn_gated`` (the FFN with swiglu / geglu / reglu and a packed w1) or
+``ffn_block`` (the FFN sublayer: norm x placement x every activation, seven gradients).
 Each example draws a full set of arguments — shapes with 0- and 1-sized dims, float32/float64,
 layouts (C, F/transposed, strided slices, negative strides, read-only, byte-swapped, unaligned,
 broadcast with zero strides, nested lists), None-ness of the optional arguments, scalars — and,
@@ -15,7 +16,8 @@ It then calls ``op(...)``, or ``op_forward(...)`` followed by ``op_backward(...)
   or raises ``TypeError``/``ValueError`` — nothing else; arguments without a bad mutation must be
   accepted, a bad mutation must be rejected;
 * no input array is modified; when a call raises, BatchNorm's running stats and the ``out=``
-  buffers (add + norm's pair, ffn_backward's five) are bitwise untouched;
+  buffers (add + norm's pair, ffn_backward's five, ffn_block_backward's seven) are bitwise
+  untouched;
 * backward's ``needs=`` gives None exactly where the reference (which honours it) does.
 
 Crash reporting: before each call the example is written to stdout as one ``EXAMPLE ...`` line
@@ -733,9 +735,10 @@ ACTS = ("relu", "gelu", "gelu_tanh", "silu")
 GATED_ACTS = ("swiglu", "geglu", "reglu")
 
 
-def ffn_case(data, rng, gated: bool = False) -> dict:
+def ffn_case(data, rng, gated: bool = False, mutate: bool = True) -> dict:
     """Arguments of ffn / ffn_forward; ``gated``: a gated activation, w1 (d, 2h) = [gate | up]
-    and b1 (2h,) (``hw`` below is w1's width: h, or 2h when gated)."""
+    and b1 (2h,) (``hw`` below is w1's width: h, or 2h when gated); ``mutate=False``: no bad
+    mutation (the caller draws its own)."""
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     ndim = data.draw(st.integers(1, 3), label="ndim")
     shape = _dims(data, ndim, lo=(0,) * (ndim - 1) + (1,))
@@ -747,7 +750,8 @@ def ffn_case(data, rng, gated: bool = False) -> dict:
         "w2_dtype", "w1_bad_dtype", "b1_shape", "b2_shape", "b1_dtype", "act_value", "act_type",
         "recompute_type", "out_shape", "out_dtype", "out_readonly", "out_noncontig",
         "out_is_x", "out_overlap_x", "out_overlap_w2", "out_type"] +
-        (["w1_odd", "b1_half", "w1_unpacked"] if gated else [])), label="mutation")
+        (["w1_odd", "b1_half", "w1_unpacked"] if gated else [])), label="mutation") \
+        if mutate else None
     case = {"mutation": mutation, "expect": "raise" if mutation else "ok", "dtype": dtype}
     # NaN only: with an Inf, float32 underflow of act(v) (0 * Inf = NaN) against the float64
     # reference's tiny-but-nonzero value (tiny * Inf = Inf) is a precision question, not safety
@@ -841,6 +845,7 @@ def ffn_case(data, rng, gated: bool = False) -> dict:
     case["args"] = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "activation": act}
     case["recompute"] = recompute
     case["out"] = out
+    case["d"], case["h"] = d, h
     return case
 
 
@@ -1305,9 +1310,245 @@ def run_rownorm(data, rng, op):
             assert_close(g, g_r, name=name, context=label, **tol)
 
 
+# ---------------------------------------------------------------- FFN sublayer
+BLOCK_GRADS = ("dx", "dnorm_weight", "dnorm_bias", "dw1", "db1", "dw2", "db2")
+
+
+def ffn_block_case(data, rng) -> dict:
+    """Arguments of ffn_block / ffn_block_forward: the FFN's (``ffn_case``, plain or gated,
+    with its mutations) plus norm, placement, eps and the norm's parameters, with their own
+    mutations when the FFN part drew none."""
+    gated = data.draw(st.booleans(), label="gated?")
+    # a third of the examples may carry one of the FFN's own mutations, the rest one of the
+    # sublayer's (or none): valid and invalid calls both stay well represented
+    case = ffn_case(data, rng, gated, mutate=data.draw(st.integers(0, 2), label="ffn mut?") == 0)
+    dtype, d = case["dtype"], case["d"]
+    norm = data.draw(st.sampled_from(["layer", "rms"]), label="norm")
+    placement = data.draw(st.sampled_from(["pre", "post"]), label="placement")
+    # eps > 0 only: eps = 0 on a constant row is 0/0 (ill-posed, not a safety question)
+    eps = data.draw(st.sampled_from([1e-5, 1e-3, 0.1, 1, np.float32(1e-5)] +
+                                    ([None] if norm == "rms" else [])), label="eps")
+    nan = (np.nan,)
+    nw = nb = None
+    if data.draw(st.booleans(), label="norm_weight?"):
+        nw, _ = layout(data, values(data, rng, (d,), specials=nan), dtype, label="nw layout")
+    if norm == "layer" and data.draw(st.booleans(), label="norm_bias?"):
+        nb, _ = layout(data, values(data, rng, (d,), specials=nan), dtype, label="nb layout")
+    m = None
+    if case["mutation"] is None:
+        m = data.draw(st.sampled_from([None] * 12 + [
+            "norm_value", "norm_type", "placement_value", "placement_type", "rms_bias",
+            "nw_shape", "nw_dtype", "nw_bad_dtype", "nb_shape", "eps_neg", "eps_nonfinite",
+            "eps_type", "eps_none_layer", "out_overlap_nw"]), label="block mutation")
+    if m is not None:
+        case["mutation"], case["expect"] = m, "raise"
+    if m == "norm_value":
+        norm = data.draw(st.sampled_from(["group", "LAYER", "", "batch"]))
+    elif m == "norm_type":
+        norm = data.draw(st.sampled_from([None, 1, b"rms", ("layer",)]))
+    elif m == "placement_value":
+        placement = data.draw(st.sampled_from(["middle", "PRE", "", "sandwich"]))
+    elif m == "placement_type":
+        placement = data.draw(st.sampled_from([None, 0, b"pre", ["post"]]))
+    elif m == "rms_bias":            # RMSNorm has no bias
+        norm, nb, eps = "rms", np.ones(d, dtype=dtype), 1e-5
+    elif m == "nw_shape":
+        nw = np.ones(data.draw(st.sampled_from([(d + 1,), (1, d), ()])), dtype=dtype)
+    elif m == "nw_dtype":
+        nw = np.ones(d, dtype=other(dtype))
+    elif m == "nw_bad_dtype":
+        nw = bad_array(data, rng, (d,))
+    elif m == "nb_shape":
+        norm, nb, eps = "layer", np.ones(d + 1, dtype=dtype), 1e-5
+    elif m == "eps_neg":
+        eps = data.draw(st.sampled_from([-1e-5, -1.0]))
+    elif m == "eps_nonfinite":
+        eps = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    elif m == "eps_type":
+        eps = data.draw(st.sampled_from(["1e-5", True, 1j, np.array([1e-5]), [1e-5]]))
+    elif m == "eps_none_layer":      # eps=None (machine epsilon) is for RMSNorm only
+        norm, nb, eps = "layer", None, None
+    elif m == "out_overlap_nw":
+        shape = np.shape(case["args"]["x"])
+        case["out"], nw = _overlapping_out(data, rng, shape, dtype, "nw", (d,))
+        if case["out"].size == 0:
+            case["expect"] = "either"
+    a = case["args"]
+    case["args"] = {"x": a["x"], "norm_weight": nw, "norm_bias": nb, "w1": a["w1"],
+                    "b1": a["b1"], "w2": a["w2"], "b2": a["b2"], "activation": a["activation"],
+                    "norm": norm, "placement": placement, "eps": eps}
+    return case
+
+
+def _block_backward_case(data, rng, ctx):
+    """dy, ctx, out (seven buffers or None), needs, and one mutation or None."""
+    shape, dtype = ctx.shape, ctx.dtype
+    d, hw = ctx.w1.shape
+    h = ctx.w2.shape[0]
+    dy, _ = layout(data, values(data, rng, shape, special=False), dtype, label="dy layout")
+    shapes = (shape, (d,), (d,), (d, hw), (hw,), (h, d), (d,))
+    out = None
+    if data.draw(st.booleans(), label="bwd out?"):
+        out = [poisoned(s, dtype, rng) if data.draw(st.booleans(), label=f"out[{i}]?") else None
+               for i, s in enumerate(shapes)]
+    needs = data.draw(st.sampled_from([None, None] + [
+        tuple(bool(i >> j & 1) for j in range(7)) for i in range(0, 128, 9)]), label="needs")
+    m = data.draw(st.sampled_from([None] * 10 + [
+        "dy_shape", "dy_dtype", "dy_none", "ctx_type", "ctx_other_op", "ctx_norm",
+        "ctx_placement", "ctx_mean", "ctx_rstd", "ctx_eps", "ctx_xn", "ctx_s", "ctx_hidden",
+        "ctx_w1", "out_len", "out_shape", "out_is_dy", "out_is_ctx_x", "needs_len",
+        "needs_type"]), label="backward mutation")
+    expect = "raise" if m else "ok"
+    lead = shape[:-1]
+    if m == "dy_shape":
+        dy = np.ones(lead + (d + 1,), dtype=dtype)
+    elif m == "dy_dtype":
+        dy = np.ones(shape, dtype=data.draw(st.sampled_from([other(dtype), np.int64])))
+    elif m == "dy_none":
+        dy = None
+    elif m == "ctx_type":
+        ctx = data.draw(st.sampled_from([None, "ctx", ()])) if data.draw(st.booleans()) \
+            else types.SimpleNamespace(**{f.name: getattr(ctx, f.name)
+                                          for f in dataclasses.fields(ctx)})
+    elif m == "ctx_other_op":        # a valid context of the plain FFN
+        ctx = normffn.ffn_forward(np.ones((2, 3), dtype), np.ones((3, 4), dtype), None,
+                                  np.ones((4, 3), dtype), None)[1]
+    elif m == "ctx_norm":            # a flip is inconsistent too (layer keeps a mean, rms not)
+        ctx = dataclasses.replace(ctx, norm=data.draw(st.sampled_from(
+            ["group", None, "rms" if ctx.norm == "layer" else "layer"])))
+    elif m == "ctx_placement":       # a flip: pre keeps xn (or nothing), post keeps s
+        ctx = dataclasses.replace(ctx, placement=data.draw(st.sampled_from(
+            ["middle", None, "post" if ctx.placement == "pre" else "pre"])))
+    elif m == "ctx_mean":
+        ctx = dataclasses.replace(ctx, mean=None if ctx.mean is not None else
+                                  np.zeros(lead, np.float64))
+    elif m == "ctx_rstd":
+        ctx = dataclasses.replace(ctx, rstd=data.draw(st.sampled_from(
+            [ctx.rstd.astype(np.float32), np.zeros(lead + (2,)), None])))
+    elif m == "ctx_eps":
+        ctx = dataclasses.replace(ctx, eps=data.draw(st.sampled_from([-1.0, np.nan, "1e-5"])))
+    elif m == "ctx_xn":
+        ctx = dataclasses.replace(ctx, xn=np.ones(lead + (d + 1,), dtype=dtype))
+    elif m == "ctx_s":
+        ctx = dataclasses.replace(ctx, s=np.ones(lead + (d + 1,), dtype=dtype))
+    elif m == "ctx_hidden":
+        n = math.prod(lead)
+        ctx = dataclasses.replace(ctx, hidden=np.ones((n + 1, hw), dtype=dtype))
+    elif m == "ctx_w1":
+        ctx = dataclasses.replace(ctx, w1=np.ones((d + 1, hw), dtype=dtype))
+    elif m == "out_len":
+        out = [None] * 6
+    elif m == "out_shape":           # dw1 always exists, so its buffer is always checked
+        out = [None] * 7
+        out[3] = np.empty((d + 1, hw), dtype)
+        needs = None
+    elif m == "out_is_dy":
+        if isinstance(dy, np.ndarray) and dy.flags.c_contiguous and dy.flags.writeable \
+                and dy.size:
+            out, needs = [dy] + [None] * 6, None
+        else:
+            m, expect = None, "ok"
+    elif m == "out_is_ctx_x":
+        if ctx.x.size and ctx.x.flags.writeable:
+            out, needs = [ctx.x] + [None] * 6, None
+        else:
+            m, expect = None, "ok"
+    elif m == "needs_len":
+        needs = (True,) * 6
+    elif m == "needs_type":
+        needs = data.draw(st.sampled_from(["all", True, (1,) * 7, [None] * 7]))
+    return dy, ctx, (None if out is None else tuple(out)), needs, m, expect
+
+
+def _block_tol(name, dtype, rows, cond=1.0):
+    """float32: a norm, two GEMMs and a residual (test_ffn_block's 2e-4); float64: the
+    registry's documented tolerance.  ``cond``: post-LN's LayerNorm sees s = x + ffn(x),
+    which the op rounds to the dtype after the GEMM's accumulation (relative error ~ a few
+    dozen eps of |s|); normalising multiplies that by max |mean(s)| / std(s) (the reference
+    keeps s in float64), so the tolerance grows with it: an ill-conditioned input, not a
+    safety question (NaN/Inf placement is still checked exactly)."""
+    rtol, atol = documented_tolerance("ffn_block", name, dtype, rows)
+    if np.dtype(dtype) == np.float32:
+        rtol, atol = max(rtol, 2e-4), max(atol, 2e-4 * math.sqrt(rows) if name != "dx"
+                                          else 2e-4)
+    extra = 64 * float(np.finfo(dtype).eps) * cond if cond > 1 else 0.0
+    return {"rtol": rtol + extra, "atol": atol + extra}
+
+
+def run_ffn_block(data, rng):
+    case = ffn_block_case(data, rng)
+    a = case["args"]
+    dtype = case["dtype"]
+    out = case["out"]
+    entry = data.draw(st.sampled_from(["op", "forward"]), label="entry")
+    kwn = ("norm", "placement", "eps", "out", "recompute")
+    if entry == "op":
+        if case["mutation"] == "recompute_type":
+            case["expect"] = "ok"          # ffn_block() takes no recompute: the mutation is moot
+        args = dict(a, out=out)
+        y = call("ffn_block", case, normffn.ffn_block, args, kwn, guard=(out,))
+        ctx = None
+    else:
+        args = dict(a, recompute=case["recompute"], out=out)
+        y, ctx = call("ffn_block_forward", case, normffn.ffn_block_forward, args, kwn,
+                      guard=(out,))
+    x = a["x"]
+    if out is not None:
+        assert y is out, "out= given but another array returned"
+    assert isinstance(y, np.ndarray) and y.dtype == dtype and y.shape == np.shape(x)
+    label = describe(a)
+    y_r, ctx_r = ref.ffn_block_forward(x, a["norm_weight"], a["norm_bias"], a["w1"], a["b1"],
+                                       a["w2"], a["b2"], a["activation"], norm=a["norm"],
+                                       placement=a["placement"], eps=a["eps"])
+    cond = 1.0
+    if a["placement"] == "post" and a["norm"] == "layer":
+        cond = _ops._condition(ctx_r.s, axis=-1)
+    assert_close(y, y_r, name="y", context=label, **_block_tol("y", dtype, 1, cond))
+    if ctx is None:
+        return
+    assert_close(ctx.rstd, ctx_r.rstd, dtype=dtype, name="rstd", context=label,
+                 **_block_tol("rstd", dtype, 1, cond))
+    assert (ctx.mean is None) == (ctx_r.mean is None), "ctx.mean is None exactly for rms"
+    # A ReLU-type unit whose reference pre-activation is at rounding level is a tie: a
+    # normalised row sums to 0, so a constant (or broadcast) w1 column gives 0 in exact
+    # arithmetic and +-tiny in either dtype.  Which side of 0 it lands on decides dead_units
+    # and whether a NaN in dA passes (PyTorch's threshold_backward); both are right, so such
+    # examples check safety only (calls, shapes, None-ness), not those values.
+    v = ctx_r.ffn_ctx.g if a["activation"] == "reglu" else ctx_r.ffn_ctx.v
+    fin = np.abs(v[np.isfinite(v)])
+    tie = a["activation"] in ("relu", "reglu") and fin.size > 0 and \
+        bool(np.any(fin <= 1e-4 * max(1.0, float(fin.max()))))
+    if ctx.dead_units is not None and not tie:
+        assert np.array_equal(ctx.dead_units, ctx_r.dead_units), "dead_units differ"
+    dy, bctx, bout, needs, m, expect = _block_backward_case(data, rng, ctx)
+    guard = tuple(o for o in bout or () if o is not None)
+    grads = call("ffn_block_backward", {"mutation": m, "expect": expect},
+                 normffn.ffn_block_backward,
+                 {"dy": dy, "ctx": bctx, "out": bout, "needs": needs}, ("out", "needs"),
+                 guard=guard)
+    if m is not None:
+        return
+    assert len(grads) == 7
+    for g, o in zip(grads, bout or ()):
+        if g is not None and o is not None:
+            assert g is o, "out= given but another array returned"
+    grads_r = ref.ffn_block_backward(dy, ctx_r, needs=needs)
+    rows = max(1, math.prod(np.shape(x)[:-1]))
+    for g, g_r, name in zip(grads, grads_r, BLOCK_GRADS):
+        if g_r is None:
+            assert g is None, f"{name} should be None"
+        else:
+            assert g is not None and g.dtype == dtype, name
+            assert g.shape == np.shape(g_r), name
+            if not tie:
+                assert_close(g, g_r, name=name, context=label,
+                             **_block_tol(name, dtype, rows, cond))
+
+
 # ---------------------------------------------------------------- driver
 RUNNERS = {"layer_norm": run_layer_norm, "batch_norm": run_batch_norm, "ffn": run_ffn,
            "ffn_gated": lambda data, rng: run_ffn(data, rng, gated=True),
+           "ffn_block": run_ffn_block,
            **{op: (lambda data, rng, op=op: run_rownorm(data, rng, op)) for op in ROW_OPS}}
 # every registered op has a fuzz runner (a new op without one fails test_hardening loudly)
 MISSING = sorted(set(_ops.OPS) - set(RUNNERS))

@@ -17,6 +17,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import child_env
@@ -111,6 +112,61 @@ def test_bench_fused_and_gated_ops_in_process(tmp_path):
                    ("ffn_gated", "fwd swiglu"), ("ffn_gated", "fwd+bwd swiglu")}
     for c in data["cases"]:
         assert "normffn out=" in c["providers"] and "normffn" in c["providers"]
+
+
+def test_bench_ffn_block_in_process(tmp_path):
+    """The FFN sublayer (keyword-only arguments, seven gradients reused by ``normffn out=``)
+    through the whole command; at a shape that is not a named bench shape every case runs."""
+    out = tmp_path / "b.json"
+    r = _bench("--op", "ffn_block", "--shape", "6x8x16", "--min-time", "0", "--repeat", "1",
+               "--in-process", "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(out.read_text())
+    got = {c["direction"] for c in data["cases"]}
+    assert got == {c.direction for c in _ops.get("ffn_block").bench_cases}
+    for c in data["cases"]:
+        assert {"normffn out=", "normffn", "normffn unfused"} <= set(c["providers"])
+
+
+def test_ffn_block_unfused_composition_computes_the_fused_op():
+    """bench's "normffn unfused" (layer_norm / add_layer_norm + ffn, what users composed by
+    hand) gives the fused op's results, so the two are timed doing the same work."""
+    import normffn
+    op = _ops.get("ffn_block")
+    for variant in ("pre-layer-relu", "post-rms-swiglu", "post-layer-gelu", "pre-rms-relu"):
+        inp = op.make_inputs(op.test_shape, np.float64, "normal", 0, variant)
+        pos, kw = op.split_args(inp.args)
+        y, ctx = normffn.ffn_block_forward(*pos, **kw)
+        grads = [g for g in normffn.ffn_block_backward(inp.dy, ctx) if g is not None]
+        np.testing.assert_allclose(op.unfused(inp, "forward")(), y, rtol=1e-12, atol=1e-12)
+        got = op.unfused(inp, "fwd+bwd")()
+        assert len(got) == len(grads)
+        for g, w in zip(got, grads):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_ffn_block_cases_and_rate_model_follow_the_shape():
+    """Issue #13's pairing: ReLU cases at 2048x768x3072, SwiGLU ones at 2048x768x2048; the
+    gated cases count (and probe) a first GEMM 2h wide."""
+    op = _ops.get("ffn_block")
+    relu, swiglu = (2048, 768, 3072), (2048, 768, 2048)
+    assert all("relu" in c.direction for c in op.cases_for(relu))
+    assert all("swiglu" in c.direction for c in op.cases_for(swiglu))
+    assert len(op.cases_for(relu)) + len(op.cases_for(swiglu)) == len(op.bench_cases)
+    n, d, h = swiglu
+    for c in op.cases_for(swiglu):
+        assert _ops.case_gated(op, c)
+        fwd = 2.0 * n * d * 2 * h + 2.0 * n * h * d
+        assert _ops.case_work(op, c, swiglu, "float32") == fwd * (3 if c.call == "fwd+bwd" else 1)
+    n, d, h = relu
+    for c in op.cases_for(relu):
+        assert not _ops.case_gated(op, c)
+        assert _ops.limit_work(op, relu, "float32", c) == \
+            4.0 * n * d * h * (3 if c.call == "fwd+bwd" else 1)
+    # the plain FFNs' rate model is unchanged by the per-case gating
+    ffn, gated = _ops.get("ffn"), _ops.get("ffn_gated")
+    assert _ops.case_work(ffn, ffn.bench_cases[1], (8, 4, 6), "float32") == 6 * 2.0 * 8 * 4 * 6
+    assert _ops.case_work(gated, gated.bench_cases[0], (8, 4, 6), "float32") == 6.0 * 8 * 4 * 6
 
 
 def test_bench_threads_list_prints_scaling(tmp_path):

@@ -98,3 +98,18 @@ def test_fused_and_gated_ops_are_compared():
             ("add_rms_norm", "dweight"), ("rms_norm", "rstd"), ("rms_norm", "dx"),
             ("ffn_gated[swiglu]", "dw1"), ("ffn_gated[reglu]", "y")} <= got
     assert all(r.within_tolerance for r in rows), [r for r in rows if not r.within_tolerance]
+
+
+def test_ffn_block_is_compared_for_every_norm_and_placement():
+    """The FFN sublayer (keyword-only norm / placement / eps) through the same machinery: every
+    variant labelled, the seven gradients and the statistics compared (RMSNorm has no mean),
+    within tolerance."""
+    rows = testing.run_comparison(ops=("ffn_block",), dtypes=("float32",), inputs=("normal",),
+                                  torch=False)
+    got = {(r.op, r.output) for r in rows}
+    assert {("ffn_block[pre-layer-relu]", "y"), ("ffn_block[pre-layer-relu]", "mean"),
+            ("ffn_block[post-layer-gelu]", "dnorm_bias"), ("ffn_block[post-rms-swiglu]", "dw1"),
+            ("ffn_block[pre-rms-swiglu]", "rstd"), ("ffn_block[pre-rms-relu]", "dx")} <= got
+    assert not {o for op, o in got if "-rms-" in op} & {"mean", "dnorm_bias"}
+    assert len({r.op for r in rows}) == 12
+    assert all(r.within_tolerance for r in rows), [r for r in rows if not r.within_tolerance]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from normffn import reference_block as ref
+from normffn import reference as ref
 from normffn.ffn_block import ffn_block, ffn_block_backward, ffn_block_forward
 from normffn.testing import assert_close, gradcheck
 

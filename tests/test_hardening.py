@@ -7,11 +7,13 @@ layer keeps them safe:
   pytest): every public function either matches ``normffn.reference`` or raises
   TypeError/ValueError (tests/_fuzz_worker.py has the details);
 * failure atomicity: a call that raises leaves BatchNorm's running stats and every ``out=``
-  buffer (a pair for add + norm, five for ffn_backward) bitwise untouched;
+  buffer (a pair for add + norm, five for ffn_backward, seven for ffn_block_backward, and
+  ffn_block_forward's ``hidden_out``) bitwise untouched;
 * concurrency: 4 threads give bitwise the serial results, and every kernel releases the GIL;
 * leaks: 10,000 calls leave RSS and input refcounts flat;
-* aliasing: an ``out=`` (either of add + norm's pair, any of ffn_backward's five) that overlaps
-  any input (partially, via views of one buffer) is rejected;
+* aliasing: an ``out=`` (either of add + norm's pair, any of ffn_backward's five, ffn_block's
+  y and its backward's seven) that overlaps any input (partially, via views of one buffer) is
+  rejected;
 * large sizes: more than 2**31 elements or a row longer than 2**31 is accepted with 64-bit sizes
   (norms) or rejected before any allocation (FFN, whose BLAS takes 32-bit ints).
 """
@@ -355,6 +357,97 @@ def test_ffn_backward_failure_leaves_every_out_untouched(act, rng):
         assert [_bits(a) for a in watched] == before
 
 
+def _block_args(rng, act="relu", norm="layer", shape=(5, 4), h=6):
+    d = shape[-1]
+    hw = 2 * h if act == "swiglu" else h
+    return dict(x=_rand(rng, shape), norm_weight=_rand(rng, d),
+                norm_bias=_rand(rng, d) if norm == "layer" else None,
+                w1=_rand(rng, (d, hw)) / 2, b1=_rand(rng, hw), w2=_rand(rng, (h, d)) / 2,
+                b2=_rand(rng, d), activation=act, norm=norm, placement="pre", eps=1e-5)
+
+
+# name -> f(kwargs) making a valid ffn_block / ffn_block_forward call invalid
+BLOCK_BAD = {
+    "norm_value": lambda k: k.update(norm="group"),
+    "placement_value": lambda k: k.update(placement="middle"),
+    "rms_with_bias": lambda k: k.update(norm="rms"),
+    "norm_weight_shape": lambda k: k.update(norm_weight=np.ones(5)),
+    "norm_bias_dtype": lambda k: k.update(norm_bias=np.ones(4, np.float32)),
+    "eps": lambda k: k.update(eps=-1.0),
+    "eps_none_layer": lambda k: k.update(eps=None),
+    "activation": lambda k: k.update(activation="tanh"),
+    "w2_shape": lambda k: k.update(w2=np.ones((6, 5))),
+    "out_overlaps_norm_weight": lambda k: k.update(norm_weight=k["out"].reshape(-1)[3:7]),
+    "out_is_x": lambda k: k.update(out=k["x"]),
+    "hidden_out_shape": lambda k: k.update(hidden_out=np.full((4, 6), 8.0)),
+    "hidden_out_overlaps_out": lambda k: k.update(hidden_out=np.full((5, 6), 8.0),
+                                                  out=None),     # fixed up below
+}
+
+
+@pytest.mark.parametrize("entry, bad", [(e, b) for e in ("ffn_block", "ffn_block_forward")
+                                        for b in sorted(BLOCK_BAD)
+                                        if e == "ffn_block_forward" or "hidden_out" not in b])
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_ffn_block_failure_leaves_out_untouched(entry, placement, bad, rng):
+    """ffn_block's out= (and ffn_block_forward's hidden_out=) stay bitwise untouched by a call
+    that raises, whichever argument is bad."""
+    k = _block_args(rng)
+    k["placement"] = placement
+    k["out"] = np.full((5, 4), 3.0)
+    if entry == "ffn_block_forward":
+        k["hidden_out"] = np.full((5, 6), 8.0)
+    BLOCK_BAD[bad](k)
+    if bad == "hidden_out_overlaps_out":
+        buf = np.full(50, 8.0)
+        k["hidden_out"], k["out"] = buf[:30].reshape(5, 6), buf[26:46].reshape(5, 4)
+    watched = [a for a in (k.get("out"), k.get("hidden_out"), k["x"], k["norm_weight"],
+                           k["w1"]) if isinstance(a, np.ndarray)]
+    before = [_bits(a) for a in watched]
+    with pytest.raises((TypeError, ValueError)):
+        getattr(normffn, entry)(**k)
+    assert [_bits(a) for a in watched] == before
+
+
+@pytest.mark.parametrize("act, norm, placement", [("relu", "layer", "pre"),
+                                                  ("swiglu", "rms", "post")])
+def test_ffn_block_backward_failure_leaves_every_out_untouched(act, norm, placement, rng):
+    k = _block_args(rng, act, norm)
+    k["placement"] = placement
+    _, ctx = normffn.ffn_block_forward(**k)
+    d, hw = ctx.w1.shape
+    h = ctx.w2.shape[0]
+    dy = _rand(rng, (5, 4))
+
+    def outs():
+        return [np.full(s, 9.0) for s in ((5, 4), (d,), (d,), (d, hw), (hw,), (h, d), (d,))]
+
+    cases = []
+    o = outs()
+    o[5] = np.full((h, 5), 9.0)                          # dw2 of the wrong shape (checked
+    cases.append((o, {}))                                # after dx, dnorm_*, dw1, db1)
+    o = outs()
+    o[6] = o[6].astype(np.float32)
+    cases.append((o, {}))
+    o = outs()
+    o[4] = ctx.b1                                        # db1 into an input
+    cases.append((o, {}))
+    o = outs()
+    o[3] = o[5] = np.full((d, d), 9.0) if d == hw == h else o[3][:, :h]   # shared/bad dw
+    cases.append((o, {}))
+    cases.append((outs()[:6], {}))                       # not seven entries
+    cases.append((outs(), {"needs": (True,) * 6}))
+    cases.append((outs(), {"dy": np.ones((5, 5))}))
+    cases.append((outs(), {"ctx": dataclasses.replace(ctx, placement="middle")}))
+    for o, kw in cases:
+        watched = [a for a in o if isinstance(a, np.ndarray)] + [ctx.x, ctx.hidden]
+        before = [_bits(a) for a in watched]
+        with pytest.raises((TypeError, ValueError)):
+            normffn.ffn_block_backward(kw.pop("dy", dy), kw.pop("ctx", ctx), out=tuple(o),
+                                       **kw)
+        assert [_bits(a) for a in watched] == before
+
+
 # ---------------------------------------------------------------- concurrency
 def _ln_all(x, w, b, dy):
     y, ctx = normffn.layer_norm_forward(x, x.shape[-1], w, b)
@@ -388,6 +481,15 @@ def _rows_all(x, r, w, b, dy):
             y2, s2, c2.rstd, *normffn.add_rms_norm_backward(dy, c2, r))
 
 
+def _block_all(x, nw, nb, w1, b1, w2, b2, dy, act, norm, placement):
+    """ffn_block, ffn_block_forward (kept and recomputed) and both backwards."""
+    kw = dict(norm=norm, placement=placement)
+    y, ctx = normffn.ffn_block_forward(x, nw, nb, w1, b1, w2, b2, act, **kw)
+    yr, ctxr = normffn.ffn_block_forward(x, nw, nb, w1, b1, w2, b2, act, recompute=True, **kw)
+    return (normffn.ffn_block(x, nw, nb, w1, b1, w2, b2, act, **kw), y, ctx.rstd, yr,
+            *normffn.ffn_block_backward(dy, ctx), *normffn.ffn_block_backward(dy, ctxr))
+
+
 def _jobs(rng, dtype, n_threads):
     """Per thread, one job per op on its own data and shapes: callables returning all outputs
     (every entry point, forward and backward)."""
@@ -416,6 +518,12 @@ def _jobs(rng, dtype, n_threads):
             lambda x=x, r=r, w=w, b=b, dy=dy: _rows_all(x, r, w, b, dy),
             lambda x=xf, w1=gw1, b1=gb1, w2=w2, b2=b2, dy=dyf, act=gact:
                 _ffn_all(x, w1, b1, w2, b2, dy, act),
+            # the FFN sublayer: pre-LN ReLU-type on even threads, post-RMS gated on odd ones
+            (lambda x=xf, nw=w[:32], nb=b[:32], w1=w1, b1=b1, w2=w2, b2=b2, dy=dyf, act=act:
+                _block_all(x, nw, nb, w1, b1, w2, b2, dy, act, "layer", "pre"))
+            if t % 2 == 0 else
+            (lambda x=xf, nw=w[:32], w1=gw1, b1=gb1, w2=w2, b2=b2, dy=dyf, act=gact:
+                _block_all(x, nw, None, w1, b1, w2, b2, dy, act, "rms", "post")),
         ])
     return per_thread
 
@@ -484,7 +592,12 @@ def _gil_calls(rng):
     *_, arctx = normffn.add_rms_norm_forward(x, r, 1024, w)
     gw1 = _rand(rng, (256, 2048), np.float32) / 16
     _, gctx = normffn.ffn_forward(xf, gw1, None, w2, None, "swiglu")
+    nw = _rand(rng, 256, np.float32)
+    _, kctx = normffn.ffn_block_forward(xf, nw, nw, w1, b1, w2, None, "gelu")
     return {
+        "ffn_block": lambda: normffn.ffn_block(xf, nw, None, gw1, None, w2, None, "swiglu",
+                                               norm="rms", placement="post"),
+        "ffn_block_backward": lambda: normffn.ffn_block_backward(xf, kctx),
         "rms_norm": lambda: normffn.rms_norm(x, 1024, w, out=out),
         "rms_norm_backward": lambda: normffn.rms_norm_backward(x, rctx),
         "add_layer_norm": lambda: normffn.add_layer_norm(x, r, 1024, w, w),
@@ -583,6 +696,8 @@ def _leak_calls(rng):
     gw1 = _rand(rng, (8, 32))
     _, gctx = normffn.ffn_forward(xf, gw1, None, w2, b2, "swiglu")
     fouts = tuple(np.empty(s) for s in ((4, 8), (8, 16), (16,), (16, 8), (8,)))
+    _, kctx = normffn.ffn_block_forward(xf, w, b, w1, b1, w2, b2, "relu")
+    kouts = tuple(np.empty(s) for s in ((4, 8), (8,), (8,), (8, 16), (16,), (16, 8), (8,)))
 
     def raises(fn, *a, **k):
         try:
@@ -619,6 +734,15 @@ def _leak_calls(rng):
                                     (x, r, actx)),
         "add_rms_norm": (lambda: normffn.add_rms_norm_forward(x, r, 8, w), (x, r, w)),
         "add_norm_error": (lambda: raises(normffn.add_layer_norm, x, bad, 8), (x, bad)),
+        "ffn_block": (lambda: normffn.ffn_block(xf, w, None, gw1, None, w2, b2, "swiglu",
+                                                norm="rms", placement="post", out=out),
+                      (xf, w, gw1, w2, b2, out)),
+        "ffn_block_forward": (lambda: normffn.ffn_block_forward(xf, w, b, w1, b1, w2, b2,
+                                                                recompute=True), (xf, w, b, w1)),
+        "ffn_block_backward_out": (lambda: normffn.ffn_block_backward(xf, kctx, out=kouts),
+                                   (xf, kctx) + kouts),
+        "ffn_block_error": (lambda: raises(normffn.ffn_block, xf, w, b, w1, b1, w2, b2,
+                                           norm="group"), (xf, w, b)),
     }
 
 
@@ -813,6 +937,48 @@ def _alias_cases():
 
     for v, size in (("dy", n), ("ctx.x", n)):
         cases.append((f"rms_norm_backward/{v}", n, size, rms_bwd(v)))
+
+    def block(victim, placement):
+        def run(out, inp, rng):
+            args = dict(x=_rand(rng, fshape), norm_weight=_rand(rng, 8),
+                        norm_bias=_rand(rng, 8), w1=_rand(rng, (8, h)), b1=_rand(rng, h),
+                        w2=_rand(rng, (h, 8)), b2=_rand(rng, 8))
+            args[victim] = inp.reshape(args[victim].shape)
+            return lambda: normffn.ffn_block(**args, placement=placement,
+                                             out=out.reshape(fshape))
+        return run
+
+    for placement in ("pre", "post"):
+        for v, size in (("x", n), ("norm_weight", 8), ("norm_bias", 8), ("w1", 8 * h),
+                        ("b1", h), ("w2", h * 8), ("b2", 8)):
+            cases.append((f"ffn_block[{placement}]/{v}", n, size, block(v, placement)))
+
+    def block_bwd(victim, slot, placement):
+        shapes = ((6, 8), (8,), (8,), (8, h), (h,), (h, 8), (8,))
+
+        def run(out, inp, rng):
+            x = _rand(rng, fshape)
+            if victim == "ctx.x":
+                inp[...] = x.reshape(-1)
+                x = inp.reshape(fshape)
+            _, ctx = normffn.ffn_block_forward(x, _rand(rng, 8), _rand(rng, 8),
+                                               _rand(rng, (8, h)), _rand(rng, h),
+                                               _rand(rng, (h, 8)), None, "silu",
+                                               placement=placement)
+            dy = inp.reshape(fshape) if victim == "dy" else _rand(rng, fshape)
+            outs = [None] * 7
+            outs[slot] = out.reshape(shapes[slot])
+            return lambda: normffn.ffn_block_backward(dy, ctx, out=tuple(outs))
+        return run
+
+    for placement in ("pre", "post"):
+        for v, size in (("dy", n), ("ctx.x", n)):
+            cases.append((f"ffn_block_backward[{placement}]/{v}", n, size,
+                          block_bwd(v, 0, placement)))
+        cases.append((f"ffn_block_backward[{placement},dw1]/dy", 8 * h, n,
+                      block_bwd("dy", 3, placement)))
+        cases.append((f"ffn_block_backward[{placement},dnorm_weight]/dy", 8, n,
+                      block_bwd("dy", 1, placement)))
     return cases
 
 

@@ -15,7 +15,9 @@ What an entry gives (see :class:`Op` for the fields):
   summed by weight gradients, conditioning); ``kind`` is one of :data:`INPUT_KINDS`;
 * the callables: normffn's and :mod:`normffn.reference`'s are found by name (the reference
   mirrors the API name for name: ``op``, ``op_forward``, ``op_backward``; ``api`` when the
-  entry's name is not the function's, e.g. ``ffn_gated`` -> ``ffn``), with flags saying
+  entry's name is not the function's, e.g. ``ffn_gated`` -> ``ffn``); ``kwonly`` names the
+  arguments that are keyword-only (``ffn_block``'s norm / placement / eps / recompute:
+  callers split ``Inputs.args`` with :meth:`Op.split_args`), with flags saying
   which take ``out=`` (``backward_out``: ``"first"`` = the first gradient, ``"all"`` = a
   tuple aligned with ``grads``); ``forward_reuse`` names ctx fields a training loop passes
   back to the next forward as ``<field>_out=`` (FFN: ``hidden``); ``torch(inputs) -> TorchOp``
@@ -28,9 +30,17 @@ What an entry gives (see :class:`Op` for the fields):
 * ``tolerance`` class (``"norm"`` or ``"gemm"``) and ``row_sums`` (outputs summed over batch
   rows), read by :func:`documented_tolerance`;
 * ``variants``: configurations compared and tested (BatchNorm train / eval, FFN activations);
-* ``bench_cases``: what ``bench`` times per shape, and the rate model: ``unit``, ``work(shape,
-  itemsize, call)`` and ``limit`` (the machine-limit probe: ``"copy"`` of the bytes the
-  forward moves, or ``"gemm"``: the FFN's bare GEMMs, ``gated`` ones with x·w1 of width 2h).
+* ``bench_cases``: what ``bench`` times per shape (a case may be limited to some named bench
+  shapes: ``ffn_block`` times ReLU at 2048x768x3072 and SwiGLU at 2048x768x2048), and the
+  rate model: ``unit``, ``work(shape, itemsize, call[, gated=True])`` and ``limit`` (the
+  machine-limit probe: ``"copy"`` of the bytes the forward moves, or ``"gemm"``: the FFN's
+  bare GEMMs, x·w1 of width 2h when the case's activation is gated, see :func:`case_gated`);
+* ``unfused(inputs, call) -> callable``: the op composed from other ops' public calls, timed
+  by ``bench`` as ``normffn unfused`` (``ffn_block``: ``layer_norm`` / ``add_layer_norm`` +
+  ``ffn``, what users wrote by hand before the fused op);
+* ``step_alloc(shape, itemsize)``: bytes a buffer-reusing training step (``normffn out=``
+  fwd+bwd) still allocates because the API takes no buffer for them (``ffn_block``: the kept
+  ``xn`` or ``s`` and the statistics); the generic test allows exactly that much.
 
 This module imports only NumPy and :mod:`normffn.testing` at import time (no op module, no
 torch), so every tool may import it without cycles; ops are resolved when called.
@@ -48,7 +58,8 @@ from .testing import tolerance
 
 __all__ = ["Op", "Inputs", "BenchCase", "TorchOp", "OPS", "INPUT_KINDS", "get",
            "documented_tolerance", "bench_callable", "bench_providers", "bench_inputs",
-           "copy_probe", "gemm_probe", "limit_probe", "limit_work", "channels_last",
+           "copy_probe", "gemm_probe", "limit_probe", "limit_work", "case_work", "case_gated",
+           "channels_last",
            "torch_or_none", "forward_out_buffers", "backward_out_buffers", "split_forward"]
 
 
@@ -143,7 +154,9 @@ class BenchCase:
     ``Op.variants`` (forward keyword overrides); ``layout``: ``"channels_last"`` relays x and dy
     (shapes with ``min_ndim`` dims or more only); ``extra``: further normffn providers, label ->
     keyword overrides of the forward call (e.g. ``{"normffn recompute": {"recompute": True}}``);
-    ``torch_label``: the torch column's name in the JSON (the table always says "torch")."""
+    ``torch_label``: the torch column's name in the JSON (the table always says "torch");
+    ``shapes``: names of the op's bench shapes this case is timed at (empty: every shape; at a
+    shape that is not a named bench shape, e.g. ``--shape 6x8x16``, every case runs)."""
 
     direction: str
     call: str
@@ -152,6 +165,7 @@ class BenchCase:
     min_ndim: int = 0
     extra: dict = field(default_factory=dict)
     torch_label: str = "torch"
+    shapes: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -180,9 +194,17 @@ class Op:
     unit: str = "GB/s"                # rate unit: "GB/s" or "GFLOP/s"
     work: Callable = None             # (shape, itemsize, call) -> bytes or flops per call
     limit: str = "copy"               # machine-limit probe: "copy" or "gemm"
-    gated: bool = False               # gemm limit: x·w1 is 2h wide (packed gate | up)
     api: str = ""                     # function name when not `name` (ffn_gated -> ffn)
     module: str = "normffn"
+    kwonly: tuple = ()                # keyword-only arguments (split_args)
+    step_alloc: Callable = None       # (shape, itemsize) -> bytes a reusing step allocates
+    unfused: Callable = None          # (Inputs, call) -> callable: bench's "normffn unfused"
+
+    def split_args(self, args: dict) -> tuple[tuple, dict]:
+        """``Inputs.args`` (or any name -> value dict in signature order) -> ``(positional,
+        keyword)`` for calling the op's functions: ``f(*pos, **kw)``."""
+        pos = tuple(v for k, v in args.items() if k not in self.kwonly)
+        return pos, {k: v for k, v in args.items() if k in self.kwonly}
 
     # -- callables, by name (normffn and normffn.reference share the names)
     def function(self, provider: str, entry: str = "") -> Callable:
@@ -212,7 +234,12 @@ class Op:
         return shape
 
     def cases_for(self, shape) -> list:
-        return [c for c in self.bench_cases if len(shape) >= c.min_ndim]
+        """The bench cases timed at ``shape`` (``min_ndim``; a case limited to some named
+        bench shapes is left out at the op's other named shapes)."""
+        shape = tuple(shape)
+        named = [k for k, v in self.bench_shapes.items() if tuple(v) == shape]
+        return [c for c in self.bench_cases if len(shape) >= c.min_ndim and
+                (not c.shapes or not named or any(k in c.shapes for k in named))]
 
 
 # ---------------------------------------------------------------- tolerance
@@ -293,22 +320,35 @@ def gemm_probe(n: int, d: int, h: int, dtype, backward: bool, seed: int = 0,
     return fwd_bwd if backward else fwd
 
 
-def limit_work(op: "Op", shape, dtype, call: str) -> float:
+def case_gated(op: "Op", case: "BenchCase") -> bool:
+    """Whether ``case`` runs a gated activation (its first GEMM is 2h wide)."""
+    return op.variants.get(case.variant, {}).get("activation") in GATED_ACTIVATIONS
+
+
+def case_work(op: "Op", case: "BenchCase", shape, dtype, call: str | None = None) -> float:
+    """Work per call of one case (bytes or flops, ``op.unit``); ``call`` overrides the case's."""
+    itemsize = np.dtype(dtype).itemsize
+    if case_gated(op, case):
+        return float(op.work(shape, itemsize, call or case.call, gated=True))
+    return float(op.work(shape, itemsize, call or case.call))
+
+
+def limit_work(op: "Op", shape, dtype, case: "BenchCase") -> float:
     """Work per call of the machine-limit probe of one case: the op's own flops for the GEMM
     probe; for the copy probe, the bytes the op's forward moves (read and written: 2·numel·
     itemsize for a norm, 4· for add + norm, which reads x and residual and writes y and s)."""
-    itemsize = np.dtype(dtype).itemsize
     if op.limit == "gemm":
-        return float(op.work(shape, itemsize, call))
-    return float(op.work(shape, itemsize, "forward"))
+        return case_work(op, case, shape, dtype)
+    return case_work(op, case, shape, dtype, "forward")
 
 
-def limit_probe(op: "Op", shape, dtype, call: str):
+def limit_probe(op: "Op", shape, dtype, case: "BenchCase"):
     """(probe name, zero-argument callable, work per call) of the machine limit for one case."""
-    work = limit_work(op, shape, dtype, call)
+    work = limit_work(op, shape, dtype, case)
     if op.limit == "gemm":
         n, d, h = shape
-        return "gemm", gemm_probe(n, d, h, dtype, call != "forward", gated=op.gated), work
+        return "gemm", gemm_probe(n, d, h, dtype, case.call != "forward",
+                                  gated=case_gated(op, case)), work
     return "copy", copy_probe(int(work) // 2), work
 
 
@@ -536,10 +576,12 @@ def _ffn_torch(inp: Inputs, variant="relu") -> TorchOp:
     return TorchOp(forward, fwd_bwd, forward_outputs, backward_outputs, None)
 
 
-def _ffn_work(shape, itemsize, call):
-    """FFN: 2·n·d·h flops per GEMM; forward 2 GEMMs, forward + backward 6."""
+def _ffn_work(shape, itemsize, call, gated=False):
+    """FFN GEMM flops: x·w1 is 2·n·d·hw (hw = h, or 2h gated), hidden·w2 2·n·h·d; forward +
+    backward 3x the forward (each GEMM has two backward GEMMs)."""
     n, d, h = shape
-    return {"forward": 2, "fwd+bwd": 6}[call] * 2.0 * n * d * h
+    hw = 2 * h if gated else h
+    return {"forward": 1, "fwd+bwd": 3}[call] * (2.0 * n * d * hw + 2.0 * n * h * d)
 
 
 FFN = Op(
@@ -792,12 +834,6 @@ def _ffn_gated_inputs(shape, dtype, kind="normal", seed=0, variant="swiglu"):
                    "activation": variant or "swiglu"}, dy, rows=n)
 
 
-def _ffn_gated_work(shape, itemsize, call):
-    """Gated FFN: x·w1 is 2·n·d·2h flops, hidden·w2 2·n·h·d; forward + backward 3x that."""
-    n, d, h = shape
-    return {"forward": 1, "fwd+bwd": 3}[call] * 6.0 * n * d * h
-
-
 FFN_GATED = Op(
     name="ffn_gated",
     api="ffn",
@@ -818,15 +854,202 @@ FFN_GATED = Op(
                  BenchCase("fwd+bwd swiglu", "fwd+bwd", "swiglu",
                            extra={"normffn recompute": {"recompute": True}})),
     unit="GFLOP/s",
-    work=_ffn_gated_work,
+    work=_ffn_work,
     limit="gemm",
-    gated=True,
+)
+
+
+# ---------------------------------------------------------------- FFN sublayer
+#: norm x placement x a few activations (plain ReLU and GELU, gated SwiGLU); the bench cases
+#: ("fwd+bwd pre relu", ...) are "*-layer-relu" (GPT-2 style, LayerNorm) at the ReLU shape and
+#: "*-rms-swiglu" (LLaMA style, RMSNorm) at the SwiGLU shape
+FFN_BLOCK_VARIANTS = {f"{p}-{nm}-{a}": {"activation": a, "norm": nm, "placement": p}
+                      for p in ("pre", "post") for nm in ("layer", "rms")
+                      for a in ("relu", "gelu", "swiglu")}
+
+
+def _ffn_block_inputs(shape, dtype, kind="normal", seed=0, variant="pre-layer-relu"):
+    """Shape (n, d, h); gated activations get the packed w1 (d, 2h) and b1 (2h,); RMSNorm has
+    no norm_bias.  Pre-LN the norm sees x (its conditioning is x's); post-LN it sees
+    s = x + ffn(x), which the FFN spreads at x's own scale (condition ~1)."""
+    v = FFN_BLOCK_VARIANTS[variant or "pre-layer-relu"]
+    act, norm, placement = v["activation"], v["norm"], v["placement"]
+    rng = np.random.default_rng(seed)
+    n, d, h = shape
+    hw = 2 * h if act in GATED_ACTIVATIONS else h
+    x = INPUT_KINDS[kind](rng, (n, d)).astype(dtype)
+    nw = (1 + 0.1 * rng.standard_normal(d)).astype(dtype)
+    nb = (0.1 * rng.standard_normal(d)).astype(dtype) if norm == "layer" else None
+    w1 = (rng.standard_normal((d, hw)) / math.sqrt(d)).astype(dtype)
+    b1 = (0.1 * rng.standard_normal(hw)).astype(dtype)
+    w2 = (rng.standard_normal((h, d)) / math.sqrt(h)).astype(dtype)
+    b2 = (0.1 * rng.standard_normal(d)).astype(dtype)
+    dy = rng.standard_normal((n, d)).astype(dtype)
+    return Inputs({"x": x, "norm_weight": nw, "norm_bias": nb, "w1": w1, "b1": b1, "w2": w2,
+                   "b2": b2, "activation": act, "norm": norm, "placement": placement,
+                   "eps": 1e-5}, dy, rows=n,
+                  condition=_condition(x, axis=-1) if placement == "pre" else 1.0)
+
+
+def _ffn_block_torch(inp: Inputs, variant="pre-layer-relu") -> TorchOp:
+    """``LayerNorm`` / ``RMSNorm`` + ``Linear`` + activation (gated: chunk, act(g) * u) +
+    ``Linear`` + the residual add, in eager mode; backward is autograd of the whole sublayer."""
+    import torch
+
+    a = inp.args
+    F = torch.nn.functional
+    gate = _GATES.get(a["activation"])
+    act = {"relu": torch.relu, "silu": F.silu, "gelu": F.gelu,
+           "gelu_tanh": lambda v: F.gelu(v, approximate="tanh")}[gate or a["activation"]]
+    d, eps = a["x"].shape[-1], a["eps"]
+    rms, pre = a["norm"] == "rms", a["placement"] == "pre"
+
+    def leaf(v, transpose=False):
+        if v is None:
+            return None
+        return torch.from_numpy(np.ascontiguousarray(v.T if transpose else v)).requires_grad_()
+
+    xt, NW, NB = leaf(a["x"]), leaf(a["norm_weight"]), leaf(a["norm_bias"])
+    W1, W2 = leaf(a["w1"], True), leaf(a["w2"], True)      # nn.Linear's layout (out, in)
+    B1, B2 = leaf(a["b1"]), leaf(a["b2"])
+    dyt = torch.from_numpy(inp.dy)
+    params = [p for p in (xt, NW, NB, W1, B1, W2, B2) if p is not None]
+
+    def norm(v):
+        return F.rms_norm(v, [d], NW, eps) if rms else F.layer_norm(v, [d], NW, NB, eps)
+
+    def ffn(v):
+        z = F.linear(v, W1, B1)
+        if gate is None:
+            return F.linear(act(z), W2, B2)
+        g, u = z.chunk(2, dim=-1)
+        return F.linear(act(g) * u, W2, B2)
+
+    def block():
+        return xt + ffn(norm(xt)) if pre else norm(xt + ffn(xt))
+
+    def forward():
+        with torch.no_grad():
+            return block()
+
+    def fwd_bwd():
+        _clear(*params)
+        block().backward(dyt)
+
+    def forward_outputs():
+        out = {"y": _np(forward())}
+        if not rms:   # LayerNorm's statistics, as native_layer_norm returns them
+            with torch.no_grad():
+                v = xt if pre else xt + ffn(xt)
+                _, m, r = torch.native_layer_norm(v, [d], NW, NB, eps)
+            out.update(mean=_np(m).reshape(v.shape[:-1]), rstd=_np(r).reshape(v.shape[:-1]))
+        return out
+
+    def backward_outputs():
+        fwd_bwd()
+        g = lambda p, t=False: None if p is None else (_np(p.grad).T if t else _np(p.grad))  # noqa: E731
+        return {"dx": g(xt), "dnorm_weight": g(NW), "dnorm_bias": g(NB), "dw1": g(W1, True),
+                "db1": g(B1), "dw2": g(W2, True), "db2": g(B2)}
+
+    return TorchOp(forward, fwd_bwd, forward_outputs, backward_outputs, None)
+
+
+def _ffn_block_unfused(inp: Inputs, call: str) -> Callable:
+    """The sublayer from normffn's separate public ops, as users composed it before
+    ``ffn_block``: pre-LN ``layer_norm`` / ``rms_norm`` -> ``ffn`` -> ``x + f``; post-LN ``ffn``
+    -> ``add_layer_norm`` / ``add_rms_norm`` (residual x); backward chains the ops' backwards
+    (pre-LN: ``dx = dy + norm_backward(ffn_backward(dy)[0])``; post-LN: ``ds`` from the add +
+    norm backward, ``dx = ds + ffn_backward(ds)[0]``)."""
+    import normffn as nf
+
+    a = inp.args
+    x, nw, nb, act, eps = a["x"], a["norm_weight"], a["norm_bias"], a["activation"], a["eps"]
+    ffn_p = (a["w1"], a["b1"], a["w2"], a["b2"], act)
+    d, dy, rms = x.shape[-1], inp.dy, a["norm"] == "rms"
+    if a["placement"] == "pre":
+        def norm_fwd(v):
+            return nf.rms_norm_forward(v, d, nw, eps) if rms else \
+                nf.layer_norm_forward(v, d, nw, nb, eps)
+        norm_bwd = nf.rms_norm_backward if rms else nf.layer_norm_backward
+
+        def forward():
+            v = nf.rms_norm(x, d, nw, eps) if rms else nf.layer_norm(x, d, nw, nb, eps)
+            return x + nf.ffn(v, *ffn_p)
+
+        def fwd_bwd():
+            xn, nctx = norm_fwd(x)
+            f, fctx = nf.ffn_forward(xn, *ffn_p)
+            _ = x + f                                   # y
+            dxn, *gf = nf.ffn_backward(dy, fctx)
+            dxnorm, *gn = norm_bwd(dxn, nctx)
+            return (dy + dxnorm, *gn, *gf)
+    else:
+        def add_norm_fwd(f):
+            return nf.add_rms_norm_forward(f, x, d, nw, eps) if rms else \
+                nf.add_layer_norm_forward(f, x, d, nw, nb, eps)
+        add_norm_bwd = nf.add_rms_norm_backward if rms else nf.add_layer_norm_backward
+
+        def forward():
+            f = nf.ffn(x, *ffn_p)
+            return (nf.add_rms_norm(f, x, d, nw, eps) if rms else
+                    nf.add_layer_norm(f, x, d, nw, nb, eps))[0]
+
+        def fwd_bwd():
+            f, fctx = nf.ffn_forward(x, *ffn_p)
+            _, _, nctx = add_norm_fwd(f)
+            ds, *gn = add_norm_bwd(dy, nctx)
+            dxf, *gf = nf.ffn_backward(ds, fctx)
+            return (ds + dxf, *gn, *gf)
+    return {"forward": forward, "fwd+bwd": fwd_bwd}[call]
+
+
+def _ffn_block_step_alloc(shape, itemsize):
+    """What ``ffn_block_forward(..., out=, hidden_out=)`` still allocates per training step:
+    the kept (n, d) ``xn`` (pre-LN) or ``s`` (post-LN), and mean and rstd (n float64 each)."""
+    n, d = shape[0], shape[1]
+    return n * d * itemsize + 2 * n * 8
+
+
+_RELU_SHAPE, _SWIGLU_SHAPE = ("2048x768x3072",), ("2048x768x2048",)
+
+FFN_BLOCK = Op(
+    name="ffn_block",
+    shape_format="NxDxH (rows x model dim x hidden units; gated: w1 is D x 2H)",
+    ndims=(3,),
+    bench_shapes={"2048x768x3072": (2048, 768, 3072), "2048x768x2048": (2048, 768, 2048)},
+    default_shapes=("2048x768x3072", "2048x768x2048"),
+    test_shape=(32, 48, 64),
+    make_inputs=_ffn_block_inputs,
+    torch=_ffn_block_torch,
+    stats=("mean", "rstd"),            # mean is None for RMSNorm (compared where it exists)
+    grads=("dx", "dnorm_weight", "dnorm_bias", "dw1", "db1", "dw2", "db2"),
+    backward_out="all",
+    forward_reuse=("hidden",),
+    tolerance="gemm",
+    row_sums=("dnorm_weight", "dnorm_bias", "dw1", "db1", "dw2", "db2"),
+    variants=FFN_BLOCK_VARIANTS,
+    kwonly=("norm", "placement", "eps", "recompute"),
+    step_alloc=_ffn_block_step_alloc,
+    unfused=_ffn_block_unfused,
+    bench_cases=(
+        BenchCase("fwd+bwd pre relu", "fwd+bwd", "pre-layer-relu", shapes=_RELU_SHAPE,
+                  extra={"normffn recompute": {"recompute": True}}),
+        BenchCase("fwd+bwd post relu", "fwd+bwd", "post-layer-relu", shapes=_RELU_SHAPE),
+        BenchCase("fwd pre relu", "forward", "pre-layer-relu", shapes=_RELU_SHAPE),
+        BenchCase("fwd+bwd pre swiglu", "fwd+bwd", "pre-rms-swiglu", shapes=_SWIGLU_SHAPE,
+                  extra={"normffn recompute": {"recompute": True}}),
+        BenchCase("fwd+bwd post swiglu", "fwd+bwd", "post-rms-swiglu",
+                  shapes=_SWIGLU_SHAPE),
+        BenchCase("fwd pre swiglu", "forward", "pre-rms-swiglu", shapes=_SWIGLU_SHAPE)),
+    unit="GFLOP/s",
+    work=_ffn_work,                    # the sublayer's GEMMs: its limit is the bare GEMMs
+    limit="gemm",
 )
 
 
 #: op name -> entry, in the order the tools list them
 OPS = {op.name: op for op in (LAYER_NORM, RMS_NORM, ADD_LAYER_NORM, ADD_RMS_NORM, BATCH_NORM,
-                              FFN, FFN_GATED)}
+                              FFN, FFN_GATED, FFN_BLOCK)}
 
 
 def get(name: str) -> Op:
@@ -857,6 +1080,8 @@ def bench_providers(op: Op, case: BenchCase, numpy: bool = True, torch: bool = T
         names.append("normffn out=")
     names.append("normffn")
     names += list(case.extra)
+    if op.unfused is not None:
+        names.append("normffn unfused")
     if numpy and case.layout == "contiguous":
         names.append("numpy")
     if torch and op.torch is not None:
@@ -932,6 +1157,10 @@ def bench_callable(op: Op, case: BenchCase, provider: str, inp: Inputs) -> Calla
         if fn is None:
             raise NotImplementedError(f"torch has no separate {case.call} for {op.name}")
         return fn
+    if provider == "normffn unfused":
+        if op.unfused is None:
+            raise NotImplementedError(f"{op.name} has no unfused composition")
+        return op.unfused(inp, case.call)
     if provider == "numpy":
         lib = "reference"
         for k in op.state:   # the reference updates float64 running stats
@@ -944,15 +1173,17 @@ def bench_callable(op: Op, case: BenchCase, provider: str, inp: Inputs) -> Calla
     else:
         raise NotImplementedError(f"unknown provider {provider!r}")
     use_out = provider == "normffn out="
-    pos = tuple(args.values())
+    pos, kw = op.split_args(args)
     f_op, f_fwd, f_bwd = (op.function(lib, e) for e in ("", "forward", "backward"))
     if case.call == "forward":
         if use_out:
             y = forward_out_buffers(op, args["x"])
-            return lambda: f_op(*pos, out=y)
-        return (lambda: f_fwd(*pos)) if provider in case.extra else (lambda: f_op(*pos))
+            return lambda: f_op(*pos, out=y, **kw)
+        if provider in case.extra:
+            return lambda: f_fwd(*pos, **kw)
+        return lambda: f_op(*pos, **kw)
     if case.call == "backward":
-        ctx = f_fwd(*pos)[-1]
+        ctx = f_fwd(*pos, **kw)[-1]
         if use_out:
             if op.backward_out == "all":
                 gout = backward_out_buffers(op, f_bwd(dy, ctx, **gkw), dy.dtype)
@@ -963,18 +1194,18 @@ def bench_callable(op: Op, case: BenchCase, provider: str, inp: Inputs) -> Calla
     if case.call == "fwd+bwd":
         if use_out:
             yout = forward_out_buffers(op, args["x"])
-            ctx0 = f_fwd(*pos, out=yout)[-1]
+            ctx0 = f_fwd(*pos, out=yout, **kw)[-1]
             reuse = _reuse(op, ctx0)      # ctx0 is spent: the next forward overwrites them
             gout = backward_out_buffers(op, f_bwd(dy, ctx0, **gkw), dy.dtype) \
                 if op.backward_out == "all" else np.empty_like(dy)
 
             def fwd_bwd_out():
-                c = f_fwd(*pos, out=yout, **reuse)[-1]
+                c = f_fwd(*pos, out=yout, **reuse, **kw)[-1]
                 return f_bwd(dy, c, out=gout, **gkw)
             return fwd_bwd_out
 
         def fwd_bwd():
-            c = f_fwd(*pos)[-1]
+            c = f_fwd(*pos, **kw)[-1]
             return f_bwd(dy, c, **gkw)
         return fwd_bwd
     raise ValueError(case.call)

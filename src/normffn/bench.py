@@ -18,10 +18,13 @@ Rates: norms report GB/s (forward moves 2·numel·itemsize, backward 3·; add + 
 it reads x and residual and writes y and s, backward reads dy, s, ds and writes dsum) and the
 fraction of the copy bandwidth for the forward's bytes (``normffn._kernels._bench.parallel_copy``);
 the FFNs report GFLOP/s and the fraction of their bare GEMMs' rate (gated: x·w1 of width 2h,
-hidden·w2); both limits measured in the same run, in their own process.  For the FFNs'
-forward+backward, ``normffn out=`` is a training step that reuses every buffer
-(``ffn_forward(..., out=, hidden_out=previous ctx.hidden)`` + ``ffn_backward(..., out=(dx, dw1,
-db1, dw2, db2))``); ``normffn`` is the default, allocating call.
+hidden·w2; the FFN sublayer ``ffn_block`` against its own bare GEMMs, so the norm, activation
+and residual must hide inside them); both limits measured in the same run, in their own
+process.  For the FFNs' forward+backward, ``normffn out=`` is a training step that reuses every
+buffer (``ffn_forward(..., out=, hidden_out=previous ctx.hidden)`` + ``ffn_backward(...,
+out=(dx, dw1, db1, dw2, db2))``; ``ffn_block`` the same with its seven gradients);
+``normffn`` is the default, allocating call; ``normffn unfused`` (``ffn_block``) the same
+sublayer composed from the separate ops (``layer_norm`` / ``add_layer_norm`` + ``ffn``).
 """
 from __future__ import annotations
 
@@ -124,7 +127,7 @@ def worker(spec: dict) -> dict:
         if spec.get("directions") and case.direction not in spec["directions"]:
             continue
         if family == "limit":
-            name, fn, _ = _ops.limit_probe(op, shape, dtype, case.call)
+            name, fn, _ = _ops.limit_probe(op, shape, dtype, case)
             calls = {"__limit__": fn}
         else:
             calls = {}
@@ -205,13 +208,12 @@ def _fmt_secs(s: float) -> str:
 
 # ---------------------------------------------------------------- running
 def _cases_of(op: _ops.Op, shape, dtype: str, threads, numpy: bool, torch: bool) -> list:
-    itemsize = np.dtype(dtype).itemsize
     cases = []
     for bc in op.cases_for(shape):
         cases.append(Case(op.name, bc.direction, bc.call, tuple(shape), dtype, threads,
-                          op.work(shape, itemsize, bc.call), op.unit,
+                          _ops.case_work(op, bc, shape, dtype), op.unit,
                           _ops.bench_providers(op, bc, numpy=numpy, torch=torch),
-                          op.limit, _ops.limit_work(op, shape, dtype, bc.call)))
+                          op.limit, _ops.limit_work(op, shape, dtype, bc)))
     return cases
 
 
@@ -312,7 +314,7 @@ def _run_in_process(groups, repeat, min_time, numpy, torch, progress_stream, see
                     except NotImplementedError:
                         pass
                 c.providers = [p for p in c.providers if p in calls]
-                calls["__limit__"] = _ops.limit_probe(op, shape, dt, bc.call)[1]
+                calls["__limit__"] = _ops.limit_probe(op, shape, dt, bc)[1]
                 c.results = _measure_in_process(calls, repeat, min_time, rng)
                 prog.finish_one()
                 cases.append(c)

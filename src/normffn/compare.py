@@ -1,7 +1,8 @@
 """``python -m normffn compare``: accuracy of normffn (and torch) against the float64 reference.
 
 For every op of the registry (:mod:`normffn._ops`), each of its variants (BatchNorm train /
-eval, the FFN's plain and gated activations), on normal and adversarial inputs, in float32 and
+eval, the FFN's plain and gated activations, the FFN sublayer's placement x norm x
+activation), on normal and adversarial inputs, in float32 and
 float64, this runs normffn, torch (when importable) and :mod:`normffn.reference` on the same
 data and reports, per output (``y``, ``s``, ``mean``, ``rstd``, ``dx``, ``dsum``, ``dweight``,
 ...), the max abs error and the max error relative to the output's scale (``max |reference|``),
@@ -35,7 +36,8 @@ OPS = tuple(_ops.OPS)
 
 def _labels(op: _ops.Op):
     """(label, variant) per variant: ``batch_norm[train]``, ``ffn[gelu]``,
-    ``ffn_gated[swiglu]``; the bare name for an op with one variant."""
+    ``ffn_gated[swiglu]``, ``ffn_block[post-rms-swiglu]``; the bare name for an op with one
+    variant."""
     if len(op.variants) == 1:
         return [(op.name, next(iter(op.variants)))]
     return [(f"{op.name}[{v}]", v) for v in op.variants]
@@ -73,11 +75,13 @@ def run_case(op: _ops.Op, variant, kind: str, dtype, seed: int = 0, torch: bool 
     fwd_rf, bwd_rf = op.function("reference", "forward"), op.function("reference", "backward")
     a = _copy_state(op, inp.args)
     gkw = inp.grad_kwargs
-    fwd = fwd_nf(*a.values())
+    pos, kw = op.split_args(a)
+    fwd = fwd_nf(*pos, **kw)
     res = {"normffn": (_outputs(op, fwd, a),
                        dict(zip(op.grads, bwd_nf(inp.dy, fwd[-1], **gkw))))}
     ar = _copy_state(op, inp.args, np.float64)
-    fwd_r = fwd_rf(*ar.values())
+    pos_r, kw_r = op.split_args(ar)
+    fwd_r = fwd_rf(*pos_r, **kw_r)
     reference = (_outputs(op, fwd_r, ar), dict(zip(op.grads, bwd_rf(inp.dy, fwd_r[-1], **gkw))))
     if torch and op.torch is not None and _ops.torch_or_none() is not None:
         t = op.torch(inp, variant)

@@ -19,6 +19,14 @@ Gated FFNs (``activation="swiglu" | "geglu" | "reglu"``) take a packed first lay
     a = act(g) * u,              y = a @ w2 + b2
 
 with act = silu (swiglu), gelu (erf; geglu) or relu (reglu).
+
+The FFN sublayer (``ffn_block``) is the composition of the references above, nothing more::
+
+    pre-LN:   xn = norm(x),          y = x + ffn(xn)
+    post-LN:  s  = x + ffn(x),       y = norm(s)
+
+with norm = ``layer_norm`` (``norm="layer"``) or ``rms_norm`` (``norm="rms"``, no bias) over
+the last dim, and its backward chains the references' backwards.
 """
 from __future__ import annotations
 
@@ -31,7 +39,8 @@ __all__ = ["layer_norm", "layer_norm_forward", "layer_norm_backward",
            "ffn", "ffn_forward", "ffn_backward", "pack_gated",
            "rms_norm", "rms_norm_forward", "rms_norm_backward",
            "add_layer_norm", "add_layer_norm_forward", "add_layer_norm_backward",
-           "add_rms_norm", "add_rms_norm_forward", "add_rms_norm_backward"]
+           "add_rms_norm", "add_rms_norm_forward", "add_rms_norm_backward",
+           "ffn_block", "ffn_block_forward", "ffn_block_backward"]
 
 #: gated activation -> the activation of its gate
 GATES = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
@@ -287,6 +296,76 @@ def add_rms_norm_backward(dy, ctx, ds=None, *, out=None, needs=None):
     if ds is not None:
         dx = dx + _f64(ds)
     return _mask((dx, dw), needs)
+
+
+# ---------------------------------------------------------------- FFN sublayer
+def _block_norm_forward(norm, x, weight, bias, eps):
+    if norm == "rms":
+        return rms_norm_forward(x, x.shape[-1], weight, eps)
+    return layer_norm_forward(x, x.shape[-1], weight, bias, eps)
+
+
+def _block_norm_backward(norm, dy, ctx):
+    """``(dx, dweight, dbias)`` of the sublayer's norm (dbias None for RMSNorm)."""
+    if norm == "rms":
+        return rms_norm_backward(dy, ctx) + (None,)
+    return layer_norm_backward(dy, ctx)
+
+
+def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", *,
+                      norm="layer", placement="pre", eps=1e-5, recompute=False, out=None,
+                      hidden_out=None):
+    """Returns ``(y, ctx)``: pre-LN ``y = x + ffn(norm(x))``, post-LN ``y = norm(x + ffn(x))``
+    (``eps=None`` with ``norm="rms"``: ``np.finfo(x.dtype).eps``).
+
+    ``ctx`` has ``mean`` (None for RMSNorm) and ``rstd`` of shape x.shape[:-1] (of x pre-LN,
+    of s post-LN), ``dead_units`` (relu, reglu; None otherwise), the pre-LN normalised input
+    ``xn`` or the post-LN residual sum ``s`` (the other None), and the composed references'
+    contexts ``norm_ctx`` and ``ffn_ctx``.  ``recompute``, ``out`` and ``hidden_out`` change
+    nothing here."""
+    if norm == "rms" and eps is None:
+        eps = float(np.finfo(np.asarray(x).dtype).eps)
+    x = _f64(x)
+    xn = s = None
+    if placement == "pre":
+        xn, nctx = _block_norm_forward(norm, x, norm_weight, norm_bias, eps)
+        f, fctx = ffn_forward(xn, w1, b1, w2, b2, activation)
+        y = x + f
+    else:
+        f, fctx = ffn_forward(x, w1, b1, w2, b2, activation)
+        s = x + f
+        y, nctx = _block_norm_forward(norm, s, norm_weight, norm_bias, eps)
+    ctx = SimpleNamespace(norm=norm, placement=placement, eps=eps, x=x, xn=xn, s=s,
+                          mean=getattr(nctx, "mean", None), rstd=nctx.rstd,
+                          dead_units=fctx.dead_units, norm_ctx=nctx, ffn_ctx=fctx)
+    return y, ctx
+
+
+def ffn_block(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", *, norm="layer",
+              placement="pre", eps=1e-5, out=None):
+    return ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation, norm=norm,
+                             placement=placement, eps=eps)[0]
+
+
+def ffn_block_backward(dy, ctx, *, out=None, needs=None):
+    """Returns ``(dx, dnorm_weight, dnorm_bias, dw1, db1, dw2, db2)`` (None where the parameter
+    was None, and where ``needs`` says False)::
+
+        pre-LN:   (dxn, dw1, db1, dw2, db2) = ffn_backward(dy)
+                  (dxnorm, dnorm_weight, dnorm_bias) = norm_backward(dxn);  dx = dy + dxnorm
+        post-LN:  (ds, dnorm_weight, dnorm_bias) = norm_backward(dy)
+                  (dxf, dw1, db1, dw2, db2) = ffn_backward(ds);  dx = ds + dxf
+    """
+    dy = _f64(dy)
+    if ctx.placement == "pre":
+        dxn, dw1, db1, dw2, db2 = ffn_backward(dy, ctx.ffn_ctx)
+        dxnorm, dnw, dnb = _block_norm_backward(ctx.norm, dxn, ctx.norm_ctx)
+        dx = dy + dxnorm
+    else:
+        ds, dnw, dnb = _block_norm_backward(ctx.norm, dy, ctx.norm_ctx)
+        dxf, dw1, db1, dw2, db2 = ffn_backward(ds, ctx.ffn_ctx)
+        dx = ds + dxf
+    return _mask((dx, dnw, dnb, dw1, db1, dw2, db2), needs)
 
 
 # ---------------------------------------------------------------- BatchNorm
