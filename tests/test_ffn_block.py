@@ -1,5 +1,5 @@
 """The fused FFN sublayer (pre/post-LN, LayerNorm/RMSNorm, every activation) against the
-composition of the reference ops (normffn.reference_block), forward and backward."""
+composition of the reference ops (normffn.reference), forward and backward."""
 from __future__ import annotations
 
 import dataclasses
