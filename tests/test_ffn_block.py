@@ -232,7 +232,9 @@ def test_needs_errors(rng):
     params = make_params(rng, 8, 4, np.float64, "relu", "layer")
     x = rng.standard_normal((3, 8))
     _, ctx = ffn_block_forward(x, *params)
-    for bad in [(True,) * 6, "all", (1, 1, 1, 1, 1, 1, 1)]:
+    with pytest.raises(ValueError, match="needs"):          # wrong length: a wrong value
+        ffn_block_backward(x, ctx, needs=(True,) * 6)
+    for bad in ["all", (1, 1, 1, 1, 1, 1, 1)]:              # not a tuple of bools: a wrong kind
         with pytest.raises(TypeError, match="needs"):
             ffn_block_backward(x, ctx, needs=bad)
 
