@@ -7,7 +7,8 @@
  * Build rules (setup.py): -O3, never -ffast-math (NaN/Inf must propagate), -ffp-contract=off (no
  * FMA contraction: every ISA path rounds identically).  Hot functions are compiled per ISA with
  * NF_CLONES (GCC target_clones: AVX-512 = x86-64-v4, AVX2 = x86-64-v3, baseline) and picked at
- * load time; helpers they call are NF_INLINE, so one dispatch covers a whole row or block.
+ * load time; helpers they call are NF_INLINE, so one dispatch covers a whole row or group of
+ * rows.
  *
  * Contents
  *   NF_CLONES, NF_INLINE      ISA dispatch, forced inlining into the dispatched caller

@@ -39,17 +39,21 @@
  *
  * Specialisation: the flags (CENTER, ADD, HAS_W, ACC_W, ACC_B, DX) are `const int` parameters of
  * always-inlined bodies, passed as literals, so each combination compiles to its own
- * branch-free loop.  Each entry point (NF_CLONES: one ISA dispatch per row or block) holds only
- * the combinations of one case: with the rarer ones in the same function GCC compiled the
- * common LayerNorm backward into ~9% more instructions (callgrind).  Entry points, per SUF:
+ * branch-free loop.  Each entry point (NF_CLONES: one ISA dispatch per forward row or backward
+ * group) holds only the combinations of one case: with the rarer ones in the same function GCC
+ * compiled the common LayerNorm backward into ~9% more instructions (callgrind).  The backward
+ * group entries take their buffers as restrict-qualified parameters, not through the argument
+ * struct, so GCC sees the contract (no output overlaps an input).  Entry points, per SUF:
  *   nf_nr_fwd_{ln,rms,add_ln,add_rms}_SUF   one forward row
- *   nf_nr_bwd_ln_SUF          LayerNorm backward block: dx, dw iff w, db optional
- *   nf_nr_bwd_ln_nodw_SUF     the same with a weight whose dw is not wanted
- *   nf_nr_bwd_ln_sums_SUF     dw/db partials alone (no dx)
- *   nf_nr_bwd_ln_ds_SUF       LayerNorm backward with the ds addend (add_layer_norm, pre-LN)
- *   nf_nr_bwd_rms_SUF         RMSNorm backward, every case (ds or not, dx or not)
- *   nf_nr_finish_SUF          columns of the partials: block-order sum, cast into dw/db
- * nf_nr_fwd_pick / nf_nr_bwd_pick (below) choose one for a call.
+ *   nf_nr_bwd_ln_group_SUF       LayerNorm backward group: dx, dw iff w, db optional
+ *   nf_nr_bwd_ln_nodw_group_SUF  the same with a weight whose dw is not wanted
+ *   nf_nr_bwd_ln_sums_group_SUF  dw/db partials alone (no dx)
+ *   nf_nr_bwd_ln_ds_group_SUF    LayerNorm backward with the ds addend (add_layer_norm, pre-LN)
+ *   nf_nr_bwd_rms_group_SUF      RMSNorm backward, every case (ds or not, dx or not)
+ * and, not dispatched: nf_nr_bwd_{ln,ln_nodw,ln_sums,ln_ds,rms}_SUF, the loop over one block's
+ * groups calling the matching group entry; nf_nr_finish_SUF, columns of the partials
+ * (block-order sum, cast into dw/db).  nf_nr_fwd_pick / nf_nr_bwd_pick (below) choose the row
+ * and block functions for a call.
  */
 #ifndef NORMFFN_NORM_ROWS_H
 #define NORMFFN_NORM_ROWS_H

@@ -167,9 +167,9 @@ NF_INLINE void NF_T(nf_nr_bwd_elem)(T *restrict dx, nf_index ldx, double *restri
 /* Columns [0, m) of G rows, one cache line at a time; each line step also prefetches the same
  * line of the pf_g rows at pf_dy/pf_x/pf_ds (a later group), so their stats pass finds them in
  * L2.  Full lines and the remainder are separate loops (the full-line loop has a constant trip
- * count).  ivdep: the pointers come from an argument struct, so GCC cannot see the contract
- * (outputs overlap no input); without it the column loops are versioned for aliasing with
- * more checks than it makes, and run scalar (callgrind: ~3x the instructions). */
+ * count).  The entry point's restrict parameters keep distinct buffers apart; GCC versions
+ * the loop on the distance of dx's G rows (run-time stride ldx), as the LayerNorm-only
+ * kernel's loop was. */
 NF_INLINE void NF_T(nf_nr_bwd_cols)(T *restrict dx, nf_index ldx, double *restrict dw_acc,
                                     double *restrict db_acc, const T *restrict dy,
                                     const T *restrict x, const T *restrict ds, nf_index ld,
@@ -191,46 +191,42 @@ NF_INLINE void NF_T(nf_nr_bwd_cols)(T *restrict dx, nf_index ldx, double *restri
             __builtin_prefetch(pf_x + k * ld + jb, 0, 2);
             if (DX == 2) __builtin_prefetch(pf_ds + k * ld + jb, 0, 2);
         }
-#pragma GCC ivdep
         for (nf_index j = jb; j < jb + L; j++)
             NF_T(nf_nr_bwd_elem)(dx, ldx, dw_acc, db_acc, dy, x, ds, ld, w, j, mh, ml, r, c1, c2,
                                  G, CENTER, HAS_W, ACC_W, ACC_B, DX);
     }
-#pragma GCC ivdep
     for (nf_index j = jb; j < m; j++)
         NF_T(nf_nr_bwd_elem)(dx, ldx, dw_acc, db_acc, dy, x, ds, ld, w, j, mh, ml, r, c1, c2,
                              G, CENTER, HAS_W, ACC_W, ACC_B, DX);
 }
 
-/* Rows [i, i + g) (g <= NF_G) of a block: per-row stats (only when dx is wanted), then the
- * column pass in L1 chunks of NF_CHUNK (streamed out through tmp with `stream`).  Prefetches
- * the pg rows starting at row pf meanwhile. */
-NF_INLINE void NF_T(nf_nr_bwd_group)(const nf_nr_bwd_args *a, double *aw, double *ab,
-                                     nf_index i, nf_index g, nf_index pf, nf_index pg,
-                                     const int CENTER, const int HAS_W, const int ACC_W,
-                                     const int ACC_B, const int DX)
+/* Rows [0, g) (g <= NF_G) at dy, x, ds, dx (row stride d; mean, rstd: their statistics):
+ * per-row stats (only when dx is wanted), then the column pass in L1 chunks of NF_CHUNK
+ * (streamed out through tmp with `stream`), adding to the partials aw/ab.  Prefetches the pg
+ * rows starting pf rows on meanwhile.  Pointers the flags leave unused may be NULL. */
+NF_INLINE void NF_T(nf_nr_bwd_group)(T *restrict dx, double *restrict aw, double *restrict ab,
+                                     const T *restrict dy, const T *restrict x,
+                                     const T *restrict ds, const T *restrict w,
+                                     const double *restrict mean, const double *restrict rstd,
+                                     nf_index g, nf_index d, int stream, nf_index pf,
+                                     nf_index pg, const int CENTER, const int HAS_W,
+                                     const int ACC_W, const int ACC_B, const int DX)
 {
-    const nf_index d = a->d;
-    const T *dy = (const T *)a->dy + i * d, *x = (const T *)a->x + i * d;
-    const T *ds = DX == 2 ? (const T *)a->ds + i * d : NULL;
-    const T *w = HAS_W ? (const T *)a->w : NULL;
-    T *dx = DX ? (T *)a->dx + i * d : NULL;
-    const T *pf_dy = (const T *)a->dy + pf * d, *pf_x = (const T *)a->x + pf * d;
-    const T *pf_ds = DX == 2 ? (const T *)a->ds + pf * d : NULL;
-    const int stream = DX && a->stream;
-
+    const T *pf_dy = dy + pf * d, *pf_x = x + pf * d;
+    const T *pf_ds = DX == 2 ? ds + pf * d : NULL;
+    stream = DX && stream;
     T mh[NF_G], ml[NF_G], r[NF_G], c1[NF_G], c2[NF_G];
     for (nf_index k = 0; k < g; k++) {
         mh[k] = 0;
         ml[k] = 0;
-        if (CENTER) NF_T(nf_mean_split)(a->mean[i + k], &mh[k], &ml[k]);
-        r[k] = (T)a->rstd[i + k];
+        if (CENTER) NF_T(nf_mean_split)(mean[k], &mh[k], &ml[k]);
+        r[k] = (T)rstd[k];
         c1[k] = 0;
         c2[k] = 0;
         if (DX) {
             double s1, s2;
-            NF_T(nf_nr_bwd_stats)(&s1, &s2, dy + k * d, x + k * d, w, d, mh[k], ml[k], r[k],
-                                  CENTER, HAS_W);
+            NF_T(nf_nr_bwd_stats)(&s1, &s2, dy + k * d, x + k * d, HAS_W ? w : NULL, d, mh[k],
+                                  ml[k], r[k], CENTER, HAS_W);
             c1[k] = (T)s1;
             c2[k] = (T)s2;
         }
@@ -263,52 +259,175 @@ NF_INLINE void NF_T(nf_nr_bwd_group)(const nf_nr_bwd_args *a, double *aw, double
 }
 
 /* One group with the flags as literals: the combinations the entry point's CASE allows (see
- * norm_rows.h), chosen from which of w, dw (aw), db (ab), dx, ds are given. */
-NF_INLINE void NF_T(nf_nr_bwd_group_case)(const nf_nr_bwd_args *a, double *aw, double *ab,
-                                          nf_index i, nf_index g, nf_index pf, nf_index pg,
+ * norm_rows.h), chosen from which of w, aw (dw), ab (db), dx, ds are given. */
+NF_INLINE void NF_T(nf_nr_bwd_group_case)(T *restrict dx, double *restrict aw,
+                                          double *restrict ab, const T *restrict dy,
+                                          const T *restrict x, const T *restrict ds,
+                                          const T *restrict w, const double *restrict mean,
+                                          const double *restrict rstd, nf_index g, nf_index d,
+                                          int stream, nf_index pf, nf_index pg,
                                           const int CASE)
 {
-    /* group(a, aw, ab, i, g, pf, pg, CENTER, HAS_W, ACC_W, ACC_B, DX) */
+    /* group(..., CENTER, HAS_W, ACC_W, ACC_B, DX) */
     if (CASE == NF_NR_LN) {                  /* dx; dw exactly when w */
-        if (a->w && ab) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 1, 1, 1);
-        else if (a->w) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 1, 0, 1);
-        else if (ab) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 0, 0, 1, 1);
-        else NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 0, 0, 0, 1);
+        if (w && ab)
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 1, 1, 1);
+        else if (w)
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 1, 0, 1);
+        else if (ab)
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 0, 0, 1, 1);
+        else
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 0, 0, 0, 1);
     } else if (CASE == NF_NR_LN_NODW) {      /* dx; w without dw */
-        if (ab) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 0, 1, 1);
-        else NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 0, 0, 1);
+        if (ab)
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 0, 1, 1);
+        else
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 0, 0, 1);
     } else if (CASE == NF_NR_LN_SUMS) {      /* no dx: dw and/or db */
-        if (aw && ab) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 0, 1, 1, 0);
-        else if (aw) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 0, 1, 0, 0);
-        else NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 0, 0, 1, 0);
+        if (aw && ab)
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 0, 1, 1, 0);
+        else if (aw)
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 0, 1, 0, 0);
+        else
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 0, 0, 1, 0);
     } else if (CASE == NF_NR_LN_DS) {        /* dx + ds */
-        if (a->w && aw && ab) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 1, 1, 2);
-        else if (a->w && aw) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 1, 0, 2);
-        else if (a->w && ab) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 0, 1, 2);
-        else if (a->w) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 1, 0, 0, 2);
-        else if (ab) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 0, 0, 1, 2);
-        else NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 1, 0, 0, 0, 2);
+        if (w && aw && ab)
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 1, 1, 2);
+        else if (w && aw)
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 1, 0, 2);
+        else if (w && ab)
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 0, 1, 2);
+        else if (w)
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 0, 0, 2);
+        else if (ab)
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 0, 0, 1, 2);
+        else
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 0, 0, 0, 2);
     } else {                                 /* RMSNorm: no db; dx, dx + ds or none */
-        const int dxm = !a->dx ? 0 : a->ds ? 2 : 1;
+        const int dxm = !dx ? 0 : ds ? 2 : 1;
         if (dxm == 0) {
-            if (a->w && aw) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 1, 1, 0, 0);
-            else if (a->w) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 1, 0, 0, 0);
-            else NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 0, 0, 0, 0);
+            if (w && aw)
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 1, 1, 0, 0);
+            else if (w)
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 1, 0, 0, 0);
+            else
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 0, 0, 0, 0);
         } else if (dxm == 1) {
-            if (a->w && aw) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 1, 1, 0, 1);
-            else if (a->w) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 1, 0, 0, 1);
-            else NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 0, 0, 0, 1);
+            if (w && aw)
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 1, 1, 0, 1);
+            else if (w)
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 1, 0, 0, 1);
+            else
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 0, 0, 0, 1);
         } else {
-            if (a->w && aw) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 1, 1, 0, 2);
-            else if (a->w) NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 1, 0, 0, 2);
-            else NF_T(nf_nr_bwd_group)(a, aw, ab, i, g, pf, pg, 0, 0, 0, 0, 2);
+            if (w && aw)
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 1, 1, 0, 2);
+            else if (w)
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 1, 0, 0, 2);
+            else
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 0, 0, 0, 2);
         }
     }
 }
+/* The dispatched group entry points (NF_CLONES: one ISA dispatch per group), one per CASE, all
+ * of type nf_nr_bwd_group_fn.  The buffers arrive as restrict-qualified parameters, so GCC sees
+ * the contract (no output overlaps an input) in every combination's loops. */
+typedef void (*NF_T(nf_nr_bwd_group_fn))(T *restrict dx, double *restrict aw,
+                                         double *restrict ab, const T *restrict dy,
+                                         const T *restrict x, const T *restrict ds,
+                                         const T *restrict w, const double *restrict mean,
+                                         const double *restrict rstd, nf_index g, nf_index d,
+                                         int stream, nf_index pf, nf_index pg);
 
-/* Block blk: zero its partials, then its rows group by group, prefetching the group
- * NF_NR_BWD_PF_GROUPS groups ahead (rows past n: none). */
-NF_INLINE void NF_T(nf_nr_bwd_block)(const nf_nr_bwd_args *a, nf_index blk, const int CASE)
+NF_CLONES static void NF_T(nf_nr_bwd_ln_group)(T *restrict dx, double *restrict aw,
+                                               double *restrict ab, const T *restrict dy,
+                                               const T *restrict x, const T *restrict ds,
+                                               const T *restrict w, const double *restrict mean,
+                                               const double *restrict rstd, nf_index g,
+                                               nf_index d, int stream, nf_index pf, nf_index pg)
+{
+    NF_T(nf_nr_bwd_group_case)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                               NF_NR_LN);
+}
+
+NF_CLONES static void NF_T(nf_nr_bwd_ln_nodw_group)(T *restrict dx, double *restrict aw,
+                                                    double *restrict ab, const T *restrict dy,
+                                                    const T *restrict x, const T *restrict ds,
+                                                    const T *restrict w,
+                                                    const double *restrict mean,
+                                                    const double *restrict rstd, nf_index g,
+                                                    nf_index d, int stream, nf_index pf,
+                                                    nf_index pg)
+{
+    NF_T(nf_nr_bwd_group_case)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                               NF_NR_LN_NODW);
+}
+
+NF_CLONES static void NF_T(nf_nr_bwd_ln_sums_group)(T *restrict dx, double *restrict aw,
+                                                    double *restrict ab, const T *restrict dy,
+                                                    const T *restrict x, const T *restrict ds,
+                                                    const T *restrict w,
+                                                    const double *restrict mean,
+                                                    const double *restrict rstd, nf_index g,
+                                                    nf_index d, int stream, nf_index pf,
+                                                    nf_index pg)
+{
+    NF_T(nf_nr_bwd_group_case)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                               NF_NR_LN_SUMS);
+}
+
+NF_CLONES static void NF_T(nf_nr_bwd_ln_ds_group)(T *restrict dx, double *restrict aw,
+                                                  double *restrict ab, const T *restrict dy,
+                                                  const T *restrict x, const T *restrict ds,
+                                                  const T *restrict w,
+                                                  const double *restrict mean,
+                                                  const double *restrict rstd, nf_index g,
+                                                  nf_index d, int stream, nf_index pf,
+                                                  nf_index pg)
+{
+    NF_T(nf_nr_bwd_group_case)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                               NF_NR_LN_DS);
+}
+
+NF_CLONES static void NF_T(nf_nr_bwd_rms_group)(T *restrict dx, double *restrict aw,
+                                                double *restrict ab, const T *restrict dy,
+                                                const T *restrict x, const T *restrict ds,
+                                                const T *restrict w, const double *restrict mean,
+                                                const double *restrict rstd, nf_index g,
+                                                nf_index d, int stream, nf_index pf, nf_index pg)
+{
+    NF_T(nf_nr_bwd_group_case)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                               NF_NR_RMS);
+}
+
+/* Block blk: zero its partials, then its rows group by group through `group`, prefetching the
+ * group NF_NR_BWD_PF_GROUPS groups ahead (rows past n: none). */
+NF_INLINE void NF_T(nf_nr_bwd_block)(const nf_nr_bwd_args *a, nf_index blk,
+                                     NF_T(nf_nr_bwd_group_fn) group)
 {
     const nf_index n = a->n, d = a->d, width = a->width;
     double *aw = NULL, *ab = NULL;
@@ -317,6 +436,8 @@ NF_INLINE void NF_T(nf_nr_bwd_block)(const nf_nr_bwd_args *a, nf_index blk, cons
         if (a->dw) aw = a->work + blk * width;
         if (a->db) ab = a->work + blk * width + (a->dw ? d : 0);
     }
+    T *dx = (T *)a->dx;
+    const T *dy = (const T *)a->dy, *x = (const T *)a->x, *ds = (const T *)a->ds;
     nf_index r0 = blk * a->rows_per_block;
     nf_index r1 = r0 + a->rows_per_block < n ? r0 + a->rows_per_block : n;
     for (nf_index i = r0; i < r1;) {
@@ -324,34 +445,37 @@ NF_INLINE void NF_T(nf_nr_bwd_block)(const nf_nr_bwd_args *a, nf_index blk, cons
         nf_index pf = i + g + (NF_NR_BWD_PF_GROUPS - 1) * NF_G;
         nf_index pg = n - pf < NF_G ? n - pf : NF_G;
         if (pg < 0) { pg = 0; pf = i; }
-        NF_T(nf_nr_bwd_group_case)(a, aw, ab, i, g, pf, pg, CASE);
+        group(dx ? dx + i * d : NULL, aw, ab, dy + i * d, x + i * d, ds ? ds + i * d : NULL,
+              (const T *)a->w, a->mean ? a->mean + i : NULL, a->rstd + i, g, d, a->stream,
+              pf - i, pg);
         i += g;
     }
 }
 
-NF_CLONES static void NF_T(nf_nr_bwd_ln)(const nf_nr_bwd_args *a, nf_index blk)
+/* The block functions nf_nr_bwd_pick hands out: the block loop over one CASE's group entry. */
+static void NF_T(nf_nr_bwd_ln)(const nf_nr_bwd_args *a, nf_index blk)
 {
-    NF_T(nf_nr_bwd_block)(a, blk, NF_NR_LN);
+    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_ln_group));
 }
 
-NF_CLONES static void NF_T(nf_nr_bwd_ln_nodw)(const nf_nr_bwd_args *a, nf_index blk)
+static void NF_T(nf_nr_bwd_ln_nodw)(const nf_nr_bwd_args *a, nf_index blk)
 {
-    NF_T(nf_nr_bwd_block)(a, blk, NF_NR_LN_NODW);
+    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_ln_nodw_group));
 }
 
-NF_CLONES static void NF_T(nf_nr_bwd_ln_sums)(const nf_nr_bwd_args *a, nf_index blk)
+static void NF_T(nf_nr_bwd_ln_sums)(const nf_nr_bwd_args *a, nf_index blk)
 {
-    NF_T(nf_nr_bwd_block)(a, blk, NF_NR_LN_SUMS);
+    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_ln_sums_group));
 }
 
-NF_CLONES static void NF_T(nf_nr_bwd_ln_ds)(const nf_nr_bwd_args *a, nf_index blk)
+static void NF_T(nf_nr_bwd_ln_ds)(const nf_nr_bwd_args *a, nf_index blk)
 {
-    NF_T(nf_nr_bwd_block)(a, blk, NF_NR_LN_DS);
+    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_ln_ds_group));
 }
 
-NF_CLONES static void NF_T(nf_nr_bwd_rms)(const nf_nr_bwd_args *a, nf_index blk)
+static void NF_T(nf_nr_bwd_rms)(const nf_nr_bwd_args *a, nf_index blk)
 {
-    NF_T(nf_nr_bwd_block)(a, blk, NF_NR_RMS);
+    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_rms_group));
 }
 
 /* Columns [j0, j1) of the partials summed over blocks in block order (nf_reduce_blocks), then
