@@ -60,7 +60,12 @@ def _layout_ok(a: np.ndarray, layout) -> bool:
 
 @dataclass(frozen=True, eq=False)
 class Context:
-    """Base class of the op contexts: one validator for all of them (see the module doc)."""
+    """Base class of the op contexts: one validator for all of them (see the module doc).
+
+    A context is a frozen dataclass; its public fields (``ctx.mean``, ``ctx.rstd``,
+    ``ctx.dead_units``, ...) may be read freely.  Backward calls :meth:`validate` before any
+    kernel sees the context, so a context built or altered by hand cannot crash a kernel.
+    """
 
     _op: ClassVar[str] = ""
     _fields: ClassVar[tuple] = ()
@@ -77,8 +82,32 @@ class Context:
     def validate(self) -> None:
         """Raise ``ValueError`` unless every field holds what its op's backward may trust.
 
-        On the hot path (a context as its forward built it) this costs a few attribute reads
-        per field; messages are only formatted when a check fails."""
+        On the hot path (a context as its forward built it) this costs a few attribute reads per
+        field; messages are only formatted when a check fails.
+
+        Returns
+        -------
+        None
+
+        Raises
+        ------
+        ValueError
+            A field of the wrong type, dtype, shape or memory layout, or an inconsistent context;
+            the message names the field and what was expected.
+
+        Examples
+        --------
+        >>> import dataclasses
+        >>> import numpy as np
+        >>> import normffn
+        >>> _, ctx = normffn.layer_norm_forward(np.ones((2, 3)), 3)
+        >>> ctx.validate()
+        >>> bad = dataclasses.replace(ctx, rstd=np.ones(5))
+        >>> bad.validate()
+        Traceback (most recent call last):
+        ...
+        ValueError: ctx.rstd has shape (5,), expected (2,)
+        """
         x = getattr(self, "x", None)
         for f in self._fields:
             a = getattr(self, f.name)

@@ -48,12 +48,25 @@ class AddLayerNormContext(_AddNormContext):
 
     Attributes
     ----------
-    s : ndarray, C-contiguous, the forward's ``x + residual`` (the array returned as ``s``)
+    s : ndarray
+        C-contiguous, the forward's ``x + residual`` (the array returned as ``s``).
     mean, rstd : ndarray of shape ``s.shape[:s.ndim - len(normalized_shape)]``, float64
-        Statistics of s, as :class:`normffn.layer_norm.LayerNormContext`'s.
+        Statistics of s, as :class:`normffn.LayerNormContext`'s.
     weight, bias : ndarray of shape normalized_shape, or None
+        As given to the forward.
     normalized_shape : tuple of int
+        The normalised trailing dims.
     eps : float
+        As given to the forward.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> x, r = np.ones((2, 4)), np.arange(8.0).reshape(2, 4)
+    >>> y, s, ctx = normffn.add_layer_norm_forward(x, r, 4)
+    >>> ctx.s is s, ctx.mean.tolist()
+    (True, [2.5, 6.5])
     """
 
     s: np.ndarray
@@ -80,11 +93,24 @@ class AddRMSNormContext(_AddNormContext):
 
     Attributes
     ----------
-    s : ndarray, C-contiguous, the forward's ``x + residual`` (the array returned as ``s``)
+    s : ndarray
+        C-contiguous, the forward's ``x + residual`` (the array returned as ``s``).
     rstd : ndarray of shape ``s.shape[:s.ndim - len(normalized_shape)]``, float64
+        ``1 / sqrt(mean(s**2) + eps)`` per row.
     weight : ndarray of shape normalized_shape, or None
+        As given to the forward.
     normalized_shape : tuple of int
+        The normalised trailing dims.
     eps : float
+        As used by the forward (``None`` resolved to the dtype's machine epsilon).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> y, s, ctx = normffn.add_rms_norm_forward(np.ones((1, 4)), np.ones((1, 4)), 4, eps=0.0)
+    >>> ctx.rstd.tolist()
+    [0.5]
     """
 
     s: np.ndarray
@@ -221,21 +247,31 @@ def add_layer_norm_forward(x, residual, normalized_shape, weight=None, bias=None
                            out=None):
     """``s = x + residual``, ``y = layer_norm(s)``, keeping what backward needs.
 
+    One pass over memory per row: the kernel writes ``s`` while it takes the row's first sum and
+    normalises the row from cache.
+
     Parameters
     ----------
-    x, residual : ndarray of shape (..., *normalized_shape), one dtype (float32 or float64)
-        Any layout (a non-contiguous one is copied once).
+    x, residual : ndarray of shape ``(..., *normalized_shape)``
+        One dtype (float32 or float64).  Any layout (a non-contiguous one is copied once).
     normalized_shape : int or tuple of int
+        The trailing dims to normalise over.
     weight, bias : ndarray of shape normalized_shape, same dtype, or None
+        The affine parameters.
     eps : float, >= 0 and finite
-    out : None or a pair ``(y_out, s_out)`` of arrays of x's shape and dtype (C-contiguous,
-        writeable, not overlapping an input or each other)
+        Added to the variance.
+    out : None or a pair ``(y_out, s_out)``
+        Arrays of x's shape and dtype (C-contiguous, writeable, not overlapping an input or each
+        other).
 
     Returns
     -------
-    y : ndarray, ``(s - mean) * rstd * weight + bias``
-    s : ndarray, ``x + residual`` rounded once in the input dtype (exactly numpy's ``x + r``)
-    ctx : AddLayerNormContext (keeps s; ``ctx.mean``, ``ctx.rstd`` float64)
+    y : ndarray
+        ``(s - mean) * rstd * weight + bias``.
+    s : ndarray
+        ``x + residual`` rounded once in the input dtype (exactly numpy's ``x + residual``).
+    ctx : AddLayerNormContext
+        Keeps s; ``ctx.mean``, ``ctx.rstd`` float64.
 
     Raises
     ------
@@ -244,13 +280,76 @@ def add_layer_norm_forward(x, residual, normalized_shape, weight=None, bias=None
     ValueError
         residual of another shape, normalized_shape not matching, wrong weight/bias shape, eps
         negative or not finite, a bad ``out`` array.
+
+    See Also
+    --------
+    add_layer_norm, add_layer_norm_backward, normffn.reference.add_layer_norm_forward
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((4, 8)).astype(np.float32)
+    >>> r = rng.standard_normal((4, 8)).astype(np.float32)
+    >>> y, s, ctx = normffn.add_layer_norm_forward(x, r, 8)
+    >>> bool(np.array_equal(s, x + r))
+    True
+    >>> bool(np.allclose(y, normffn.layer_norm(s, 8), atol=1e-6))
+    True
     """
     return _forward(x, residual, normalized_shape, weight, bias, eps, out, rms=False)
 
 
 def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
-    """``(y, s)`` with ``s = x + residual``, ``y = layer_norm(s)`` (see
-    :func:`add_layer_norm_forward`)."""
+    """Residual add + LayerNorm: ``(y, s)`` with ``s = x + residual`` and ``y = layer_norm(s)``.
+
+    The pre-LN transformer's ``s`` is the residual stream it carries on; both are returned.
+    Keeps nothing for backward (see :func:`add_layer_norm_forward`).
+
+    Parameters
+    ----------
+    x, residual : ndarray of shape ``(..., *normalized_shape)``
+        One dtype (float32 or float64), any layout.
+    normalized_shape : int or tuple of int
+        The trailing dims to normalise over.
+    weight, bias : ndarray of shape normalized_shape, same dtype, or None
+        The affine parameters.
+    eps : float, >= 0 and finite
+        Added to the variance.
+    out : None or a pair ``(y_out, s_out)``
+        Preallocated outputs (x's shape and dtype, C-contiguous, writeable, not overlapping an
+        input or each other).
+
+    Returns
+    -------
+    y : ndarray
+        ``layer_norm(s)``.
+    s : ndarray
+        ``x + residual``, rounded once in the input dtype.
+
+    Raises
+    ------
+    TypeError
+        Non-float or mixed dtypes, ``out`` not a pair.
+    ValueError
+        As :func:`add_layer_norm_forward`.
+
+    See Also
+    --------
+    add_layer_norm_forward, add_rms_norm
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    >>> y, s = normffn.add_layer_norm(x, np.ones_like(x), 3)
+    >>> s.tolist()
+    [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    >>> y.astype(float).round(4).tolist()
+    [[-1.2247, 0.0, 1.2247], [-1.2247, 0.0, 1.2247]]
+    """
     return _forward(x, residual, normalized_shape, weight, bias, eps, out, rms=False)[:2]
 
 
@@ -259,17 +358,51 @@ def add_layer_norm_backward(dy, ctx, ds=None, *, out=None, needs=None):
 
     Parameters
     ----------
-    dy : ndarray, the gradient reaching y (forward output's shape and dtype)
+    dy : ndarray
+        The gradient reaching y (forward output's shape and dtype).
     ctx : AddLayerNormContext
-    ds : ndarray like dy, or None — the gradient reaching s from downstream (pre-LN)
-    out : optional preallocated ``dsum``
-    needs : None or (bool, bool, bool) for ``(dsum, dweight, dbias)``; False -> None, skipped
+        From :func:`add_layer_norm_forward`.
+    ds : ndarray like dy, or None
+        The gradient reaching s from downstream (pre-LN: the residual stream).  None for
+        post-LN.
+    out : ndarray, optional
+        Preallocated ``dsum``.
+    needs : None or (bool, bool, bool)
+        Which of ``(dsum, dweight, dbias)`` to compute; False entries are returned as None and
+        their work is skipped.
 
     Returns
     -------
-    dsum : ndarray like s — ``layer_norm_backward(dy)[0] + ds``, the gradient of both x and
-        residual
-    dweight, dbias : ndarray of shape normalized_shape, or None (absent parameter, not needed)
+    dsum : ndarray like s
+        ``layer_norm_backward(dy)[0] + ds``: the gradient of both x and residual.
+    dweight, dbias : ndarray of shape normalized_shape, or None
+        None for an absent parameter or one not needed.
+
+    Raises
+    ------
+    TypeError
+        ``ctx`` is not an AddLayerNormContext, dy or ds of another dtype, ``needs`` malformed.
+    ValueError
+        dy or ds of the wrong shape, a bad ``out``, an inconsistent context.
+
+    See Also
+    --------
+    add_layer_norm_forward, normffn.reference.add_layer_norm_backward
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> rng = np.random.default_rng(0)
+    >>> x, r, w = rng.standard_normal((3, 5)), rng.standard_normal((3, 5)), rng.standard_normal(5)
+    >>> y, s, ctx = normffn.add_layer_norm_forward(x, r, 5, w)
+    >>> dy, ds = rng.standard_normal((3, 5)), rng.standard_normal((3, 5))
+    >>> dsum, dw, db = normffn.add_layer_norm_backward(dy, ctx, ds)
+    >>> db is None                                        # no bias was given
+    True
+    >>> _, lctx = normffn.layer_norm_forward(s, 5, w)
+    >>> bool(np.allclose(dsum, normffn.layer_norm_backward(dy, lctx)[0] + ds))
+    True
     """
     return _backward(dy, ctx, ds, out, needs, AddLayerNormContext, "add_layer_norm",
                      ("dsum", "dweight", "dbias"))
@@ -279,22 +412,145 @@ def add_layer_norm_backward(dy, ctx, ds=None, *, out=None, needs=None):
 def add_rms_norm_forward(x, residual, normalized_shape, weight=None, eps=None, *, out=None):
     """``s = x + residual``, ``y = rms_norm(s)``, keeping what backward needs.
 
-    As :func:`add_layer_norm_forward`, without bias; ``y = s * rstd * weight`` with
-    ``rstd = 1 / sqrt(mean(s**2) + eps)``; ``eps=None`` means ``np.finfo(x.dtype).eps``.
-    Returns ``(y, s, ctx)`` with ctx an :class:`AddRMSNormContext`.
+    As :func:`add_layer_norm_forward`, without bias: ``y = s * rstd * weight`` with
+    ``rstd = 1 / sqrt(mean(s**2) + eps)``.
+
+    Parameters
+    ----------
+    x, residual : ndarray of shape ``(..., *normalized_shape)``
+        One dtype (float32 or float64), any layout.
+    normalized_shape : int or tuple of int
+        The trailing dims to normalise over.
+    weight : ndarray of shape normalized_shape, same dtype, or None
+        The scale.
+    eps : float >= 0 and finite, or None
+        None means ``np.finfo(x.dtype).eps``.
+    out : None or a pair ``(y_out, s_out)``
+        Preallocated outputs, as in :func:`add_layer_norm_forward`.
+
+    Returns
+    -------
+    y : ndarray
+        ``rms_norm(s)``.
+    s : ndarray
+        ``x + residual``, rounded once in the input dtype.
+    ctx : AddRMSNormContext
+        Keeps s; ``ctx.rstd`` float64.
+
+    Raises
+    ------
+    TypeError
+        Non-float or mixed dtypes, ``out`` not a pair.
+    ValueError
+        As :func:`add_layer_norm_forward`.
+
+    See Also
+    --------
+    add_rms_norm, add_rms_norm_backward, normffn.reference.add_rms_norm_forward
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> x = np.array([[1.0, 2.0]]); r = np.array([[2.0, 2.0]])
+    >>> y, s, ctx = normffn.add_rms_norm_forward(x, r, 2, eps=0.0)
+    >>> s.tolist(), np.round(y, 4).tolist()             # s = [3, 4], rms = sqrt(12.5)
+    ([[3.0, 4.0]], [[0.8485, 1.1314]])
     """
     return _forward(x, residual, normalized_shape, weight, None, eps, out, rms=True)
 
 
 def add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, *, out=None):
-    """``(y, s)`` with ``s = x + residual``, ``y = rms_norm(s)`` (see
-    :func:`add_rms_norm_forward`)."""
+    """Residual add + RMSNorm: ``(y, s)`` with ``s = x + residual`` and ``y = rms_norm(s)``.
+
+    Keeps nothing for backward (see :func:`add_rms_norm_forward`).
+
+    Parameters
+    ----------
+    x, residual : ndarray of shape ``(..., *normalized_shape)``
+        One dtype (float32 or float64), any layout.
+    normalized_shape : int or tuple of int
+        The trailing dims to normalise over.
+    weight : ndarray of shape normalized_shape, same dtype, or None
+        The scale.
+    eps : float >= 0 and finite, or None
+        None means ``np.finfo(x.dtype).eps``.
+    out : None or a pair ``(y_out, s_out)``
+        Preallocated outputs, as in :func:`add_layer_norm_forward`.
+
+    Returns
+    -------
+    y : ndarray
+        ``rms_norm(s)``.
+    s : ndarray
+        ``x + residual``, rounded once in the input dtype.
+
+    Raises
+    ------
+    TypeError
+        Non-float or mixed dtypes, ``out`` not a pair.
+    ValueError
+        As :func:`add_layer_norm_forward`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> rng = np.random.default_rng(0)
+    >>> x, r = rng.standard_normal((2, 8)), rng.standard_normal((2, 8))
+    >>> y, s = normffn.add_rms_norm(x, r, 8)
+    >>> bool(np.allclose(y, normffn.rms_norm(x + r, 8)))
+    True
+    """
     return _forward(x, residual, normalized_shape, weight, None, eps, out, rms=True)[:2]
 
 
 def add_rms_norm_backward(dy, ctx, ds=None, *, out=None, needs=None):
-    """Gradients of :func:`add_rms_norm_forward`: ``(dsum, dweight)``, ``dsum =
-    rms_norm_backward(dy)[0] + ds``; ``needs`` is None or (bool, bool).  See
-    :func:`add_layer_norm_backward`."""
+    """Gradients of :func:`add_rms_norm_forward`.
+
+    Parameters
+    ----------
+    dy : ndarray
+        The gradient reaching y (forward output's shape and dtype).
+    ctx : AddRMSNormContext
+        From :func:`add_rms_norm_forward`.
+    ds : ndarray like dy, or None
+        The gradient reaching s from downstream (pre-LN), or None.
+    out : ndarray, optional
+        Preallocated ``dsum``.
+    needs : None or (bool, bool)
+        Which of ``(dsum, dweight)`` to compute; False entries are returned as None.
+
+    Returns
+    -------
+    dsum : ndarray like s
+        ``rms_norm_backward(dy)[0] + ds``: the gradient of both x and residual.
+    dweight : ndarray of shape normalized_shape, or None
+        None without weight or when not needed.
+
+    Raises
+    ------
+    TypeError
+        ``ctx`` is not an AddRMSNormContext, dy or ds of another dtype, ``needs`` malformed.
+    ValueError
+        dy or ds of the wrong shape, a bad ``out``, an inconsistent context.
+
+    See Also
+    --------
+    add_layer_norm_backward, normffn.reference.add_rms_norm_backward
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> rng = np.random.default_rng(0)
+    >>> x, r, w = rng.standard_normal((3, 4)), rng.standard_normal((3, 4)), np.ones(4)
+    >>> y, s, ctx = normffn.add_rms_norm_forward(x, r, 4, w)
+    >>> dy = rng.standard_normal((3, 4))
+    >>> dsum, dw = normffn.add_rms_norm_backward(dy, ctx)            # post-LN: ds=None
+    >>> _, rctx = normffn.rms_norm_forward(s, 4, w)
+    >>> bool(np.allclose(dsum, normffn.rms_norm_backward(dy, rctx)[0]))
+    True
+    """
     return _backward(dy, ctx, ds, out, needs, AddRMSNormContext, "add_rms_norm",
                      ("dsum", "dweight"))

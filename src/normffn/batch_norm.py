@@ -6,13 +6,12 @@ channels-last (a transposed view of a C-contiguous ``(N, *spatial, C)`` array, s
 ``x_nhwc.transpose(0, 3, 1, 2)``, PyTorch's ``channels_last``) — and outputs come back in the
 input's layout.  Any other strides cost one copy.
 
-Layers
-------
 ``check_forward`` / ``check_backward`` validate and normalise arguments; ``run_forward`` /
 ``run_backward`` trust them, allocate and call the kernels (fused ops call these directly); the
 public functions compose the two.
 
-Phases, for data that arrives in chunks (``normffn.dask``, streaming statistics)::
+The phases below are public, for data that arrives in chunks (``normffn.dask``, streaming
+statistics)::
 
     parts = [partial_stats(chunk) for chunk in chunks]        # per chunk (count, mean, M2)
     count, mean, m2 = merge_stats(parts)                      # fixed-order Chan merge
@@ -149,11 +148,24 @@ class BatchNormContext(Context):
         ``1 / sqrt(running_var + eps)``.  Always float64, as in LayerNormContext: a float32
         mean of data offset by 1e3 is off by ~1e-4, which backward (it recomputes ``xhat``
         from it) would pay for.
-    x : ndarray of the forward input's shape, C-contiguous or channels-last (backward recomputes
-        ``xhat`` from it and returns dx in its layout)
+    x : ndarray
+        The forward input's shape, C-contiguous or channels-last (backward recomputes ``xhat``
+        from it and returns dx in its layout).
     weight, bias : ndarray of shape (C,) or None
+        As given to the forward.
     eps : float
+        As given to the forward.
     training : bool
+        Whether the forward normalised with batch statistics.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> x = np.arange(12, dtype=np.float32).reshape(3, 2, 2)     # N=3, C=2, L=2
+    >>> _, ctx = normffn.batch_norm_forward(x, None, None, training=True)
+    >>> ctx.mean.tolist(), ctx.training, ctx.channels_last
+    ([4.5, 6.5], True, False)
     """
 
     _op: ClassVar[str] = "batch_norm"
@@ -249,11 +261,38 @@ def check_forward(x, running_mean, running_var, weight=None, bias=None, training
 
 def update_running_stats(running_mean: np.ndarray, running_var: np.ndarray, mean: np.ndarray,
                          var: np.ndarray, count, momentum: float) -> None:
-    """In place, as PyTorch does: ``running_mean = (1 - momentum) * running_mean + momentum *
-    mean`` and ``running_var = (1 - momentum) * running_var + momentum * unbiased_var`` with
-    ``unbiased_var = var * (count / (count - 1))`` (``var`` biased, ``count`` values per channel,
-    > 1).  The arithmetic is NumPy's, in the running stats' dtype promoted with float64 ``mean``
-    and ``var`` (exactly what :func:`batch_norm_forward` does).  Trusts its arguments."""
+    """Update running statistics in place, as PyTorch does.
+
+    ``running_mean = (1 - momentum) * running_mean + momentum * mean`` and
+    ``running_var = (1 - momentum) * running_var + momentum * unbiased_var`` with
+    ``unbiased_var = var * (count / (count - 1))``.  The arithmetic is NumPy's, in the running
+    stats' dtype promoted with float64 ``mean`` and ``var`` (exactly what
+    :func:`batch_norm_forward` does).  Trusts its arguments.
+
+    Parameters
+    ----------
+    running_mean, running_var : ndarray of shape (C,)
+        Updated in place.
+    mean, var : ndarray of shape (C,), float64
+        The batch mean and biased variance (from :func:`finalize_stats`).
+    count : float or ndarray
+        Values per channel in the batch, > 1.
+    momentum : float
+        Weight of the batch statistics.
+
+    Returns
+    -------
+    None
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn.batch_norm import update_running_stats
+    >>> rm, rv = np.zeros(2), np.ones(2)
+    >>> update_running_stats(rm, rv, np.array([1.0, 2.0]), np.array([2.0, 2.0]), 3, 0.5)
+    >>> rm.tolist(), rv.tolist()                    # unbiased var = 2 * 3 / 2 = 3
+    ([0.5, 1.0], [2.0, 2.0])
+    """
     with np.errstate(invalid="ignore", over="ignore"):
         new_mean = (1.0 - momentum) * running_mean + momentum * mean
         new_var = (1.0 - momentum) * running_var + momentum * (var * (count / (count - 1)))
@@ -297,13 +336,14 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
 
     Parameters
     ----------
-    x : ndarray of shape (N, C, *spatial), float32 or float64
+    x : ndarray of shape ``(N, C, *spatial)``, float32 or float64
         Channels on axis 1: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ...  C-contiguous and
         channels-last arrays are used in place; other layouts are copied once.
     running_mean, running_var : ndarray of shape (C,) and x's dtype, or both None
         C-contiguous and writeable (they are the module's state, updated in place in training;
         the same rules hold in eval, where they are only read).  Required in eval.
     weight, bias : ndarray of shape (C,), x's dtype, or None
+        The affine parameters.
     training : bool
         True: normalise with the batch mean and biased variance over ``(N, *spatial)`` and, if
         running stats are given, update them in place:
@@ -311,16 +351,19 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
         ``running_var = (1 - momentum) * running_var + momentum * unbiased_var``.
         False: normalise with the running stats.
     momentum : float in [0, 1]
+        Weight of the batch statistics in the running-stat update.
     eps : float, finite; > 0 in training, >= 0 in eval
-    out : ndarray of x's shape and dtype, writeable, not overlapping an input, in the layout y
-        will have: C-contiguous, or channels-last when x is channels-last (for example
+        Added to the variance.
+    out : ndarray, optional
+        Of x's shape and dtype, writeable, not overlapping an input, in the layout y will have:
+        C-contiguous, or channels-last when x is channels-last (for example
         ``np.moveaxis(np.empty((N, H, W, C)), -1, 1)``).  Reuse one across calls to avoid
         page-faulting a fresh output.
 
     Returns
     -------
-    y : ndarray of x's shape and dtype, in x's layout (channels-last in, channels-last out;
-        any other layout: C-contiguous)
+    y : ndarray of x's shape and dtype
+        In x's layout (channels-last in, channels-last out; any other layout: C-contiguous).
     ctx : BatchNormContext
         ``ctx.mean``/``ctx.rstd`` (shape (C,)): batch stats in training, running stats in eval.
 
@@ -335,6 +378,34 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
         [0, 1]; eps not finite, or <= 0 in training; training with at most one value per
         channel (``N * prod(spatial) <= 1``); a bad ``out``.
         On any error nothing is computed and the running stats are untouched.
+
+    See Also
+    --------
+    batch_norm, batch_norm_backward, normffn.reference.batch_norm_forward
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> x = np.arange(12, dtype=np.float32).reshape(3, 2, 2)     # N=3, C=2, L=2
+    >>> rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
+    >>> y, ctx = normffn.batch_norm_forward(x, rm, rv, training=True, momentum=0.5)
+    >>> ctx.mean.tolist()                                         # channel 0: 0, 1, 4, 5, 8, 9
+    [4.5, 6.5]
+    >>> rm.tolist()                                               # 0.5 * 0 + 0.5 * mean
+    [2.25, 3.25]
+    >>> rv.astype(float).round(4).tolist()                        # 0.5 + 0.5 * 13.1 (unbiased)
+    [7.05, 7.05]
+    >>> bool(np.allclose(y.mean(axis=(0, 2)), 0.0, atol=1e-6))
+    True
+
+    Channels-last in, channels-last out:
+
+    >>> x_nhwc = np.random.default_rng(0).standard_normal((2, 4, 4, 3))
+    >>> x = x_nhwc.transpose(0, 3, 1, 2)                          # (N, C, H, W) view
+    >>> y, _ = normffn.batch_norm_forward(x, None, None, training=True)
+    >>> y.shape, y.flags.c_contiguous, np.moveaxis(y, 1, -1).flags.c_contiguous
+    ((2, 3, 4, 4), False, True)
     """
     return run_forward(*check_forward(x, running_mean, running_var, weight, bias, training,
                                       momentum, eps, out))
@@ -344,9 +415,61 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                momentum=0.1, eps=1e-5, *, out=None):
     """BatchNorm over channels (axis 1), as ``torch.nn.functional.batch_norm``.
 
-    ``y = (x - mean) * rstd * weight + bias`` per channel, ``rstd = 1 / sqrt(var + eps)``;
-    training: batch mean / biased variance (running stats updated in place with the unbiased
-    variance); eval: the running stats.  See :func:`batch_norm_forward`.  Returns y only.
+    ``y = (x - mean) * rstd * weight + bias`` per channel, ``rstd = 1 / sqrt(var + eps)``.
+    Training: the batch mean and biased variance over ``(N, *spatial)``, and the running stats
+    (if given) updated in place with the unbiased variance, as PyTorch does.  Eval: the running
+    stats.  Keeps nothing for backward (see :func:`batch_norm_forward`).
+
+    Parameters
+    ----------
+    x : ndarray of shape ``(N, C, *spatial)``, float32 or float64
+        C-contiguous or channels-last (used in place); other layouts are copied once.
+    running_mean, running_var : ndarray of shape (C,) and x's dtype, or both None
+        Updated in place in training; required in eval.
+    weight, bias : ndarray of shape (C,), x's dtype, or None
+        The affine parameters.
+    training : bool
+        Batch statistics (True) or running statistics (False).
+    momentum : float in [0, 1]
+        Weight of the batch statistics in the running-stat update.
+    eps : float, finite; > 0 in training, >= 0 in eval
+        Added to the variance.
+    out : ndarray, optional
+        Preallocated y, in the layout y will have (see :func:`batch_norm_forward`).
+
+    Returns
+    -------
+    y : ndarray of x's shape and dtype
+        In x's layout.
+
+    Raises
+    ------
+    TypeError
+        Non-float or mixed dtypes, running stats that are not ndarrays, non-bool training.
+    ValueError
+        As :func:`batch_norm_forward`; on any error the running stats are untouched.
+
+    See Also
+    --------
+    batch_norm_forward, batch_norm_backward, normffn.reference.batch_norm
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])                  # N=2, C=2
+    >>> rm, rv = np.zeros(2), np.ones(2)
+    >>> y = normffn.batch_norm(x, rm, rv, training=True, eps=1e-12)
+    >>> np.round(y, 6).tolist()
+    [[-1.0, -1.0], [1.0, 1.0]]
+    >>> np.round(rm, 6).tolist(), np.round(rv, 6).tolist()       # momentum 0.1, unbiased var
+    ([0.2, 2.0], [1.1, 20.9])
+
+    Eval uses the running statistics:
+
+    >>> y = normffn.batch_norm(x, np.array([1.0, 10.0]), np.array([4.0, 100.0]), eps=0.0)
+    >>> y.tolist()
+    [[0.0, 0.0], [1.0, 2.0]]
     """
     return batch_norm_forward(x, running_mean, running_var, weight, bias, training, momentum,
                               eps, out=out)[0]
@@ -427,12 +550,19 @@ def run_backward(dy, x, weight, mean, rstd, training: bool, out=None, need_dx: b
 def batch_norm_backward(dy, ctx, *, out=None, needs=None):
     """Gradients of BatchNorm given ``dy = dL/dy``.
 
+    Per channel over ``(N, *spatial)``, with ``xhat = (x - mean) * rstd`` and
+    ``g = dy * weight``: in training ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``; in
+    eval (the statistics are constants) ``dx = g * rstd``.  ``dweight = sum(dy * xhat)``,
+    ``dbias = sum(dy)``.
+
     Parameters
     ----------
-    dy : ndarray of the forward output's shape and dtype (any layout; copied once if it is not
-        in ``ctx.x``'s layout)
-    ctx : BatchNormContext from :func:`batch_norm_forward`
-    out : optional preallocated ``dx``, in ``ctx.x``'s layout (same rules as the forward ``out``)
+    dy : ndarray of the forward output's shape and dtype
+        Any layout; copied once if it is not in ``ctx.x``'s layout.
+    ctx : BatchNormContext
+        From :func:`batch_norm_forward`.
+    out : ndarray, optional
+        Preallocated ``dx``, in ``ctx.x``'s layout (same rules as the forward ``out``).
     needs : tuple of 3 bools (dx, dweight, dbias), optional
         Which gradients to compute; the others are returned as None and their work is skipped
         (only dweight/dbias: the channel sums, no dx written; only dx in eval: no sums).
@@ -440,13 +570,11 @@ def batch_norm_backward(dy, ctx, *, out=None, needs=None):
 
     Returns
     -------
-    dx : ndarray like x (and in its layout), or None if not needed
-    dweight, dbias : ndarray of shape (C,), or None where weight/bias were None or not needed
-        Reduced in a fixed order: identical for any thread count.
-
-    Maths, per channel over ``(N, *spatial)``: ``xhat = (x - mean) * rstd``, ``g = dy * weight``;
-    training: ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``; eval (the statistics are
-    constants): ``dx = g * rstd``.  ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)``.
+    dx : ndarray like x (and in its layout), or None
+        None if not needed.
+    dweight, dbias : ndarray of shape (C,), or None
+        None where weight/bias were None or not needed.  Reduced in a fixed order: identical
+        for any thread count.
 
     Raises
     ------
@@ -455,6 +583,27 @@ def batch_norm_backward(dy, ctx, *, out=None, needs=None):
     ValueError
         dy of the wrong shape; a context whose fields are inconsistent; a bad ``out`` or
         ``needs``.
+
+    See Also
+    --------
+    batch_norm_forward, normffn.reference.batch_norm_backward
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((8, 3, 5))
+    >>> w, b = rng.standard_normal(3), rng.standard_normal(3)
+    >>> y, ctx = normffn.batch_norm_forward(x, None, None, w, b, training=True)
+    >>> dy = rng.standard_normal(y.shape)
+    >>> dx, dw, db = normffn.batch_norm_backward(dy, ctx)
+    >>> bool(np.allclose(db, dy.sum(axis=(0, 2))))
+    True
+    >>> _, rctx = normffn.reference.batch_norm_forward(x, None, None, w, b, training=True)
+    >>> ref = normffn.reference.batch_norm_backward(dy, rctx)
+    >>> all(bool(np.allclose(a, r)) for a, r in zip((dx, dw, db), ref))
+    True
     """
     dy, ctx, out, need = check_backward(dy, ctx, out, needs)
     return run_backward(dy, ctx.x, ctx.weight, ctx.mean, ctx.rstd, bool(ctx.training), out,
@@ -488,8 +637,8 @@ def partial_stats(x):
 
     Parameters
     ----------
-    x : ndarray of shape (N, C, *spatial), float32 or float64 (C-contiguous or channels-last;
-        other layouts are copied once)
+    x : ndarray of shape ``(N, C, *spatial)``, float32 or float64
+        C-contiguous or channels-last; other layouts are copied once.
 
     Returns
     -------
@@ -499,6 +648,25 @@ def partial_stats(x):
         Mean and ``M2 = sum((x - mean)**2)`` per channel, from the same block statistics as the
         one-call training forward (``finalize_stats`` of one chunk gives its mean/var bitwise).
         A chunk with no values gives count 0 and zeros.
+
+    Raises
+    ------
+    TypeError
+        x not a float array.
+    ValueError
+        x of rank < 2.
+
+    See Also
+    --------
+    merge_stats, finalize_stats
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn.batch_norm import partial_stats
+    >>> count, mean, m2 = partial_stats(np.array([[1.0, 0.0], [3.0, 0.0]]))
+    >>> count, mean.tolist(), m2.tolist()
+    (2.0, [2.0, 0.0], [2.0, 0.0])
     """
     x = _in_kernel_layout(_channel_input(x))
     C = x.shape[1]
@@ -512,11 +680,45 @@ def partial_stats(x):
 
 
 def merge_stats(parts: Sequence):
-    """Phase 2: merge ``(count, mean, m2)`` triples with Chan et al.'s formula, in the order
-    given (deterministic: the same sequence always gives the same bits).
+    """Phase 2: merge ``(count, mean, m2)`` triples with Chan et al.'s formula.
 
-    ``count`` entries may be floats or per-channel (C,) arrays; the merged count is a float if
-    every input count was a scalar, else a (C,) array.  Parts with count 0 are skipped.
+    Merged in the order given: deterministic, the same sequence always gives the same bits.
+
+    Parameters
+    ----------
+    parts : sequence of (count, mean, m2)
+        ``count`` a float or a per-channel (C,) array; ``mean`` and ``m2`` (C,) float arrays.
+        Parts with count 0 are skipped.
+
+    Returns
+    -------
+    count : float or ndarray of shape (C,)
+        A float if every input count was a scalar, else a (C,) array.
+    mean, m2 : ndarray of shape (C,), float64
+        The statistics of the union of the parts.
+
+    Raises
+    ------
+    ValueError
+        No parts, a part that is not a triple, mismatched shapes.
+
+    See Also
+    --------
+    partial_stats, finalize_stats
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn.batch_norm import partial_stats, merge_stats, finalize_stats
+    >>> x = np.random.default_rng(0).standard_normal((10, 3, 4))
+    >>> count, mean, m2 = merge_stats([partial_stats(x[:4]), partial_stats(x[4:])])
+    >>> count
+    40.0
+    >>> bool(np.allclose(mean, x.mean(axis=(0, 2))))
+    True
+    >>> mean, var, rstd = finalize_stats(count, mean, m2, 1e-5)
+    >>> bool(np.allclose(var, x.var(axis=(0, 2))))
+    True
     """
     parts = list(parts)
     if not parts:
@@ -543,10 +745,42 @@ def merge_stats(parts: Sequence):
 
 
 def finalize_stats(count, mean, m2, eps: float):
-    """Phase 2b: ``(mean, var, rstd)`` from merged statistics: ``var = m2 / count`` (biased)
-    and ``rstd = 1 / sqrt(var + eps)``, both float64 (C,) — bitwise what the one-call forward
-    computes from the same (count, mean, m2).  For the running stats pass ``var`` and ``count``
-    to :func:`update_running_stats` (it forms the unbiased ``var * count / (count - 1)``)."""
+    """Phase 2b: ``(mean, var, rstd)`` from merged statistics.
+
+    ``var = m2 / count`` (biased) and ``rstd = 1 / sqrt(var + eps)``, both float64 (C,) —
+    bitwise what the one-call forward computes from the same (count, mean, m2).  For the running
+    stats pass ``var`` and ``count`` to :func:`update_running_stats` (it forms the unbiased
+    ``var * count / (count - 1)``).
+
+    Parameters
+    ----------
+    count : float or ndarray of shape (C,)
+        Values per channel.
+    mean, m2 : ndarray of shape (C,)
+        From :func:`merge_stats` (or :func:`partial_stats`).
+    eps : float, >= 0 and finite
+        Added to the variance.
+
+    Returns
+    -------
+    mean, var, rstd : ndarray of shape (C,), float64
+        The mean, the biased variance and ``1 / sqrt(var + eps)``.
+
+    Raises
+    ------
+    TypeError
+        Non-float statistics.
+    ValueError
+        Mismatched shapes, eps negative or not finite.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn.batch_norm import finalize_stats
+    >>> mean, var, rstd = finalize_stats(4.0, np.array([1.0]), np.array([16.0]), 0.0)
+    >>> var.tolist(), rstd.tolist()
+    ([4.0], [0.5])
+    """
     mean = _stat_vector(mean, "mean", np.shape(mean)[0] if np.ndim(mean) == 1 else -1)
     C = mean.shape[0]
     m2 = _stat_vector(m2, "m2", C)
@@ -559,11 +793,40 @@ def finalize_stats(count, mean, m2, eps: float):
 
 
 def apply(x, mean, rstd, weight=None, bias=None, out=None):
-    """Phase 3: ``y = (x - mean) * rstd * weight + bias`` per channel with given float64
-    statistics (the elementwise pass of the forward; the eval path fed with batch stats).
+    """Phase 3: ``y = (x - mean) * rstd * weight + bias`` per channel with given statistics.
 
-    x : ndarray of shape (N, C, *spatial); mean, rstd : (C,) float64; weight, bias : (C,) of
-    x's dtype or None; out : as in :func:`batch_norm_forward`.  Returns y in x's layout.
+    The elementwise pass of the forward (the eval path fed with batch statistics).
+
+    Parameters
+    ----------
+    x : ndarray of shape ``(N, C, *spatial)``, float32 or float64
+        C-contiguous or channels-last; other layouts are copied once.
+    mean, rstd : ndarray of shape (C,)
+        float64 statistics (from :func:`finalize_stats`).
+    weight, bias : ndarray of shape (C,) of x's dtype, or None
+        The affine parameters.
+    out : ndarray, optional
+        As in :func:`batch_norm_forward`.
+
+    Returns
+    -------
+    y : ndarray
+        In x's layout.
+
+    Raises
+    ------
+    TypeError
+        Non-float or mixed dtypes.
+    ValueError
+        Shapes that do not match x's channels, a bad ``out``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn.batch_norm import apply
+    >>> x = np.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> apply(x, np.array([2.0, 3.0]), np.array([1.0, 0.5])).tolist()
+    [[-1.0, -0.5], [1.0, 0.5]]
     """
     x = _in_kernel_layout(_channel_input(x))
     C = x.shape[1]
@@ -595,9 +858,41 @@ def _dy_for(dy, x) -> np.ndarray:
 
 
 def backward_sums(dy, x, mean):
-    """Backward phase 1: per-channel ``sdy = sum(dy)`` and ``sdyx = sum(dy * (x - mean))`` of
-    one chunk, float64 (C,).  Sums over chunks (added in a fixed order) give the batch's; then
-    ``dweight = (sdyx * rstd).astype(x.dtype)`` and ``dbias = sdy.astype(x.dtype)``."""
+    """Backward phase 1: per-channel ``sdy = sum(dy)`` and ``sdyx = sum(dy * (x - mean))``.
+
+    Sums over chunks (added in a fixed order) give the batch's; then
+    ``dweight = (sdyx * rstd).astype(x.dtype)`` and ``dbias = sdy.astype(x.dtype)``.
+
+    Parameters
+    ----------
+    dy : ndarray
+        The gradient of this chunk's output, x's shape and dtype.
+    x : ndarray of shape ``(N, C, *spatial)``
+        This chunk's input.
+    mean : ndarray of shape (C,)
+        The batch mean used by the forward.
+
+    Returns
+    -------
+    sdy, sdyx : ndarray of shape (C,), float64
+        The chunk's sums.
+
+    Raises
+    ------
+    TypeError
+        Non-float or mixed dtypes.
+    ValueError
+        Shapes that do not match.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn.batch_norm import backward_sums
+    >>> x, dy = np.array([[1.0], [3.0]]), np.array([[1.0], [2.0]])
+    >>> sdy, sdyx = backward_sums(dy, x, np.array([2.0]))
+    >>> sdy.tolist(), sdyx.tolist()                 # 1 + 2;  1 * (-1) + 2 * 1
+    ([3.0], [1.0])
+    """
     x = _in_kernel_layout(_channel_input(x))
     C = x.shape[1]
     mean = _stat_vector(mean, "mean", C)
@@ -617,9 +912,53 @@ def backward_sums(dy, x, mean):
 def backward_apply(dy, x, mean, rstd, weight, sdy, sdyx, count, training, out=None):
     """Backward phase 2: dx of one chunk given the batch's statistics and channel sums.
 
-    training: ``dx = ((dy - sdy/count) - (x - mean) * rstd**2 * sdyx/count) * rstd * weight``;
-    eval: ``dx = dy * rstd * weight`` (sdy, sdyx, count unused).  ``count`` is the number of
-    values per channel of the whole batch (float).  Returns dx in x's layout.
+    Training: ``dx = ((dy - sdy/count) - (x - mean) * rstd**2 * sdyx/count) * rstd * weight``;
+    eval: ``dx = dy * rstd * weight`` (sdy, sdyx, count unused).
+
+    Parameters
+    ----------
+    dy, x : ndarray of shape ``(N, C, *spatial)``
+        This chunk's output gradient and input.
+    mean, rstd : ndarray of shape (C,)
+        The batch statistics (float64).
+    weight : ndarray of shape (C,) or None
+        The scale.
+    sdy, sdyx : ndarray of shape (C,)
+        The whole batch's sums from :func:`backward_sums`.
+    count : float
+        Values per channel of the whole batch.
+    training : bool
+        Whether the forward used batch statistics.
+    out : ndarray, optional
+        Preallocated dx, in x's layout.
+
+    Returns
+    -------
+    dx : ndarray
+        In x's layout.
+
+    Raises
+    ------
+    TypeError
+        Non-float or mixed dtypes, non-bool training.
+    ValueError
+        Shapes that do not match, count not positive in training, a bad ``out``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> from normffn.batch_norm import (partial_stats, finalize_stats, backward_sums,
+    ...                                 backward_apply)
+    >>> rng = np.random.default_rng(0)
+    >>> x, dy = rng.standard_normal((6, 2)), rng.standard_normal((6, 2))
+    >>> count, mean, m2 = partial_stats(x)
+    >>> mean, var, rstd = finalize_stats(count, mean, m2, 1e-5)
+    >>> sdy, sdyx = backward_sums(dy, x, mean)
+    >>> dx = backward_apply(dy, x, mean, rstd, None, sdy, sdyx, count, True)
+    >>> _, ctx = normffn.batch_norm_forward(x, None, None, training=True)
+    >>> bool(np.allclose(dx, normffn.batch_norm_backward(dy, ctx)[0]))
+    True
     """
     x = _in_kernel_layout(_channel_input(x))
     C = x.shape[1]

@@ -63,9 +63,30 @@ def _outputs(op, result, args):
 def run_case(op: _ops.Op, variant, kind: str, dtype, seed: int = 0, torch: bool = True):
     """Run one (op, variant, input kind, dtype) with every provider.
 
-    Returns ``(results, reference, inputs)``: ``results`` maps provider -> (forward outputs,
-    backward outputs), each name -> ndarray; ``reference`` is the same pair for
-    :mod:`normffn.reference`; ``inputs`` the :class:`normffn._ops.Inputs` used."""
+    Parameters
+    ----------
+    op : normffn._ops.Op
+        A registry entry (``normffn._ops.get("layer_norm")``).
+    variant : str or None
+        One of the op's variants (BatchNorm ``"train"``/``"eval"``, FFN activations, ...).
+    kind : str
+        A key of :data:`INPUT_KINDS`.
+    dtype : dtype-like
+        float32 or float64.
+    seed : int
+        Seed of the inputs.
+    torch : bool
+        Also run torch when it is importable.
+
+    Returns
+    -------
+    results : dict
+        provider -> (forward outputs, backward outputs), each a dict name -> ndarray.
+    reference : tuple of dict
+        The same pair for :mod:`normffn.reference`.
+    inputs : normffn._ops.Inputs
+        The inputs used.
+    """
     import normffn
 
     dtype = np.dtype(dtype).type
@@ -92,8 +113,37 @@ def run_case(op: _ops.Op, variant, kind: str, dtype, seed: int = 0, torch: bool 
 
 def run_comparison(ops=OPS, dtypes=("float32", "float64"), inputs=tuple(INPUT_KINDS), seed=0,
                    torch=True):
-    """Run every comparison; returns a list of :class:`ComparisonRow` (``op`` carries the
-    variant: ``batch_norm[train]``, ``ffn[gelu]``)."""
+    """Compare normffn (and torch) with the float64 reference, as ``python -m normffn compare``.
+
+    Parameters
+    ----------
+    ops : sequence of str
+        Registry names (default: every op).
+    dtypes : sequence of str
+        ``"float32"`` and/or ``"float64"``.
+    inputs : sequence of str
+        Input kinds, keys of :data:`INPUT_KINDS` (normal, large offset, tiny variance, NaN row).
+    seed : int
+        Seed of the inputs.
+    torch : bool
+        Also compare torch when it is importable.
+
+    Returns
+    -------
+    list of ComparisonRow
+        One per (op variant, entry, input kind, dtype, output, provider); ``op`` carries the
+        variant: ``batch_norm[train]``, ``ffn[gelu]``.
+
+    Examples
+    --------
+    >>> from normffn.testing import run_comparison
+    >>> rows = run_comparison(ops=("rms_norm",), dtypes=("float32",), inputs=("large_offset",),
+    ...                       torch=False)
+    >>> sorted({r.output for r in rows})
+    ['dweight', 'dx', 'rstd', 'y']
+    >>> all(r.within_tolerance for r in rows if r.provider == "normffn")
+    True
+    """
     rows = []
     for name in ops:
         op = _ops.get(name)
@@ -131,8 +181,20 @@ def _nonfinite(nf, tt) -> str:
 
 
 def format_rows(rows) -> str:
-    """A table: one line per (op, entry, inputs, dtype, output), normffn and torch side by
-    side, with the tolerance normffn promises there and the NaN/Inf agreement."""
+    """Format comparison rows as the table ``compare`` prints.
+
+    One line per (op, entry, inputs, dtype, output), normffn and torch side by side, with the
+    tolerance normffn promises there and the NaN/Inf agreement.
+
+    Parameters
+    ----------
+    rows : list of ComparisonRow
+        From :func:`run_comparison`.
+
+    Returns
+    -------
+    str
+    """
     key = lambda r: (r.op, r.entry, r.inputs, r.dtype, r.output)  # noqa: E731
     merged = {}
     for r in rows:
@@ -177,6 +239,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    """``python -m normffn compare``: print the comparison table.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        ``op``, ``dtype``, ``inputs`` (lists or None for all), ``json`` (a path or None),
+        ``seed``.
+
+    Returns
+    -------
+    int
+        0 if normffn is within its documented tolerance everywhere, else 1 (the failures are
+        listed on stderr).
+    """
     rows = run_comparison(ops=tuple(args.op or OPS),
                           dtypes=tuple(args.dtype or ("float32", "float64")),
                           inputs=tuple(args.inputs or INPUT_KINDS), seed=args.seed)

@@ -90,14 +90,27 @@ def _rows(ctx) -> int:
 class FFNContext(Context):
     """What :func:`ffn_backward` needs; returned by :func:`ffn_forward`.
 
+    The ReLU mask is derived from the saved hidden (``a > 0``; more exactly, the gradient passes
+    unless ``a <= 0``, as in PyTorch's ``threshold_backward``) rather than kept as bits: the saved
+    ``a`` is needed anyway for ``dw2 = a^T @ dy``, so the mask costs no memory and no extra pass —
+    the comparison is fused into the pass that applies it.
+
     Attributes
     ----------
-    x : ndarray of shape (..., d), C-contiguous (the forward input, copied only if it was not)
-    w1 : ndarray of shape (d, h), gated (d, 2h);  b1 : ndarray of shape (h,) or (2h,), or None
-    w2 : ndarray of shape (h, d);  b2 : ndarray of shape (d,) or None
-        The forward's parameters as given (C- or F-ordered weights are kept as they are).
+    x : ndarray of shape (..., d)
+        C-contiguous (the forward input, copied only if it was not).
+    w1 : ndarray of shape (d, h), gated (d, 2h)
+        The forward's first weight as given (C- or F-ordered weights are kept as they are).
+    b1 : ndarray of shape (h,) or (2h,), or None
+        The first bias.
+    w2 : ndarray of shape (h, d)
+        The second weight as given.
+    b2 : ndarray of shape (d,) or None
+        The second bias.
     activation : str
+        The activation's name.
     recompute : bool
+        Whether the forward kept the hidden (False) or backward recomputes it (True).
     hidden : ndarray of shape (n, h), gated (n, 2h), or None
         ``n = prod(x.shape[:-1])``.  For ``"relu"`` the activation ``a = relu(x @ w1 + b1)``
         (its positive entries are the mask backward needs); for the other activations the
@@ -110,10 +123,15 @@ class FFNContext(Context):
         dead-ReLU diagnostic; vacuously True when the batch has no rows); for ``"reglu"`` the
         same of the gate, ``relu(x @ w1[:, :h] + b1[:h])``.  None otherwise.
 
-    The ReLU mask is derived from the saved hidden (``a > 0``; more exactly, the gradient passes
-    unless ``a <= 0``, as in PyTorch's ``threshold_backward``) rather than kept as bits: the
-    saved ``a`` is needed anyway for ``dw2 = a^T @ dy``, so the mask costs no memory and no extra
-    pass — the comparison is fused into the pass that applies it.
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> x = np.ones((4, 2))
+    >>> w1 = np.array([[1.0, -1.0, 0.5], [1.0, -1.0, 0.5]])       # unit 1 is never positive
+    >>> y, ctx = normffn.ffn_forward(x, w1, None, np.ones((3, 2)), None)
+    >>> ctx.dead_units.tolist(), ctx.hidden.shape
+    ([False, True, False], (4, 3))
     """
 
     x: np.ndarray
@@ -366,21 +384,26 @@ def run_backward(dy, x, hidden, w1, b1, w2, activation, needs, *, out=(None,) * 
 # ---------------------------------------------------------------- public API
 def ffn_forward(x, w1, b1, w2, b2, activation="relu", recompute=False, *, out=None,
                 hidden_out=None):
-    """FFN forward, keeping what backward needs.
+    """FFN forward, keeping what backward needs: ``y = act(x @ w1 + b1) @ w2 + b2``.
 
-    ``y = act(x @ w1 + b1) @ w2 + b2``
+    Gated activations take a packed ``w1`` of shape (d, 2h) = ``[gate | up]`` and compute
+    ``y = (act(x @ w1[:, :h] + b1[:h]) * (x @ w1[:, h:] + b1[h:])) @ w2 + b2``
+    (:func:`pack_gated` builds it).
 
     Parameters
     ----------
     x : ndarray of shape (..., d), float32 or float64
         Any layout; a non-contiguous x is copied once (and that copy is kept for backward).
-    w1 : ndarray of shape (d, h); gated activations: (d, 2h) = [gate | up] (module doc)
+    w1 : ndarray of shape (d, h)
+        Gated activations: (d, 2h) = [gate | up].
     b1 : ndarray of shape (h,) (gated: (2h,)) or None
+        The first bias.
     w2 : ndarray of shape (h, d)
+        The second weight.
     b2 : ndarray of shape (d,) or None
-        Same dtype as x.  Weights may be C- or F-contiguous (``torch.nn.Linear.weight.T``) and are
-        read in place by BLAS, never copied (a weight with neither rows nor columns contiguous is
-        copied once).
+        The second bias.  All parameters have x's dtype.  Weights may be C- or F-contiguous
+        (``torch.nn.Linear.weight.T``) and are read in place by BLAS, never copied (a weight with
+        neither rows nor columns contiguous is copied once).
     activation : {"relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu"}
         ``"gelu"`` is the exact (erf) GELU, ``"gelu_tanh"`` its tanh approximation; the gated
         ones multiply silu / gelu / relu of the gate half by the up half.
@@ -397,7 +420,8 @@ def ffn_forward(x, w1, b1, w2, b2, activation="relu", recompute=False, *, out=No
 
     Returns
     -------
-    y : ndarray of shape (..., d), x's dtype (``out`` when given)
+    y : ndarray of shape (..., d), x's dtype
+        ``out`` when given.
     ctx : FFNContext
         ``ctx.dead_units`` (relu, reglu) flags the hidden units (reglu: gates) that were 0
         for every row.
@@ -410,6 +434,38 @@ def ffn_forward(x, w1, b1, w2, b2, activation="relu", recompute=False, *, out=No
         0-d x; d or h == 0; w1 not (d, h), w2 not (h, d), b1 not (h,), b2 not (d,) (gated:
         w1 not (d, 2h), b1 not (2h,)); unknown activation; d or w1's width >= 2**31 (BLAS takes
         32-bit sizes); a bad ``out`` or ``hidden_out``.
+
+    See Also
+    --------
+    ffn, ffn_backward, pack_gated, normffn.reference.ffn_forward
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((2, 5, 8)).astype(np.float32)     # any leading dims
+    >>> w1 = rng.standard_normal((8, 32)).astype(np.float32)
+    >>> w2 = rng.standard_normal((32, 8)).astype(np.float32)
+    >>> b1, b2 = np.zeros(32, np.float32), np.zeros(8, np.float32)
+    >>> y, ctx = normffn.ffn_forward(x, w1, b1, w2, b2, "gelu")
+    >>> y.shape, y.dtype, ctx.hidden.shape
+    ((2, 5, 8), dtype('float32'), (10, 32))
+    >>> y_ref = normffn.reference.ffn(x, w1, b1, w2, b2, "gelu")
+    >>> bool(np.allclose(y, y_ref, rtol=1e-4, atol=1e-4))
+    True
+
+    A transposed weight (PyTorch's ``nn.Linear.weight.T``) is read in place:
+
+    >>> w1_torch = np.ascontiguousarray(w1.T)                      # (h, d) as nn.Linear stores it
+    >>> y2, _ = normffn.ffn_forward(x, w1_torch.T, b1, w2, b2, "gelu")
+    >>> bool(np.allclose(y2, y, rtol=1e-5, atol=1e-5))
+    True
+
+    ``recompute=True`` keeps no hidden:
+
+    >>> normffn.ffn_forward(x, w1, b1, w2, b2, "relu", recompute=True)[1].hidden is None
+    True
     """
     a = check_forward(x, w1, b1, w2, b2, activation, recompute=recompute, out=out,
                       hidden_out=hidden_out)
@@ -423,20 +479,66 @@ def ffn_forward(x, w1, b1, w2, b2, activation="relu", recompute=False, *, out=No
 
 
 def ffn(x, w1, b1, w2, b2, activation="relu", *, out=None):
-    """FFN inference: ``y = act(x @ w1 + b1) @ w2 + b2`` (see :func:`ffn_forward`).
+    """FFN inference: ``y = act(x @ w1 + b1) @ w2 + b2``.
 
-    Keeps nothing for backward: the extra memory is one block of the hidden activation
-    (about ``_INFERENCE_BLOCK_BYTES``, 32 MB; kept for the next call of this thread), never
-    (n, h).
+    The transformer's position-wise feed-forward block (``nn.Linear -> activation ->
+    nn.Linear``) as one op.  Keeps nothing for backward: the extra memory is one block of the
+    hidden activation (about 32 MB, kept for the next call of this thread), never (n, h).
 
     Parameters
     ----------
+    x : ndarray of shape (..., d), float32 or float64
+        Any layout.
+    w1 : ndarray of shape (d, h)
+        Gated activations: (d, 2h) = [gate | up] (see :func:`pack_gated`).
+    b1 : ndarray of shape (h,) (gated: (2h,)) or None
+        The first bias.
+    w2 : ndarray of shape (h, d)
+        The second weight.
+    b2 : ndarray of shape (d,) or None
+        The second bias.  Weights may be C- or F-ordered; they are read in place.
+    activation : {"relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu"}
+        The activation (see :func:`ffn_forward`).
     out : ndarray of x's shape and dtype, C-contiguous, writeable, not overlapping an input
         Where to write y; reuse one across calls to avoid page-faulting a fresh output.
 
     Returns
     -------
     y : ndarray of shape (..., d)
+        ``out`` when given.
+
+    Raises
+    ------
+    TypeError
+        Non-float or mixed dtypes; activation not a str.
+    ValueError
+        As :func:`ffn_forward`.
+
+    See Also
+    --------
+    ffn_forward, ffn_backward, normffn.reference.ffn
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> x = np.array([[1.0, -2.0]])
+    >>> w1 = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])         # d=2, h=3
+    >>> w2 = np.ones((3, 2))
+    >>> normffn.ffn(x, w1, None, w2, None).tolist()               # relu([1, -2, -1]) @ w2
+    [[1.0, 1.0]]
+
+    SwiGLU with separate gate and up projections:
+
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((4, 6))
+    >>> w_gate, w_up, w_down = (rng.standard_normal((6, 10)), rng.standard_normal((6, 10)),
+    ...                         rng.standard_normal((10, 6)))
+    >>> w1, b1 = normffn.pack_gated(w_gate, w_up)
+    >>> y = normffn.ffn(x, w1, b1, w_down, None, "swiglu")
+    >>> g = x @ w_gate
+    >>> bool(np.allclose(y, (g / (1 + np.exp(-g)) * (x @ w_up)) @ w_down))
+    True
     """
     a = check_forward(x, w1, b1, w2, b2, activation, out=out)
     y, _, _ = run_forward(a.x2, a.w1, a.b1, a.w2, a.b2, a.activation,
@@ -447,10 +549,21 @@ def ffn(x, w1, b1, w2, b2, activation="relu", *, out=None):
 def ffn_backward(dy, ctx, *, out=None, needs=None):
     """Gradients of the FFN given ``dy = dL/dy``.
 
+    With ``v = x @ w1 + b1`` and ``a = act(v)``: ``dA = dy @ w2.T``, ``dH = dA * act'(v)``,
+    ``dx = dH @ w1.T``, ``dw1 = x^T @ dH``, ``db1 = sum_rows dH``, ``dw2 = a^T @ dy``,
+    ``db2 = sum_rows dy``.  Gated (``v = [g | u]``, ``a = act(g) * u``):
+    ``dg = dA * u * act'(g)`` (reglu: ``dA * u`` unless g <= 0), ``du = dA * act(g)``,
+    ``dH = [dg | du]``, the rest as above.  Rows are processed in blocks in a fixed order;
+    db1/db2 are float64 sums in row order (identical for any thread count), dw1/dw2 are
+    accumulated block by block by BLAS (as deterministic as the BLAS itself).  With 0 rows the
+    weight gradients are zeros.
+
     Parameters
     ----------
-    dy : ndarray of the forward output's shape (..., d) and dtype (any layout)
-    ctx : FFNContext from :func:`ffn_forward`
+    dy : ndarray of the forward output's shape (..., d) and dtype
+        Any layout.
+    ctx : FFNContext
+        From :func:`ffn_forward`.
     out : tuple of 5 (ndarray or None), optional
         Preallocated ``(dx, dw1, db1, dw2, db2)`` in the shapes below (C-contiguous, writeable,
         x's dtype, overlapping no input and no other output); None entries are allocated, and
@@ -465,19 +578,15 @@ def ffn_backward(dy, ctx, *, out=None, needs=None):
     Returns
     -------
     dx : ndarray of shape (..., d)
-    dw1 : ndarray of w1's shape ((d, h), gated (d, 2h)), C-contiguous
-    db1 : ndarray of b1's shape ((h,), gated (2h,)), or None if b1 was None
-    dw2 : ndarray of shape (h, d), C-contiguous
-    db2 : ndarray of shape (d,), or None if b2 was None
-        (each None, too, where ``needs`` says False)
-
-    Maths (v = x @ w1 + b1, a = act(v)): ``dA = dy @ w2.T``, ``dH = dA * act'(v)``,
-    ``dx = dH @ w1.T``, ``dw1 = x^T @ dH``, ``db1 = sum_rows dH``, ``dw2 = a^T @ dy``,
-    ``db2 = sum_rows dy``.  Gated (v = [g | u], a = act(g) * u): ``dg = dA * u * act'(g)``
-    (reglu: ``dA * u`` unless g <= 0), ``du = dA * act(g)``, ``dH = [dg | du]``, the rest as
-    above.  Rows are processed in blocks in a fixed order; db1/db2 are float64
-    sums in row order (identical for any thread count), dw1/dw2 are accumulated block by block by
-    BLAS (as deterministic as the BLAS itself).  With 0 rows the weight grads are zeros.
+        The input gradient.
+    dw1 : ndarray of w1's shape ((d, h), gated (d, 2h))
+        C-contiguous.
+    db1 : ndarray of b1's shape ((h,), gated (2h,)), or None
+        None if b1 was None.
+    dw2 : ndarray of shape (h, d)
+        C-contiguous.
+    db2 : ndarray of shape (d,), or None
+        None if b2 was None.  Each gradient is also None where ``needs`` says False.
 
     Raises
     ------
@@ -486,6 +595,33 @@ def ffn_backward(dy, ctx, *, out=None, needs=None):
     ValueError
         dy of the wrong shape; an inconsistent ctx; ``needs`` or ``out`` not 5 entries; a bad
         ``out`` buffer.
+
+    See Also
+    --------
+    ffn_forward, normffn.reference.ffn_backward
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((16, 4))
+    >>> w1, b1 = rng.standard_normal((4, 8)), rng.standard_normal(8)
+    >>> w2, b2 = rng.standard_normal((8, 4)), rng.standard_normal(4)
+    >>> y, ctx = normffn.ffn_forward(x, w1, b1, w2, b2, "silu")
+    >>> dy = rng.standard_normal(y.shape)
+    >>> grads = normffn.ffn_backward(dy, ctx)
+    >>> [g.shape for g in grads]
+    [(16, 4), (4, 8), (8,), (8, 4), (4,)]
+    >>> _, rctx = normffn.reference.ffn_forward(x, w1, b1, w2, b2, "silu")
+    >>> ref = normffn.reference.ffn_backward(dy, rctx)
+    >>> all(bool(np.allclose(g, r)) for g, r in zip(grads, ref))
+    True
+
+    A first layer needs no dx:
+
+    >>> normffn.ffn_backward(dy, ctx, needs=(False, True, True, True, True))[0] is None
+    True
     """
     ctx, dy2, needs, outs = check_backward(dy, ctx, out=out, needs=needs)
     grads = run_backward(dy2, ctx.x.reshape(dy2.shape), ctx.hidden, ctx.w1, ctx.b1, ctx.w2,
@@ -515,13 +651,15 @@ def pack_gated(w_gate, w_up, b_gate=None, b_up=None, *, layout="math"):
     b_gate, b_up : ndarray of shape (h,) or None
         Zeros stand in for one that is None while the other is given.
     layout : {"math", "torch"}
+        How the weights are stored.
 
     Returns
     -------
     w1 : ndarray of shape (d, 2h)
         ``"math"``: C-contiguous.  ``"torch"``: the transposed view of a C-contiguous (2h, d)
         array — ``w1.T`` is the packed ``nn.Linear`` weight — which :func:`ffn` reads in place.
-    b1 : ndarray of shape (2h,), or None when both biases are None
+    b1 : ndarray of shape (2h,), or None
+        None when both biases are None.
 
     Raises
     ------
@@ -529,6 +667,21 @@ def pack_gated(w_gate, w_up, b_gate=None, b_up=None, *, layout="math"):
         Non-float or mixed dtypes.
     ValueError
         Weights not 2-D or of different shapes, a bias not (h,), an unknown layout.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> w_gate = np.zeros((3, 2)); w_up = np.ones((3, 2))          # d=3, h=2
+    >>> w1, b1 = normffn.pack_gated(w_gate, w_up, b_up=np.array([1.0, 2.0]))
+    >>> w1.shape, w1[0].tolist(), b1.tolist()
+    ((3, 4), [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 2.0])
+
+    From ``nn.Linear`` weights (shape (h, d)), without copying at call time:
+
+    >>> w1, b1 = normffn.pack_gated(w_gate.T, w_up.T, layout="torch")
+    >>> w1.shape, w1.flags.f_contiguous, b1 is None
+    ((3, 4), True, True)
     """
     if layout not in ("math", "torch"):
         raise ValueError(f"layout must be 'math' or 'torch', got {layout!r}")

@@ -97,24 +97,47 @@ class FFNBlockContext(Context):
 
     Attributes
     ----------
-    x : ndarray of shape (..., d), C-contiguous (the forward input; copied only if it was not)
-    norm_weight : ndarray of shape (d,) or None;  norm_bias : ndarray of shape (d,) or None
-    w1, b1, w2, b2 : the FFN's parameters as given (C- or F-ordered weights kept as they are)
-    activation : str;  norm : "layer" or "rms";  placement : "pre" or "post";  eps : float
+    x : ndarray of shape (..., d)
+        C-contiguous (the forward input; copied only if it was not).
+    norm_weight, norm_bias : ndarray of shape (d,) or None
+        The norm's parameters.
+    w1, b1, w2, b2 : ndarray or None
+        The FFN's parameters as given (C- or F-ordered weights kept as they are).
+    activation : str
+        The activation's name.
+    norm : {"layer", "rms"}
+        The norm.
+    placement : {"pre", "post"}
+        Where the norm sits.
+    eps : float
+        The norm's eps.
     recompute : bool
-    mean : ndarray of shape x.shape[:-1], float64, or None (RMSNorm has no mean)
+        Whether backward recomputes the normalised input and the hidden.
+    mean : ndarray of shape x.shape[:-1], float64, or None
+        None for RMSNorm (it has no mean).
     rstd : ndarray of shape x.shape[:-1], float64
-        The norm's statistics, as :class:`normffn.layer_norm.LayerNormContext`'s (of x for
-        pre-LN, of ``s = x + ffn(x)`` for post-LN).
+        The norm's statistics, as :class:`normffn.LayerNormContext`'s (of x for pre-LN, of
+        ``s = x + ffn(x)`` for post-LN).
     xn : ndarray of x's shape, or None
         Pre-LN: the normalised input ``norm(x)`` the FFN saw (None with ``recompute=True``, and
         for post-LN).
     s : ndarray of x's shape, or None
         Post-LN: the residual sum ``x + ffn(x)`` that was normalised (None for pre-LN).
     hidden : ndarray of shape (n, h) (gated: (n, 2h)), or None
-        What :class:`normffn.ffn.FFNContext` keeps as ``hidden`` (None with ``recompute``).
+        What :class:`normffn.FFNContext` keeps as ``hidden`` (None with ``recompute``).
     dead_units : ndarray of shape (h,), bool, or None
         relu / reglu: the hidden units (gates) that were 0 for every row; None otherwise.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((3, 4))
+    >>> _, ctx = normffn.ffn_block_forward(x, None, None, rng.standard_normal((4, 6)), None,
+    ...                                    rng.standard_normal((6, 4)), None, norm="rms")
+    >>> ctx.mean is None, ctx.rstd.shape, ctx.xn.shape, ctx.s is None
+    (True, (3,), (3, 4), True)
     """
 
     x: np.ndarray
@@ -389,26 +412,35 @@ def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="rel
 
     ``pre``: ``y = x + ffn(norm(x))``;  ``post``: ``y = norm(x + ffn(x))``, with
     ``ffn(v) = act(v @ w1 + b1) @ w2 + b2`` and norm LayerNorm or RMSNorm over the last dim.
+    The residual add rides on the second GEMM and the norm's backward adds the residual
+    gradient in its own pass, so the sublayer makes no extra pass over memory.
 
     Parameters
     ----------
     x : ndarray of shape (..., d), float32 or float64
         Any layout; a non-contiguous x is copied once (and that copy is kept for backward).
     norm_weight : ndarray of shape (d,) or None
-    norm_bias : ndarray of shape (d,) or None (must be None for ``norm="rms"``)
-    w1, b1, w2, b2 : as :func:`normffn.ffn_forward` takes them: ``w1`` (d, h) (gated: packed
-        (d, 2h) = [gate | up], see :func:`normffn.pack_gated`), ``b1`` (h,) / (2h,) or None,
-        ``w2`` (h, d), ``b2`` (d,) or None; C- or F-ordered weights are read in place.
+        The norm's scale.
+    norm_bias : ndarray of shape (d,) or None
+        The norm's shift; must be None for ``norm="rms"``.
+    w1, b1, w2, b2 : ndarray or None
+        As :func:`normffn.ffn_forward` takes them: ``w1`` (d, h) (gated: packed (d, 2h) =
+        [gate | up], see :func:`normffn.pack_gated`), ``b1`` (h,) / (2h,) or None, ``w2``
+        (h, d), ``b2`` (d,) or None; C- or F-ordered weights are read in place.
     activation : {"relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu"}
+        The FFN's activation.
     norm : {"layer", "rms"}
+        LayerNorm or RMSNorm.
     placement : {"pre", "post"}
-    eps : float >= 0 and finite (default 1e-5, for both norms)
-        For ``norm="rms"`` also None: the dtype's machine epsilon (``torch``'s ``rms_norm``
-        default); for ``norm="layer"`` None is a TypeError.
+        Pre-LN (GPT-2 and later) or post-LN (the original Transformer).
+    eps : float >= 0 and finite
+        Default 1e-5, for both norms.  For ``norm="rms"`` also None: the dtype's machine
+        epsilon (``torch``'s ``rms_norm`` default); for ``norm="layer"`` None is a TypeError.
     recompute : bool
         True keeps neither the normalised input (pre-LN) nor the FFN's hidden activation:
         backward recomputes them (one more GEMM and one norm pass, far less memory).
     out : ndarray of x's shape and dtype, C-contiguous, writeable, not overlapping an input
+        Where to write y.
     hidden_out : ndarray of shape (n, w1.shape[1]), x's dtype, C-contiguous, writeable, or None
         Where to keep the FFN's hidden (recompute=False only; ``n = prod(x.shape[:-1])``), as
         :func:`normffn.ffn_forward` takes it: a training loop passes the previous step's
@@ -416,7 +448,8 @@ def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="rel
 
     Returns
     -------
-    y : ndarray of x's shape and dtype (``out`` when given)
+    y : ndarray of x's shape and dtype
+        ``out`` when given.
     ctx : FFNBlockContext
         ``ctx.mean`` (None for RMSNorm), ``ctx.rstd`` (float64, shape ``x.shape[:-1]``): the
         norm's statistics (of x pre-LN, of ``x + ffn(x)`` post-LN); ``ctx.dead_units`` for
@@ -432,6 +465,28 @@ def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="rel
         norm_weight/norm_bias not (d,), eps negative or not finite, and everything
         :func:`normffn.ffn_forward` rejects (shapes of x, w1, b1, w2, b2, activation names, a
         bad ``out``).  Nothing is written when an argument is rejected.
+
+    See Also
+    --------
+    ffn_block, ffn_block_backward, normffn.reference.ffn_block_forward
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((5, 8))
+    >>> nw, nb = np.ones(8), np.zeros(8)
+    >>> w1, b1 = rng.standard_normal((8, 16)), rng.standard_normal(16)
+    >>> w2, b2 = rng.standard_normal((16, 8)), rng.standard_normal(8)
+    >>> y, ctx = normffn.ffn_block_forward(x, nw, nb, w1, b1, w2, b2, "relu")   # pre-LN
+    >>> xn = normffn.layer_norm(x, 8, nw, nb)
+    >>> bool(np.allclose(y, x + normffn.ffn(xn, w1, b1, w2, b2)))
+    True
+    >>> y, ctx = normffn.ffn_block_forward(x, nw, None, w1, b1, w2, b2, norm="rms",
+    ...                                    placement="post")
+    >>> bool(np.allclose(y, normffn.rms_norm(x + normffn.ffn(x, w1, b1, w2, b2), 8, nw, 1e-5)))
+    True
     """
     b = check_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation, norm=norm,
                       placement=placement, eps=eps, recompute=recompute, out=out,
@@ -457,13 +512,62 @@ def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="rel
 
 def ffn_block(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", *, norm="layer",
               placement="pre", eps=1e-5, out=None):
-    """FFN sublayer inference: ``x + ffn(norm(x))`` (pre) or ``norm(x + ffn(x))`` (post); see
-    :func:`ffn_block_forward` for the arguments.  Keeps nothing: the extra memory is one (n, d)
-    scratch buffer (the normalised input, or the residual sum) and the FFN's hidden block.
+    """FFN sublayer inference: ``x + ffn(norm(x))`` (pre) or ``norm(x + ffn(x))`` (post).
+
+    Keeps nothing: the extra memory is one (n, d) scratch buffer (the normalised input, or the
+    residual sum) and the FFN's hidden block.
+
+    Parameters
+    ----------
+    x : ndarray of shape (..., d), float32 or float64
+        Any layout.
+    norm_weight, norm_bias : ndarray of shape (d,) or None
+        The norm's parameters (``norm_bias`` None for ``norm="rms"``).
+    w1, b1, w2, b2 : ndarray or None
+        The FFN's parameters, as :func:`normffn.ffn` takes them.
+    activation : {"relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu"}
+        The FFN's activation.
+    norm : {"layer", "rms"}
+        LayerNorm or RMSNorm.
+    placement : {"pre", "post"}
+        Where the norm sits.
+    eps : float >= 0 and finite, or None (RMSNorm only)
+        The norm's eps.
+    out : ndarray of x's shape and dtype, C-contiguous, writeable, not overlapping an input
+        Where to write y.
 
     Returns
     -------
-    y : ndarray of x's shape and dtype (``out`` when given)
+    y : ndarray of x's shape and dtype
+        ``out`` when given.
+
+    Raises
+    ------
+    TypeError
+        As :func:`ffn_block_forward`.
+    ValueError
+        As :func:`ffn_block_forward`.
+
+    See Also
+    --------
+    ffn_block_forward, normffn.reference.ffn_block
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    >>> w1, b1 = normffn.pack_gated(rng.standard_normal((8, 12)), rng.standard_normal((8, 12)))
+    >>> w1, w2 = w1.astype(np.float32), rng.standard_normal((12, 8)).astype(np.float32)
+    >>> y = normffn.ffn_block(x, np.ones(8, np.float32), None, w1, None, w2, None, "swiglu",
+    ...                       norm="rms")
+    >>> y.shape, y.dtype
+    ((2, 3, 8), dtype('float32'))
+    >>> y_ref = normffn.reference.ffn_block(x, np.ones(8, np.float32), None, w1, None, w2, None,
+    ...                                     "swiglu", norm="rms")
+    >>> bool(np.allclose(y, y_ref, rtol=1e-4, atol=1e-4))
+    True
     """
     b = check_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation, norm=norm,
                       placement=placement, eps=eps, out=out)
@@ -477,10 +581,21 @@ def ffn_block(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", *, n
 def ffn_block_backward(dy, ctx, *, out=None, needs=None):
     """Gradients of the FFN sublayer given ``dy = dL/dy``.
 
+    Pre-LN: ``(dxn, dw1, db1, dw2, db2) = ffn_backward(dy)`` at ``xn = norm(x)``,
+    ``(dxnorm, dnorm_weight, dnorm_bias) = norm_backward(dxn)``, ``dx = dy + dxnorm``.
+    Post-LN: ``(ds, dnorm_weight, dnorm_bias) = norm_backward(dy)`` at ``s = x + ffn(x)``,
+    ``(dxf, dw1, ...) = ffn_backward(ds)``, ``dx = ds + dxf``.  The norm's parameter
+    gradients are float64 sums over fixed row blocks added in a fixed order, and db1/db2
+    float64 sums in row order (identical for any thread count); dw1/dw2 are accumulated by BLAS
+    block after block (as deterministic as the BLAS itself).  With 0 rows the parameter
+    gradients are zeros.
+
     Parameters
     ----------
-    dy : ndarray of the forward output's shape and dtype (any layout)
-    ctx : FFNBlockContext from :func:`ffn_block_forward`
+    dy : ndarray of the forward output's shape and dtype
+        Any layout.
+    ctx : FFNBlockContext
+        From :func:`ffn_block_forward`.
     out : tuple of 7 (ndarray or None), optional
         Preallocated ``(dx, dnorm_weight, dnorm_bias, dw1, db1, dw2, db2)`` in the shapes
         below (C-contiguous, writeable, x's dtype, overlapping no input and no other output);
@@ -493,17 +608,11 @@ def ffn_block_backward(dy, ctx, *, out=None, needs=None):
     Returns
     -------
     dx : ndarray of x's shape
-    dnorm_weight, dnorm_bias : ndarray of shape (d,), or None (parameter None or not needed)
-    dw1, db1, dw2, db2 : as :func:`normffn.ffn_backward` returns them (C-contiguous)
-
-    Maths.  pre-LN: ``(dxn, dw1, db1, dw2, db2) = ffn_backward(dy)`` at ``xn = norm(x)``,
-    ``(dxnorm, dnorm_weight, dnorm_bias) = norm_backward(dxn)``, ``dx = dy + dxnorm``.
-    post-LN: ``(ds, dnorm_weight, dnorm_bias) = norm_backward(dy)`` at ``s = x + ffn(x)``,
-    ``(dxf, dw1, ...) = ffn_backward(ds)``, ``dx = ds + dxf``.  The norm's parameter
-    gradients are float64 sums over fixed row blocks added in a fixed order, and db1/db2
-    float64 sums in row order (identical for any thread count); dw1/dw2 are accumulated by BLAS
-    block after block (as deterministic as the BLAS itself).  With 0 rows the parameter
-    gradients are zeros.
+        The input gradient.
+    dnorm_weight, dnorm_bias : ndarray of shape (d,), or None
+        None where the parameter is None or not needed.
+    dw1, db1, dw2, db2 : ndarray or None
+        As :func:`normffn.ffn_backward` returns them (C-contiguous).
 
     Raises
     ------
@@ -511,6 +620,28 @@ def ffn_block_backward(dy, ctx, *, out=None, needs=None):
         ctx not an FFNBlockContext; dy not float or not x's dtype; ``needs`` malformed.
     ValueError
         dy of the wrong shape; an inconsistent ctx; ``out`` not 7 entries or a bad buffer.
+
+    See Also
+    --------
+    ffn_block_forward, normffn.reference.ffn_block_backward
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((6, 4))
+    >>> args = (np.ones(4), np.zeros(4), rng.standard_normal((4, 8)), np.zeros(8),
+    ...         rng.standard_normal((8, 4)), np.zeros(4), "gelu")
+    >>> y, ctx = normffn.ffn_block_forward(x, *args, placement="post")
+    >>> dy = rng.standard_normal(y.shape)
+    >>> grads = normffn.ffn_block_backward(dy, ctx)
+    >>> len(grads), grads[0].shape
+    (7, (6, 4))
+    >>> _, rctx = normffn.reference.ffn_block_forward(x, *args, placement="post")
+    >>> ref = normffn.reference.ffn_block_backward(dy, rctx)
+    >>> all(bool(np.allclose(g, r)) for g, r in zip(grads, ref))
+    True
     """
     ctx, dy2, needs, outs = check_backward(dy, ctx, out=out, needs=needs)
     n, d = dy2.shape

@@ -45,6 +45,9 @@ def _lead(ctx) -> tuple:
 class LayerNormContext(Context):
     """What :func:`layer_norm_backward` needs; returned by :func:`layer_norm_forward`.
 
+    A frozen dataclass.  Its statistics are public so comparison scripts can check them against
+    other libraries.
+
     Attributes
     ----------
     mean, rstd : ndarray of shape ``x.shape[:x.ndim - len(normalized_shape)]``
@@ -53,9 +56,22 @@ class LayerNormContext(Context):
         float32 mean of a row of ``1e4 + noise`` is off by up to half an ulp of 1e4, which
         would cost backward (which recomputes ``xhat`` from it) three digits.
     normalized_shape : tuple of int
+        The normalised trailing dims.
     eps : float
-    x : ndarray, C-contiguous, shape of the forward input (backward recomputes ``xhat`` from it)
-    weight, bias : ndarray of shape ``normalized_shape`` or None
+        As given to the forward.
+    x : ndarray
+        C-contiguous, the forward input's shape (backward recomputes ``xhat`` from it).
+    weight, bias : ndarray of shape ``normalized_shape``, or None
+        As given to the forward.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    >>> _, ctx = normffn.layer_norm_forward(x, 3)
+    >>> ctx.mean.tolist(), ctx.normalized_shape, ctx.shape, ctx.dtype
+    ([1.0, 4.0], (3,), (2, 3), dtype('float32'))
     """
 
     x: np.ndarray
@@ -143,23 +159,30 @@ def run_forward(x2, weight, bias, eps, y2=None, mean=None, rstd=None):
 def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
     """LayerNorm forward, keeping what backward needs.
 
+    ``y = (x - mean) * rstd * weight + bias`` with ``mean`` and the biased variance ``var`` taken
+    over the trailing ``normalized_shape`` dims of each row and ``rstd = 1 / sqrt(var + eps)``.
+
     Parameters
     ----------
-    x : ndarray of shape (..., *normalized_shape), float32 or float64
+    x : ndarray of shape ``(..., *normalized_shape)``, float32 or float64
         Any layout; a non-contiguous x is copied once (and that copy is kept for backward).
     normalized_shape : int or tuple of int
         The trailing dims to normalise over.
     weight, bias : ndarray of shape normalized_shape, same dtype as x, or None
+        The affine parameters (``None``: no scale / no shift).
     eps : float, >= 0 and finite
+        Added to the variance.
     out : ndarray of x's shape and dtype, C-contiguous, writeable, not overlapping an input
         Where to write y; reuse one across calls to avoid page-faulting a fresh output.
 
     Returns
     -------
     y : ndarray of x's shape and dtype
+        ``out`` when given.
     ctx : LayerNormContext
-        ``ctx.mean`` and ``ctx.rstd`` (float64) have shape
-        ``x.shape[:x.ndim - len(normalized_shape)]``.
+        What :func:`layer_norm_backward` needs.  ``ctx.mean`` and ``ctx.rstd`` (float64) have
+        shape ``x.shape[:x.ndim - len(normalized_shape)]``: the statistics
+        ``torch.native_layer_norm`` returns.
 
     Raises
     ------
@@ -168,6 +191,37 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     ValueError
         0-d x, normalized_shape not matching x's trailing dims, wrong weight/bias shape,
         eps negative or not finite, a bad ``out``.
+
+    See Also
+    --------
+    layer_norm : the same without the context.
+    layer_norm_backward : the gradients.
+    normffn.reference.layer_norm_forward : the float64 reference.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    >>> y, ctx = normffn.layer_norm_forward(x, 3)
+    >>> y.dtype, ctx.mean.dtype, ctx.mean.shape
+    (dtype('float32'), dtype('float64'), (2,))
+    >>> ctx.mean.tolist()
+    [1.0, 4.0]
+    >>> np.round(ctx.rstd, 4).tolist()                  # 1 / sqrt(2/3 + 1e-5)
+    [1.2247, 1.2247]
+    >>> y.astype(float).round(4).tolist()
+    [[-1.2247, 0.0, 1.2247], [-1.2247, 0.0, 1.2247]]
+
+    Normalising over the last two dims, with a preallocated output:
+
+    >>> x = np.random.default_rng(0).standard_normal((4, 2, 3))
+    >>> out = np.empty_like(x)
+    >>> y, ctx = normffn.layer_norm_forward(x, (2, 3), out=out)
+    >>> y is out, ctx.rstd.shape
+    (True, (4,))
+    >>> bool(np.allclose(y.reshape(4, -1).mean(axis=1), 0.0))
+    True
     """
     a = check_forward(x, normalized_shape, weight, bias, eps, out)
     mean = np.empty(a.lead, np.float64)
@@ -179,10 +233,68 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
-    """LayerNorm over the trailing ``normalized_shape`` dims (see :func:`layer_norm_forward`).
+    """LayerNorm over the trailing ``normalized_shape`` dims, as ``torch.nn.functional.layer_norm``.
 
-    ``y = (x - mean) * rstd * weight + bias`` with ``mean``/biased ``var`` over the trailing
-    dims and ``rstd = 1 / sqrt(var + eps)``.  Returns y only.
+    ``y = (x - mean) * rstd * weight + bias`` with ``mean`` and the biased variance ``var`` over
+    the trailing dims and ``rstd = 1 / sqrt(var + eps)``; the statistics are computed in float64
+    (two-pass, blocked sums) whatever the input dtype.  Keeps nothing for backward: use
+    :func:`layer_norm_forward` when you need gradients.
+
+    Parameters
+    ----------
+    x : ndarray of shape ``(..., *normalized_shape)``, float32 or float64
+        Any layout (a non-contiguous x is read through one contiguous copy).
+    normalized_shape : int or tuple of int
+        The trailing dims to normalise over.
+    weight, bias : ndarray of shape normalized_shape, same dtype as x, or None
+        The affine parameters (``None``: no scale / no shift).
+    eps : float, >= 0 and finite
+        Added to the variance.
+    out : ndarray of x's shape and dtype, C-contiguous, writeable, not overlapping an input
+        Where to write y; reuse one across calls to avoid page-faulting a fresh output.
+
+    Returns
+    -------
+    y : ndarray of x's shape and dtype
+        ``out`` when given.
+
+    Raises
+    ------
+    TypeError
+        Non-float dtypes (int, bool, float16, complex, object) or mixed dtypes.
+    ValueError
+        0-d x, normalized_shape not matching x's trailing dims, wrong weight/bias shape,
+        eps negative or not finite, a bad ``out``.
+
+    See Also
+    --------
+    layer_norm_forward, layer_norm_backward, normffn.reference.layer_norm
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    >>> y = normffn.layer_norm(x, 3)
+    >>> y.shape, y.dtype
+    ((2, 3), dtype('float32'))
+    >>> y.astype(float).round(4).tolist()
+    [[-1.2247, 0.0, 1.2247], [-1.2247, 0.0, 1.2247]]
+
+    With weight and bias, checked against the float64 reference:
+
+    >>> w = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    >>> b = np.array([0.5, 0.0, -0.5], dtype=np.float32)
+    >>> y = normffn.layer_norm(x, 3, w, b)
+    >>> bool(np.allclose(y, normffn.reference.layer_norm(x, 3, w, b), atol=1e-6))
+    True
+
+    A row of ``1e4 + small noise`` still normalises to float32 accuracy:
+
+    >>> x = (1e4 + 0.1 * np.random.default_rng(0).standard_normal((8, 768))).astype(np.float32)
+    >>> err = np.abs(normffn.layer_norm(x, 768) - normffn.reference.layer_norm(x, 768)).max()
+    >>> bool(err < 1e-5)
+    True
     """
     return layer_norm_forward(x, normalized_shape, weight, bias, eps, out=out)[0]
 
@@ -262,23 +374,29 @@ def run_backward(dy2, x2, weight, mean, rstd, dx2=None, need_dx=True, need_dweig
 def layer_norm_backward(dy, ctx, *, out=None, needs=None):
     """Gradients of LayerNorm given ``dy = dL/dy``.
 
+    With ``xhat = (x - mean) * rstd``, ``g = dy * weight``, ``c1 = mean(g * xhat)`` and
+    ``c2 = mean(g)`` over the normalised dims: ``dx = rstd * (g - xhat * c1 - c2)``,
+    ``dweight = sum(dy * xhat)`` and ``dbias = sum(dy)`` over the rows.
+
     Parameters
     ----------
-    dy : ndarray of the forward output's shape and dtype (any layout)
-    ctx : LayerNormContext from :func:`layer_norm_forward`
-    out : optional preallocated ``dx`` (same rules as the forward ``out``)
+    dy : ndarray of the forward output's shape and dtype
+        Any layout.
+    ctx : LayerNormContext
+        From :func:`layer_norm_forward`.
+    out : ndarray, optional
+        Preallocated ``dx`` (same rules as the forward ``out``).
     needs : tuple of 3 bools (dx, dweight, dbias), optional
         Which gradients to compute; False entries are returned as None and their work is
         skipped.  Default: every gradient that exists (dweight/dbias only with weight/bias).
 
     Returns
     -------
-    dx : ndarray like x, or None when not needed
-    dweight, dbias : ndarray of shape normalized_shape, or None where weight/bias were None or
-        not needed.  Reduced over rows in a fixed order: identical for any thread count.
-
-    Maths: ``xhat = (x - mean) * rstd``, ``g = dy * weight``, ``c1 = mean(g * xhat)``,
-    ``c2 = mean(g)`` over the normalised dims, ``dx = rstd * (g - xhat * c1 - c2)``.
+    dx : ndarray like x, or None
+        None when not needed.
+    dweight, dbias : ndarray of shape normalized_shape, or None
+        None where weight/bias were None or not needed.  Reduced over rows in a fixed order:
+        identical for any thread count.
 
     Raises
     ------
@@ -286,6 +404,34 @@ def layer_norm_backward(dy, ctx, *, out=None, needs=None):
         ``ctx`` is not a LayerNormContext, dy has the wrong dtype, ``needs`` is malformed.
     ValueError
         dy of the wrong shape, a bad ``out``, a context that is not what the forward saved.
+
+    See Also
+    --------
+    layer_norm_forward, normffn.reference.layer_norm_backward
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((4, 8))
+    >>> w, b = rng.standard_normal(8), rng.standard_normal(8)
+    >>> y, ctx = normffn.layer_norm_forward(x, 8, w, b)
+    >>> dy = rng.standard_normal(y.shape)
+    >>> dx, dw, db = normffn.layer_norm_backward(dy, ctx)
+    >>> dx.shape, dw.shape, db.shape
+    ((4, 8), (8,), (8,))
+    >>> bool(np.allclose(db, dy.sum(axis=0)))
+    True
+    >>> _, ref_ctx = normffn.reference.layer_norm_forward(x, 8, w, b)
+    >>> ref = normffn.reference.layer_norm_backward(dy, ref_ctx)
+    >>> all(bool(np.allclose(a, r)) for a, r in zip((dx, dw, db), ref))
+    True
+
+    Only the parameter gradients (a frozen input), so no dx pass runs:
+
+    >>> normffn.layer_norm_backward(dy, ctx, needs=(False, True, True))[0] is None
+    True
     """
     a = check_backward(dy, ctx, out, needs)
     _, dweight, dbias = run_backward(a.dy2, a.x2, a.w1, a.mean, a.rstd, a.dx2, a.need_dx,

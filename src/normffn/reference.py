@@ -65,7 +65,34 @@ def _mask(grads, needs):
 
 # ---------------------------------------------------------------- LayerNorm
 def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
-    """Returns ``(y, ctx)``; ``ctx`` has ``mean`` and ``rstd`` of shape x.shape[:-k]."""
+    """Float64 LayerNorm forward: ``(y, ctx)``, the textbook formulas.
+
+    ``mean`` is the corrected two-pass mean, ``var`` the biased two-pass variance over the
+    trailing dims, ``rstd = 1 / sqrt(var + eps)``, ``y = (x - mean) * rstd * weight + bias``.
+
+    Parameters
+    ----------
+    x, normalized_shape, weight, bias, eps
+        As :func:`normffn.layer_norm_forward`; converted to float64.
+    out : ignored
+        References allocate.
+
+    Returns
+    -------
+    y : ndarray, float64
+        The normalised output.
+    ctx : types.SimpleNamespace
+        ``x``, ``weight``, ``bias`` (float64), ``axes``, ``eps``, ``mean`` and ``rstd`` of shape
+        ``x.shape[:-k]`` (``k = len(normalized_shape)``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> y, ctx = reference.layer_norm_forward(np.float32([[0, 1, 2]]), 3)
+    >>> y.dtype, ctx.mean.tolist(), np.round(y, 4).tolist()
+    (dtype('float64'), [1.0], [[-1.2247, 0.0, 1.2247]])
+    """
     x = _f64(x)
     axes = _axes(x, normalized_shape)
     k = len(axes)
@@ -86,13 +113,68 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+    """Float64 LayerNorm: :func:`layer_norm_forward` without the context.
+
+    Parameters
+    ----------
+    x, normalized_shape, weight, bias, eps
+        As :func:`normffn.layer_norm`.
+    out : ignored
+        References allocate.
+
+    Returns
+    -------
+    y : ndarray, float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> from normffn import reference
+    >>> x = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
+    >>> y_ref = reference.layer_norm(x, 6)
+    >>> y_ref.dtype
+    dtype('float64')
+    >>> normffn.testing.assert_close(normffn.layer_norm(x, 6), y_ref).nonfinite_match
+    True
+    """
     return layer_norm_forward(x, normalized_shape, weight, bias, eps)[0]
 
 
 def layer_norm_backward(dy, ctx, *, out=None, needs=None):
-    """Returns ``(dx, dweight, dbias)`` (None where weight/bias were None or not needed):
-    ``g = dy * weight``, ``c1 = mean(g * xhat)``, ``c2 = mean(g)``,
-    ``dx = rstd * (g - xhat * c1 - c2)``, ``dweight = sum dy * xhat``, ``dbias = sum dy``."""
+    """Float64 LayerNorm backward: ``(dx, dweight, dbias)``.
+
+    ``xhat = (x - mean) * rstd``, ``g = dy * weight``, ``c1 = mean(g * xhat)``,
+    ``c2 = mean(g)``, ``dx = rstd * (g - xhat * c1 - c2)``, ``dweight = sum dy * xhat``,
+    ``dbias = sum dy`` (sums over the rows).
+
+    Parameters
+    ----------
+    dy : array_like
+        The gradient of y.
+    ctx : types.SimpleNamespace
+        From :func:`layer_norm_forward` (this module's).
+    out : ignored
+        References allocate.
+    needs : tuple of 3 bools, optional
+        False entries are returned as None.
+
+    Returns
+    -------
+    dx : ndarray, float64
+    dweight, dbias : ndarray or None
+        None where weight/bias were None or not needed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> x = np.array([[0.0, 1.0, 2.0]])
+    >>> _, ctx = reference.layer_norm_forward(x, 3, np.ones(3), np.zeros(3))
+    >>> dx, dw, db = reference.layer_norm_backward(np.ones((1, 3)), ctx)
+    >>> np.round(dx, 12).tolist(), db.tolist()     # a constant dy moves nothing
+    ([[0.0, 0.0, 0.0]], [1.0, 1.0, 1.0])
+    """
     dy = _f64(dy)
     axes = ctx.axes
     lead_axes = tuple(range(ctx.x.ndim - len(axes)))
@@ -132,13 +214,37 @@ def _ffn_act(activation, v):
 
 def ffn_forward(x, w1, b1, w2, b2, activation="relu", recompute=False, *, out=None,
                 hidden_out=None):
-    """Returns ``(y, ctx)``, ``y = act(x @ w1 + b1) @ w2 + b2`` (gated: ``y = (act(g) * u)
-    @ w2 + b2``, see the module docstring).
+    """Float64 FFN forward: ``(y, ctx)`` with ``y = act(x @ w1 + b1) @ w2 + b2``.
 
-    ``ctx`` has ``v`` (the pre-activation, (n, h); gated: the packed [g | u], (n, 2h)), ``a``
-    (the hidden activation, (n, h)), for gated activations ``g`` and ``u``, and ``dead_units``
-    (relu: units whose output is 0 on every row; reglu: the same of the gate ``act(g)``; None
-    otherwise).  ``recompute``, ``out`` and ``hidden_out`` change nothing here."""
+    Gated: ``y = (act(g) * u) @ w2 + b2`` with ``g, u`` the two halves of ``x @ w1 + b1`` (see the
+    module docstring).
+
+    Parameters
+    ----------
+    x, w1, b1, w2, b2, activation
+        As :func:`normffn.ffn_forward`; converted to float64.
+    recompute, out, hidden_out : ignored
+        They change nothing here.
+
+    Returns
+    -------
+    y : ndarray, float64
+    ctx : types.SimpleNamespace
+        ``v`` (the pre-activation, (n, h); gated: the packed [g | u], (n, 2h)), ``a`` (the
+        hidden activation, (n, h)), for gated activations ``g`` and ``u``, and ``dead_units``
+        (relu: units whose output is 0 on every row; reglu: the same of the gate ``act(g)``;
+        None otherwise).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> x = np.array([[1.0, -1.0]])
+    >>> w1 = np.array([[1.0, 1.0], [1.0, -1.0]])
+    >>> y, ctx = reference.ffn_forward(x, w1, None, np.eye(2), None)
+    >>> y.tolist(), ctx.dead_units.tolist()       # relu([0, 2])
+    ([[0.0, 2.0]], [True, False])
+    """
     x = _f64(x)
     x2 = x.reshape(-1, x.shape[-1])
     v = x2 @ _f64(w1)
@@ -164,18 +270,65 @@ def ffn_forward(x, w1, b1, w2, b2, activation="relu", recompute=False, *, out=No
 
 
 def ffn(x, w1, b1, w2, b2, activation="relu", *, out=None):
+    """Float64 FFN: :func:`ffn_forward` without the context.
+
+    Parameters
+    ----------
+    x, w1, b1, w2, b2, activation
+        As :func:`normffn.ffn`.
+    out : ignored
+        References allocate.
+
+    Returns
+    -------
+    y : ndarray, float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> reference.ffn(np.array([[2.0]]), np.array([[1.0]]), None, np.array([[3.0]]), None,
+    ...               "silu").round(6).tolist()                 # 3 * 2 * sigmoid(2)
+    [[5.284782]]
+    """
     return ffn_forward(x, w1, b1, w2, b2, activation)[0]
 
 
 def ffn_backward(dy, ctx, *, out=None, needs=None):
-    """Returns ``(dx, dw1, db1, dw2, db2)`` (db1/db2 None where b1/b2 were None; any None
-    where ``needs`` says False).
+    """Float64 FFN backward: ``(dx, dw1, db1, dw2, db2)``.
 
     ``dA = dy @ w2^T``.  Plain: ``dH = dA * act'(v)`` (relu: dA where not a <= 0, as PyTorch's
     threshold_backward, so a NaN activation passes its gradient).  Gated: ``dg = dA * u *
     act'(g)`` (reglu: ``dA * u`` where g is not <= 0, else 0), ``du = dA * act(g)``,
     ``dH = [dg | du]``.  Then ``dx = dH @ w1^T``, ``dw1 = x^T @ dH``, ``db1 = sum dH``,
-    ``dw2 = a^T @ dy``, ``db2 = sum dy`` over rows."""
+    ``dw2 = a^T @ dy``, ``db2 = sum dy`` over rows.
+
+    Parameters
+    ----------
+    dy : array_like
+        The gradient of y.
+    ctx : types.SimpleNamespace
+        From :func:`ffn_forward` (this module's).
+    out : ignored
+        References allocate.
+    needs : tuple of 5 bools, optional
+        False entries are returned as None.
+
+    Returns
+    -------
+    dx, dw1, db1, dw2, db2 : ndarray or None
+        float64; db1/db2 None where b1/b2 were None.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> x, w1, w2 = np.array([[1.0, 2.0]]), np.eye(2), np.eye(2)
+    >>> y, ctx = reference.ffn_forward(x, w1, np.zeros(2), w2, None)
+    >>> dx, dw1, db1, dw2, db2 = reference.ffn_backward(np.ones((1, 2)), ctx)
+    >>> dx.tolist(), db1.tolist(), db2 is None
+    ([[1.0, 1.0]], [1.0, 1.0], True)
+    """
     dy = _f64(dy).reshape(-1, ctx.w1.shape[0])
     dA = dy @ ctx.w2.T
     if ctx.activation in GATES:
@@ -195,9 +348,30 @@ def ffn_backward(dy, ctx, *, out=None, needs=None):
 
 
 def pack_gated(w_gate, w_up, b_gate=None, b_up=None, *, layout="math"):
-    """``(w1, b1)``: ``w1 = [w_gate | w_up]`` of shape (d, 2h) (``layout="torch"``: the
-    weights are (h, d), as ``nn.Linear.weight``), ``b1 = [b_gate | b_up]`` (zeros for a missing
-    half; None when both are None)."""
+    """Float64 :func:`normffn.pack_gated`: ``(w1, b1)``.
+
+    ``w1 = [w_gate | w_up]`` of shape (d, 2h) (``layout="torch"``: the weights are (h, d), as
+    ``nn.Linear.weight``), ``b1 = [b_gate | b_up]`` (zeros for a missing half; None when both
+    are None).
+
+    Parameters
+    ----------
+    w_gate, w_up, b_gate, b_up, layout
+        As :func:`normffn.pack_gated`.
+
+    Returns
+    -------
+    w1 : ndarray of shape (d, 2h), float64
+    b1 : ndarray of shape (2h,), float64, or None
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> w1, b1 = reference.pack_gated(np.zeros((2, 1)), np.ones((2, 1)), b_gate=np.ones(1))
+    >>> w1.tolist(), b1.tolist()
+    ([[0.0, 1.0], [0.0, 1.0]], [1.0, 0.0])
+    """
     w_gate, w_up = _f64(w_gate), _f64(w_up)
     if layout == "torch":
         w_gate, w_up = w_gate.T, w_up.T
@@ -212,9 +386,32 @@ def pack_gated(w_gate, w_up, b_gate=None, b_up=None, *, layout="math"):
 
 # ---------------------------------------------------------------- RMSNorm
 def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None):
-    """Returns ``(y, ctx)``; ``y = x * rstd * weight``, ``rstd = 1/sqrt(mean(x^2) + eps)``
-    over the trailing dims; ``eps=None`` means ``np.finfo(x.dtype).eps``.  ``ctx.rstd`` has
-    shape x.shape[:-k]."""
+    """Float64 RMSNorm forward: ``(y, ctx)``.
+
+    ``y = x * rstd * weight``, ``rstd = 1 / sqrt(mean(x^2) + eps)`` over the trailing dims;
+    ``eps=None`` means ``np.finfo(x.dtype).eps`` (of the input's dtype).
+
+    Parameters
+    ----------
+    x, normalized_shape, weight, eps
+        As :func:`normffn.rms_norm_forward`; converted to float64.
+    out : ignored
+        References allocate.
+
+    Returns
+    -------
+    y : ndarray, float64
+    ctx : types.SimpleNamespace
+        ``ctx.rstd`` has shape ``x.shape[:-k]``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> y, ctx = reference.rms_norm_forward(np.array([[3.0, 4.0]]), 2, eps=0.0)
+    >>> np.round(ctx.rstd ** -2, 12).tolist()      # mean(x**2)
+    [12.5]
+    """
     if eps is None:
         eps = float(np.finfo(np.asarray(x).dtype).eps)
     x = _f64(x)
@@ -229,13 +426,62 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None):
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
+    """Float64 RMSNorm: :func:`rms_norm_forward` without the context.
+
+    Parameters
+    ----------
+    x, normalized_shape, weight, eps
+        As :func:`normffn.rms_norm`.
+    out : ignored
+        References allocate.
+
+    Returns
+    -------
+    y : ndarray, float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> reference.rms_norm(np.array([[2.0, -2.0]]), 2, eps=0.0).tolist()
+    [[1.0, -1.0]]
+    """
     return rms_norm_forward(x, normalized_shape, weight, eps)[0]
 
 
 def rms_norm_backward(dy, ctx, *, out=None, needs=None):
-    """Returns ``(dx, dweight)`` (dweight None without weight; either None where ``needs``
-    says False): ``xhat = x * rstd``, ``g = dy * weight``, ``c1 = mean(g * xhat)``,
-    ``dx = rstd * (g - xhat * c1)``, ``dweight = sum dy * xhat`` over rows."""
+    """Float64 RMSNorm backward: ``(dx, dweight)``.
+
+    ``xhat = x * rstd``, ``g = dy * weight``, ``c1 = mean(g * xhat)``,
+    ``dx = rstd * (g - xhat * c1)``, ``dweight = sum dy * xhat`` over rows.
+
+    Parameters
+    ----------
+    dy : array_like
+        The gradient of y.
+    ctx : types.SimpleNamespace
+        From :func:`rms_norm_forward` (this module's).
+    out : ignored
+        References allocate.
+    needs : tuple of 2 bools, optional
+        False entries are returned as None.
+
+    Returns
+    -------
+    dx : ndarray, float64
+    dweight : ndarray or None
+        None without weight or where not needed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> x = np.array([[2.0, -2.0]])
+    >>> _, ctx = reference.rms_norm_forward(x, 2, eps=0.0)
+    >>> dx, dw = reference.rms_norm_backward(x, ctx)              # dy parallel to x
+    >>> np.round(dx, 12).tolist(), dw
+    ([[0.0, 0.0]], None)
+    """
     dy = _f64(dy)
     axes = ctx.axes
     lead_axes = tuple(range(ctx.x.ndim - len(axes)))
@@ -256,20 +502,97 @@ def _add(x, residual):
 
 def add_layer_norm_forward(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *,
                            out=None):
-    """Returns ``(y, s, ctx)``: ``s = x + residual``, ``y = layer_norm(s)``; ``ctx`` is
-    :func:`layer_norm_forward`'s, computed from s (``ctx.mean``, ``ctx.rstd``)."""
+    """Float64 residual add + LayerNorm: ``(y, s, ctx)``.
+
+    ``s = x + residual`` rounded once in the input dtype (as the op does), then
+    ``y = layer_norm(s)`` in float64.
+
+    Parameters
+    ----------
+    x, residual, normalized_shape, weight, bias, eps
+        As :func:`normffn.add_layer_norm_forward`.
+    out : ignored
+        References allocate.
+
+    Returns
+    -------
+    y, s : ndarray, float64
+    ctx : types.SimpleNamespace
+        :func:`layer_norm_forward`'s, computed from s (``ctx.mean``, ``ctx.rstd``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> x = np.float32([[1e8, 1.0]])
+    >>> y, s, ctx = reference.add_layer_norm_forward(x, np.float32([[0.0, 1.0]]), 2)
+    >>> s.dtype, s.tolist()                        # float32 addition, returned as float64
+    (dtype('float64'), [[100000000.0, 2.0]])
+    """
     s = _add(x, residual)
     y, ctx = layer_norm_forward(s, normalized_shape, weight, bias, eps)
     return y, s, ctx
 
 
 def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+    """Float64 residual add + LayerNorm: ``(y, s)``, :func:`add_layer_norm_forward` without the
+    context.
+
+    Parameters
+    ----------
+    x, residual, normalized_shape, weight, bias, eps
+        As :func:`normffn.add_layer_norm`.
+    out : ignored
+        References allocate.
+
+    Returns
+    -------
+    y, s : ndarray, float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> y, s = reference.add_layer_norm(np.zeros((1, 2)), np.array([[1.0, 3.0]]), 2, eps=0.0)
+    >>> y.tolist(), s.tolist()
+    ([[-1.0, 1.0]], [[1.0, 3.0]])
+    """
     return add_layer_norm_forward(x, residual, normalized_shape, weight, bias, eps)[:2]
 
 
 def add_layer_norm_backward(dy, ctx, ds=None, *, out=None, needs=None):
-    """Returns ``(dsum, dweight, dbias)``: ``dsum = layer_norm_backward(dy)[0] + ds``, the
-    gradient of both x and residual (``needs`` as in :func:`layer_norm_backward`)."""
+    """Float64 residual add + LayerNorm backward: ``(dsum, dweight, dbias)``.
+
+    ``dsum = layer_norm_backward(dy)[0] + ds``, the gradient of both x and residual.
+
+    Parameters
+    ----------
+    dy : array_like
+        The gradient of y.
+    ctx : types.SimpleNamespace
+        From :func:`add_layer_norm_forward` (this module's).
+    ds : array_like or None
+        The gradient reaching s from downstream.
+    out : ignored
+        References allocate.
+    needs : tuple of 3 bools, optional
+        As in :func:`layer_norm_backward`.
+
+    Returns
+    -------
+    dsum : ndarray, float64
+    dweight, dbias : ndarray or None
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> _, _, ctx = reference.add_layer_norm_forward(np.zeros((1, 2)), np.array([[1.0, 3.0]]), 2)
+    >>> dsum, dw, db = reference.add_layer_norm_backward(np.zeros((1, 2)), ctx,
+    ...                                                  ds=np.ones((1, 2)))
+    >>> dsum.tolist(), dw, db
+    ([[1.0, 1.0]], None, None)
+    """
     dx, dw, db = layer_norm_backward(dy, ctx)
     if ds is not None:
         dx = dx + _f64(ds)
@@ -277,8 +600,32 @@ def add_layer_norm_backward(dy, ctx, ds=None, *, out=None, needs=None):
 
 
 def add_rms_norm_forward(x, residual, normalized_shape, weight=None, eps=None, *, out=None):
-    """Returns ``(y, s, ctx)``: ``s = x + residual``, ``y = rms_norm(s)`` (``eps=None``:
-    ``np.finfo(x.dtype).eps``)."""
+    """Float64 residual add + RMSNorm: ``(y, s, ctx)``.
+
+    ``s = x + residual`` rounded once in the input dtype, ``y = rms_norm(s)`` in float64
+    (``eps=None``: ``np.finfo(x.dtype).eps``).
+
+    Parameters
+    ----------
+    x, residual, normalized_shape, weight, eps
+        As :func:`normffn.add_rms_norm_forward`.
+    out : ignored
+        References allocate.
+
+    Returns
+    -------
+    y, s : ndarray, float64
+    ctx : types.SimpleNamespace
+        :func:`rms_norm_forward`'s, computed from s.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> y, s, ctx = reference.add_rms_norm_forward(np.ones((1, 2)), np.ones((1, 2)), 2, eps=0.0)
+    >>> y.tolist(), ctx.rstd.tolist()
+    ([[1.0, 1.0]], [0.5])
+    """
     if eps is None:
         eps = float(np.finfo(np.asarray(x).dtype).eps)
     s = _add(x, residual)
@@ -287,11 +634,62 @@ def add_rms_norm_forward(x, residual, normalized_shape, weight=None, eps=None, *
 
 
 def add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, *, out=None):
+    """Float64 residual add + RMSNorm: ``(y, s)``, :func:`add_rms_norm_forward` without the
+    context.
+
+    Parameters
+    ----------
+    x, residual, normalized_shape, weight, eps
+        As :func:`normffn.add_rms_norm`.
+    out : ignored
+        References allocate.
+
+    Returns
+    -------
+    y, s : ndarray, float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> y, s = reference.add_rms_norm(np.array([[1.0, -3.0]]), np.array([[1.0, 1.0]]), 2, eps=0.0)
+    >>> y.tolist()
+    [[1.0, -1.0]]
+    """
     return add_rms_norm_forward(x, residual, normalized_shape, weight, eps)[:2]
 
 
 def add_rms_norm_backward(dy, ctx, ds=None, *, out=None, needs=None):
-    """Returns ``(dsum, dweight)``: ``dsum = rms_norm_backward(dy)[0] + ds``."""
+    """Float64 residual add + RMSNorm backward: ``(dsum, dweight)``.
+
+    ``dsum = rms_norm_backward(dy)[0] + ds``.
+
+    Parameters
+    ----------
+    dy : array_like
+        The gradient of y.
+    ctx : types.SimpleNamespace
+        From :func:`add_rms_norm_forward` (this module's).
+    ds : array_like or None
+        The gradient reaching s from downstream.
+    out : ignored
+        References allocate.
+    needs : tuple of 2 bools, optional
+        False entries are returned as None.
+
+    Returns
+    -------
+    dsum : ndarray, float64
+    dweight : ndarray or None
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> _, _, ctx = reference.add_rms_norm_forward(np.ones((1, 2)), np.ones((1, 2)), 2)
+    >>> reference.add_rms_norm_backward(np.zeros((1, 2)), ctx, np.ones((1, 2)))[0].tolist()
+    [[1.0, 1.0]]
+    """
     dx, dw = rms_norm_backward(dy, ctx)
     if ds is not None:
         dx = dx + _f64(ds)
@@ -315,14 +713,37 @@ def _block_norm_backward(norm, dy, ctx):
 def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", *,
                       norm="layer", placement="pre", eps=1e-5, recompute=False, out=None,
                       hidden_out=None):
-    """Returns ``(y, ctx)``: pre-LN ``y = x + ffn(norm(x))``, post-LN ``y = norm(x + ffn(x))``
-    (``eps=None`` with ``norm="rms"``: ``np.finfo(x.dtype).eps``).
+    """Float64 FFN sublayer forward: ``(y, ctx)``, composed from the references above.
 
-    ``ctx`` has ``mean`` (None for RMSNorm) and ``rstd`` of shape x.shape[:-1] (of x pre-LN,
-    of s post-LN), ``dead_units`` (relu, reglu; None otherwise), the pre-LN normalised input
-    ``xn`` or the post-LN residual sum ``s`` (the other None), and the composed references'
-    contexts ``norm_ctx`` and ``ffn_ctx``.  ``recompute``, ``out`` and ``hidden_out`` change
-    nothing here."""
+    Pre-LN ``y = x + ffn(norm(x))``, post-LN ``y = norm(x + ffn(x))`` (``eps=None`` with
+    ``norm="rms"``: ``np.finfo(x.dtype).eps``).
+
+    Parameters
+    ----------
+    x, norm_weight, norm_bias, w1, b1, w2, b2, activation, norm, placement, eps
+        As :func:`normffn.ffn_block_forward`.
+    recompute, out, hidden_out : ignored
+        They change nothing here.
+
+    Returns
+    -------
+    y : ndarray, float64
+    ctx : types.SimpleNamespace
+        ``mean`` (None for RMSNorm) and ``rstd`` of shape ``x.shape[:-1]`` (of x pre-LN, of s
+        post-LN), ``dead_units`` (relu, reglu; None otherwise), the pre-LN normalised input
+        ``xn`` or the post-LN residual sum ``s`` (the other None), and the composed references'
+        contexts ``norm_ctx`` and ``ffn_ctx``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> x = np.array([[1.0, 3.0]])
+    >>> y, ctx = reference.ffn_block_forward(x, None, None, np.zeros((2, 2)), None,
+    ...                                      np.zeros((2, 2)), None, eps=0.0)
+    >>> y.tolist(), np.round(ctx.xn, 12).tolist()       # the FFN adds 0
+    ([[1.0, 3.0]], [[-1.0, 1.0]])
+    """
     if norm == "rms" and eps is None:
         eps = float(np.finfo(np.asarray(x).dtype).eps)
     x = _f64(x)
@@ -343,18 +764,68 @@ def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="rel
 
 def ffn_block(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", *, norm="layer",
               placement="pre", eps=1e-5, out=None):
+    """Float64 FFN sublayer: :func:`ffn_block_forward` without the context.
+
+    Parameters
+    ----------
+    x, norm_weight, norm_bias, w1, b1, w2, b2, activation, norm, placement, eps
+        As :func:`normffn.ffn_block`.
+    out : ignored
+        References allocate.
+
+    Returns
+    -------
+    y : ndarray, float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> y = reference.ffn_block(np.array([[1.0, 3.0]]), None, None, np.zeros((2, 2)), None,
+    ...                         np.zeros((2, 2)), None, placement="post", eps=0.0)
+    >>> np.round(y, 12).tolist()
+    [[-1.0, 1.0]]
+    """
     return ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation, norm=norm,
                              placement=placement, eps=eps)[0]
 
 
 def ffn_block_backward(dy, ctx, *, out=None, needs=None):
-    """Returns ``(dx, dnorm_weight, dnorm_bias, dw1, db1, dw2, db2)`` (None where the parameter
-    was None, and where ``needs`` says False)::
+    """Float64 FFN sublayer backward: ``(dx, dnorm_weight, dnorm_bias, dw1, db1, dw2, db2)``.
+
+    None where the parameter was None, and where ``needs`` says False::
 
         pre-LN:   (dxn, dw1, db1, dw2, db2) = ffn_backward(dy)
                   (dxnorm, dnorm_weight, dnorm_bias) = norm_backward(dxn);  dx = dy + dxnorm
         post-LN:  (ds, dnorm_weight, dnorm_bias) = norm_backward(dy)
                   (dxf, dw1, db1, dw2, db2) = ffn_backward(ds);  dx = ds + dxf
+
+    Parameters
+    ----------
+    dy : array_like
+        The gradient of y.
+    ctx : types.SimpleNamespace
+        From :func:`ffn_block_forward` (this module's).
+    out : ignored
+        References allocate.
+    needs : tuple of 7 bools, optional
+        False entries are returned as None.
+
+    Returns
+    -------
+    tuple of 7 (ndarray or None)
+        float64 gradients.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> x = np.array([[1.0, 3.0]])
+    >>> _, ctx = reference.ffn_block_forward(x, None, None, np.zeros((2, 2)), None,
+    ...                                      np.zeros((2, 2)), None)
+    >>> grads = reference.ffn_block_backward(np.ones((1, 2)), ctx)
+    >>> grads[0].tolist(), grads[1], grads[3].shape           # pre-LN: dx = dy + ...
+    ([[1.0, 1.0]], None, (2, 2))
     """
     dy = _f64(dy)
     if ctx.placement == "pre":
@@ -371,9 +842,36 @@ def ffn_block_backward(dy, ctx, *, out=None, needs=None):
 # ---------------------------------------------------------------- BatchNorm
 def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, training=False,
                        momentum=0.1, eps=1e-5, *, out=None):
-    """Returns ``(y, ctx)``; ``ctx`` has ``mean`` and ``rstd`` of shape (C,) (batch stats in
-    training, running stats in eval).  In training, given running stats are updated in place
-    (``(1 - momentum) * old + momentum * new``, unbiased variance), as PyTorch does."""
+    """Float64 BatchNorm forward: ``(y, ctx)``.
+
+    Normalises per channel (axis 1) over ``(N, *spatial)``: with the batch mean and biased
+    variance in training, with the running stats in eval.  In training, given running stats are
+    updated in place (``(1 - momentum) * old + momentum * new``, unbiased variance), as PyTorch
+    does.
+
+    Parameters
+    ----------
+    x, running_mean, running_var, weight, bias, training, momentum, eps
+        As :func:`normffn.batch_norm_forward`.
+    out : ignored
+        References allocate.
+
+    Returns
+    -------
+    y : ndarray, float64
+    ctx : types.SimpleNamespace
+        ``mean`` and ``rstd`` of shape (C,) (batch stats in training, running stats in eval).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> rm, rv = np.zeros(1), np.ones(1)
+    >>> y, ctx = reference.batch_norm_forward(np.array([[1.0], [3.0]]), rm, rv, training=True,
+    ...                                       eps=0.0)
+    >>> y.tolist(), rm.tolist(), np.round(rv, 12).tolist()
+    ([[-1.0], [1.0]], [0.2], [1.1])
+    """
     x = _f64(x)
     C = x.shape[1]
     axes = (0,) + tuple(range(2, x.ndim))                 # every axis but the channels
@@ -404,12 +902,64 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, *, out=None):
+    """Float64 BatchNorm: :func:`batch_norm_forward` without the context.
+
+    Parameters
+    ----------
+    x, running_mean, running_var, weight, bias, training, momentum, eps
+        As :func:`normffn.batch_norm`.
+    out : ignored
+        References allocate.
+
+    Returns
+    -------
+    y : ndarray, float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> reference.batch_norm(np.array([[3.0]]), np.array([1.0]), np.array([4.0]), eps=0.0).tolist()
+    [[1.0]]
+    """
     return batch_norm_forward(x, running_mean, running_var, weight, bias, training, momentum,
                               eps)[0]
 
 
 def batch_norm_backward(dy, ctx, *, out=None, needs=None):
-    """Returns ``(dx, dweight, dbias)`` (None where weight/bias were None or not needed)."""
+    """Float64 BatchNorm backward: ``(dx, dweight, dbias)``.
+
+    Per channel, ``xhat = (x - mean) * rstd``, ``g = dy * weight``; training:
+    ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``, eval: ``dx = g * rstd``;
+    ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)``.
+
+    Parameters
+    ----------
+    dy : array_like
+        The gradient of y.
+    ctx : types.SimpleNamespace
+        From :func:`batch_norm_forward` (this module's).
+    out : ignored
+        References allocate.
+    needs : tuple of 3 bools, optional
+        False entries are returned as None.
+
+    Returns
+    -------
+    dx : ndarray, float64
+    dweight, dbias : ndarray or None
+        None where weight/bias were None or not needed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn import reference
+    >>> _, ctx = reference.batch_norm_forward(np.array([[1.0], [3.0]]), None, None, np.ones(1),
+    ...                                       np.zeros(1), training=True)
+    >>> dx, dw, db = reference.batch_norm_backward(np.ones((2, 1)), ctx)
+    >>> np.round(dx, 12).tolist(), db.tolist()
+    ([[0.0], [0.0]], [2.0])
+    """
     dy = _f64(dy)
     axes, shape = ctx.axes, ctx.shape
     mean, rstd = ctx.mean.reshape(shape), ctx.rstd.reshape(shape)

@@ -43,9 +43,21 @@ class RMSNormContext(Context):
     rstd : ndarray of shape ``x.shape[:x.ndim - len(normalized_shape)]``, float64
         ``1 / sqrt(mean(x**2) + eps)`` per row.
     normalized_shape : tuple of int
+        The normalised trailing dims.
     eps : float
-    x : ndarray, C-contiguous (backward recomputes ``xhat = x * rstd`` from it)
+        As used by the forward (``None`` was resolved to the dtype's machine epsilon).
+    x : ndarray
+        C-contiguous (backward recomputes ``xhat = x * rstd`` from it).
     weight : ndarray of shape normalized_shape, or None
+        As given to the forward.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> _, ctx = normffn.rms_norm_forward(np.full((2, 4), 3.0), 4)
+    >>> np.round(ctx.rstd, 6).tolist(), bool(ctx.eps == np.finfo(np.float64).eps)
+    ([0.333333, 0.333333], True)
     """
 
     x: np.ndarray
@@ -109,19 +121,26 @@ def run_rms_norm_backward(dy2, x2, weight, rstd, dx2, dweight):
 def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None):
     """RMSNorm forward, keeping what backward needs.
 
+    ``y = x * rstd * weight`` with ``rstd = 1 / sqrt(mean(x**2) + eps)`` over the trailing
+    ``normalized_shape`` dims of each row (float64 statistics).
+
     Parameters
     ----------
-    x : ndarray of shape (..., *normalized_shape), float32 or float64
+    x : ndarray of shape ``(..., *normalized_shape)``, float32 or float64
         Any layout; a non-contiguous x is copied once (and that copy is kept for backward).
     normalized_shape : int or tuple of int
         The trailing dims to normalise over.
     weight : ndarray of shape normalized_shape, same dtype as x, or None
-    eps : float >= 0 and finite, or None for ``np.finfo(x.dtype).eps``
+        The scale (``None``: none).
+    eps : float >= 0 and finite, or None
+        None means ``np.finfo(x.dtype).eps``, as ``torch.nn.functional.rms_norm``.
     out : ndarray of x's shape and dtype, C-contiguous, writeable, not overlapping an input
+        Where to write y.
 
     Returns
     -------
-    y : ndarray of x's shape and dtype, ``x * rstd * weight``
+    y : ndarray of x's shape and dtype
+        ``x * rstd * weight`` (``out`` when given).
     ctx : RMSNormContext
         ``ctx.rstd = 1 / sqrt(mean(x**2) + eps)`` (float64) has shape
         ``x.shape[:x.ndim - len(normalized_shape)]``.
@@ -133,6 +152,21 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None):
     ValueError
         0-d x, normalized_shape not matching x's trailing dims, wrong weight shape, eps
         negative or not finite, a bad ``out``.
+
+    See Also
+    --------
+    rms_norm, rms_norm_backward, normffn.reference.rms_norm_forward
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> x = np.array([[3.0, 4.0], [1.0, -1.0]], dtype=np.float32)
+    >>> y, ctx = normffn.rms_norm_forward(x, 2, eps=0.0)
+    >>> np.round(ctx.rstd, 6).tolist()                   # 1 / sqrt(12.5), 1 / sqrt(1)
+    [0.282843, 1.0]
+    >>> y.astype(float).round(4).tolist()
+    [[0.8485, 1.1314], [1.0, -1.0]]
     """
     x, nshape, weight, eps, y = check_rms_norm(x, normalized_shape, weight, eps, out=out)
     lead = x.shape[:x.ndim - len(nshape)]
@@ -144,19 +178,70 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None):
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
-    """RMSNorm over the trailing ``normalized_shape`` dims (see :func:`rms_norm_forward`):
-    ``y = x / sqrt(mean(x**2) + eps) * weight``.  Returns y only."""
+    """RMSNorm over the trailing ``normalized_shape`` dims, as ``torch.nn.functional.rms_norm``.
+
+    ``y = x / sqrt(mean(x**2) + eps) * weight``, the statistic computed in float64.  Keeps
+    nothing for backward (see :func:`rms_norm_forward`).
+
+    Parameters
+    ----------
+    x : ndarray of shape ``(..., *normalized_shape)``, float32 or float64
+        Any layout.
+    normalized_shape : int or tuple of int
+        The trailing dims to normalise over.
+    weight : ndarray of shape normalized_shape, same dtype as x, or None
+        The scale (``None``: none).
+    eps : float >= 0 and finite, or None
+        None means ``np.finfo(x.dtype).eps``, as PyTorch.
+    out : ndarray of x's shape and dtype, C-contiguous, writeable, not overlapping an input
+        Where to write y.
+
+    Returns
+    -------
+    y : ndarray of x's shape and dtype
+        ``out`` when given.
+
+    Raises
+    ------
+    TypeError
+        Non-float or mixed dtypes.
+    ValueError
+        0-d x, normalized_shape not matching x's trailing dims, wrong weight shape, eps
+        negative or not finite, a bad ``out``.
+
+    See Also
+    --------
+    rms_norm_forward, rms_norm_backward, normffn.reference.rms_norm
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    >>> w = np.linspace(0.5, 1.5, 16, dtype=np.float32)
+    >>> y = normffn.rms_norm(x, 16, w)
+    >>> y.shape, y.dtype
+    ((3, 16), dtype('float32'))
+    >>> bool(np.allclose(y, normffn.reference.rms_norm(x, 16, w), atol=1e-6))
+    True
+    """
     return rms_norm_forward(x, normalized_shape, weight, eps, out=out)[0]
 
 
 def rms_norm_backward(dy, ctx, *, out=None, needs=None):
     """Gradients of RMSNorm given ``dy = dL/dy``.
 
+    With ``xhat = x * rstd`` and ``g = dy * weight``: ``c1 = mean(g * xhat)`` over the normalised
+    dims, ``dx = rstd * (g - xhat * c1)``, and ``dweight = sum(dy * xhat)`` over the rows.
+
     Parameters
     ----------
-    dy : ndarray of the forward output's shape and dtype (any layout)
-    ctx : RMSNormContext from :func:`rms_norm_forward`
-    out : optional preallocated ``dx`` (same rules as the forward ``out``)
+    dy : ndarray of the forward output's shape and dtype
+        Any layout.
+    ctx : RMSNormContext
+        From :func:`rms_norm_forward`.
+    out : ndarray, optional
+        Preallocated ``dx`` (same rules as the forward ``out``).
     needs : None or (bool, bool)
         Which of ``(dx, dweight)`` to compute; False entries are returned as None and their
         work is skipped.
@@ -164,11 +249,36 @@ def rms_norm_backward(dy, ctx, *, out=None, needs=None):
     Returns
     -------
     dx : ndarray like x, or None
-    dweight : ndarray of shape normalized_shape, or None (no weight, or not needed)
-        Reduced over rows in a fixed order: identical for any thread count.
+        None when not needed.
+    dweight : ndarray of shape normalized_shape, or None
+        None without weight or when not needed.  Reduced over rows in a fixed order: identical
+        for any thread count.
 
-    Maths: ``xhat = x * rstd``, ``g = dy * weight``, ``c1 = mean(g * xhat)`` over the
-    normalised dims, ``dx = rstd * (g - xhat * c1)``, ``dweight = sum dy * xhat`` over rows.
+    Raises
+    ------
+    TypeError
+        ``ctx`` is not an RMSNormContext, dy has the wrong dtype, ``needs`` is malformed.
+    ValueError
+        dy of the wrong shape, a bad ``out`` (or an ``out`` when dx is not needed), a context
+        that is not what the forward saved.
+
+    See Also
+    --------
+    rms_norm_forward, normffn.reference.rms_norm_backward
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> rng = np.random.default_rng(1)
+    >>> x, w = rng.standard_normal((5, 6)), rng.standard_normal(6)
+    >>> y, ctx = normffn.rms_norm_forward(x, 6, w)
+    >>> dy = rng.standard_normal(y.shape)
+    >>> dx, dw = normffn.rms_norm_backward(dy, ctx)
+    >>> _, rctx = normffn.reference.rms_norm_forward(x, 6, w)
+    >>> rdx, rdw = normffn.reference.rms_norm_backward(dy, rctx)
+    >>> bool(np.allclose(dx, rdx)), bool(np.allclose(dw, rdw))
+    (True, True)
     """
     ctx = _checks.context(ctx, RMSNormContext, "rms_norm")
     ctx.validate()

@@ -36,8 +36,39 @@ _TOLERANCES = {
 
 
 def tolerance(dtype) -> tuple[float, float]:
-    """``(rtol, atol)`` normffn promises for outputs of ``dtype`` (atol is scaled by the
-    reference's largest magnitude, at least 1)."""
+    """The per-dtype accuracy normffn promises against the float64 reference.
+
+    An output passes when ``|actual - reference| <= atol * scale + rtol * |reference|``
+    elementwise, with ``scale = max(1, max |reference|)`` over the finite values (see
+    :func:`assert_close`).  float32 kernels compute in float32 with float64 reductions, so the
+    promise is a few float32 ulps of the output's scale.  Some ops widen it
+    (:func:`documented_tolerance`: GEMM outputs in float32, sums over many rows, badly
+    conditioned data).
+
+    Parameters
+    ----------
+    dtype : dtype-like
+        float32 or float64.
+
+    Returns
+    -------
+    rtol, atol : float
+        ``atol`` is multiplied by ``scale``.
+
+    Raises
+    ------
+    KeyError
+        A dtype other than float32 and float64.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from normffn.testing import tolerance
+    >>> tolerance(np.float32)
+    (2e-05, 2e-05)
+    >>> tolerance("float64")
+    (1e-11, 1e-11)
+    """
     return _TOLERANCES[np.dtype(dtype)]
 
 
@@ -45,12 +76,31 @@ def tolerance(dtype) -> tuple[float, float]:
 class ErrorStats:
     """Errors of ``actual`` against ``desired`` over the positions where ``desired`` is finite.
 
-    ``max_abs``: largest ``|actual - desired|``; ``max_rel``: ``max_abs`` relative to the
-    output's scale (``max |desired|`` over finite values), so elements near zero do not
-    dominate it; ``where``: index of the worst element (against the mixed tolerance);
-    ``nonfinite_match``: NaN and ±Inf sit exactly where ``desired`` has them; ``scale``:
-    ``max(1, max |desired|)``, the factor atol is multiplied by; ``n_finite``: how many
-    positions were compared (0: both are all NaN/Inf, and the errors mean nothing)."""
+    Returned by :func:`error_stats` and :func:`assert_close`.
+
+    Attributes
+    ----------
+    max_abs : float
+        Largest ``|actual - desired|``.
+    max_rel : float
+        ``max_abs`` relative to the output's scale (``max |desired|`` over finite values), so
+        elements near zero do not dominate it.
+    where : tuple of int or None
+        Index of the worst element (against the mixed tolerance); None when nothing was compared.
+    nonfinite_match : bool
+        NaN and ±Inf sit exactly where ``desired`` has them.
+    scale : float
+        ``max(1, max |desired|)``, the factor atol is multiplied by.
+    n_finite : int
+        How many positions were compared (0: both are all NaN/Inf, and the errors mean nothing).
+
+    Examples
+    --------
+    >>> from normffn.testing import error_stats
+    >>> st = error_stats([float("nan"), 1.0], [float("nan"), 1.5])
+    >>> st.max_abs, st.nonfinite_match, st.n_finite
+    (0.5, True, 1)
+    """
 
     max_abs: float
     max_rel: float
@@ -67,7 +117,27 @@ def _nonfinite_match(a, d) -> bool:
 
 
 def error_stats(actual, desired) -> ErrorStats:
-    """Compare ``actual`` to ``desired`` (both converted to float64); see :class:`ErrorStats`.
+    """Errors of ``actual`` against ``desired``, both converted to float64.
+
+    Parameters
+    ----------
+    actual, desired : array_like
+        Of the same shape.
+
+    Returns
+    -------
+    ErrorStats
+        Max abs error, max error relative to the output's scale, where, and whether NaN/Inf
+        match.
+
+    Raises
+    ------
+    AssertionError
+        The shapes differ.
+
+    See Also
+    --------
+    assert_close
 
     Examples
     --------
@@ -114,12 +184,40 @@ def _fmt_shape(shape) -> str:
 
 def assert_close(actual, desired, *, dtype=None, rtol=None, atol=None, name: str = "",
                  context: str = "") -> ErrorStats:
-    """Assert ``|actual - desired| <= atol * scale + rtol * |desired|`` elementwise, with NaN and
-    ±Inf exactly where ``desired`` has them.
+    """Assert that ``actual`` matches ``desired`` within normffn's documented tolerance.
 
-    ``dtype`` picks the default tolerances (default: ``actual``'s dtype).  ``scale`` is
-    ``max(1, max |desired|)``.  Returns the :class:`ErrorStats`; raises ``AssertionError`` with
-    dtype, shape, max abs/rel error and the first failing index otherwise.
+    Elementwise ``|actual - desired| <= atol * scale + rtol * |desired|`` with
+    ``scale = max(1, max |desired|)``, and NaN and ±Inf exactly where ``desired`` has them.
+
+    Parameters
+    ----------
+    actual, desired : array_like
+        Of the same shape; ``desired`` is usually a :mod:`normffn.reference` result.
+    dtype : dtype-like, optional
+        Picks the default tolerances (:func:`tolerance`); default: ``actual``'s dtype
+        (float64 for anything else).
+    rtol, atol : float, optional
+        Override the defaults.
+    name : str
+        Prefix of the failure message (e.g. the output's name).
+    context : str
+        Appended to the failure message in parentheses (e.g. the input kind).
+
+    Returns
+    -------
+    ErrorStats
+        The errors, when the check passes.
+
+    Raises
+    ------
+    AssertionError
+        Outside the tolerance, or NaN/Inf in other places: the message gives the dtype, the
+        shape, the max abs/rel error, how many elements fail and the first failing index with
+        both values.
+
+    See Also
+    --------
+    error_stats, tolerance, documented_tolerance
 
     Examples
     --------
@@ -130,6 +228,15 @@ def assert_close(actual, desired, *, dtype=None, rtol=None, atol=None, name: str
     Traceback (most recent call last):
     ...
     AssertionError: y: not close: float32, shape (2,): max abs err 1.000e-01, ...
+
+    Checking an op against its float64 reference:
+
+    >>> import normffn
+    >>> from normffn import reference
+    >>> x = np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32)
+    >>> st = assert_close(normffn.layer_norm(x, 32), reference.layer_norm(x, 32), name="y")
+    >>> st.nonfinite_match, bool(st.max_abs < 1e-5)
+    (True, True)
     """
     dt = np.dtype(dtype) if dtype is not None else np.asarray(actual).dtype
     if dt not in _TOLERANCES:
@@ -166,7 +273,37 @@ def assert_close(actual, desired, *, dtype=None, rtol=None, atol=None, name: str
 
 @dataclass
 class ComparisonRow:
-    """One output of one library compared with the reference (a line of ``compare``)."""
+    """One output of one library compared with the reference: a line of ``compare``.
+
+    Attributes
+    ----------
+    op : str
+        The op, with its variant (``batch_norm[train]``, ``ffn[gelu]``).
+    entry : str
+        ``"forward"`` or ``"backward"``.
+    inputs : str
+        The kind of input data (a key of :data:`normffn.compare.INPUT_KINDS`).
+    dtype : str
+        ``"float32"`` or ``"float64"``.
+    output : str
+        The output's name (``y``, ``mean``, ``rstd``, ``dx``, ``dweight``, ...).
+    provider : str
+        ``"normffn"`` or ``"torch"``.
+    max_abs : float
+        Max ``|out - reference|``.
+    max_rel : float
+        ``max_abs / max |reference|`` (the output's scale).
+    nonfinite_match : bool
+        NaN/Inf where the reference has them.
+    within_tolerance : bool or None
+        None for providers normffn makes no promise about.
+    rtol, atol : float
+        The tolerance applied (atol multiplied by ``max(1, max |reference|)``).
+    n_finite : int
+        Finite reference values compared (0: all NaN/Inf).
+    n_nonfinite : int
+        NaN/Inf values in the reference.
+    """
 
     op: str
     entry: str            # "forward" or "backward"
@@ -187,12 +324,51 @@ class ComparisonRow:
 def compare_outputs(op: str, entry: str, inputs: str, dtype, provider: str, outputs: dict,
                     reference: dict, rows: int = 1, check: bool = True,
                     condition: float = 1.0, tolerances=None) -> list[ComparisonRow]:
-    """One :class:`ComparisonRow` per output present in both ``outputs`` and ``reference``
-    (name -> array).
+    """Compare the outputs of one library with the reference, one row per output.
 
-    ``tolerances``: ``f(output_name) -> (rtol, atol)``; default: the op's documented tolerance
-    (:func:`documented_tolerance` with ``rows`` and ``condition``).  ``check``: judge the
-    outputs against it (normffn's promise); else ``within_tolerance`` is None.
+    Parameters
+    ----------
+    op : str
+        The op's registry name (``"layer_norm"``, ...), for the default tolerances.
+    entry : str
+        ``"forward"`` or ``"backward"``.
+    inputs : str
+        The kind of input data (a label for the rows).
+    dtype : dtype-like
+        The inputs' dtype.
+    provider : str
+        The library's name.
+    outputs, reference : dict
+        Output name -> array, of the library and of the reference.  Only names present in both
+        are compared.
+    rows : int
+        Rows summed by the row-sum outputs (dweight, dbias, ...): their atol grows like
+        ``sqrt(rows)``.
+    check : bool
+        Judge the outputs against the tolerance (normffn's promise); else
+        ``within_tolerance`` is None.
+    condition : float
+        ``max |mean| / std`` of the data (large offsets widen atol).
+    tolerances : callable, optional
+        ``f(output_name) -> (rtol, atol)``; default: :func:`documented_tolerance` of the op.
+
+    Returns
+    -------
+    list of ComparisonRow
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> from normffn import reference
+    >>> from normffn.testing import compare_outputs
+    >>> x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    >>> y, ctx = normffn.layer_norm_forward(x, 16)
+    >>> y_r, ctx_r = reference.layer_norm_forward(x, 16)
+    >>> rows = compare_outputs("layer_norm", "forward", "normal", np.float32, "normffn",
+    ...                        {"y": y, "rstd": ctx.rstd}, {"y": y_r, "rstd": ctx_r.rstd})
+    >>> [(r.output, r.within_tolerance) for r in rows]
+    [('y', True), ('rstd', True)]
     """
     if tolerances is None:
         from ._ops import documented_tolerance
@@ -221,7 +397,10 @@ def compare_outputs(op: str, entry: str, inputs: str, dtype, provider: str, outp
 def gradcheck(fn, inputs, grads, dy, *, h: float = 1e-6, rtol: float = 1e-5,
               atol: float = 1e-6, max_elements: int | None = 200, seed: int = 0,
               names=None) -> None:
-    """Check analytic gradients against central finite differences of ``L = sum(fn(*inputs) * dy)``.
+    """Check analytic gradients against central finite differences.
+
+    The scalar loss is ``L = sum(fn(*inputs) * dy)``, evaluated in float64; each checked element
+    is perturbed by ``h * max(1, |value|)`` both ways.
 
     Parameters
     ----------
@@ -233,10 +412,44 @@ def gradcheck(fn, inputs, grads, dy, *, h: float = 1e-6, rtol: float = 1e-5,
         Analytic ``dL/dinput`` for each input (None to skip).
     dy : ndarray
         Upstream gradient (the weights of the scalar loss).
+    h : float
+        Relative step.
+    rtol, atol : float
+        Pass when ``|numeric - analytic| <= atol + rtol * max(|numeric|, |analytic|)``.
     max_elements : int or None
         Check at most this many randomly chosen elements per input (None: all).
+    seed : int
+        Seed of that choice.
+    names : sequence of str, optional
+        Names of the inputs in failure messages.
 
-    Raises ``AssertionError`` naming the input, the index and both values.
+    Returns
+    -------
+    None
+
+    Raises
+    ------
+    AssertionError
+        A gradient of the wrong shape, or an element outside the tolerance: the message names
+        the input, the index and both values.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import normffn
+    >>> from normffn.testing import gradcheck
+    >>> rng = np.random.default_rng(0)
+    >>> x, w = rng.standard_normal((3, 5)), rng.standard_normal(5)
+    >>> dy = rng.standard_normal((3, 5))
+    >>> _, ctx = normffn.layer_norm_forward(x, 5, w)
+    >>> dx, dw, _ = normffn.layer_norm_backward(dy, ctx)
+    >>> gradcheck(lambda x, w: normffn.layer_norm(x, 5, w), [x, w], [dx, dw], dy,
+    ...           names=["x", "weight"])
+    >>> gradcheck(lambda x, w: normffn.layer_norm(x, 5, w), [x, w], [dx, 2 * dw], dy,
+    ...           names=["x", "weight"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    AssertionError: gradcheck failed for weight at ...
     """
     inputs = [None if a is None else np.array(a, dtype=np.float64) for a in inputs]
     dy = np.asarray(dy, dtype=np.float64)

@@ -137,9 +137,23 @@ def batch_statistics(x: da.Array, threads=None) -> da.Array:
 class BatchNormDaskContext:
     """What :func:`batch_norm_backward` needs; returned by :func:`batch_norm_forward`.
 
-    ``mean``, ``rstd``: NumPy float64 (C,) — training: the exact batch statistics (computed
-    when the forward was called); eval: the running mean and ``1 / sqrt(running_var + eps)``.
-    ``x`` is the dask input; ``count`` the values per channel ``N * prod(spatial)``.
+    Attributes
+    ----------
+    x : dask.array.Array
+        The input.
+    weight, bias : ndarray or None
+        Copies of the parameters.
+    eps : float
+        As given.
+    training : bool
+        As given.
+    mean, rstd : ndarray of shape (C,), float64
+        NumPy arrays — training: the exact batch statistics (computed when the forward was
+        called); eval: the running mean and ``1 / sqrt(running_var + eps)``.
+    count : float
+        The values per channel, ``N * prod(spatial)``.
+    threads : int or None
+        The ``normffn.threads`` setting the graph was built with.
     """
 
     x: da.Array
@@ -190,12 +204,49 @@ def _validate(x, running_mean, running_var, weight, bias, training, momentum, ep
 
 def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, training=False,
                        momentum=0.1, eps=1e-5, *, out=None):
-    """``normffn.batch_norm_forward`` on a dask array: ``(y, ctx)``, y lazy.
+    """:func:`normffn.batch_norm_forward` on a dask array: ``(y, ctx)``, y lazy.
 
     Training: the batch statistics are computed now (one pass over x on the current scheduler;
     per-block float64 ``(count, mean, M2)`` merged in a fixed tree) and ``running_mean`` /
     ``running_var`` (NumPy arrays) are updated in place exactly as the NumPy API updates them.
     Eval: nothing is computed until y is.  Any chunking of any axis.
+
+    Parameters
+    ----------
+    x : dask.array.Array of shape ``(N, C, *spatial)``
+        float32 or float64, any chunking.
+    running_mean, running_var : ndarray of shape (C,), or both None
+        NumPy arrays, updated in place in training.
+    weight, bias, training, momentum, eps
+        As :func:`normffn.batch_norm_forward`.
+    out : None
+        Not supported on dask arrays.
+
+    Returns
+    -------
+    y : dask.array.Array
+        Lazy.
+    ctx : BatchNormDaskContext
+        ``ctx.mean``, ``ctx.rstd`` NumPy float64 (C,).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As the NumPy function (validated on a small stand-in before anything runs); ``out=``
+        is a ValueError.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import dask.array as da
+    >>> import normffn, normffn.dask as nd
+    >>> x = np.random.default_rng(0).standard_normal((16, 3, 4))
+    >>> rm, rv = np.zeros(3), np.ones(3)
+    >>> y, ctx = nd.batch_norm_forward(da.from_array(x, chunks=(4, 1, 2)), rm, rv, training=True)
+    >>> bool(np.allclose(rm, 0.1 * x.mean(axis=(0, 2))))          # updated at call time
+    True
+    >>> bool(np.allclose(y.compute(), normffn.batch_norm(x, None, None, training=True)))
+    True
     """
     if out is not None:
         raise ValueError("normffn.dask.batch_norm_forward(): out= is not supported on dask "
@@ -244,18 +295,72 @@ def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, tra
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, *, out=None):
-    """``normffn.batch_norm`` on a dask array (see :func:`batch_norm_forward`); returns y."""
+    """:func:`normffn.batch_norm` on a dask array (see :func:`batch_norm_forward`); returns y.
+
+    Parameters
+    ----------
+    x : dask.array.Array of shape ``(N, C, *spatial)``
+        Any chunking.
+    running_mean, running_var, weight, bias, training, momentum, eps
+        As :func:`batch_norm_forward`.
+    out : None
+        Not supported on dask arrays.
+
+    Returns
+    -------
+    y : dask.array.Array
+        Lazy.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import dask.array as da
+    >>> import normffn.dask as nd
+    >>> x = da.from_array(np.array([[3.0], [5.0]]), chunks=1)
+    >>> nd.batch_norm(x, np.array([1.0]), np.array([4.0]), eps=0.0).compute().tolist()
+    [[1.0], [2.0]]
+    """
     return batch_norm_forward(x, running_mean, running_var, weight, bias, training, momentum,
                               eps, out=out)[0]
 
 
 def batch_norm_backward(dy, ctx, *, needs=None):
-    """``normffn.batch_norm_backward`` on dask arrays: ``(dx, dweight, dbias)``, all lazy.
+    """:func:`normffn.batch_norm_backward` on dask arrays: ``(dx, dweight, dbias)``, all lazy.
 
     The channel sums ``sum(dy)`` and ``sum(dy * (x - mean))`` are fixed-tree float64 reductions
     of per-block sums; ``dweight = (sum(dy * (x - mean)) * rstd).astype(dtype)``,
     ``dbias = sum(dy).astype(dtype)`` as in the NumPy API.  dx (training) depends on both sums,
-    so computing it reads x and dy twice.  ``needs``: (dx, dweight, dbias) bools; False -> None.
+    so computing it reads x and dy twice.
+
+    Parameters
+    ----------
+    dy : dask.array.Array
+        The gradient of y.
+    ctx : BatchNormDaskContext
+        From :func:`batch_norm_forward`.
+    needs : tuple of 3 bools, optional
+        (dx, dweight, dbias); False entries are None.
+
+    Returns
+    -------
+    dx, dweight, dbias : dask.array.Array or None
+        Lazy.
+
+    Raises
+    ------
+    TypeError
+        ``ctx`` is not a BatchNormDaskContext.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import dask.array as da
+    >>> import normffn.dask as nd
+    >>> x = da.from_array(np.random.default_rng(0).standard_normal((8, 2)), chunks=(4, 2))
+    >>> y, ctx = nd.batch_norm_forward(x, None, None, np.ones(2), np.zeros(2), training=True)
+    >>> dx, dw, db = nd.batch_norm_backward(da.ones((8, 2), chunks=(4, 2)), ctx)
+    >>> db.compute().tolist()
+    [8.0, 8.0]
     """
     if not isinstance(ctx, BatchNormDaskContext):
         raise TypeError(f"ctx must be the context returned by normffn.dask.batch_norm_forward, "

@@ -158,6 +158,16 @@ class RowContext:
     Computing the forward outputs and the gradients in one ``dask.compute(y, dx, dw, ...)`` runs
     each block's forward once; computing them separately runs it again, unless the context is
     kept in memory with :meth:`persist` first.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import dask.array as da
+    >>> import normffn.dask as nd
+    >>> y, ctx = nd.layer_norm_forward(da.ones((4, 3), chunks=(2, 3)), 3, np.ones(3))
+    >>> ctx.shape, ctx.weight.tolist(), ctx.rstd.shape
+    ((4, 3), [1.0, 1.0, 1.0], (4,))
+    >>> ctx = ctx.persist()                  # keep the forward blocks for backward
     """
 
     def __init__(self, op, blocks, shape, dtype, nlead, out_shapes, probe_ctx, threads):

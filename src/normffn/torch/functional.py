@@ -41,7 +41,39 @@ def _shape(normalized_shape) -> list:
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """``torch.nn.functional.layer_norm`` on normffn's kernel (float64 statistics)."""
+    """``torch.nn.functional.layer_norm`` on normffn's kernel (float64 statistics).
+
+    Parameters
+    ----------
+    input : torch.Tensor of shape ``(..., *normalized_shape)``
+        CPU float32/float64 runs normffn's kernel on a zero-copy view; anything else runs
+        ``torch.nn.functional.layer_norm`` with a one-time :class:`FallbackWarning`.
+    normalized_shape : int or sequence of int
+        The trailing dims to normalise over.
+    weight, bias : torch.Tensor of shape normalized_shape, or None
+        The affine parameters.
+    eps : float
+        Added to the variance.
+
+    Returns
+    -------
+    torch.Tensor
+        Differentiable with respect to input, weight and bias (backward computes only the
+        gradients autograd asks for).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normffn.torch as nft
+    >>> x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    >>> w = torch.rand(8, dtype=torch.float64, requires_grad=True)
+    >>> y = nft.layer_norm(x, (8,), w, None)
+    >>> bool(torch.allclose(y, torch.nn.functional.layer_norm(x, (8,), w, None)))
+    True
+    >>> y.sum().backward()
+    >>> x.grad.shape, w.grad.shape
+    (torch.Size([4, 8]), torch.Size([8]))
+    """
     reason, grad, direct = plan(input, weight, bias)
     if reason is not None:
         warn_fallback("layer_norm", reason, "torch.nn.functional.layer_norm")
@@ -50,8 +82,32 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
-    """``torch.nn.functional.rms_norm`` on normffn's kernel (float64 statistics); ``eps=None``
-    means ``torch.finfo(input.dtype).eps`` as in PyTorch."""
+    """``torch.nn.functional.rms_norm`` on normffn's kernel (float64 statistics).
+
+    Parameters
+    ----------
+    input : torch.Tensor of shape ``(..., *normalized_shape)``
+        CPU float32/float64 (else the PyTorch op runs, with a :class:`FallbackWarning`).
+    normalized_shape : int or sequence of int
+        The trailing dims to normalise over.
+    weight : torch.Tensor of shape normalized_shape, or None
+        The scale.
+    eps : float or None
+        None means ``torch.finfo(input.dtype).eps``, as in PyTorch.
+
+    Returns
+    -------
+    torch.Tensor
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normffn.torch as nft
+    >>> x = torch.randn(3, 16)
+    >>> y = nft.rms_norm(x, 16)
+    >>> bool(torch.allclose(y, torch.nn.functional.rms_norm(x, (16,)), atol=1e-6))
+    True
+    """
     reason, grad, direct = plan(input, weight)
     if reason is not None:
         warn_fallback("rms_norm", reason, "torch.nn.functional.rms_norm")
@@ -63,8 +119,43 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
-    """``torch.nn.functional.batch_norm`` on normffn's kernels (NCHW and channels-last without
-    a copy).  In training the running stats are updated in place, as PyTorch does."""
+    """``torch.nn.functional.batch_norm`` on normffn's kernels.
+
+    NCHW and channels-last inputs run without a copy.  In training the running stats are
+    updated in place, as PyTorch does.
+
+    Parameters
+    ----------
+    input : torch.Tensor of shape ``(N, C, *spatial)``
+        CPU float32/float64 (else the PyTorch op runs, with a :class:`FallbackWarning`).
+    running_mean, running_var : torch.Tensor of shape (C,), or None
+        Updated in place in training; required in eval.
+    weight, bias : torch.Tensor of shape (C,), or None
+        The affine parameters.
+    training : bool
+        Batch statistics (True) or running statistics (False).
+    momentum : float
+        Weight of the batch statistics in the running-stat update.
+    eps : float
+        Added to the variance.
+
+    Returns
+    -------
+    torch.Tensor
+        In input's memory format.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normffn.torch as nft
+    >>> x = torch.randn(8, 3, 4, 4).to(memory_format=torch.channels_last)
+    >>> rm, rv = torch.zeros(3), torch.ones(3)
+    >>> y = nft.batch_norm(x, rm, rv, training=True)
+    >>> y.is_contiguous(memory_format=torch.channels_last)
+    True
+    >>> bool(torch.allclose(rm, 0.1 * x.mean(dim=(0, 2, 3)), atol=1e-6))
+    True
+    """
     reason, grad, direct = plan(input, running_mean, running_var, weight, bias)
     if reason is not None:
         warn_fallback("batch_norm", reason, "torch.nn.functional.batch_norm")
@@ -80,21 +171,49 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 def ffn(input, weight1, bias1, weight2, bias2, activation="relu", *, recompute=False):
-    """``act(input @ weight1.T + bias1) @ weight2.T + bias2`` — ``nn.Linear`` → activation →
-    ``nn.Linear`` fused.
+    """Fused ``nn.Linear`` → activation → ``nn.Linear``: ``act(input @ w1.T + b1) @ w2.T + b2``.
+
+    Without autograd (``no_grad``, or nothing requires grad) the inference kernel runs and keeps
+    nothing; otherwise the forward keeps the hidden activation for backward.
 
     Parameters
     ----------
-    input : tensor of shape (..., d)
-    weight1 : tensor of shape (h, d) — ``(2h, d)`` for "swiglu"/"geglu"/"reglu", gate rows
-        first (nn.Linear layout; reaches the kernel as a transposed view, never copied)
-    bias1 : tensor of shape (h,) (``(2h,)`` gated) or None
-    weight2 : tensor of shape (d, h);  bias2 : tensor of shape (d,) or None
-    activation : "relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu"
-    recompute : keep no (n, h) activation for backward; backward recomputes it (one more GEMM)
+    input : torch.Tensor of shape (..., d)
+        CPU float32/float64 (else PyTorch's composition runs, with a :class:`FallbackWarning`).
+    weight1 : torch.Tensor of shape (h, d)
+        ``(2h, d)`` for "swiglu"/"geglu"/"reglu", gate rows first (nn.Linear layout; reaches
+        the kernel as a transposed view, never copied).
+    bias1 : torch.Tensor of shape (h,) (``(2h,)`` gated) or None
+        The first bias.
+    weight2 : torch.Tensor of shape (d, h)
+        The second weight (nn.Linear layout).
+    bias2 : torch.Tensor of shape (d,) or None
+        The second bias.
+    activation : {"relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu"}
+        The activation.
+    recompute : bool
+        Keep no (n, h) activation for backward; backward recomputes it (one more GEMM).
 
-    Without autograd (no_grad, or nothing requires grad) the inference kernel runs and keeps
-    nothing; otherwise the forward keeps the hidden activation for backward.
+    Returns
+    -------
+    torch.Tensor of shape (..., d)
+
+    Raises
+    ------
+    ValueError
+        An unknown activation.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normffn.torch as nft
+    >>> fc1, fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+    >>> x = torch.randn(5, 8)
+    >>> y = nft.ffn(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation="gelu")
+    >>> with torch.no_grad():
+    ...     y_ref = fc2(torch.nn.functional.gelu(fc1(x)))
+    >>> bool(torch.allclose(y, y_ref, atol=1e-5))
+    True
     """
     return _ffn(input, weight1, bias1, weight2, bias2, activation, recompute, None)
 
@@ -122,13 +241,51 @@ def _ffn(input, weight1, bias1, weight2, bias2, activation, recompute, buffers):
 
 def ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation="relu",
               *, norm="layer", placement="pre", eps=1e-5):
-    """The FFN sublayer: pre ``x + ffn(norm(x))``, post ``norm(x + ffn(x))``; norm "layer" or
-    "rms" over the last dim.
+    """The FFN sublayer: pre ``x + ffn(norm(x))``, post ``norm(x + ffn(x))``.
 
-    Where this normffn build has ``normffn.ffn_block`` the fused op runs: inference through
-    its operator, training in eager mode through :class:`~normffn.torch._ops.FFNBlockFunction`.
-    Otherwise — and for training under torch.compile — it composes :func:`layer_norm` /
-    :func:`rms_norm`, :func:`ffn` and the residual add (the same maths)."""
+    ``norm`` is "layer" or "rms" over the last dim.  Where this normffn build has
+    ``normffn.ffn_block`` the fused op runs: inference through its operator, training in eager
+    mode through an autograd Function.  Otherwise — and for training under torch.compile — it
+    composes :func:`layer_norm` / :func:`rms_norm`, :func:`ffn` and the residual add (the same
+    maths).
+
+    Parameters
+    ----------
+    input : torch.Tensor of shape (..., d)
+        CPU float32/float64.
+    norm_weight, norm_bias : torch.Tensor of shape (d,), or None
+        The norm's parameters (``norm_bias`` None for "rms").
+    weight1, bias1, weight2, bias2 : torch.Tensor or None
+        The FFN's parameters, as :func:`ffn` takes them (nn.Linear layout).
+    activation : {"relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu"}
+        The FFN's activation.
+    norm : {"layer", "rms"}
+        LayerNorm or RMSNorm.
+    placement : {"pre", "post"}
+        Where the norm sits.
+    eps : float
+        The norm's eps.
+
+    Returns
+    -------
+    torch.Tensor of input's shape
+
+    Raises
+    ------
+    ValueError
+        norm not "layer"/"rms", placement not "pre"/"post", a norm_bias with norm="rms".
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normffn.torch as nft
+    >>> ref = nft.TorchFFNBlock(8, 16)                         # stock PyTorch
+    >>> x = torch.randn(4, 8)
+    >>> y = nft.ffn_block(x, ref.norm.weight, ref.norm.bias, ref.fc1.weight, ref.fc1.bias,
+    ...                   ref.fc2.weight, ref.fc2.bias)
+    >>> bool(torch.allclose(y, ref(x), atol=1e-5))
+    True
+    """
     return _ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation,
                       norm, placement, eps, None)
 

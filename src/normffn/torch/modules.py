@@ -22,14 +22,35 @@ __all__ = ["LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", 
 
 
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` on normffn's kernel (same arguments, parameters and state dict)."""
+    """``nn.LayerNorm`` on normffn's kernel (same arguments, parameters and state dict).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normffn.torch as nft
+    >>> ln = nft.LayerNorm(8)
+    >>> ln.load_state_dict(torch.nn.LayerNorm(8).state_dict())
+    <All keys matched successfully>
+    >>> x = torch.randn(2, 8)
+    >>> bool(torch.allclose(ln(x), torch.nn.functional.layer_norm(x, (8,)), atol=1e-6))
+    True
+    """
 
     def forward(self, input):
         return NF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.RMSNorm):
-    """``nn.RMSNorm`` on normffn's kernel (same arguments, parameters and state dict)."""
+    """``nn.RMSNorm`` on normffn's kernel (same arguments, parameters and state dict).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normffn.torch as nft
+    >>> norm = nft.RMSNorm(8, eps=1e-6)
+    >>> isinstance(norm, torch.nn.RMSNorm), norm(torch.randn(3, 8)).shape
+    (True, torch.Size([3, 8]))
+    """
 
     def forward(self, input):
         return NF.rms_norm(input, self.normalized_shape, self.weight, self.eps)
@@ -55,15 +76,46 @@ class _BatchNormMixin:
 
 
 class BatchNorm1d(_BatchNormMixin, nn.BatchNorm1d):
-    """``nn.BatchNorm1d`` on normffn's kernels ((N, C) and (N, C, L) inputs)."""
+    """``nn.BatchNorm1d`` on normffn's kernels ((N, C) and (N, C, L) inputs).
+
+    Same constructor, parameters, buffers and state dict as PyTorch's; ``momentum=None``
+    (cumulative average), ``track_running_stats`` and ``affine=False`` behave as there.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normffn.torch as nft
+    >>> bn = nft.BatchNorm1d(4)
+    >>> y = bn(torch.randn(16, 4))
+    >>> int(bn.num_batches_tracked), y.shape
+    (1, torch.Size([16, 4]))
+    """
 
 
 class BatchNorm2d(_BatchNormMixin, nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` on normffn's kernels (NCHW and channels-last without a copy)."""
+    """``nn.BatchNorm2d`` on normffn's kernels (NCHW and channels-last without a copy).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normffn.torch as nft
+    >>> bn = nft.BatchNorm2d(3).eval()
+    >>> x = torch.randn(2, 3, 5, 5)
+    >>> bool(torch.allclose(bn(x), torch.nn.BatchNorm2d(3).eval()(x), atol=1e-6))
+    True
+    """
 
 
 class BatchNorm3d(_BatchNormMixin, nn.BatchNorm3d):
-    """``nn.BatchNorm3d`` on normffn's kernels (NCDHW and channels-last without a copy)."""
+    """``nn.BatchNorm3d`` on normffn's kernels (NCDHW and channels-last without a copy).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normffn.torch as nft
+    >>> nft.BatchNorm3d(2)(torch.randn(2, 2, 3, 3, 3)).shape
+    torch.Size([2, 2, 3, 3, 3])
+    """
 
 
 def _linears(module, d_model, d_hidden, activation, bias, factory):
@@ -75,16 +127,45 @@ def _linears(module, d_model, d_hidden, activation, bias, factory):
 
 
 class FeedForward(nn.Module):
-    """``fc2(act(fc1(x)))`` fused: ``nn.Linear(d_model, d_hidden)`` → activation →
-    ``nn.Linear(d_hidden, d_model)``.  For "swiglu"/"geglu"/"reglu" ``fc1`` has ``2 * d_hidden``
-    outputs, the gate's rows first.  ``recompute=True`` keeps no (tokens × d_hidden) activation
-    for backward (backward redoes the first GEMM).  State dict: ``fc1.*``, ``fc2.*``, as
-    :class:`TorchFeedForward`.
+    """``fc2(act(fc1(x)))`` fused: ``nn.Linear`` → activation → ``nn.Linear`` as one module.
+
+    For "swiglu"/"geglu"/"reglu" ``fc1`` has ``2 * d_hidden`` outputs, the gate's rows first.
+    State dict: ``fc1.*``, ``fc2.*``, as :class:`TorchFeedForward`.
 
     In eager mode, step after step, the kernels write the hidden activation, the output and the
-    gradients into the previous step's arrays once nothing references those any more (see
-    :class:`normffn.torch._util.StepBuffers`; a buffer still saved by a graph or held as a
-    ``.grad`` is never overwritten).  ``release_buffers()`` drops them."""
+    gradients into the previous step's arrays once nothing references those any more (a buffer
+    still saved by a graph or held as a ``.grad`` is never overwritten).
+    :meth:`release_buffers` drops them.
+
+    Parameters
+    ----------
+    d_model : int
+        Input and output features.
+    d_hidden : int
+        Hidden units.
+    activation : {"relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu"}
+        The activation.
+    bias : bool
+        Whether fc1 and fc2 have biases.
+    recompute : bool
+        Keep no (tokens × d_hidden) activation for backward (backward redoes the first GEMM).
+    device, dtype
+        As for ``nn.Linear``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normffn.torch as nft
+    >>> ff = nft.FeedForward(8, 32, activation="swiglu")
+    >>> ff.fc1.weight.shape                                   # gate rows, then up rows
+    torch.Size([64, 8])
+    >>> ref = nft.TorchFeedForward(8, 32, activation="swiglu")
+    >>> ref.load_state_dict(ff.state_dict())
+    <All keys matched successfully>
+    >>> x = torch.randn(4, 8)
+    >>> bool(torch.allclose(ff(x), ref(x), atol=1e-5))
+    True
+    """
 
     def __init__(self, d_model, d_hidden, activation="relu", bias=True, *, recompute=False,
                  device=None, dtype=None):
@@ -107,16 +188,58 @@ class FeedForward(nn.Module):
 
 
 class TorchFeedForward(FeedForward):
-    """Stock PyTorch counterpart of :class:`FeedForward` (Linear → activation → Linear)."""
+    """Stock PyTorch counterpart of :class:`FeedForward` (Linear → activation → Linear).
+
+    Same constructor and state dict; for comparisons and benchmarks.
+    """
 
     def forward(self, input):
         return self.fc2(_torch_ref.activation(self.activation, self.fc1(input)))
 
 
 class FFNBlock(nn.Module):
-    """The transformer's FFN sublayer: ``placement="pre"``: ``x + ffn(norm(x))``;
-    ``"post"``: ``norm(x + ffn(x))``; ``norm="layer"`` (LayerNorm) or ``"rms"`` (RMSNorm) over
-    ``d_model``.  Submodules ``norm``, ``fc1``, ``fc2``; state dict as :class:`TorchFFNBlock`."""
+    """The transformer's FFN sublayer as a module.
+
+    ``placement="pre"``: ``x + ffn(norm(x))``; ``"post"``: ``norm(x + ffn(x))``;
+    ``norm="layer"`` (LayerNorm) or ``"rms"`` (RMSNorm) over ``d_model``.  Submodules ``norm``,
+    ``fc1``, ``fc2``; state dict as :class:`TorchFFNBlock`.
+
+    Parameters
+    ----------
+    d_model, d_hidden : int
+        Features and hidden units.
+    activation : {"relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu"}
+        The FFN's activation.
+    bias : bool
+        Whether fc1 and fc2 have biases.
+    norm : {"layer", "rms"}
+        The norm.
+    placement : {"pre", "post"}
+        Where the norm sits.
+    eps : float
+        The norm's eps.
+    device, dtype
+        As for ``nn.Linear``.
+
+    Raises
+    ------
+    ValueError
+        norm or placement not one of the choices.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normffn.torch as nft
+    >>> block = nft.FFNBlock(8, 16, norm="rms", placement="post")
+    >>> sorted(block.state_dict())
+    ['fc1.bias', 'fc1.weight', 'fc2.bias', 'fc2.weight', 'norm.weight']
+    >>> ref = nft.TorchFFNBlock(8, 16, norm="rms", placement="post")
+    >>> ref.load_state_dict(block.state_dict())
+    <All keys matched successfully>
+    >>> x = torch.randn(3, 8)
+    >>> bool(torch.allclose(block(x), ref(x), atol=1e-5))
+    True
+    """
 
     def __init__(self, d_model, d_hidden, activation="relu", bias=True, *, norm="layer",
                  placement="pre", eps=1e-5, device=None, dtype=None):
@@ -154,8 +277,11 @@ class FFNBlock(nn.Module):
 
 
 class TorchFFNBlock(FFNBlock):
-    """Stock PyTorch counterpart of :class:`FFNBlock` (nn.LayerNorm/nn.RMSNorm, Linear,
-    activation, Linear, residual add)."""
+    """Stock PyTorch counterpart of :class:`FFNBlock`.
+
+    ``nn.LayerNorm``/``nn.RMSNorm``, Linear, activation, Linear, residual add; same
+    constructor and state dict.
+    """
 
     @staticmethod
     def _norm_classes():

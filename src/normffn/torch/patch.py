@@ -30,8 +30,15 @@ _REPLACE = {
 
 @dataclass
 class PatchReport:
-    """What :func:`patch` did: ``replaced`` and ``skipped`` hold ``(qualified name, class
-    name)`` and ``(qualified name, class name, reason)`` tuples."""
+    """What :func:`patch` did.
+
+    Attributes
+    ----------
+    replaced : list of (str, str)
+        ``(qualified name, class name)`` of each replaced module.
+    skipped : list of (str, str, str)
+        ``(qualified name, class name, reason)`` of each module left alone.
+    """
 
     replaced: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
@@ -69,14 +76,48 @@ def _swap(module: nn.Module, cls) -> nn.Module:
 
 
 def patch(model: nn.Module, *, verbose: bool = False) -> nn.Module:
-    """Replace, in place, every ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.BatchNorm1d/2d/3d``
-    of ``model`` that normffn can serve with its normffn module.
+    """Swap normffn's modules into a PyTorch model, in place.
 
-    Modules whose parameters or buffers are not CPU float32/float64 and subclasses of those
-    classes (their forward may differ) are skipped.  Returns ``model`` (or, if the model itself
-    is one of those modules, its replacement).  The report — also logged at INFO on the ``normffn.torch`` logger, printed
-    with ``verbose=True`` and kept for :func:`patch_report` — lists what was replaced and what
-    was skipped, and why.
+    Every ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.BatchNorm1d/2d/3d`` of ``model`` that
+    normffn can serve becomes the normffn module holding the **same** Parameter and buffer
+    objects (and hooks, training flag, attributes): an optimizer built before the patch keeps
+    updating the parameters the model uses, and the state dict is unchanged.  Modules whose
+    parameters or buffers are not CPU float32/float64, and subclasses of those classes (their
+    forward may differ), are skipped.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Patched in place.
+    verbose : bool
+        Print the report.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model`` (or, if the model itself is one of those modules, its replacement).  The
+        report — also logged at INFO on the ``normffn.torch`` logger and kept for
+        :func:`patch_report` — lists what was replaced and what was skipped, and why.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a ``torch.nn.Module``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normffn.torch as nft
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8),
+    ...                             torch.nn.BatchNorm1d(8))
+    >>> weight = model[1].weight
+    >>> model = nft.patch(model)
+    >>> type(model[1]).__module__, model[1].weight is weight
+    ('normffn.torch.modules', True)
+    >>> print(nft.patch_report(model))
+    normffn.torch.patch: replaced 2, skipped 0
+      replaced 1 (LayerNorm)
+      replaced 2 (BatchNorm1d)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -119,6 +160,24 @@ _reports: "weakref.WeakKeyDictionary[nn.Module, PatchReport]" = weakref.WeakKeyD
 
 
 def patch_report(model: nn.Module) -> PatchReport | None:
-    """The report of the last :func:`patch` of ``model`` (None if it was never patched)."""
+    """The report of the last :func:`patch` of ``model``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model returned by :func:`patch`.
+
+    Returns
+    -------
+    PatchReport or None
+        None if the model was never patched.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import normffn.torch as nft
+    >>> nft.patch_report(torch.nn.Linear(2, 2)) is None
+    True
+    """
     return _reports.get(model)
 
