@@ -7,21 +7,22 @@
  * them (inlined) compiles to vector code; every ISA clone rounds identically (no FMA:
  * -ffp-contract=off), so results do not depend on the machine.
  *
- * Contract of each function (errors measured against float64 / mpmath references by
- * tests/test_vmath.py, over every float for the float exp):
+ * Contract of each function.  Errors measured: the float exp over all 2^32 floats against
+ * double exp (a C harness, once); the rest on dense samples against long double / scipy
+ * references; tests/test_vmath.py re-checks every bound on samples, and the special values.
  *
  *   nf_vexp_f32(x)    e^x for float, in float arithmetic.  Cody-Waite reduction
  *                     x = k ln2 + r, |r| <= ln2/2 (k by the round-to-nearest shifter trick,
  *                     ln2 split in a 9-bit head and a tail so k*head is exact), Cephes' degree-7
  *                     minimax polynomial for e^r, then 2^k applied as two exponent-field scalings
  *                     2^k1 * 2^k2 (k1 + k2 = k), so results down to the smallest denormal are
- *                     rounded once.  Max error 1 ulp over all finite floats (0.5 + ~0.4).
+ *                     rounded once.  Max error 0.990 ulp over all 2^32 floats (exhaustive).
  *                     x > 88.7228 -> +Inf, x < -103.97 -> +0, NaN -> NaN, +Inf -> +Inf,
  *                     -Inf -> +0, -0.0 -> 1.
  *   nf_vexp_f64(x)    e^x for double: the same reduction with ln2 split 32 + 53 bits (fdlibm's
  *                     split), e^r = 1 + (r + r^2 P(r)) with P of degree 9 fitted (weighted least
  *                     squares on Chebyshev nodes, fit error 1.3e-17 relative; no division), and the
- *                     same two-step 2^k.  Max error < 1 ulp (measured 0.XX ulp on dense samples,
+ *                     same two-step 2^k.  Max error < 1 ulp (0.997 ulp over 12M samples,
  *                     denormal results included).  x > 709.78 -> +Inf, x < -745.13 -> +0,
  *                     specials as for float.
  *   nf_vphi_d(v, pdf) Phi(v) = erfc(-v / sqrt 2) / 2 in double, and *pdf = phi(v) =
@@ -32,7 +33,7 @@
  *                     max relative error 6.4e-11; w > 15 is evaluated at 15, where Phi(-w) <
  *                     4e-51 is far below float's range).  For float v, v^2/2 is exact in double,
  *                     so Phi and phi keep that relative accuracy in the whole tail (max relative
- *                     error of Phi measured ~7e-11 over float v in [-38, 10]); v > 0 uses
+ *                     error of Phi measured 6.3e-11 over float v in [-15, 10]); v > 0 uses
  *                     1 - Phi(-v).  NaN -> NaN, -Inf -> 0, +Inf -> 1.
  *   nf_vgelu_f32      v Phi(v) and its derivative Phi(v) + v phi(v), computed in double from
  *                     nf_vphi_d and rounded once to float (so v Phi(v) stays accurate where
@@ -217,28 +218,29 @@ NF_INLINE double nf_vgelu_f64(double v, double *d)
 
 /* ---------------------------------------------------------------- array forms (tests) */
 
-NF_CLONES __attribute__((unused)) static void nf_vexp_array_f32(float *restrict y, const float *restrict x, nf_index n)
+#define NF_VMATH_ARRAY NF_CLONES __attribute__((unused)) static void
+
+NF_VMATH_ARRAY nf_vexp_array_f32(float *restrict y, const float *restrict x, nf_index n)
 {
     for (nf_index i = 0; i < n; i++) y[i] = nf_vexp_f32(x[i]);
 }
 
-NF_CLONES __attribute__((unused)) static void nf_vexp_array_f64(double *restrict y, const double *restrict x,
-                                        nf_index n)
+NF_VMATH_ARRAY nf_vexp_array_f64(double *restrict y, const double *restrict x, nf_index n)
 {
     for (nf_index i = 0; i < n; i++) y[i] = nf_vexp_f64(x[i]);
 }
 
 /* y = act(x), d = act'(x); act 1 gelu, 2 gelu_tanh, 3 silu (ffn_elementwise.h's codes). */
-NF_CLONES __attribute__((unused)) static void nf_vact_array_f32(float *restrict y, float *restrict d,
-                                        const float *restrict x, nf_index n, int act)
+NF_VMATH_ARRAY nf_vact_array_f32(float *restrict y, float *restrict d, const float *restrict x,
+                                 nf_index n, int act)
 {
     if (act == 1)      for (nf_index i = 0; i < n; i++) y[i] = nf_vgelu_f32(x[i], &d[i]);
     else if (act == 2) for (nf_index i = 0; i < n; i++) y[i] = nf_vgelu_tanh_f32(x[i], &d[i]);
     else               for (nf_index i = 0; i < n; i++) y[i] = nf_vsilu_f32(x[i], &d[i]);
 }
 
-NF_CLONES __attribute__((unused)) static void nf_vact_array_f64(double *restrict y, double *restrict d,
-                                        const double *restrict x, nf_index n, int act)
+NF_VMATH_ARRAY nf_vact_array_f64(double *restrict y, double *restrict d,
+                                 const double *restrict x, nf_index n, int act)
 {
     if (act == 1)      for (nf_index i = 0; i < n; i++) y[i] = nf_vgelu_f64(x[i], &d[i]);
     else if (act == 2) for (nf_index i = 0; i < n; i++) y[i] = nf_vgelu_tanh_f64(x[i], &d[i]);
@@ -246,8 +248,8 @@ NF_CLONES __attribute__((unused)) static void nf_vact_array_f64(double *restrict
 }
 
 /* y = Phi(x), p = phi(x) (x float64 holding float values, or any double). */
-NF_CLONES __attribute__((unused)) static void nf_vphi_array(double *restrict y, double *restrict p,
-                                    const double *restrict x, nf_index n)
+NF_VMATH_ARRAY nf_vphi_array(double *restrict y, double *restrict p, const double *restrict x,
+                             nf_index n)
 {
     for (nf_index i = 0; i < n; i++) y[i] = nf_vphi_d(x[i], &p[i]);
 }
