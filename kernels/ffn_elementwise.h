@@ -23,17 +23,23 @@
  * Gated backward, dA the gradient of a:  dg = (dA * u) * act'(g)  (reglu: dA * u where g is not
  * <= 0, else 0),  du = dA * act(g).
  *
- * ReLU is plain C that GCC vectorises (NF_CLONES: one build per ISA); the smooth activations
- * call libm (erfc/exp), which GCC does not vectorise without -ffast-math — and -ffast-math is
- * never used: NaN and Inf propagate through every helper.  Bodies are written once, in
- * ffn_elementwise_t.h, stamped for float (SUF f32: expf, erfcf) and double (f64: exp, erfc).
+ * Every path is a loop per activation over a row (the activation code is dispatched once per
+ * chunk of up to NF_CHUNK columns, outside the loop) that GCC vectorises in each NF_CLONES build:
+ * ReLU directly, the smooth activations through vmath.h's branch-free exp and normal CDF
+ * (libm's expf/erfcf are scalar calls GCC does not vectorise without -ffast-math, which is never
+ * used: NaN and Inf propagate through every helper).  float gelu is computed in double from
+ * vmath.h's nf_vphi_d and rounded once; double gelu still calls libm erfc (not vectorised).
+ * Smooth and gated rows go through small local chunks (v, act(v), act'(v)), so an output written
+ * over its input (a over z) is safe.  Bodies are written once, in ffn_elementwise_t.h, stamped
+ * for float (SUF f32) and double (f64).
  */
 #ifndef NORMFFN_FFN_ELEMENTWISE_H
 #define NORMFFN_FFN_ELEMENTWISE_H
 
 #include <math.h>
 #include <string.h>
-#include "core.h"   /* nf_index, NF_CLONES, NF_INLINE, NF_T */
+#include "core.h"   /* nf_index, NF_CLONES, NF_INLINE, NF_T, NF_CHUNK */
+#include "vmath.h"  /* nf_vgelu, nf_vgelu_tanh, nf_vsilu */
 
 enum {
     NF_ACT_RELU = 0,
@@ -45,17 +51,6 @@ enum {
     NF_ACT_GEGLU = NF_ACT_GATED | NF_ACT_GELU,
     NF_ACT_SWIGLU = NF_ACT_GATED | NF_ACT_SILU,
 };
-
-#define NF_SQRT1_2      0.70710678118654752440
-#define NF_INV_SQRT_2PI 0.39894228040143267794
-#define NF_SQRT_2_PI    0.79788456080286535588
-#define NF_GELU_C       0.044715
-
-/* The libm function of each precision, under one name per type for the template. */
-static inline float nf_exp_f32(float v) { return expf(v); }
-static inline double nf_exp_f64(double v) { return exp(v); }
-static inline float nf_erfc_f32(float v) { return erfcf(v); }
-static inline double nf_erfc_f64(double v) { return erfc(v); }
 
 #define T float
 #define SUF f32

@@ -2,40 +2,93 @@
  * file twice, with T = float, SUF = f32 and T = double, SUF = f64.  No include guard, on purpose.
  * Contract and maths: ffn_elementwise.h.  NF_T(name) expands to name_SUF. */
 
-/* ---------------------------------------------------------------- one value
- * a = act(v) and, when d != NULL, *d = act'(v). */
+/* ---------------------------------------------------------------- one chunk of a row
+ * Rows are processed in chunks of at most NF_CHUNK columns through small local arrays: v (the
+ * pre-activation, z + b1), s = act(v) and d = act'(v).  Each loop below has one activation and
+ * restrict (or local) operands, so GCC vectorises it (vmath.h's functions inline into it), and
+ * writing an output over its input (a over z, in place) is safe: a chunk's inputs are copied
+ * before any of its outputs are stored, and later chunks read columns no earlier chunk wrote. */
 
-NF_INLINE T NF_T(nf_gelu)(T v, T *d)
+/* v[0:n] = z[0:n] + b[0:n] (b may be NULL). */
+NF_INLINE void NF_T(nf_load_v)(T *restrict v, const T *restrict z, const T *restrict b,
+                               nf_index n)
 {
-    T phi_cdf = (T)0.5 * NF_T(nf_erfc)(-v * (T)NF_SQRT1_2);
-    if (d) *d = phi_cdf + v * ((T)NF_INV_SQRT_2PI * NF_T(nf_exp)((T)-0.5 * v * v));
-    return v * phi_cdf;
+    if (b) for (nf_index j = 0; j < n; j++) v[j] = z[j] + b[j];
+    else   memcpy(v, z, (size_t)n * sizeof(T));
 }
 
-NF_INLINE T NF_T(nf_gelu_tanh)(T v, T *d)
+/* s = act(v) for a plain activation code (a gated code's gate). */
+NF_INLINE void NF_T(nf_act_chunk)(T *restrict s, const T *restrict v, nf_index n, int act)
 {
-    T u = (T)NF_SQRT_2_PI * (v + (T)NF_GELU_C * v * v * v);
-    T s = (T)1 / ((T)1 + NF_T(nf_exp)((T)-2 * u));
-    if (d) {
-        T du = (T)NF_SQRT_2_PI * ((T)1 + (T)(3 * NF_GELU_C) * v * v);
-        *d = s + (T)2 * v * (s * ((T)1 - s)) * du;
+    switch (act) {
+    case NF_ACT_GELU:
+        for (nf_index j = 0; j < n; j++) s[j] = NF_T(nf_vgelu)(v[j], NULL);
+        break;
+    case NF_ACT_GELU_TANH:
+        for (nf_index j = 0; j < n; j++) s[j] = NF_T(nf_vgelu_tanh)(v[j], NULL);
+        break;
+    case NF_ACT_SILU:
+        for (nf_index j = 0; j < n; j++) s[j] = NF_T(nf_vsilu)(v[j], NULL);
+        break;
+    default:
+        for (nf_index j = 0; j < n; j++) s[j] = v[j] < 0 ? (T)0 : v[j];
+        break;
     }
-    return v * s;
 }
 
-NF_INLINE T NF_T(nf_silu)(T v, T *d)
+/* s = act(v) and d = act'(v); relu leaves d unset (its backward masks from v instead). */
+NF_INLINE void NF_T(nf_act_grad_chunk)(T *restrict s, T *restrict d, const T *restrict v,
+                                       nf_index n, int act)
 {
-    T s = (T)1 / ((T)1 + NF_T(nf_exp)(-v));
-    if (d) *d = s * ((T)1 + v * ((T)1 - s));
-    return v * s;
+    switch (act) {
+    case NF_ACT_GELU:
+        for (nf_index j = 0; j < n; j++) s[j] = NF_T(nf_vgelu)(v[j], &d[j]);
+        break;
+    case NF_ACT_GELU_TANH:
+        for (nf_index j = 0; j < n; j++) s[j] = NF_T(nf_vgelu_tanh)(v[j], &d[j]);
+        break;
+    case NF_ACT_SILU:
+        for (nf_index j = 0; j < n; j++) s[j] = NF_T(nf_vsilu)(v[j], &d[j]);
+        break;
+    default:
+        for (nf_index j = 0; j < n; j++) s[j] = v[j] < 0 ? (T)0 : v[j];
+        break;
+    }
 }
 
-/* The smooth activations by code (NF_ACT_GELU, NF_ACT_GELU_TANH, NF_ACT_SILU). */
-static inline T NF_T(nf_act)(int act, T v, T *d)
+/* out = s * u */
+NF_INLINE void NF_T(nf_mul_chunk)(T *restrict out, const T *restrict s, const T *restrict u,
+                                  nf_index n)
 {
-    if (act == NF_ACT_GELU) return NF_T(nf_gelu)(v, d);
-    if (act == NF_ACT_GELU_TANH) return NF_T(nf_gelu_tanh)(v, d);
-    return NF_T(nf_silu)(v, d);
+    for (nf_index j = 0; j < n; j++) out[j] = s[j] * u[j];
+}
+
+/* dead[j] &= (s[j] == 0) */
+NF_INLINE void NF_T(nf_dead_chunk)(unsigned char *restrict dead, const T *restrict s,
+                                   nf_index n)
+{
+    for (nf_index j = 0; j < n; j++) dead[j] &= (s[j] == 0);
+}
+
+/* Gated backward of one chunk: dA in gg on entry; gg = (dA * u) * act'(gate) (relu:
+ * dA * u where the gate is not <= 0, else 0), gu = dA * act(gate). */
+NF_INLINE void NF_T(nf_gated_grad_chunk)(T *restrict gg, T *restrict gu, const T *restrict s,
+                                         const T *restrict d, const T *restrict vg,
+                                         const T *restrict vu, nf_index n, int gate)
+{
+    if (gate == NF_ACT_RELU) {
+        for (nf_index j = 0; j < n; j++) {
+            T da = gg[j];
+            gg[j] = vg[j] <= 0 ? (T)0 : da * vu[j];
+            gu[j] = da * s[j];
+        }
+    } else {
+        for (nf_index j = 0; j < n; j++) {
+            T da = gg[j];
+            gg[j] = (da * vu[j]) * d[j];
+            gu[j] = da * s[j];
+        }
+    }
 }
 
 /* ---------------------------------------------------------------- forward
@@ -57,41 +110,48 @@ NF_CLONES static void NF_T(nf_ffn_relu_fwd)(T *z, nf_index ldz, const T *restric
     }
 }
 
-/* Any plain activation, one value at a time (the smooth ones call libm). */
-static void NF_T(nf_ffn_plain_fwd)(T *z, nf_index ldz, T *a, nf_index lda, const T *b1,
-                                   unsigned char *dead, nf_index m, nf_index h, int act)
+/* Any plain activation, chunk by chunk. */
+NF_CLONES static void NF_T(nf_ffn_plain_fwd)(T *z, nf_index ldz, T *a, nf_index lda,
+                                             const T *b1, unsigned char *dead, nf_index m,
+                                             nf_index h, int act)
 {
+    T v[NF_CHUNK], s[NF_CHUNK];
     for (nf_index i = 0; i < m; i++) {
         T *zi = z + i * ldz;
         T *ai = a ? a + i * lda : zi;
-        for (nf_index j = 0; j < h; j++) {
-            T v = b1 ? zi[j] + b1[j] : zi[j];
-            T y;
-            if (act == NF_ACT_RELU) y = v < 0 ? 0 : v;
-            else y = NF_T(nf_act)(act, v, NULL);
-            if (a) zi[j] = v;
-            ai[j] = y;
-            if (dead) dead[j] &= (y == 0);
+        for (nf_index j0 = 0; j0 < h; j0 += NF_CHUNK) {
+            nf_index n = h - j0 < NF_CHUNK ? h - j0 : NF_CHUNK;
+            NF_T(nf_load_v)(v, zi + j0, b1 ? b1 + j0 : NULL, n);
+            NF_T(nf_act_chunk)(s, v, n, act);
+            if (a && b1) memcpy(zi + j0, v, (size_t)n * sizeof(T));
+            memcpy(ai + j0, s, (size_t)n * sizeof(T));
+            if (dead) NF_T(nf_dead_chunk)(dead + j0, s, n);
         }
     }
 }
 
 /* Gated: z rows are [gate | up] (2h wide), a rows h wide; a == NULL writes a over z's first h
- * columns (each row's gate and up are read before its a is written).  dead flags the gate. */
-static void NF_T(nf_ffn_gated_fwd)(T *z, nf_index ldz, T *a, nf_index lda, const T *b1,
-                                   unsigned char *dead, nf_index m, nf_index h, int act)
+ * columns.  dead flags the gate. */
+NF_CLONES static void NF_T(nf_ffn_gated_fwd)(T *z, nf_index ldz, T *a, nf_index lda,
+                                             const T *b1, unsigned char *dead, nf_index m,
+                                             nf_index h, int act)
 {
     int gate = act & ~NF_ACT_GATED;
+    T vg[NF_CHUNK], vu[NF_CHUNK], s[NF_CHUNK];
     for (nf_index i = 0; i < m; i++) {
         T *zi = z + i * ldz;
         T *ai = a ? a + i * lda : zi;
-        for (nf_index j = 0; j < h; j++) {
-            T vg = b1 ? zi[j] + b1[j] : zi[j];
-            T vu = b1 ? zi[h + j] + b1[h + j] : zi[h + j];
-            T s = gate == NF_ACT_RELU ? (vg < 0 ? (T)0 : vg) : NF_T(nf_act)(gate, vg, NULL);
-            if (a) { zi[j] = vg; zi[h + j] = vu; }
-            ai[j] = s * vu;
-            if (dead) dead[j] &= (s == 0);
+        for (nf_index j0 = 0; j0 < h; j0 += NF_CHUNK) {
+            nf_index n = h - j0 < NF_CHUNK ? h - j0 : NF_CHUNK;
+            NF_T(nf_load_v)(vg, zi + j0, b1 ? b1 + j0 : NULL, n);
+            NF_T(nf_load_v)(vu, zi + h + j0, b1 ? b1 + h + j0 : NULL, n);
+            NF_T(nf_act_chunk)(s, vg, n, gate);
+            if (a && b1) {
+                memcpy(zi + j0, vg, (size_t)n * sizeof(T));
+                memcpy(zi + h + j0, vu, (size_t)n * sizeof(T));
+            }
+            NF_T(nf_mul_chunk)(ai + j0, s, vu, n);
+            if (dead) NF_T(nf_dead_chunk)(dead + j0, s, n);
         }
     }
 }
@@ -145,18 +205,22 @@ NF_CLONES static void NF_T(nf_ffn_relu_bwd)(T *restrict g, nf_index ldg, T *z, n
     }
 }
 
-static void NF_T(nf_ffn_smooth_bwd)(T *g, nf_index ldg, T *z, nf_index ldz, const T *b1,
-                                    T *a_out, nf_index lda, double *db1_acc, nf_index m,
-                                    nf_index h, int act)
+/* gelu, gelu_tanh, silu, chunk by chunk; g and a_out never overlap. */
+NF_CLONES static void NF_T(nf_ffn_smooth_bwd)(T *g, nf_index ldg, T *z, nf_index ldz,
+                                              const T *b1, T *a_out, nf_index lda,
+                                              double *restrict db1_acc, nf_index m, nf_index h,
+                                              int act)
 {
+    T v[NF_CHUNK], s[NF_CHUNK], d[NF_CHUNK];
     for (nf_index i = 0; i < m; i++) {
-        T *gi = g + i * ldg, *zi = z + i * ldz, *ai = a_out ? a_out + i * lda : NULL;
-        for (nf_index j = 0; j < h; j++) {
-            T d;
-            T v = b1 ? zi[j] + b1[j] : zi[j];
-            T y = NF_T(nf_act)(act, v, &d);
-            if (ai) ai[j] = y;
-            gi[j] = gi[j] * d;
+        T *restrict gi = g + i * ldg;
+        const T *zi = z + i * ldz;
+        for (nf_index j0 = 0; j0 < h; j0 += NF_CHUNK) {
+            nf_index n = h - j0 < NF_CHUNK ? h - j0 : NF_CHUNK;
+            NF_T(nf_load_v)(v, zi + j0, b1 ? b1 + j0 : NULL, n);
+            NF_T(nf_act_grad_chunk)(s, d, v, n, act);
+            for (nf_index j = 0; j < n; j++) gi[j0 + j] = gi[j0 + j] * d[j];
+            if (a_out) memcpy(a_out + i * lda + j0, s, (size_t)n * sizeof(T));
         }
         if (db1_acc) for (nf_index j = 0; j < h; j++) db1_acc[j] += (double)gi[j];
     }
@@ -164,26 +228,23 @@ static void NF_T(nf_ffn_smooth_bwd)(T *g, nf_index ldg, T *z, nf_index ldz, cons
 
 /* Gated: g holds dA in its first h columns (ldg >= 2h) and returns dZ = [dgate | dup] (2h);
  * z rows are [gate | up]; a_out (may equal z) gets act(gate) * up; db1_acc is 2h wide. */
-static void NF_T(nf_ffn_gated_bwd)(T *g, nf_index ldg, T *z, nf_index ldz, const T *b1,
-                                   T *a_out, nf_index lda, double *db1_acc, nf_index m,
-                                   nf_index h, int act)
+NF_CLONES static void NF_T(nf_ffn_gated_bwd)(T *g, nf_index ldg, T *z, nf_index ldz,
+                                             const T *b1, T *a_out, nf_index lda,
+                                             double *restrict db1_acc, nf_index m, nf_index h,
+                                             int act)
 {
     int gate = act & ~NF_ACT_GATED;
+    T vg[NF_CHUNK], vu[NF_CHUNK], s[NF_CHUNK], d[NF_CHUNK];
     for (nf_index i = 0; i < m; i++) {
-        T *gi = g + i * ldg, *zi = z + i * ldz, *ai = a_out ? a_out + i * lda : NULL;
-        for (nf_index j = 0; j < h; j++) {
-            T vg = b1 ? zi[j] + b1[j] : zi[j];
-            T vu = b1 ? zi[h + j] + b1[h + j] : zi[h + j];
-            T da = gi[j], d, s;
-            if (gate == NF_ACT_RELU) {
-                s = vg < 0 ? (T)0 : vg;
-                gi[j] = vg <= 0 ? (T)0 : da * vu;
-            } else {
-                s = NF_T(nf_act)(gate, vg, &d);
-                gi[j] = (da * vu) * d;
-            }
-            gi[h + j] = da * s;
-            if (ai) ai[j] = s * vu;
+        T *gi = g + i * ldg;
+        const T *zi = z + i * ldz;
+        for (nf_index j0 = 0; j0 < h; j0 += NF_CHUNK) {
+            nf_index n = h - j0 < NF_CHUNK ? h - j0 : NF_CHUNK;
+            NF_T(nf_load_v)(vg, zi + j0, b1 ? b1 + j0 : NULL, n);
+            NF_T(nf_load_v)(vu, zi + h + j0, b1 ? b1 + h + j0 : NULL, n);
+            NF_T(nf_act_grad_chunk)(s, d, vg, n, gate);
+            NF_T(nf_gated_grad_chunk)(gi + j0, gi + h + j0, s, d, vg, vu, n, gate);
+            if (a_out) NF_T(nf_mul_chunk)(a_out + i * lda + j0, s, vu, n);
         }
         if (db1_acc) for (nf_index j = 0; j < 2 * h; j++) db1_acc[j] += (double)gi[j];
     }
@@ -207,19 +268,25 @@ static void NF_T(nf_ffn_bwd)(T *g, nf_index ldg, T *z, nf_index ldz, const T *b1
 
 /* a (lda) = act(z + b1) only (gated: act(gate) * up) — backward when no gradient through the
  * hidden is needed but dw2 is (a is then bitwise the a nf_ffn_bwd writes).  a may equal z (in
- * place: row j of a is written after z[j] and z[h + j] are read). */
-static void NF_T(nf_ffn_activate)(T *a, nf_index lda, const T *z, nf_index ldz, const T *b1,
-                                  nf_index m, nf_index h, int act)
+ * place). */
+NF_CLONES static void NF_T(nf_ffn_activate)(T *a, nf_index lda, const T *z, nf_index ldz,
+                                            const T *b1, nf_index m, nf_index h, int act)
 {
-    int gate = act & ~NF_ACT_GATED;
+    int gated = act & NF_ACT_GATED, gate = act & ~NF_ACT_GATED;
+    T v[NF_CHUNK], u[NF_CHUNK], s[NF_CHUNK];
     for (nf_index i = 0; i < m; i++) {
         const T *zi = z + i * ldz;
         T *ai = a + i * lda;
-        for (nf_index j = 0; j < h; j++) {
-            T v = b1 ? zi[j] + b1[j] : zi[j];
-            T s = gate == NF_ACT_RELU ? (v < 0 ? (T)0 : v) : NF_T(nf_act)(gate, v, NULL);
-            if (act & NF_ACT_GATED) s = s * (b1 ? zi[h + j] + b1[h + j] : zi[h + j]);
-            ai[j] = s;
+        for (nf_index j0 = 0; j0 < h; j0 += NF_CHUNK) {
+            nf_index n = h - j0 < NF_CHUNK ? h - j0 : NF_CHUNK;
+            NF_T(nf_load_v)(v, zi + j0, b1 ? b1 + j0 : NULL, n);
+            NF_T(nf_act_chunk)(s, v, n, gate);
+            if (gated) {
+                NF_T(nf_load_v)(u, zi + h + j0, b1 ? b1 + h + j0 : NULL, n);
+                NF_T(nf_mul_chunk)(ai + j0, s, u, n);
+            } else {
+                memcpy(ai + j0, s, (size_t)n * sizeof(T));
+            }
         }
     }
 }
