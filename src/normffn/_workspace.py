@@ -96,7 +96,9 @@ def workspace(role: str, count: int, dtype=np.float64) -> np.ndarray:
         count = int(count)
     if count < 1:
         count = 1
-    if dtype is np.float64:
+    if dtype is _F64 or dtype is _F32:
+        pass
+    elif dtype is np.float64:
         dtype = _F64
     elif dtype is np.float32:
         dtype = _F32

@@ -212,10 +212,12 @@ def _activation(activation) -> str:
     return activation
 
 
-def _weight(w, name: str, dtype: np.dtype, expected: str) -> np.ndarray:
+def _weight(w, name: str, dtype: np.dtype, expected) -> np.ndarray:
     w = _checks.float_array(w, name)
     _checks.same_dtype(dtype, name, w)
     if w.ndim != 2:
+        if not isinstance(expected, str):       # w2's (h, d), formatted only for the message
+            expected = f"(h, d) = {expected}"
         raise ValueError(f"{name} must be 2-D of shape {expected}, got shape {w.shape}")
     return w
 
@@ -248,7 +250,7 @@ def check_forward(x, w1, b1, w2, b2, activation="relu", *, recompute=False, out=
                          "gate and the up projection side by side (see pack_gated), so its "
                          "width must be even")
     h = hw // 2 if gated else hw
-    w2 = _weight(w2, "w2", dtype, f"(h, d) = {(h, d)}")
+    w2 = _weight(w2, "w2", dtype, (h, d))
     if w2.shape != (h, d):
         where = "h = w1.shape[1] // 2" if gated else "h from w1"
         raise ValueError(f"w2 has shape {w2.shape}, expected {(h, d)} ({where}, d from x)")
@@ -274,8 +276,8 @@ def check_forward(x, w1, b1, w2, b2, activation="relu", *, recompute=False, out=
                                        inputs=inputs + (out,))
     w1, w2 = _checks.blas_matrix(w1), _checks.blas_matrix(w2)
     x = np.ascontiguousarray(x)
-    return FFNArgs(x, x if x.ndim == 2 else x.reshape(n, d), w1, b1, w2, b2, activation, recompute, out, hidden_out,
-                   n, d, h)
+    return FFNArgs(x, x if x.ndim == 2 else x.reshape(n, d), w1, b1, w2, b2, activation,
+                   recompute, out, hidden_out, n, d, h)
 
 
 def check_backward(dy, ctx, *, out=None, needs=None):
@@ -530,8 +532,8 @@ def ffn_backward(dy, ctx, *, out=None, needs=None):
     """
     ctx, dy2, needs, outs = check_backward(dy, ctx, out=out, needs=needs)
     x = ctx.x
-    grads = run_backward(dy2, x if x.ndim == 2 else x.reshape(dy2.shape), ctx.hidden, ctx.w1, ctx.b1, ctx.w2,
-                         ctx.activation, needs, out=outs)
+    grads = run_backward(dy2, x if x.ndim == 2 else x.reshape(dy2.shape), ctx.hidden, ctx.w1,
+                         ctx.b1, ctx.w2, ctx.activation, needs, out=outs)
     dx = grads[0]
     if dx is not None:
         dx = out[0] if outs[0] is not None else dx if x.ndim == 2 else dx.reshape(x.shape)
