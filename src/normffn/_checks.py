@@ -14,10 +14,19 @@ import operator
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+F32, F64 = FLOAT_DTYPES
+_ndarray = np.ndarray
+_INF = math.inf
+# np.may_share_memory without the __array_function__ dispatch (its arguments here are always
+# ndarrays, for which the two are the same function): half the cost of a small call's check.
+_may_share_memory = getattr(np.may_share_memory, "_implementation", np.may_share_memory)
 
 # Kernels index with Py_ssize_t, but BLAS (cython_blas, LP64) takes 32-bit ints: sizes that feed
 # a GEMM must stay below this.
 INT32_MAX = 2**31 - 1
+
+_EPS32 = float(np.finfo(np.float32).eps)
+_EPS64 = float(np.finfo(np.float64).eps)
 
 
 def float_array(a, name: str) -> np.ndarray:
@@ -26,6 +35,10 @@ def float_array(a, name: str) -> np.ndarray:
     Array-likes (lists, CPU tensors with ``__array__``) are converted; integer, bool, float16,
     complex, object and structured data are a ``TypeError``.
     """
+    if type(a) is _ndarray:
+        dt = a.dtype
+        if (dt is F32 or dt is F64) and a.flags.aligned:
+            return a
     if a is None:
         raise TypeError(f"{name} must be a float32 or float64 array, got None")
     if not isinstance(a, np.ndarray):
@@ -44,7 +57,7 @@ def float_array(a, name: str) -> np.ndarray:
 
 
 def same_dtype(dtype: np.dtype, name: str, a: np.ndarray) -> None:
-    if a.dtype != dtype:
+    if a.dtype is not dtype and a.dtype != dtype:
         raise TypeError(f"{name} has dtype {a.dtype}, expected {dtype} (the dtype of x); "
                         "mixing dtypes is not supported")
 
@@ -54,6 +67,10 @@ def optional_param(a, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray | 
     and ``dtype``, returned C-contiguous (copied only if it is not)."""
     if a is None:
         return None
+    if type(a) is _ndarray and a.dtype is dtype and a.shape == shape:
+        f = a.flags
+        if f.c_contiguous and f.aligned:
+            return a
     a = float_array(a, name)
     same_dtype(dtype, name, a)
     if a.shape != tuple(shape):
@@ -64,9 +81,12 @@ def optional_param(a, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray | 
 def finite_float(value, name: str, *, low: float | None = None, low_inclusive: bool = True,
                  high: float | None = None) -> float:
     """A real scalar, finite, within [low, high] (or (low, high] if not low_inclusive)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
+    if type(value) is float:
+        v = value
+    else:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        v = float(value)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     if low is not None and (v < low or (v == low and not low_inclusive)):
@@ -80,7 +100,14 @@ def finite_float(value, name: str, *, low: float | None = None, low_inclusive: b
 def eps(value, *, strictly_positive: bool = False, dtype: np.dtype | None = None) -> float:
     """``eps``: finite, >= 0 (> 0 if strictly_positive).  With ``dtype`` given, None means
     ``np.finfo(dtype).eps`` (RMSNorm's default, as ``torch.nn.functional.rms_norm``)."""
+    if type(value) is float and (0.0 < value if strictly_positive else 0.0 <= value) \
+            and value < _INF:
+        return value
     if value is None and dtype is not None:
+        if dtype is F32:
+            return _EPS32
+        if dtype is F64:
+            return _EPS64
         return float(np.finfo(dtype).eps)
     return finite_float(value, "eps", low=0.0, low_inclusive=not strictly_positive)
 
@@ -88,6 +115,12 @@ def eps(value, *, strictly_positive: bool = False, dtype: np.dtype | None = None
 def normalized_shape(value, x_shape: tuple) -> tuple:
     """Normalise ``normalized_shape`` (int or sequence of ints) and check it matches the
     trailing dims of x."""
+    if type(value) is int:
+        if value > 0 and x_shape and x_shape[-1] == value:
+            return (value,)
+    elif type(value) is tuple and len(value) == 1 and type(value[0]) is int:
+        if value[0] > 0 and x_shape and x_shape[-1] == value[0]:
+            return value
     if isinstance(value, (bool, np.bool_)):
         raise TypeError("normalized_shape must be an int or a tuple of ints, got bool")
     try:
@@ -111,7 +144,7 @@ def normalized_shape(value, x_shape: tuple) -> tuple:
 
 
 def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
-    if not np.may_share_memory(a, b):
+    if not _may_share_memory(a, b):
         return False
     try:
         return bool(np.shares_memory(a, b, max_work=10_000))
@@ -122,22 +155,35 @@ def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
 def out_array(out, name: str, shape: tuple, dtype: np.dtype, inputs=()) -> np.ndarray:
     """Validate a caller-provided output buffer: ndarray of the exact shape and dtype,
     C-contiguous, writeable, not overlapping any of ``inputs``."""
-    if not isinstance(out, np.ndarray):
+    if type(out) is not _ndarray and not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
-    if out.dtype != dtype:
+    if out.dtype is not dtype and out.dtype != dtype:
         raise ValueError(f"{name} has dtype {out.dtype}, expected {dtype}")
-    if out.shape != tuple(shape):
+    if out.shape != shape and out.shape != tuple(shape):
         raise ValueError(f"{name} has shape {out.shape}, expected {tuple(shape)}")
-    if not out.flags.c_contiguous:
+    f = out.flags
+    if not f.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
-    if not out.flags.writeable:
+    if not f.writeable:
         raise ValueError(f"{name} must be writeable")
-    if not out.flags.aligned:
+    if not f.aligned:
         raise ValueError(f"{name} must be aligned to its itemsize")
+    # Two distinct arrays that both own their data hold separate allocations: disjoint without
+    # asking numpy (a cheap answer for the common case of fresh, separately allocated buffers).
+    owns = f.owndata
     for a in inputs:
-        if a is not None and _overlaps(out, a):
+        if a is None or (owns and a is not out and a.flags.owndata):
+            continue
+        if _overlaps(out, a):
             raise ValueError(f"{name} overlaps an input array; pass a separate buffer")
     return out
+
+
+def owned_c_array(flags) -> bool:
+    """True when ``flags`` (an ndarray's) say C-contiguous, aligned, writeable and owning its
+    memory: with inputs that own theirs, such an ``out=`` (not one of them) passes
+    :func:`out_array` without an overlap test (separate allocations cannot overlap)."""
+    return flags.carray and flags.owndata
 
 
 def new_or_out(out, name: str, shape: tuple, dtype: np.dtype, inputs=()) -> np.ndarray:
@@ -160,7 +206,7 @@ def needs(value, names: tuple, exists: tuple) -> tuple:
     value that is not a tuple/list or an entry that is not a bool, ValueError for a wrong
     length."""
     if value is None:
-        return tuple(bool(e) for e in exists)
+        return tuple(map(bool, exists))
     spelled = f"{len(names)} bools ({', '.join(names)})"
     if not isinstance(value, (tuple, list)):
         raise TypeError(f"needs must be a tuple of {spelled} or None, got "
@@ -178,6 +224,11 @@ def row_input(x, nshape, name: str = "x"):
     (an int or tuple: the op's ``normalized_shape``).  Returns ``(x, nshape, lead)``, nshape a
     tuple and lead the shape of the per-row statistics (n = prod(lead) rows of d =
     prod(nshape))."""
+    if type(x) is _ndarray and type(nshape) is int and nshape > 0:
+        dt = x.dtype
+        shape = x.shape
+        if (dt is F32 or dt is F64) and shape and shape[-1] == nshape and x.flags.aligned:
+            return x, (nshape,), shape[:-1]
     x = float_array(x, name)
     if x.ndim == 0:
         raise ValueError(f"{name} must have at least one dimension, got a 0-d array")
@@ -186,6 +237,9 @@ def row_input(x, nshape, name: str = "x"):
 
 
 def grad_output(dy, ctx_shape: tuple, dtype: np.dtype, name: str = "dy") -> np.ndarray:
+    if type(dy) is _ndarray and dy.dtype is dtype and dy.shape == ctx_shape and \
+            (dtype is F32 or dtype is F64) and dy.flags.aligned:
+        return dy
     dy = float_array(dy, name)
     same_dtype(dtype, name, dy)
     if dy.shape != tuple(ctx_shape):
@@ -199,16 +253,19 @@ def blas_matrix(a: np.ndarray) -> np.ndarray:
     (C order) or columns contiguous (F order, e.g. PyTorch's ``weight.T``), the other stride a
     positive multiple of the itemsize no smaller than the contiguous extent and below 2**31
     elements — without a copy when ``a`` already is one, else as a C-contiguous copy."""
-    it = a.itemsize
+    return a if blas_layout(a) else np.ascontiguousarray(a)
+
+
+def blas_layout(a: np.ndarray) -> bool:
+    """True when BLAS reads the 2-D array ``a`` in place (the test :func:`blas_matrix` makes)."""
     rows, cols = a.shape
+    f = a.flags
+    if f.c_contiguous or f.f_contiguous:
+        return rows <= INT32_MAX and cols <= INT32_MAX
+    it = a.itemsize
     s0, s1 = a.strides
-    if a.flags.c_contiguous or a.flags.f_contiguous:
-        if max(rows, cols) <= INT32_MAX:
-            return a
-    elif (s1 == it and s0 > 0 and s0 % it == 0 and cols <= s0 // it <= INT32_MAX) or \
-            (s0 == it and s1 > 0 and s1 % it == 0 and rows <= s1 // it <= INT32_MAX):
-        return a
-    return np.ascontiguousarray(a)
+    return (s1 == it and s0 > 0 and s0 % it == 0 and cols <= s0 // it <= INT32_MAX) or \
+        (s0 == it and s1 > 0 and s1 % it == 0 and rows <= s1 // it <= INT32_MAX)
 
 
 def gemm_size(value: int, name: str) -> int:

@@ -54,7 +54,7 @@ def _layout_ok(a: np.ndarray, layout) -> bool:
     if layout == "C":
         return a.flags.c_contiguous
     if layout == "blas":
-        return a.ndim == 2 and _checks.blas_matrix(a) is a
+        return a.ndim == 2 and _checks.blas_layout(a)
     return bool(layout(a))
 
 
@@ -69,6 +69,22 @@ class Context:
 
     _op: ClassVar[str] = ""
     _fields: ClassVar[tuple] = ()
+
+    @classmethod
+    def _build(cls, fields: dict):
+        """The context ``cls(**fields)`` (``fields``, a fresh dict naming every field, becomes
+        its ``__dict__``), built without the frozen dataclass's per-field
+        ``object.__setattr__``: a forward's hot path."""
+        ctx = object.__new__(cls)
+        object.__setattr__(ctx, "__dict__", fields)
+        return ctx
+
+    def _valid_fast(self) -> bool:
+        """True only if :meth:`validate` would pass, decided without formatting anything (a
+        subclass's check of the common case: exact ndarrays of the expected dtype objects,
+        shapes and layouts).  False sends :meth:`validate` down the general path, which
+        raises or passes as it always did.  Default: False."""
+        return False
 
     @property
     def shape(self) -> tuple:
@@ -108,6 +124,8 @@ class Context:
         ...
         ValueError: ctx.rstd has shape (5,), expected (2,)
         """
+        if self._valid_fast():
+            return
         x = getattr(self, "x", None)
         for f in self._fields:
             a = getattr(self, f.name)

@@ -16,6 +16,8 @@ __all__ = ["l3_bytes", "stream_threshold", "set_stream_threshold", "stream_for"]
 _DEFAULT_L3 = 32 << 20
 _l3_cache: int | None = None
 _stream_override: int | None = None
+# stream_threshold() as last computed: stream_for's per-call comparison needs no function call.
+_threshold: int | None = None
 
 
 def l3_bytes() -> int:
@@ -57,16 +59,26 @@ def set_stream_threshold(nbytes: int | None) -> int:
     """Set the streaming threshold in bytes (``None`` restores the default); returns the
     threshold now in force.  A documented setting: tests use ``1`` to exercise the streaming
     path on small arrays."""
-    global _stream_override
+    global _stream_override, _threshold
     if nbytes is not None:
         nbytes = int(nbytes)
         if nbytes < 1:
             raise ValueError(f"nbytes must be >= 1 or None, got {nbytes}")
     _stream_override = nbytes
-    return stream_threshold()
+    _threshold = stream_threshold()
+    return _threshold
 
 
 def stream_for(out) -> int:
     """1 when an output as large as ``out`` (an ndarray) is written with non-temporal stores
     (at least :func:`stream_threshold` bytes), else 0: the flag the kernels take."""
-    return int(out.nbytes >= stream_threshold())
+    if _threshold is None:
+        _init_threshold()
+    return 1 if out.nbytes >= _threshold else 0
+
+
+def _init_threshold() -> None:
+    """Compute the threshold :func:`stream_for` compares with (once per process; kept up to
+    date by :func:`set_stream_threshold`)."""
+    global _threshold
+    _threshold = stream_threshold()

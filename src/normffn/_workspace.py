@@ -35,6 +35,8 @@ MAX_BUFFER_BYTES = 64 << 20
 # Default cap on the bytes kept across all threads: four full-size buffers.
 DEFAULT_LIMIT_BYTES = 256 << 20
 
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
 
 def _env_limit() -> int | None:
     text = os.environ.get("NORMFFN_WORKSPACE_LIMIT", "").strip()
@@ -90,13 +92,30 @@ def workspace(role: str, count: int, dtype=np.float64) -> np.ndarray:
 
     ``role`` names what the buffer is for (e.g. ``"layer_norm_backward"``); one buffer is kept
     per (role, dtype) per thread, within the limits described in the module doc."""
-    count = max(int(count), 1)
-    dtype = np.dtype(dtype)
-    cache = _this_thread()
+    if type(count) is not int:
+        count = int(count)
+    if count < 1:
+        count = 1
+    if dtype is _F64 or dtype is _F32:
+        pass
+    elif dtype is np.float64:
+        dtype = _F64
+    elif dtype is np.float32:
+        dtype = _F32
+    elif not isinstance(dtype, np.dtype):
+        dtype = np.dtype(dtype)
+    try:
+        cache = _local.cache
+    except AttributeError:
+        cache = _this_thread()
     key = (role, dtype)
     buf = cache.buffers.get(key)
-    if buf is not None and buf.size >= count:
-        return buf[:count]
+    if buf is not None:
+        size = buf.shape[0]
+        if size == count:
+            return buf
+        if size > count:
+            return buf[:count]
     buf = np.empty(count, dtype=dtype)
     with _lock:
         old = cache.buffers.pop(key, None)

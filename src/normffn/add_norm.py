@@ -19,7 +19,7 @@ from . import _checks, _tuning
 from ._context import Context, Field
 from ._kernels import add_norm as _kernel
 from ._workspace import workspace
-from .rms_norm import lead_shape, param_shape
+from .rms_norm import _valid_fast_rows, lead_shape, param_shape
 
 __all__ = ["AddLayerNormContext", "AddRMSNormContext",
            "add_layer_norm", "add_layer_norm_forward", "add_layer_norm_backward",
@@ -86,6 +86,11 @@ class AddLayerNormContext(_AddNormContext):
         Field("rstd", kind="float64", shape=lead_shape),
     )
 
+    def _valid_fast(self) -> bool:
+        """The common case of :meth:`validate` (see ``Context._valid_fast``)."""
+        return _valid_fast_rows(self.s, self.normalized_shape, self.rstd, (self.mean,),
+                                (self.weight, self.bias))
+
 
 @dataclass(frozen=True, eq=False)
 class AddRMSNormContext(_AddNormContext):
@@ -125,6 +130,10 @@ class AddRMSNormContext(_AddNormContext):
         Field("weight", kind="like_x", shape=param_shape, optional=True),
         Field("rstd", kind="float64", shape=lead_shape),
     )
+
+    def _valid_fast(self) -> bool:
+        """The common case of :meth:`validate` (see ``Context._valid_fast``)."""
+        return _valid_fast_rows(self.s, self.normalized_shape, self.rstd, (), (self.weight,))
 
 
 # ---------------------------------------------------------------- check / run
@@ -197,19 +206,24 @@ def _forward(x, residual, normalized_shape, weight, bias, eps, out, rms):
     x, residual, nshape, weight, bias, eps, y, s = check_add_norm(
         x, residual, normalized_shape, weight, bias, eps, out=out, rms=rms)
     lead = x.shape[:x.ndim - len(nshape)]
-    n, d = math.prod(lead), math.prod(nshape)
     mean = None if rms else np.empty(lead, dtype=np.float64)
     rstd = np.empty(lead, dtype=np.float64)
-    run_add_norm_forward(x.reshape(n, d), residual.reshape(n, d),
-                         None if weight is None else weight.reshape(d),
-                         None if bias is None else bias.reshape(d), eps,
-                         y.reshape(n, d), s.reshape(n, d),
-                         None if mean is None else mean.reshape(n), rstd.reshape(n))
-    if rms:
-        ctx = AddRMSNormContext(s=s, weight=weight, normalized_shape=nshape, eps=eps, rstd=rstd)
+    if len(lead) == 1 and len(nshape) == 1:     # already (n, d) and (d,): no views to make
+        run_add_norm_forward(x, residual, weight, bias, eps, y, s, mean, rstd)
     else:
-        ctx = AddLayerNormContext(s=s, weight=weight, bias=bias, normalized_shape=nshape,
-                                  eps=eps, mean=mean, rstd=rstd)
+        n, d = math.prod(lead), math.prod(nshape)
+        run_add_norm_forward(x.reshape(n, d), residual.reshape(n, d),
+                             None if weight is None else weight.reshape(d),
+                             None if bias is None else bias.reshape(d), eps,
+                             y.reshape(n, d), s.reshape(n, d),
+                             None if mean is None else mean.reshape(n), rstd.reshape(n))
+    if rms:
+        ctx = AddRMSNormContext._build({"s": s, "weight": weight, "normalized_shape": nshape,
+                                        "eps": eps, "rstd": rstd})
+    else:
+        ctx = AddLayerNormContext._build({"s": s, "weight": weight, "bias": bias,
+                                          "normalized_shape": nshape, "eps": eps,
+                                          "mean": mean, "rstd": rstd})
     return y, s, ctx
 
 

@@ -325,8 +325,8 @@ def run_forward(x, running_mean, running_var, weight, bias, training: bool, mome
         _kernel.rstd_from_var(rstd64, var64, eps)
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, mean64, var64, _count(x), momentum)
-    ctx = BatchNormContext(x=x, weight=weight, bias=bias, eps=eps, training=training,
-                           mean=mean64, rstd=rstd64)
+    ctx = BatchNormContext._build({"x": x, "weight": weight, "bias": bias, "eps": eps,
+                                   "training": training, "mean": mean64, "rstd": rstd64})
     return y, ctx
 
 

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _checks
+from ._checks import F32, F64, INT32_MAX
 from ._context import Context, Field
 from ._kernels import ffn as _kernel
 from ._workspace import workspace
@@ -155,6 +156,36 @@ class FFNContext(Context):
         Field("hidden", "like_x", shape=lambda c: (_rows(c), _hw(c)), optional=True),
     )
 
+    def _valid_fast(self) -> bool:
+        """The common case of :meth:`validate` (see ``Context._valid_fast``): exact ndarrays of
+        x's dtype object, the table's shapes and layouts and the cross-field rules."""
+        x, w1, w2, act, rec, hidden = (self.x, self.w1, self.w2, self.activation,
+                                       self.recompute, self.hidden)
+        if type(x) is not np.ndarray or type(w1) is not np.ndarray or \
+                type(w2) is not np.ndarray or type(act) is not str or type(rec) is not bool:
+            return False
+        dt, xs = x.dtype, x.shape
+        if (dt is not F32 and dt is not F64) or w1.dtype is not dt or w2.dtype is not dt or \
+                not xs or w1.ndim != 2 or act not in _CODES or rec is not (hidden is None):
+            return False
+        d = xs[-1]
+        d1, hw = w1.shape
+        gated = act in GATED
+        if d1 != d or hw < 1 or (gated and hw % 2) or d > INT32_MAX or hw > INT32_MAX or \
+                w2.shape != ((hw // 2 if gated else hw), d) or not x.flags.c_contiguous or \
+                not _checks.blas_layout(w1) or not _checks.blas_layout(w2):
+            return False
+        for a, shape in ((self.b1, (hw,)), (self.b2, (d,))):
+            if a is not None and (type(a) is not np.ndarray or a.dtype is not dt or
+                                  a.shape != shape or not a.flags.c_contiguous):
+                return False
+        if hidden is not None:
+            rows = xs[0] if len(xs) == 2 else math.prod(xs[:-1])
+            if type(hidden) is not np.ndarray or hidden.dtype is not dt or \
+                    hidden.shape != (rows, hw) or not hidden.flags.c_contiguous:
+                return False
+        return True
+
     def _extra_checks(self) -> None:
         if not isinstance(self.activation, str) or self.activation not in _CODES:
             raise ValueError(f"ctx.activation must be one of {sorted(_CODES)}")
@@ -199,10 +230,12 @@ def _activation(activation) -> str:
     return activation
 
 
-def _weight(w, name: str, dtype: np.dtype, expected: str) -> np.ndarray:
+def _weight(w, name: str, dtype: np.dtype, expected) -> np.ndarray:
     w = _checks.float_array(w, name)
     _checks.same_dtype(dtype, name, w)
     if w.ndim != 2:
+        if not isinstance(expected, str):       # w2's (h, d), formatted only for the message
+            expected = f"(h, d) = {expected}"
         raise ValueError(f"{name} must be 2-D of shape {expected}, got shape {w.shape}")
     return w
 
@@ -235,7 +268,7 @@ def check_forward(x, w1, b1, w2, b2, activation="relu", *, recompute=False, out=
                          "gate and the up projection side by side (see pack_gated), so its "
                          "width must be even")
     h = hw // 2 if gated else hw
-    w2 = _weight(w2, "w2", dtype, f"(h, d) = {(h, d)}")
+    w2 = _weight(w2, "w2", dtype, (h, d))
     if w2.shape != (h, d):
         where = "h = w1.shape[1] // 2" if gated else "h from w1"
         raise ValueError(f"w2 has shape {w2.shape}, expected {(h, d)} ({where}, d from x)")
@@ -261,8 +294,8 @@ def check_forward(x, w1, b1, w2, b2, activation="relu", *, recompute=False, out=
                                        inputs=inputs + (out,))
     w1, w2 = _checks.blas_matrix(w1), _checks.blas_matrix(w2)
     x = np.ascontiguousarray(x)
-    return FFNArgs(x, x.reshape(n, d), w1, b1, w2, b2, activation, recompute, out, hidden_out,
-                   n, d, h)
+    return FFNArgs(x, x if x.ndim == 2 else x.reshape(n, d), w1, b1, w2, b2, activation,
+                   recompute, out, hidden_out, n, d, h)
 
 
 def check_backward(dy, ctx, *, out=None, needs=None):
@@ -271,10 +304,14 @@ def check_backward(dy, ctx, *, out=None, needs=None):
     ``outs`` five validated buffers or None (dx as an (n, d) view), None where not needed."""
     ctx = _checks.context(ctx, FFNContext, "ffn")
     ctx.validate()
-    dtype = ctx.dtype
-    dy = _checks.grad_output(dy, ctx.shape, dtype)
+    x = ctx.x
+    dtype = x.dtype
+    dy = _checks.grad_output(dy, x.shape, dtype)
     exists = (True, True, ctx.b1 is not None, True, ctx.b2 is not None)
     needs = _checks.needs(needs, GRAD_NAMES, exists)
+    if out is None:
+        dy = np.ascontiguousarray(dy)
+        return ctx, (dy if dy.ndim == 2 else dy.reshape(_rows(ctx), _d(ctx))), needs, _NO_OUTS
     outs = [None] * 5
     if out is not None:
         if not isinstance(out, (tuple, list)) or len(out) != 5:
@@ -293,6 +330,9 @@ def check_backward(dy, ctx, *, out=None, needs=None):
             outs[0] = outs[0].reshape(n, d)
     dy2 = np.ascontiguousarray(dy).reshape(_rows(ctx), _d(ctx))
     return ctx, dy2, needs, tuple(outs)
+
+
+_NO_OUTS = (None,) * 5
 
 
 # ---------------------------------------------------------------- run layer
@@ -469,13 +509,15 @@ def ffn_forward(x, w1, b1, w2, b2, activation="relu", recompute=False, *, out=No
     """
     a = check_forward(x, w1, b1, w2, b2, activation, recompute=recompute, out=out,
                       hidden_out=hidden_out)
+    flat = a.x2 is a.x                          # x is (n, d): no views to make
     y, hidden, dead = run_forward(a.x2, a.w1, a.b1, a.w2, a.b2, a.activation, training=True,
                                   recompute=a.recompute,
-                                  out=None if a.out is None else a.out.reshape(a.n, a.d),
+                                  out=a.out if a.out is None or flat else a.out.reshape(a.n, a.d),
                                   hidden_out=a.hidden_out)
-    ctx = FFNContext(x=a.x, w1=a.w1, b1=a.b1, w2=a.w2, b2=a.b2, activation=a.activation,
-                     recompute=a.recompute, hidden=hidden, dead_units=dead)
-    return (a.out if a.out is not None else y.reshape(a.x.shape)), ctx
+    ctx = FFNContext._build({"x": a.x, "w1": a.w1, "b1": a.b1, "w2": a.w2, "b2": a.b2,
+                             "activation": a.activation, "recompute": a.recompute,
+                             "hidden": hidden, "dead_units": dead})
+    return (a.out if a.out is not None else y if flat else y.reshape(a.x.shape)), ctx
 
 
 def ffn(x, w1, b1, w2, b2, activation="relu", *, out=None):
@@ -541,9 +583,10 @@ def ffn(x, w1, b1, w2, b2, activation="relu", *, out=None):
     True
     """
     a = check_forward(x, w1, b1, w2, b2, activation, out=out)
+    flat = a.x2 is a.x                          # x is (n, d): no views to make
     y, _, _ = run_forward(a.x2, a.w1, a.b1, a.w2, a.b2, a.activation,
-                          out=None if a.out is None else a.out.reshape(a.n, a.d))
-    return a.out if a.out is not None else y.reshape(a.x.shape)
+                          out=a.out if a.out is None or flat else a.out.reshape(a.n, a.d))
+    return a.out if a.out is not None else y if flat else y.reshape(a.x.shape)
 
 
 def ffn_backward(dy, ctx, *, out=None, needs=None):
@@ -624,11 +667,12 @@ def ffn_backward(dy, ctx, *, out=None, needs=None):
     True
     """
     ctx, dy2, needs, outs = check_backward(dy, ctx, out=out, needs=needs)
-    grads = run_backward(dy2, ctx.x.reshape(dy2.shape), ctx.hidden, ctx.w1, ctx.b1, ctx.w2,
-                         ctx.activation, needs, out=outs)
+    x = ctx.x
+    grads = run_backward(dy2, x if x.ndim == 2 else x.reshape(dy2.shape), ctx.hidden, ctx.w1,
+                         ctx.b1, ctx.w2, ctx.activation, needs, out=outs)
     dx = grads[0]
     if dx is not None:
-        dx = out[0] if outs[0] is not None else dx.reshape(ctx.shape)
+        dx = out[0] if outs[0] is not None else dx if x.ndim == 2 else dx.reshape(x.shape)
     return (dx,) + tuple(grads[1:])
 
 

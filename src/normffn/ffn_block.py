@@ -501,12 +501,13 @@ def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="rel
         out=None if b.out is None else b.out.reshape(a.n, a.d),
         mean=None if mean is None else mean.reshape(a.n), rstd=rstd.reshape(a.n),
         hidden_out=a.hidden_out)
-    ctx = FFNBlockContext(
-        x=a.x, norm_weight=b.norm_weight, norm_bias=b.norm_bias, w1=a.w1, b1=a.b1, w2=a.w2,
-        b2=a.b2, activation=a.activation, norm=b.norm, placement=b.placement, eps=b.eps,
-        recompute=a.recompute, mean=mean, rstd=rstd,
-        xn=None if xn is None else xn.reshape(a.x.shape),
-        s=None if s is None else s.reshape(a.x.shape), hidden=hidden, dead_units=dead)
+    ctx = FFNBlockContext._build({
+        "x": a.x, "norm_weight": b.norm_weight, "norm_bias": b.norm_bias, "w1": a.w1,
+        "b1": a.b1, "w2": a.w2, "b2": a.b2, "activation": a.activation, "norm": b.norm,
+        "placement": b.placement, "eps": b.eps, "recompute": a.recompute, "mean": mean,
+        "rstd": rstd, "xn": None if xn is None else xn.reshape(a.x.shape),
+        "s": None if s is None else s.reshape(a.x.shape), "hidden": hidden,
+        "dead_units": dead})
     return (b.out if b.out is not None else y2.reshape(a.x.shape)), ctx
 
 

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _checks, _tuning
+from ._checks import F32, F64, _ndarray
 from ._context import Context, Field
 from ._kernels import layer_norm as _kernel
 from ._workspace import workspace
@@ -91,6 +92,28 @@ class LayerNormContext(Context):
         Field("bias", kind="like_x", shape=lambda c: c.normalized_shape, optional=True),
     )
 
+    def _valid_fast(self) -> bool:
+        """The common case of :meth:`validate` (see ``Context._valid_fast``): a 1-D
+        normalized_shape, every array an exact ndarray of the expected dtype, shape, layout."""
+        x, ns = self.x, self.normalized_shape
+        if type(x) is not _ndarray or type(ns) is not tuple or len(ns) != 1:
+            return False
+        d, shape, dt = ns[0], x.shape, x.dtype
+        if type(d) is not int or d <= 0 or not shape or shape[-1] != d or \
+                (dt is not F32 and dt is not F64) or not x.flags.c_contiguous:
+            return False
+        lead = shape[:-1]
+        m, r, w, b = self.mean, self.rstd, self.weight, self.bias
+        if type(m) is not _ndarray or type(r) is not _ndarray or m.dtype is not F64 or \
+                r.dtype is not F64 or m.shape != lead or r.shape != lead or \
+                not m.flags.c_contiguous or not r.flags.c_contiguous:
+            return False
+        if w is not None and (type(w) is not _ndarray or w.dtype is not dt or w.shape != ns or
+                              not w.flags.c_contiguous):
+            return False
+        return b is None or (type(b) is _ndarray and b.dtype is dt and b.shape == ns and
+                             b.flags.c_contiguous)
+
     def rows(self) -> tuple[int, int]:
         """(n, d): the number of rows and the row length the kernels see."""
         return math.prod(_lead(self)), math.prod(self.normalized_shape)
@@ -126,8 +149,10 @@ def check_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, out=Non
     bias = _checks.optional_param(bias, "bias", nshape, dtype)
     eps = _checks.eps(eps)
     y = _checks.new_or_out(out, "out", x.shape, dtype, inputs=(x, weight, bias))
-    n, d = math.prod(lead), math.prod(nshape)
     x = np.ascontiguousarray(x)
+    if len(lead) == 1 and len(nshape) == 1:     # already (n, d) and (d,): no views to make
+        return ForwardArgs(x, weight, bias, nshape, eps, y, lead, x, weight, bias, y)
+    n, d = math.prod(lead), math.prod(nshape)
     return ForwardArgs(x, weight, bias, nshape, eps, y, lead, x.reshape(n, d),
                        None if weight is None else weight.reshape(d),
                        None if bias is None else bias.reshape(d), y.reshape(n, d))
@@ -154,6 +179,69 @@ def run_forward(x2, weight, bias, eps, y2=None, mean=None, rstd=None):
     if n > 0:
         _kernel.forward(y2, mean, rstd, x2, weight, bias, eps, _tuning.stream_for(y2))
     return y2, mean, rstd
+
+
+def _fast_forward(x, ns, weight, bias, eps, out, keep: bool):
+    """:func:`layer_norm_forward` (``keep``: returns ``(y, ctx)``) or :func:`layer_norm`
+    (returns y) for the common call, or None for any other.  Common: x an exact, C-contiguous,
+    aligned ndarray of the float32/float64 dtype objects; ``ns`` an int or a 1-tuple of int
+    equal to x's last dim; weight and bias None or such arrays of shape (d,) and x's dtype; eps
+    a float in [0, inf).  These are check_forward's checks, passed; on None nothing has been
+    allocated, and the general path decides (and raises what it raises).  ``out`` is checked
+    by the same helper as on the general path, which raises the same errors."""
+    if type(x) is not _ndarray or type(eps) is not float or not 0.0 <= eps < math.inf:
+        return None
+    if type(ns) is int:
+        d = ns
+    elif type(ns) is tuple and len(ns) == 1:
+        d = ns[0]
+    else:
+        return None
+    dt, shape = x.dtype, x.shape
+    if (dt is not F32 and dt is not F64) or type(d) is not int or d <= 0 or not shape or \
+            shape[-1] != d:
+        return None
+    f = x.flags
+    if not (f.c_contiguous and f.aligned):
+        return None
+    owned = f.owndata            # every input owns its memory: a distinct out cannot overlap one
+    pshape = (d,)
+    if weight is not None:
+        if type(weight) is not _ndarray or weight.dtype is not dt or weight.shape != pshape:
+            return None
+        f = weight.flags
+        if not (f.c_contiguous and f.aligned):
+            return None
+        owned = owned and f.owndata
+    if bias is not None:
+        if type(bias) is not _ndarray or bias.dtype is not dt or bias.shape != pshape:
+            return None
+        f = bias.flags
+        if not (f.c_contiguous and f.aligned):
+            return None
+        owned = owned and f.owndata
+    if out is None:
+        y = np.empty(shape, dt)
+    else:
+        y = out
+        if not (owned and type(out) is _ndarray and out.dtype is dt and out.shape == shape) or \
+                not _checks.owned_c_array(out.flags) or out is x or out is weight or \
+                out is bias:
+            y = _checks.out_array(out, "out", shape, dt, (x, weight, bias))
+    lead = shape[:-1]
+    mean = np.empty(lead, F64)
+    rstd = np.empty(lead, F64)
+    if len(lead) == 1:
+        run_forward(x, weight, bias, eps, y, mean, rstd)
+    else:
+        n = math.prod(lead)
+        run_forward(x.reshape(n, d), weight, bias, eps, y.reshape(n, d), mean.reshape(n),
+                    rstd.reshape(n))
+    if not keep:
+        return y
+    return y, LayerNormContext._build({"x": x, "weight": weight, "bias": bias,
+                                       "normalized_shape": pshape, "eps": eps, "mean": mean,
+                                       "rstd": rstd})
 
 
 def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
@@ -223,12 +311,20 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     >>> bool(np.allclose(y.reshape(4, -1).mean(axis=1), 0.0))
     True
     """
+    fast = _fast_forward(x, normalized_shape, weight, bias, eps, out, True)
+    if fast is not None:
+        return fast
     a = check_forward(x, normalized_shape, weight, bias, eps, out)
-    mean = np.empty(a.lead, np.float64)
-    rstd = np.empty(a.lead, np.float64)
-    run_forward(a.x2, a.w1, a.b1, a.eps, a.y2, mean.reshape(-1), rstd.reshape(-1))
-    ctx = LayerNormContext(x=a.x, weight=a.weight, bias=a.bias, normalized_shape=a.nshape,
-                           eps=a.eps, mean=mean, rstd=rstd)
+    lead = a.lead
+    mean = np.empty(lead, F64)
+    rstd = np.empty(lead, F64)
+    if len(lead) == 1:
+        run_forward(a.x2, a.w1, a.b1, a.eps, a.y2, mean, rstd)
+    else:
+        run_forward(a.x2, a.w1, a.b1, a.eps, a.y2, mean.reshape(-1), rstd.reshape(-1))
+    ctx = LayerNormContext._build({"x": a.x, "weight": a.weight, "bias": a.bias,
+                                   "normalized_shape": a.nshape, "eps": a.eps, "mean": mean,
+                                   "rstd": rstd})
     return a.y, ctx
 
 
@@ -296,10 +392,15 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     >>> bool(err < 1e-5)
     True
     """
+    fast = _fast_forward(x, normalized_shape, weight, bias, eps, out, False)
+    if fast is not None:
+        return fast
     return layer_norm_forward(x, normalized_shape, weight, bias, eps, out=out)[0]
 
 
 # ---------------------------------------------------------------- backward
+_GRAD_NAMES = ("dx", "dweight", "dbias")
+
 class BackwardArgs(NamedTuple):
     """:func:`check_backward`'s result: kernel-shaped views and which gradients to compute."""
 
@@ -322,15 +423,19 @@ def check_backward(dy, ctx, out=None, needs=None) -> BackwardArgs:
     is needed."""
     ctx = _checks.context(ctx, LayerNormContext, "layer_norm")
     ctx.validate()
-    n, d = ctx.rows()
-    dtype = ctx.dtype
-    need_dx, need_dw, need_db = _checks.needs(needs, ("dx", "dweight", "dbias"),
-                                              (True, ctx.weight is not None, ctx.bias is not None))
-    dy = _checks.grad_output(dy, ctx.shape, dtype)
+    x, weight = ctx.x, ctx.weight
+    need_dx, need_dw, need_db = _checks.needs(needs, _GRAD_NAMES,
+                                              (True, weight is not None, ctx.bias is not None))
+    shape, dtype = x.shape, x.dtype
+    dy = _checks.grad_output(dy, shape, dtype)
     dx = None
     if need_dx:
-        dx = _checks.new_or_out(out, "out", ctx.shape, dtype,
-                                inputs=(dy, ctx.x, ctx.weight, ctx.mean, ctx.rstd))
+        dx = _checks.new_or_out(out, "out", shape, dtype,
+                                inputs=(dy, x, weight, ctx.mean, ctx.rstd))
+    if len(shape) == 2 and len(ctx.normalized_shape) == 1:   # already (n, d): no views to make
+        return BackwardArgs(dx, dx, np.ascontiguousarray(dy), x, weight, ctx.mean, ctx.rstd,
+                            ctx.normalized_shape, need_dx, need_dw, need_db)
+    n, d = ctx.rows()
     return BackwardArgs(dx, None if dx is None else dx.reshape(n, d),
                         np.ascontiguousarray(dy).reshape(n, d), ctx.x.reshape(n, d),
                         None if ctx.weight is None else ctx.weight.reshape(d),
@@ -369,6 +474,52 @@ def run_backward(dy2, x2, weight, mean, rstd, dx2=None, need_dx=True, need_dweig
     _kernel.backward(dx2, dweight, dbias, dy2, x2, weight, mean, rstd,
                      workspace("layer_norm_backward", work) if work else None, stream)
     return dx2, dweight, dbias
+
+
+def _fast_backward(dy, ctx, out):
+    """:func:`layer_norm_backward` with ``needs=None`` for the common call, or None for any
+    other: ctx an exact LayerNormContext passing ``_valid_fast`` (the whole of ``validate``),
+    dy an exact, C-contiguous, aligned ndarray of ctx.x's dtype object and shape.  ``out`` is
+    checked by the general path's helper (same errors)."""
+    if type(ctx) is not LayerNormContext or type(dy) is not _ndarray or \
+            not ctx._valid_fast():
+        return None
+    x, weight, bias = ctx.x, ctx.weight, ctx.bias
+    shape, dt = x.shape, x.dtype
+    if dy.dtype is not dt or dy.shape != shape:
+        return None
+    f = dy.flags
+    if not (f.c_contiguous and f.aligned):
+        return None
+    mean, rstd = ctx.mean, ctx.rstd
+    n, d = mean.size, shape[-1]
+    if not n:                   # no rows: the general path's zero-filled parameter gradients
+        return None
+    if out is None:
+        dx = np.empty(shape, dt)
+    else:
+        dx = out
+        if not (f.owndata and type(out) is _ndarray and out.dtype is dt and
+                out.shape == shape and _checks.owned_c_array(out.flags) and
+                x.flags.owndata and mean.flags.owndata and rstd.flags.owndata and
+                (weight is None or weight.flags.owndata)) or \
+                out is dy or out is x or out is weight:
+            dx = _checks.out_array(out, "out", shape, dt, (dy, x, weight, mean, rstd))
+    # run_backward's body for n >= 1 with dx needed
+    need_w, need_b = weight is not None, bias is not None
+    dweight = np.empty(d, dt) if need_w else None
+    dbias = np.empty(d, dt) if need_b else None
+    work = _kernel.scratch_size(n, d, need_w, need_b)
+    if len(shape) == 2:
+        _kernel.backward(dx, dweight, dbias, dy, x, weight, mean, rstd,
+                         workspace("layer_norm_backward", work) if work else None,
+                         _tuning.stream_for(dx))
+    else:
+        _kernel.backward(dx.reshape(n, d), dweight, dbias, dy.reshape(n, d), x.reshape(n, d),
+                         weight, mean.reshape(n), rstd.reshape(n),
+                         workspace("layer_norm_backward", work) if work else None,
+                         _tuning.stream_for(dx))
+    return dx, dweight, dbias
 
 
 def layer_norm_backward(dy, ctx, *, out=None, needs=None):
@@ -433,9 +584,16 @@ def layer_norm_backward(dy, ctx, *, out=None, needs=None):
     >>> normffn.layer_norm_backward(dy, ctx, needs=(False, True, True))[0] is None
     True
     """
+    if needs is None:
+        fast = _fast_backward(dy, ctx, out)
+        if fast is not None:
+            return fast
     a = check_backward(dy, ctx, out, needs)
     _, dweight, dbias = run_backward(a.dy2, a.x2, a.w1, a.mean, a.rstd, a.dx2, a.need_dx,
                                      a.need_dweight, a.need_dbias)
+    nshape = a.nshape
+    if len(nshape) == 1:                        # (d,) already: no views to make
+        return a.dx, dweight, dbias
     return (a.dx,
-            None if dweight is None else dweight.reshape(a.nshape),
-            None if dbias is None else dbias.reshape(a.nshape))
+            None if dweight is None else dweight.reshape(nshape),
+            None if dbias is None else dbias.reshape(nshape))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks, _tuning
+from ._checks import F32, F64, _ndarray
 from ._context import Context, Field
 from ._kernels import rms_norm as _kernel
 from ._workspace import workspace
@@ -31,6 +32,32 @@ def lead_shape(ctx) -> tuple:
 
 def param_shape(ctx) -> tuple:
     return tuple(ctx.normalized_shape)
+
+
+def _valid_fast_rows(x, ns, rstd, more_stats: tuple, params: tuple) -> bool:
+    """The common case of a row-norm context's validate(): x an exact C-contiguous
+    float32/float64 ndarray ending in the 1-D ``ns``, ``rstd`` and ``more_stats`` exact
+    C-contiguous float64 ndarrays of x's leading shape, ``params`` None or exact C-contiguous
+    ndarrays of x's dtype and shape ``ns``.  True only if the full check would pass."""
+    if type(x) is not _ndarray or type(ns) is not tuple or len(ns) != 1:
+        return False
+    d, shape, dt = ns[0], x.shape, x.dtype
+    if type(d) is not int or not shape or shape[-1] != d or \
+            (dt is not F32 and dt is not F64) or not x.flags.c_contiguous:
+        return False
+    lead = shape[:-1]
+    if type(rstd) is not _ndarray or rstd.dtype is not F64 or rstd.shape != lead or \
+            not rstd.flags.c_contiguous:
+        return False
+    for a in more_stats:
+        if type(a) is not _ndarray or a.dtype is not F64 or a.shape != lead or \
+                not a.flags.c_contiguous:
+            return False
+    for a in params:
+        if a is not None and (type(a) is not _ndarray or a.dtype is not dt or
+                              a.shape != ns or not a.flags.c_contiguous):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- context
@@ -72,6 +99,10 @@ class RMSNormContext(Context):
         Field("weight", kind="like_x", shape=param_shape, optional=True),
         Field("rstd", kind="float64", shape=lead_shape),
     )
+
+    def _valid_fast(self) -> bool:
+        """The common case of :meth:`validate` (see ``Context._valid_fast``)."""
+        return _valid_fast_rows(self.x, self.normalized_shape, self.rstd, (), (self.weight,))
 
     def _extra_checks(self) -> None:
         k = len(self.normalized_shape)
@@ -117,7 +148,104 @@ def run_rms_norm_backward(dy2, x2, weight, rstd, dx2, dweight):
     return dx2, dweight
 
 
+# ---------------------------------------------------------------- fast paths
+def _fast_forward(x, ns, weight, eps, out, keep: bool):
+    """:func:`rms_norm_forward` (``keep``: returns ``(y, ctx)``) or :func:`rms_norm` (returns
+    y) for the common call, or None for any other.  Common: x an exact, C-contiguous, aligned
+    ndarray of the float32/float64 dtype objects; ``ns`` an int or a 1-tuple of int equal to
+    x's last dim; weight None or such an array of shape (d,) and x's dtype; eps None or a float
+    in [0, inf).  These are check_rms_norm's checks, passed; on None nothing has been allocated
+    and the general path decides.  ``out`` is checked by the general path's helper unless it
+    is an owned C array and so are the inputs (then it cannot overlap them)."""
+    if type(x) is not _ndarray:
+        return None
+    if type(ns) is int:
+        d = ns
+    elif type(ns) is tuple and len(ns) == 1:
+        d = ns[0]
+    else:
+        return None
+    dt, shape = x.dtype, x.shape
+    if (dt is not F32 and dt is not F64) or type(d) is not int or d <= 0 or not shape or \
+            shape[-1] != d:
+        return None
+    if eps is None:
+        eps = _checks.eps(None, dtype=dt)
+    elif type(eps) is not float or not 0.0 <= eps < math.inf:
+        return None
+    f = x.flags
+    if not (f.c_contiguous and f.aligned):
+        return None
+    owned = f.owndata
+    pshape = (d,)
+    if weight is not None:
+        if type(weight) is not _ndarray or weight.dtype is not dt or weight.shape != pshape:
+            return None
+        f = weight.flags
+        if not (f.c_contiguous and f.aligned):
+            return None
+        owned = owned and f.owndata
+    if out is None:
+        y = np.empty(shape, dt)
+    else:
+        y = out
+        if not (owned and type(out) is _ndarray and out.dtype is dt and out.shape == shape) or \
+                not _checks.owned_c_array(out.flags) or out is x or out is weight:
+            y = _checks.out_array(out, "out", shape, dt, (x, weight))
+    lead = shape[:-1]
+    rstd = np.empty(lead, F64)
+    if x.size:
+        if len(lead) == 1:
+            _kernel.forward(y, rstd, x, weight, eps, _tuning.stream_for(y))
+        else:
+            n = math.prod(lead)
+            _kernel.forward(y.reshape(n, d), rstd.reshape(n), x.reshape(n, d), weight, eps,
+                            _tuning.stream_for(y))
+    if not keep:
+        return y
+    return y, RMSNormContext._build({"x": x, "weight": weight, "normalized_shape": pshape,
+                                     "eps": eps, "rstd": rstd})
+
+
+def _fast_backward(dy, ctx, out):
+    """:func:`rms_norm_backward` with ``needs=None`` for the common call, or None for any
+    other: ctx an exact RMSNormContext passing ``_valid_fast`` (the whole of ``validate``), dy
+    an exact, C-contiguous, aligned ndarray of ctx.x's dtype object and shape.  ``out`` is
+    checked by the general path's helper (same errors)."""
+    if type(ctx) is not RMSNormContext or type(dy) is not _ndarray or \
+            not ctx._valid_fast():
+        return None
+    x, weight, rstd = ctx.x, ctx.weight, ctx.rstd
+    shape, dt = x.shape, x.dtype
+    if dy.dtype is not dt or dy.shape != shape:
+        return None
+    f = dy.flags
+    if not (f.c_contiguous and f.aligned):
+        return None
+    if out is None:
+        dx = np.empty(shape, dt)
+    else:
+        dx = out
+        if not (f.owndata and type(out) is _ndarray and out.dtype is dt and
+                out.shape == shape and _checks.owned_c_array(out.flags) and
+                x.flags.owndata and rstd.flags.owndata and
+                (weight is None or weight.flags.owndata)) or \
+                out is dy or out is x or out is weight:
+            dx = _checks.out_array(out, "out", shape, dt, (dy, x, weight, rstd))
+    d = shape[-1]
+    dweight = None if weight is None else np.empty(d, dt)
+    if len(shape) == 2:
+        run_rms_norm_backward(dy, x, weight, rstd, dx, dweight)
+    else:
+        n = rstd.size
+        run_rms_norm_backward(dy.reshape(n, d), x.reshape(n, d), weight, rstd.reshape(n),
+                              dx.reshape(n, d), dweight)
+    return dx, dweight
+
+
 # ---------------------------------------------------------------- public API
+_GRAD_NAMES = ("dx", "dweight")
+
 def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None):
     """RMSNorm forward, keeping what backward needs.
 
@@ -168,13 +296,20 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None):
     >>> y.astype(float).round(4).tolist()
     [[0.8485, 1.1314], [1.0, -1.0]]
     """
+    fast = _fast_forward(x, normalized_shape, weight, eps, out, True)
+    if fast is not None:
+        return fast
     x, nshape, weight, eps, y = check_rms_norm(x, normalized_shape, weight, eps, out=out)
     lead = x.shape[:x.ndim - len(nshape)]
-    n, d = math.prod(lead), math.prod(nshape)
-    rstd = np.empty(lead, dtype=np.float64)
-    run_rms_norm_forward(x.reshape(n, d), None if weight is None else weight.reshape(d), eps,
-                         y.reshape(n, d), rstd.reshape(n))
-    return y, RMSNormContext(x=x, weight=weight, normalized_shape=nshape, eps=eps, rstd=rstd)
+    rstd = np.empty(lead, dtype=F64)
+    if len(lead) == 1 and len(nshape) == 1:     # already (n, d) and (d,): no views to make
+        run_rms_norm_forward(x, weight, eps, y, rstd)
+    else:
+        n, d = math.prod(lead), math.prod(nshape)
+        run_rms_norm_forward(x.reshape(n, d), None if weight is None else weight.reshape(d),
+                             eps, y.reshape(n, d), rstd.reshape(n))
+    return y, RMSNormContext._build({"x": x, "weight": weight, "normalized_shape": nshape,
+                                     "eps": eps, "rstd": rstd})
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
@@ -225,6 +360,9 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
     >>> bool(np.allclose(y, normffn.reference.rms_norm(x, 16, w), atol=1e-6))
     True
     """
+    fast = _fast_forward(x, normalized_shape, weight, eps, out, False)
+    if fast is not None:
+        return fast
     return rms_norm_forward(x, normalized_shape, weight, eps, out=out)[0]
 
 
@@ -280,18 +418,25 @@ def rms_norm_backward(dy, ctx, *, out=None, needs=None):
     >>> bool(np.allclose(dx, rdx)), bool(np.allclose(dw, rdw))
     (True, True)
     """
+    if needs is None:
+        fast = _fast_backward(dy, ctx, out)
+        if fast is not None:
+            return fast
     ctx = _checks.context(ctx, RMSNormContext, "rms_norm")
     ctx.validate()
-    want_dx, want_dw = _checks.needs(needs, ("dx", "dweight"), (True, ctx.weight is not None))
-    dtype = ctx.dtype
-    dy = _checks.grad_output(dy, ctx.shape, dtype)
+    x, weight, rstd, nshape = ctx.x, ctx.weight, ctx.rstd, ctx.normalized_shape
+    want_dx, want_dw = _checks.needs(needs, _GRAD_NAMES, (True, weight is not None))
+    shape, dtype = x.shape, x.dtype
+    dy = _checks.grad_output(dy, shape, dtype)
     dx = None
     if want_dx:
-        dx = _checks.new_or_out(out, "out", ctx.shape, dtype,
-                                inputs=(dy, ctx.x, ctx.weight, ctx.rstd))
+        dx = _checks.new_or_out(out, "out", shape, dtype, inputs=(dy, x, weight, rstd))
     elif out is not None:
         raise ValueError("out is given but dx is not needed (needs[0] is False)")
-    dweight = np.empty(ctx.normalized_shape, dtype=dtype) if want_dw else None
+    dweight = np.empty(nshape, dtype=dtype) if want_dw else None
+    if len(shape) == 2 and len(nshape) == 1:   # already (n, d) and (d,): no views to make
+        run_rms_norm_backward(np.ascontiguousarray(dy), x, weight, rstd, dx, dweight)
+        return dx, dweight
     n, d = ctx.rstd.size, math.prod(ctx.normalized_shape)
     run_rms_norm_backward(np.ascontiguousarray(dy).reshape(n, d), ctx.x.reshape(n, d),
                           None if ctx.weight is None else ctx.weight.reshape(d),
