@@ -71,12 +71,6 @@
 #define NF_NR_PF_MAX_ROWS 16            /* ... and at most this many rows ahead */
 #define NF_NR_BWD_PF_GROUPS 5           /* bwd prefetch groups ahead: 8192x768, 2048x4096 f32 */
 #define NF_NR_REDUCE_CHUNK 512          /* columns per task in the partials' sum (not timed) */
-/* Short rows (d <= NF_NR_SHORT_D) take the row-group path: NF_SR rows per dispatch and per dw/db
- * flush, one flush of the lane sums per row (65536x96, 262144x32 f32: docs/tuning.md "Short
- * rows").  Changing NF_SR changes short rows' dw/db bits. */
-#define NF_NR_SHORT_D 128
-#define NF_SR 8                         /* rows per short group (a multiple of NF_G) */
-_Static_assert(NF_SR % NF_G == 0, "short groups tile the long-row groups");
 
 /* ---------------------------------------------------------------- arguments
  * Untyped, so the OpenMP loops (norm_rows.pxd) are written once; f64 selects the body. */
@@ -128,8 +122,7 @@ static inline nf_index nf_nr_ahead(nf_index d, nf_index itemsize)
 }
 
 /* The backward block plan, a function of (n, d) and which partials are wanted only: nb blocks
- * of rows_per_block rows (a whole number of groups: NF_G rows, NF_SR for short rows), `width`
- * float64 partials each. */
+ * of rows_per_block rows (a whole number of NF_G-row groups), `width` float64 partials each. */
 static inline void nf_nr_bwd_plan(nf_index n, nf_index d, int want_w, int want_b,
                                   nf_index *nb, nf_index *rows_per_block, nf_index *width)
 {
@@ -137,9 +130,8 @@ static inline void nf_nr_bwd_plan(nf_index n, nf_index d, int want_w, int want_b
     if (b > NF_NR_MAX_BLOCKS) b = NF_NR_MAX_BLOCKS;
     if (b < NF_NR_MIN_BLOCKS) b = NF_NR_MIN_BLOCKS;
     if (b > n) b = n;
-    nf_index gs = d <= NF_NR_SHORT_D ? NF_SR : NF_G;
     nf_index r = (n + b - 1) / b;
-    r = ((r + gs - 1) / gs) * gs;
+    r = ((r + NF_G - 1) / NF_G) * NF_G;
     *rows_per_block = r;
     *nb = (n + r - 1) / r;
     *width = ((nf_index)(want_w != 0) + (nf_index)(want_b != 0)) * d;
@@ -177,24 +169,9 @@ typedef void (*nf_nr_fwd_fn)(const nf_nr_fwd_args *a, nf_index i, int tid);
 typedef void (*nf_nr_bwd_fn)(const nf_nr_bwd_args *a, nf_index blk);
 typedef void (*nf_nr_finish_fn)(const nf_nr_bwd_args *a, nf_index j0, nf_index j1);
 
-/* Rows per forward call of the picked function: NF_SR for short rows, else 1. */
-static inline nf_index nf_nr_fwd_step(const nf_nr_fwd_args *a)
-{
-    return a->d <= NF_NR_SHORT_D ? NF_SR : 1;
-}
-
-/* The forward function for a call: fn(a, i, tid) does rows [i, i + nf_nr_fwd_step(a)) (fewer
- * at the end) on thread tid. */
+/* The forward row function for a call (row i on thread tid: fn(a, i, tid)). */
 static inline nf_nr_fwd_fn nf_nr_fwd_pick(const nf_nr_fwd_args *a)
 {
-    if (a->d <= NF_NR_SHORT_D) {
-        if (a->f64) {
-            if (a->mean) return a->r ? nf_nr_fwd_short_add_ln_f64 : nf_nr_fwd_short_ln_f64;
-            return a->r ? nf_nr_fwd_short_add_rms_f64 : nf_nr_fwd_short_rms_f64;
-        }
-        if (a->mean) return a->r ? nf_nr_fwd_short_add_ln_f32 : nf_nr_fwd_short_ln_f32;
-        return a->r ? nf_nr_fwd_short_add_rms_f32 : nf_nr_fwd_short_rms_f32;
-    }
     if (a->f64) {
         if (a->mean) return a->r ? nf_nr_fwd_add_ln_f64 : nf_nr_fwd_ln_f64;
         return a->r ? nf_nr_fwd_add_rms_f64 : nf_nr_fwd_rms_f64;
@@ -207,14 +184,6 @@ static inline nf_nr_fwd_fn nf_nr_fwd_pick(const nf_nr_fwd_args *a)
 static inline nf_nr_bwd_fn nf_nr_bwd_pick(const nf_nr_bwd_args *a)
 {
     int f64 = a->f64;
-    if (a->d <= NF_NR_SHORT_D) {
-        if (!a->mean) return f64 ? nf_nr_bwd_short_rms_f64 : nf_nr_bwd_short_rms_f32;
-        if (!a->dx) return f64 ? nf_nr_bwd_short_ln_sums_f64 : nf_nr_bwd_short_ln_sums_f32;
-        if (a->ds) return f64 ? nf_nr_bwd_short_ln_ds_f64 : nf_nr_bwd_short_ln_ds_f32;
-        if (a->w && !a->dw)
-            return f64 ? nf_nr_bwd_short_ln_nodw_f64 : nf_nr_bwd_short_ln_nodw_f32;
-        return f64 ? nf_nr_bwd_short_ln_f64 : nf_nr_bwd_short_ln_f32;
-    }
     if (!a->mean) return f64 ? nf_nr_bwd_rms_f64 : nf_nr_bwd_rms_f32;
     if (!a->dx) return f64 ? nf_nr_bwd_ln_sums_f64 : nf_nr_bwd_ln_sums_f32;
     if (a->ds) return f64 ? nf_nr_bwd_ln_ds_f64 : nf_nr_bwd_ln_ds_f32;

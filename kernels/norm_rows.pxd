@@ -5,7 +5,6 @@
 # Table of contents
 #   nf_nr_fwd_args, nf_nr_bwd_args     one call's buffers and sizes (untyped; f64 picks the body)
 #   nf_nr_threads, nf_nr_ahead         thread plan, forward prefetch distance
-#   nf_nr_fwd_step                     rows per forward call (a group for short rows)
 #   nf_nr_bwd_scratch                  float64 scratch of the backward's fixed row blocks
 #   nr_forward, nr_backward            the loops: rows over threads; row blocks, then columns
 #
@@ -59,24 +58,20 @@ cdef extern from "norm_rows.h" nogil:
     void nf_nr_bwd_plan(nf_index n, nf_index d, int want_w, int want_b,
                         nf_index *nb, nf_index *rows_per_block, nf_index *width)
     nf_index nf_nr_bwd_scratch(nf_index n, nf_index d, int want_w, int want_b)
-    nf_index nf_nr_fwd_step(const nf_nr_fwd_args *a)
     nf_nr_fwd_fn nf_nr_fwd_pick(const nf_nr_fwd_args *a)
     nf_nr_bwd_fn nf_nr_bwd_pick(const nf_nr_bwd_args *a)
     nf_nr_finish_fn nf_nr_finish_pick(const nf_nr_bwd_args *a)
 
 
 cdef inline void nr_forward(const nf_nr_fwd_args *a, int nt) noexcept nogil:
-    """All rows of a forward call on nt threads (a.rowbuf holds nt rows when it is used), in
-    calls of nf_nr_fwd_step(a) rows (one, or a group of short rows)."""
+    """All rows of a forward call on nt threads (a.rowbuf holds nt rows when it is used)."""
     cdef nf_index i
     cdef int tid = 0
-    cdef nf_nr_fwd_fn rows = nf_nr_fwd_pick(a)
-    cdef nf_index step = nf_nr_fwd_step(a)
-    cdef nf_index ncalls = (a.n + step - 1) // step
+    cdef nf_nr_fwd_fn row = nf_nr_fwd_pick(a)
     with parallel(num_threads=nt):
         tid = threadid()
-        for i in prange(ncalls, schedule='static'):
-            rows(a, i * step, tid)
+        for i in prange(a.n, schedule='static'):
+            row(a, i, tid)
         if a.stream:
             nf_stream_fence()
 

@@ -29,62 +29,6 @@ NF_INLINE void NF_T(nf_nr_affine)(T *restrict y, const T *restrict x, const T *r
     }
 }
 
-/* ---------------------------------------------------------------- short-row sums
- * The blocked sum of core.h in the form a short row (d <= NF_NR_SHORT_D) needs: NF_LANES lanes
- * in the input precision over the whole row (<= NF_NR_SHORT_D / NF_LANES = 4 terms a lane, within
- * core's NF_BLOCK / NF_LANES), the remainder in float64, one flush of the lanes to float64 and
- * core's fixed tree.  No float64 lanes to zero and no per-block flush: the fixed cost of a row
- * is a few vector operations. */
-
-/* The NF_LANES lanes p to float64, summed by core's fixed tree (written as core's flush, which
- * GCC keeps in vector registers). */
-NF_INLINE double NF_T(nf_short_lanes)(const T *p)
-{
-    double acc[NF_LANES] = {0};
-    for (int k = 0; k < NF_LANES; k++) acc[k] += (double)p[k];
-    return nf_tree_sum(acc);
-}
-
-/* nf_sum_ex for a short row: sum(v) (SQ: sum(v * v)), v = x (ADD: x + r, stored to s). */
-NF_INLINE double NF_T(nf_sum_short)(T *restrict s, const T *restrict x, const T *restrict r,
-                                    nf_index n, const int ADD, const int SQ)
-{
-    T p[NF_LANES] = {0};
-    nf_index i = 0;
-    for (; i + NF_LANES <= n; i += NF_LANES)
-        for (int k = 0; k < NF_LANES; k++) {
-            T v = ADD ? x[i + k] + r[i + k] : x[i + k];
-            if (ADD) s[i + k] = v;
-            p[k] += SQ ? v * v : v;
-        }
-    double t = 0.0;
-    for (; i < n; i++) {
-        T v = ADD ? x[i] + r[i] : x[i];
-        if (ADD) s[i] = v;
-        t += SQ ? (double)v * (double)v : (double)v;
-    }
-    return t + NF_T(nf_short_lanes)(p);
-}
-
-/* nf_ssd for a short row (no prefetch): sum((x - mean)^2), and sum(x - mean) in *dev. */
-NF_INLINE double NF_T(nf_ssd_short)(const T *restrict x, nf_index n, double mean, double *dev)
-{
-    T mh, ml;
-    NF_T(nf_mean_split)(mean, &mh, &ml);
-    T p[NF_LANES] = {0}, pd[NF_LANES] = {0};
-    nf_index i = 0;
-    for (; i + NF_LANES <= n; i += NF_LANES)
-        for (int k = 0; k < NF_LANES; k++) {
-            T t = (x[i + k] - mh) - ml;
-            pd[k] += t;
-            p[k] += t * t;
-        }
-    double s = 0.0, sd = 0.0;
-    for (; i < n; i++) { double t = (double)x[i] - mean; sd += t; s += t * t; }
-    *dev = sd + NF_T(nf_short_lanes)(pd);
-    return s + NF_T(nf_short_lanes)(p);
-}
-
 /* ================================================================ forward */
 
 /* Row i (thread tid): statistics, then y (and s).  Prefetches row i + ahead meanwhile:
@@ -153,84 +97,6 @@ NF_CLONES static void NF_T(nf_nr_fwd_add_ln)(const nf_nr_fwd_args *a, nf_index i
 NF_CLONES static void NF_T(nf_nr_fwd_add_rms)(const nf_nr_fwd_args *a, nf_index i, int tid)
 {
     NF_T(nf_nr_fwd_body)(a, i, tid, 0, 1);
-}
-
-/* Short rows (d <= NF_NR_SHORT_D): the group of rows [i0, i0 + NF_SR) (fewer at the end), one
- * dispatch for the group.  Each row's arithmetic is the same whatever its group (the thread
- * count never changes a bit); the group's outputs are contiguous, so with `stream` they are
- * built on the stack and copied out once.  Prefetches the group's bytes NF_NR_PF_BYTES on. */
-NF_INLINE void NF_T(nf_nr_fwd_short_body)(const nf_nr_fwd_args *a, nf_index i0,
-                                          const int CENTER, const int ADD)
-{
-    const nf_index d = a->d, n = a->n;
-    const nf_index g = n - i0 < NF_SR ? n - i0 : NF_SR;
-    const T *x = (const T *)a->x + i0 * d;
-    const T *r = ADD ? (const T *)a->r + i0 * d : NULL;
-    const T *w = (const T *)a->w, *b = CENTER ? (const T *)a->b : NULL;
-    T ybuf[NF_SR * NF_NR_SHORT_D], sbuf[NF_SR * NF_NR_SHORT_D];
-    T *y = a->stream ? ybuf : (T *)a->y + i0 * d;
-    T *s = ADD ? (a->stream ? sbuf : (T *)a->s + i0 * d) : NULL;
-
-    size_t end = (size_t)(n * d) * sizeof(T), row0 = (size_t)(i0 * d) * sizeof(T);
-    size_t from = row0 + NF_NR_PF_BYTES, to = from + (size_t)(g * d) * sizeof(T);
-    if (to > end) to = end;
-    if (from < to) {
-        nf_prefetch_range(a->x, from, to);
-        if (ADD) nf_prefetch_range(a->r, from, to);
-    }
-
-    for (nf_index k = 0; k < g; k++) {
-        const T *xk = x + k * d;
-        T *sk = ADD ? s + k * d : NULL;
-        const T *src = ADD ? sk : xk;
-        double first = NF_T(nf_sum_short)(sk, xk, ADD ? r + k * d : NULL, d, ADD, !CENTER);
-        double rstd;
-        T mh = 0, ml = 0;
-        if (CENTER) {
-            double mean0 = first / (double)d, dev;
-            double ssd = NF_T(nf_ssd_short)(src, d, mean0, &dev);
-            double mean = mean0 + dev / (double)d;
-            double var = (ssd - dev * (dev / (double)d)) / (double)d;
-            if (var < 0) var = 0;
-            rstd = 1.0 / sqrt(var + a->eps);
-            a->mean[i0 + k] = mean;
-            NF_T(nf_mean_split)(mean, &mh, &ml);
-        } else {
-            rstd = 1.0 / sqrt(first / (double)d + a->eps);
-        }
-        a->rstd[i0 + k] = rstd;
-        NF_T(nf_nr_affine)(y + k * d, src, w, b, d, mh, ml, (T)rstd, CENTER);
-    }
-    if (a->stream) {
-        nf_stream_copy((T *)a->y + i0 * d, ybuf, (size_t)(g * d) * sizeof(T));
-        if (ADD) nf_stream_copy((T *)a->s + i0 * d, sbuf, (size_t)(g * d) * sizeof(T));
-    }
-}
-
-NF_CLONES static void NF_T(nf_nr_fwd_short_ln)(const nf_nr_fwd_args *a, nf_index i0, int tid)
-{
-    (void)tid;
-    NF_T(nf_nr_fwd_short_body)(a, i0, 1, 0);
-}
-
-NF_CLONES static void NF_T(nf_nr_fwd_short_rms)(const nf_nr_fwd_args *a, nf_index i0, int tid)
-{
-    (void)tid;
-    NF_T(nf_nr_fwd_short_body)(a, i0, 0, 0);
-}
-
-NF_CLONES static void NF_T(nf_nr_fwd_short_add_ln)(const nf_nr_fwd_args *a, nf_index i0,
-                                                   int tid)
-{
-    (void)tid;
-    NF_T(nf_nr_fwd_short_body)(a, i0, 1, 1);
-}
-
-NF_CLONES static void NF_T(nf_nr_fwd_short_add_rms)(const nf_nr_fwd_args *a, nf_index i0,
-                                                    int tid)
-{
-    (void)tid;
-    NF_T(nf_nr_fwd_short_body)(a, i0, 0, 1);
 }
 
 /* ================================================================ backward */
@@ -392,114 +258,6 @@ NF_INLINE void NF_T(nf_nr_bwd_group)(T *restrict dx, double *restrict aw, double
     }
 }
 
-/* nf_nr_bwd_stats for a short row: NF_LANES lanes over the whole row (see nf_sum_short). */
-NF_INLINE void NF_T(nf_nr_bwd_stats_short)(double *c1, double *c2, const T *restrict dy,
-                                           const T *restrict x, const T *restrict w, nf_index n,
-                                           T mh, T ml, T r, const int CENTER, const int HAS_W)
-{
-    T p1[NF_LANES] = {0}, p2[NF_LANES] = {0};
-    nf_index i = 0;
-    for (; i + NF_LANES <= n; i += NF_LANES)
-        for (int k = 0; k < NF_LANES; k++) {
-            T xh = NF_T(nf_nr_centre)(x[i + k], mh, ml, CENTER) * r;
-            T g = HAS_W ? dy[i + k] * w[i + k] : dy[i + k];
-            p1[k] += g * xh;
-            if (CENTER) p2[k] += g;
-        }
-    double s1 = 0, s2 = 0;
-    for (; i < n; i++) {
-        T xh = NF_T(nf_nr_centre)(x[i], mh, ml, CENTER) * r;
-        T g = HAS_W ? dy[i] * w[i] : dy[i];
-        s1 += (double)g * (double)xh;
-        s2 += (double)g;
-    }
-    *c1 = (s1 + NF_T(nf_short_lanes)(p1)) / (double)n;
-    *c2 = CENTER ? (s2 + NF_T(nf_short_lanes)(p2)) / (double)n : 0.0;
-}
-
-/* One short row of backward: dx[0:n] (DX: 1 dx, 2 dx + ds) and the row's dy*xhat / dy added to
- * the group's partials pw/pb (input precision), per element as nf_nr_bwd_elem. */
-NF_INLINE void NF_T(nf_nr_bwd_row_short)(T *restrict dx, T *restrict pw, T *restrict pb,
-                                         const T *restrict dy, const T *restrict x,
-                                         const T *restrict ds, const T *restrict w, nf_index n,
-                                         T mh, T ml, T r, T c1, T c2, const int CENTER,
-                                         const int HAS_W, const int ACC_W, const int ACC_B,
-                                         const int DX)
-{
-    for (nf_index j = 0; j < n; j++) {
-        T dd = dy[j];
-        T xh = NF_T(nf_nr_centre)(x[j], mh, ml, CENTER) * r;
-        if (DX) {
-            T g = HAS_W ? dd * w[j] : dd;
-            T v = CENTER ? r * ((g - xh * c1) - c2) : r * (g - xh * c1);
-            if (DX == 2) v += ds[j];
-            dx[j] = v;
-        }
-        if (ACC_W) pw[j] += dd * xh;
-        if (ACC_B) pb[j] += dd;
-    }
-}
-
-/* nf_nr_bwd_group for short rows (d <= NF_NR_SHORT_D; g <= NF_SR rows), row by row while the
- * row is in L1: its stats, then dx and its dw/db terms, which the group sums in the input
- * precision (over <= NF_SR rows) and adds once to the float64 partials aw/ab.  The g rows of
- * dx are contiguous: with `stream` they are built on the stack and copied out once.
- * Prefetches the pg rows starting pf rows on, as one byte range per buffer. */
-NF_INLINE void NF_T(nf_nr_bwd_short)(T *restrict dx, double *restrict aw, double *restrict ab,
-                                     const T *restrict dy, const T *restrict x,
-                                     const T *restrict ds, const T *restrict w,
-                                     const double *restrict mean, const double *restrict rstd,
-                                     nf_index g, nf_index d, int stream, nf_index pf,
-                                     nf_index pg, const int CENTER, const int HAS_W,
-                                     const int ACC_W, const int ACC_B, const int DX)
-{
-    if (pg > 0) {
-        size_t nb = (size_t)(pg * d) * sizeof(T);
-        nf_prefetch_range(dy + pf * d, 0, nb);
-        nf_prefetch_range(x + pf * d, 0, nb);
-        if (DX == 2) nf_prefetch_range(ds + pf * d, 0, nb);
-    }
-    stream = DX && stream;
-    T tmp[NF_SR * NF_NR_SHORT_D], pw[NF_NR_SHORT_D], pb[NF_NR_SHORT_D];
-    T *out = DX ? (stream ? tmp : dx) : NULL;
-    if (ACC_W) for (nf_index j = 0; j < d; j++) pw[j] = 0;
-    if (ACC_B) for (nf_index j = 0; j < d; j++) pb[j] = 0;
-    for (nf_index k = 0; k < g; k++) {
-        T mh = 0, ml = 0, r = (T)rstd[k], c1 = 0, c2 = 0;
-        if (CENTER) NF_T(nf_mean_split)(mean[k], &mh, &ml);
-        if (DX) {
-            double s1, s2;
-            NF_T(nf_nr_bwd_stats_short)(&s1, &s2, dy + k * d, x + k * d, HAS_W ? w : NULL, d,
-                                        mh, ml, r, CENTER, HAS_W);
-            c1 = (T)s1;
-            c2 = (T)s2;
-        }
-        NF_T(nf_nr_bwd_row_short)(DX ? out + k * d : NULL, pw, pb, dy + k * d, x + k * d,
-                                  DX == 2 ? ds + k * d : NULL, HAS_W ? w : NULL, d, mh, ml, r,
-                                  c1, c2, CENTER, HAS_W, ACC_W, ACC_B, DX);
-    }
-    if (ACC_W) for (nf_index j = 0; j < d; j++) aw[j] += (double)pw[j];
-    if (ACC_B) for (nf_index j = 0; j < d; j++) ab[j] += (double)pb[j];
-    if (stream) nf_stream_copy(dx, tmp, (size_t)(g * d) * sizeof(T));
-}
-
-/* A group by the long-row (nf_nr_bwd_group) or the short-row body (SHORT, a literal). */
-NF_INLINE void NF_T(nf_nr_bwd_any)(T *restrict dx, double *restrict aw, double *restrict ab,
-                                   const T *restrict dy, const T *restrict x,
-                                   const T *restrict ds, const T *restrict w,
-                                   const double *restrict mean, const double *restrict rstd,
-                                   nf_index g, nf_index d, int stream, nf_index pf, nf_index pg,
-                                   const int CENTER, const int HAS_W, const int ACC_W,
-                                   const int ACC_B, const int DX, const int SHORT)
-{
-    if (SHORT)
-        NF_T(nf_nr_bwd_short)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                              CENTER, HAS_W, ACC_W, ACC_B, DX);
-    else
-        NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                              CENTER, HAS_W, ACC_W, ACC_B, DX);
-}
-
 /* One group with the flags as literals: the combinations the entry point's CASE allows (see
  * norm_rows.h), chosen from which of w, aw (dw), ab (db), dx, ds are given. */
 NF_INLINE void NF_T(nf_nr_bwd_group_case)(T *restrict dx, double *restrict aw,
@@ -508,90 +266,90 @@ NF_INLINE void NF_T(nf_nr_bwd_group_case)(T *restrict dx, double *restrict aw,
                                           const T *restrict w, const double *restrict mean,
                                           const double *restrict rstd, nf_index g, nf_index d,
                                           int stream, nf_index pf, nf_index pg,
-                                          const int CASE, const int SHORT)
+                                          const int CASE)
 {
     /* group(..., CENTER, HAS_W, ACC_W, ACC_B, DX) */
     if (CASE == NF_NR_LN) {                  /* dx; dw exactly when w */
         if (w && ab)
-            NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                  1, 1, 1, 1, 1, SHORT);
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 1, 1, 1);
         else if (w)
-            NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                  1, 1, 1, 0, 1, SHORT);
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 1, 0, 1);
         else if (ab)
-            NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                  1, 0, 0, 1, 1, SHORT);
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 0, 0, 1, 1);
         else
-            NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                  1, 0, 0, 0, 1, SHORT);
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 0, 0, 0, 1);
     } else if (CASE == NF_NR_LN_NODW) {      /* dx; w without dw */
         if (ab)
-            NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                  1, 1, 0, 1, 1, SHORT);
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 0, 1, 1);
         else
-            NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                  1, 1, 0, 0, 1, SHORT);
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 0, 0, 1);
     } else if (CASE == NF_NR_LN_SUMS) {      /* no dx: dw and/or db */
         if (aw && ab)
-            NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                  1, 0, 1, 1, 0, SHORT);
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 0, 1, 1, 0);
         else if (aw)
-            NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                  1, 0, 1, 0, 0, SHORT);
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 0, 1, 0, 0);
         else
-            NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                  1, 0, 0, 1, 0, SHORT);
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 0, 0, 1, 0);
     } else if (CASE == NF_NR_LN_DS) {        /* dx + ds */
         if (w && aw && ab)
-            NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                  1, 1, 1, 1, 2, SHORT);
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 1, 1, 2);
         else if (w && aw)
-            NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                  1, 1, 1, 0, 2, SHORT);
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 1, 0, 2);
         else if (w && ab)
-            NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                  1, 1, 0, 1, 2, SHORT);
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 0, 1, 2);
         else if (w)
-            NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                  1, 1, 0, 0, 2, SHORT);
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 1, 0, 0, 2);
         else if (ab)
-            NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                  1, 0, 0, 1, 2, SHORT);
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 0, 0, 1, 2);
         else
-            NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                  1, 0, 0, 0, 2, SHORT);
+            NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                  1, 0, 0, 0, 2);
     } else {                                 /* RMSNorm: no db; dx, dx + ds or none */
         const int dxm = !dx ? 0 : ds ? 2 : 1;
         if (dxm == 0) {
             if (w && aw)
-                NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                      0, 1, 1, 0, 0, SHORT);
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 1, 1, 0, 0);
             else if (w)
-                NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                      0, 1, 0, 0, 0, SHORT);
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 1, 0, 0, 0);
             else
-                NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                      0, 0, 0, 0, 0, SHORT);
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 0, 0, 0, 0);
         } else if (dxm == 1) {
             if (w && aw)
-                NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                      0, 1, 1, 0, 1, SHORT);
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 1, 1, 0, 1);
             else if (w)
-                NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                      0, 1, 0, 0, 1, SHORT);
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 1, 0, 0, 1);
             else
-                NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                      0, 0, 0, 0, 1, SHORT);
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 0, 0, 0, 1);
         } else {
             if (w && aw)
-                NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                      0, 1, 1, 0, 2, SHORT);
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 1, 1, 0, 2);
             else if (w)
-                NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                      0, 1, 0, 0, 2, SHORT);
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 1, 0, 0, 2);
             else
-                NF_T(nf_nr_bwd_any)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                                      0, 0, 0, 0, 2, SHORT);
+                NF_T(nf_nr_bwd_group)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
+                                      0, 0, 0, 0, 2);
         }
     }
 }
@@ -613,7 +371,7 @@ NF_CLONES static void NF_T(nf_nr_bwd_ln_group)(T *restrict dx, double *restrict 
                                                nf_index d, int stream, nf_index pf, nf_index pg)
 {
     NF_T(nf_nr_bwd_group_case)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                               NF_NR_LN, 0);
+                               NF_NR_LN);
 }
 
 NF_CLONES static void NF_T(nf_nr_bwd_ln_nodw_group)(T *restrict dx, double *restrict aw,
@@ -626,7 +384,7 @@ NF_CLONES static void NF_T(nf_nr_bwd_ln_nodw_group)(T *restrict dx, double *rest
                                                     nf_index pg)
 {
     NF_T(nf_nr_bwd_group_case)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                               NF_NR_LN_NODW, 0);
+                               NF_NR_LN_NODW);
 }
 
 NF_CLONES static void NF_T(nf_nr_bwd_ln_sums_group)(T *restrict dx, double *restrict aw,
@@ -639,7 +397,7 @@ NF_CLONES static void NF_T(nf_nr_bwd_ln_sums_group)(T *restrict dx, double *rest
                                                     nf_index pg)
 {
     NF_T(nf_nr_bwd_group_case)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                               NF_NR_LN_SUMS, 0);
+                               NF_NR_LN_SUMS);
 }
 
 NF_CLONES static void NF_T(nf_nr_bwd_ln_ds_group)(T *restrict dx, double *restrict aw,
@@ -652,7 +410,7 @@ NF_CLONES static void NF_T(nf_nr_bwd_ln_ds_group)(T *restrict dx, double *restri
                                                   nf_index pg)
 {
     NF_T(nf_nr_bwd_group_case)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                               NF_NR_LN_DS, 0);
+                               NF_NR_LN_DS);
 }
 
 NF_CLONES static void NF_T(nf_nr_bwd_rms_group)(T *restrict dx, double *restrict aw,
@@ -663,70 +421,13 @@ NF_CLONES static void NF_T(nf_nr_bwd_rms_group)(T *restrict dx, double *restrict
                                                 nf_index d, int stream, nf_index pf, nf_index pg)
 {
     NF_T(nf_nr_bwd_group_case)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                               NF_NR_RMS, 0);
+                               NF_NR_RMS);
 }
 
-/* The short-row group entry points (d <= NF_NR_SHORT_D, groups of NF_SR rows), one per CASE. */
-NF_CLONES static void NF_T(nf_nr_bwd_short_ln_group)(T *restrict dx, double *restrict aw,
-                                            double *restrict ab, const T *restrict dy,
-                                            const T *restrict x, const T *restrict ds,
-                                            const T *restrict w, const double *restrict mean,
-                                            const double *restrict rstd, nf_index g,
-                                            nf_index d, int stream, nf_index pf, nf_index pg)
-{
-    NF_T(nf_nr_bwd_group_case)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                               NF_NR_LN, 1);
-}
-
-NF_CLONES static void NF_T(nf_nr_bwd_short_ln_nodw_group)(T *restrict dx, double *restrict aw,
-                                            double *restrict ab, const T *restrict dy,
-                                            const T *restrict x, const T *restrict ds,
-                                            const T *restrict w, const double *restrict mean,
-                                            const double *restrict rstd, nf_index g,
-                                            nf_index d, int stream, nf_index pf, nf_index pg)
-{
-    NF_T(nf_nr_bwd_group_case)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                               NF_NR_LN_NODW, 1);
-}
-
-NF_CLONES static void NF_T(nf_nr_bwd_short_ln_sums_group)(T *restrict dx, double *restrict aw,
-                                            double *restrict ab, const T *restrict dy,
-                                            const T *restrict x, const T *restrict ds,
-                                            const T *restrict w, const double *restrict mean,
-                                            const double *restrict rstd, nf_index g,
-                                            nf_index d, int stream, nf_index pf, nf_index pg)
-{
-    NF_T(nf_nr_bwd_group_case)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                               NF_NR_LN_SUMS, 1);
-}
-
-NF_CLONES static void NF_T(nf_nr_bwd_short_ln_ds_group)(T *restrict dx, double *restrict aw,
-                                            double *restrict ab, const T *restrict dy,
-                                            const T *restrict x, const T *restrict ds,
-                                            const T *restrict w, const double *restrict mean,
-                                            const double *restrict rstd, nf_index g,
-                                            nf_index d, int stream, nf_index pf, nf_index pg)
-{
-    NF_T(nf_nr_bwd_group_case)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                               NF_NR_LN_DS, 1);
-}
-
-NF_CLONES static void NF_T(nf_nr_bwd_short_rms_group)(T *restrict dx, double *restrict aw,
-                                            double *restrict ab, const T *restrict dy,
-                                            const T *restrict x, const T *restrict ds,
-                                            const T *restrict w, const double *restrict mean,
-                                            const double *restrict rstd, nf_index g,
-                                            nf_index d, int stream, nf_index pf, nf_index pg)
-{
-    NF_T(nf_nr_bwd_group_case)(dx, aw, ab, dy, x, ds, w, mean, rstd, g, d, stream, pf, pg,
-                               NF_NR_RMS, 1);
-}
-
-/* Block blk: zero its partials, then its rows group by group (GS rows: NF_G, or NF_SR for short
- * rows) through `group`, prefetching the group NF_NR_BWD_PF_GROUPS groups ahead (rows past n:
- * none). */
+/* Block blk: zero its partials, then its rows group by group through `group`, prefetching the
+ * group NF_NR_BWD_PF_GROUPS groups ahead (rows past n: none). */
 NF_INLINE void NF_T(nf_nr_bwd_block)(const nf_nr_bwd_args *a, nf_index blk,
-                                     NF_T(nf_nr_bwd_group_fn) group, const int GS)
+                                     NF_T(nf_nr_bwd_group_fn) group)
 {
     const nf_index n = a->n, d = a->d, width = a->width;
     double *aw = NULL, *ab = NULL;
@@ -740,9 +441,9 @@ NF_INLINE void NF_T(nf_nr_bwd_block)(const nf_nr_bwd_args *a, nf_index blk,
     nf_index r0 = blk * a->rows_per_block;
     nf_index r1 = r0 + a->rows_per_block < n ? r0 + a->rows_per_block : n;
     for (nf_index i = r0; i < r1;) {
-        nf_index g = r1 - i < GS ? r1 - i : GS;
-        nf_index pf = i + g + (NF_NR_BWD_PF_GROUPS - 1) * GS;
-        nf_index pg = n - pf < GS ? n - pf : GS;
+        nf_index g = r1 - i < NF_G ? r1 - i : NF_G;
+        nf_index pf = i + g + (NF_NR_BWD_PF_GROUPS - 1) * NF_G;
+        nf_index pg = n - pf < NF_G ? n - pf : NF_G;
         if (pg < 0) { pg = 0; pf = i; }
         group(dx ? dx + i * d : NULL, aw, ab, dy + i * d, x + i * d, ds ? ds + i * d : NULL,
               (const T *)a->w, a->mean ? a->mean + i : NULL, a->rstd + i, g, d, a->stream,
@@ -754,52 +455,27 @@ NF_INLINE void NF_T(nf_nr_bwd_block)(const nf_nr_bwd_args *a, nf_index blk,
 /* The block functions nf_nr_bwd_pick hands out: the block loop over one CASE's group entry. */
 static void NF_T(nf_nr_bwd_ln)(const nf_nr_bwd_args *a, nf_index blk)
 {
-    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_ln_group), NF_G);
-}
-
-static void NF_T(nf_nr_bwd_short_ln)(const nf_nr_bwd_args *a, nf_index blk)
-{
-    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_short_ln_group), NF_SR);
+    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_ln_group));
 }
 
 static void NF_T(nf_nr_bwd_ln_nodw)(const nf_nr_bwd_args *a, nf_index blk)
 {
-    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_ln_nodw_group), NF_G);
-}
-
-static void NF_T(nf_nr_bwd_short_ln_nodw)(const nf_nr_bwd_args *a, nf_index blk)
-{
-    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_short_ln_nodw_group), NF_SR);
+    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_ln_nodw_group));
 }
 
 static void NF_T(nf_nr_bwd_ln_sums)(const nf_nr_bwd_args *a, nf_index blk)
 {
-    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_ln_sums_group), NF_G);
-}
-
-static void NF_T(nf_nr_bwd_short_ln_sums)(const nf_nr_bwd_args *a, nf_index blk)
-{
-    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_short_ln_sums_group), NF_SR);
+    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_ln_sums_group));
 }
 
 static void NF_T(nf_nr_bwd_ln_ds)(const nf_nr_bwd_args *a, nf_index blk)
 {
-    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_ln_ds_group), NF_G);
-}
-
-static void NF_T(nf_nr_bwd_short_ln_ds)(const nf_nr_bwd_args *a, nf_index blk)
-{
-    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_short_ln_ds_group), NF_SR);
+    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_ln_ds_group));
 }
 
 static void NF_T(nf_nr_bwd_rms)(const nf_nr_bwd_args *a, nf_index blk)
 {
-    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_rms_group), NF_G);
-}
-
-static void NF_T(nf_nr_bwd_short_rms)(const nf_nr_bwd_args *a, nf_index blk)
-{
-    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_short_rms_group), NF_SR);
+    NF_T(nf_nr_bwd_block)(a, blk, NF_T(nf_nr_bwd_rms_group));
 }
 
 /* Columns [j0, j1) of the partials summed over blocks in block order (nf_reduce_blocks), then
