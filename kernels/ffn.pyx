@@ -8,7 +8,9 @@
 #     pre-activation rows are packed [gate | up] (ffn_elementwise.h).  w2 is (h, d).
 #   * w1 (d, hw) and w2 (h, d) have contiguous rows or contiguous columns (PyTorch's weight.T):
 #     BLAS reads either directly, told which by a flag read from the strides (_blas.blas_layout).
-#   * b1 (hw,), b2 (d,) are contiguous or None; dw1/dw2 are C-contiguous like w1/w2's shapes.
+#   * b1 (hw,), b2 (d,) are contiguous or None; dw1 (d, hw) and dw2 (h, d) have contiguous rows
+#     or contiguous columns (the transpose of a C-contiguous array: nn.Linear's weight layout,
+#     which autograd then keeps without a copy); each GEMM writes them in their own layout.
 #   * Scratch (1-D, from normffn._workspace) holds at least the elements each function states.
 #   * The GIL is released once per call.
 #
@@ -135,6 +137,20 @@ cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
     return 0
 
 
+cdef inline void _dw_gemm(char layout, Py_ssize_t p, Py_ssize_t q, Py_ssize_t m,
+                          const floating *a, Py_ssize_t lda, const floating *b, floating beta,
+                          floating *dw, int ld) noexcept nogil:
+    """dw (p, q) (+)= a^T (p, m) @ b (m, q): a's rows (p used) lda apart, b C-contiguous (m, q);
+    dw in the layout blas_layout read (`layout`, leading dimension `ld`): for 'T' (a transposed
+    view) this computes dw^T (q, p) = b^T @ a, the same sums written in that layout."""
+    if layout == c'N':
+        gemm(c'T', c'N', <int> p, <int> q, <int> m, <floating> 1, a, <int> lda, b, <int> q,
+             beta, dw, ld)
+    else:
+        gemm(c'T', c'N', <int> q, <int> p, <int> m, <floating> 1, b, <int> q, a, <int> lda,
+             beta, dw, ld)
+
+
 # ---------------------------------------------------------------- backward
 # Per block of m rows (xb, dyb, dxb the block's rows); each step runs only if an output it feeds
 # is wanted (an output passed as None is not computed):
@@ -147,6 +163,8 @@ cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
 #   dw2 (h, d) += a^T (h, m) @ dyb (m, d)               GEMM (beta = 0 on the first block)
 #   dxb (m, d)  = dH (m, hw) @ w1^T (hw, d)             GEMM
 #   dw1 (d, hw) += xb^T (d, m) @ dH (m, hw)             GEMM (beta = 0 on the first block)
+#   (a dw given as a transposed view gets the transposed product: dw1^T += dH^T @ xb,
+#   dw2^T += dyb^T @ a — the same sums of the same products, written in that layout)
 # With relu and the hidden saved, `hidden` is a itself: no block of a is rebuilt, and
 # dw2 = a^T @ dy is one GEMM over all rows after the loop (fewer, larger GEMMs; measured faster)
 # whenever n fits BLAS's int.  db1/db2 are float64 sums in `sums`, rounded once at the end.
@@ -154,9 +172,9 @@ cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
 # and possibly being dy itself (each block reads its dy rows before its dx GEMM writes them;
 # the whole-dw2 GEMM, which reads every row of dy, then runs before the loop).
 cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
-                   floating[:, ::1] dw1,                  # OUT (d, hw) or None
+                   floating[:, :] dw1,                    # OUT (d, hw) or None
                    floating[::1] db1,                     # OUT (hw,) or None
-                   floating[:, ::1] dw2,                  # OUT (h, d) or None
+                   floating[:, :] dw2,                    # OUT (h, d) or None
                    floating[::1] db2,                     # OUT (d,) or None
                    double[::1] sums,                      # scratch hw + d; None iff no db1, db2
                    floating[::1] gbuf,                    # scratch blk*hw; None iff no dx/dw1/db1
@@ -170,8 +188,9 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
                    int act, Py_ssize_t blk,
                    bint dx_acc) except -1:               # dx += (not =) dH @ w1^T
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], hw = w1.shape[1], h = w2.shape[0]
-    cdef int ld1, ld2
+    cdef int ld1, ld2, ldg1 = 0, ldg2 = 0
     cdef char t1 = blas_layout(w1, &ld1), t2 = blas_layout(w2, &ld2)
+    cdef char tg1 = c'N', tg2 = c'N'     # dw1's / dw2's layout ('T': a transposed view)
     cdef const floating *w1p = &w1[0, 0]
     cdef const floating *w2p = &w2[0, 0]
     cdef const floating *b1p = NULL
@@ -206,8 +225,10 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
         dxp = &dx[0, 0]
     if dw1 is not None:
         dw1p = &dw1[0, 0]
+        tg1 = blas_layout(dw1, &ldg1)
     if dw2 is not None:
         dw2p = &dw2[0, 0]
+        tg2 = blas_layout(dw2, &ldg2)
     if db1 is not None:
         db1p = &db1[0]
     if db2 is not None:
@@ -230,8 +251,7 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
         if s2 != NULL:
             memset(s2, 0, d * sizeof(double))
         if dw2_whole and dx_acc:
-            gemm(c'T', c'N', <int> h, <int> d, <int> n, <floating> 1, hp, <int> hw,
-                 dyp, <int> d, <floating> 0, dw2p, <int> d)
+            _dw_gemm(tg2, h, d, n, hp, hw, dyp, 0, dw2p, ldg2)
         r0 = 0
         while r0 < n:
             m = n - r0 if n - r0 < blk else blk
@@ -272,18 +292,15 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
                 else:
                     nf_colsum_f64(s2, dyp + r0 * d, d, m, d)
             if need_a and not dw2_whole:
-                gemm(c'T', c'N', <int> h, <int> d, <int> m, <floating> 1, ap, <int> ldap,
-                     dyp + r0 * d, <int> d, beta, dw2p, <int> d)
+                _dw_gemm(tg2, h, d, m, ap, ldap, dyp + r0 * d, beta, dw2p, ldg2)
             if dxp != NULL:
                 gemm(c'N', flip(t1), <int> m, <int> d, <int> hw, <floating> 1, gp, <int> hw,
                      w1p, ld1, beta_dx, dxp + r0 * d, <int> d)
             if dw1p != NULL:
-                gemm(c'T', c'N', <int> d, <int> hw, <int> m, <floating> 1, xp + r0 * d, <int> d,
-                     gp, <int> hw, beta, dw1p, <int> hw)
+                _dw_gemm(tg1, d, hw, m, xp + r0 * d, d, gp, beta, dw1p, ldg1)
             r0 = r0 + m
         if dw2_whole and not dx_acc:
-            gemm(c'T', c'N', <int> h, <int> d, <int> n, <floating> 1, hp, <int> hw,
-                 dyp, <int> d, <floating> 0, dw2p, <int> d)
+            _dw_gemm(tg2, h, d, n, hp, hw, dyp, 0, dw2p, ldg2)
         if floating is float:
             if s1 != NULL:
                 nf_round_sums_f32(db1p, s1, hw)

@@ -443,7 +443,7 @@ def test_out_buffers_rejected(rng):
     good = [np.empty((3, 4), np.float32), np.empty((4, 6), np.float32),
             np.empty(6, np.float32), np.empty((6, 4), np.float32), np.empty(4, np.float32)]
     for i, bad in [(0, np.empty((3, 5), np.float32)), (1, np.empty((4, 6), np.float64)),
-                   (2, np.empty(7, np.float32)), (3, np.empty((4, 6), np.float32).T),
+                   (2, np.empty(7, np.float32)), (3, np.empty((6, 8), np.float32)[:, ::2]),
                    (4, x[0]), (0, ctx.x), (3, ctx.hidden.reshape(6, 3).T.copy().T)]:
         out = list(good)
         out[i] = bad
@@ -472,6 +472,53 @@ def test_out_buffers_rejected(rng):
 from normffn import reference as refg  # noqa: E402
 
 GATED = ["swiglu", "geglu", "reglu"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["relu", "gelu", "swiglu", "reglu"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_weight_grads_into_transposed_outs(rng, dtype, act, recompute):
+    """dw1/dw2 given as transposed views of C-contiguous arrays (nn.Linear's layout) receive
+    the same gradients as C-contiguous buffers, in that layout; odd sizes, several blocks."""
+    d, h, n = 7, 5, 769
+    gated = act in ("swiglu", "reglu")
+    params = make_gated(rng, d, h, dtype) if gated else make_params(rng, d, h, dtype)
+    hw = params[0].shape[1]
+    x = rng.standard_normal((n, d)).astype(dtype)
+    dy = rng.standard_normal((n, d)).astype(dtype)
+    _, ctx = normffn.ffn_forward(x, *params, activation=act, recompute=recompute)
+    want = normffn.ffn_backward(dy, ctx)
+    lin1, lin2 = np.full((hw, d), np.nan, dtype), np.full((d, h), np.nan, dtype)
+    got = normffn.ffn_backward(dy, ctx, out=(None, lin1.T, None, lin2.T, None))
+    assert got[1].base is lin1 and got[3].base is lin2
+    for g, w, name in zip(got, want, ("dx", "dw1", "db1", "dw2", "db2")):
+        assert_close(g, w, name=name, **grad_tol(dtype))
+    # only dw2 (the whole-matrix GEMM after the loop for relu), only dw1
+    for needs in ((False, False, False, True, False), (False, True, False, False, False)):
+        lin1[...], lin2[...] = np.nan, np.nan
+        got = normffn.ffn_backward(dy, ctx, out=(None, lin1.T, None, lin2.T, None), needs=needs)
+        i = needs.index(True)
+        assert_close(got[i], want[i], **grad_tol(dtype))
+
+
+def test_ffn_block_weight_grads_into_transposed_outs(rng):
+    d, h, n = 6, 4, 33
+    dtype = np.float64
+    w1, b1, w2, b2 = make_params(rng, d, h, dtype)
+    nw = (1 + 0.1 * rng.standard_normal(d)).astype(dtype)
+    x = rng.standard_normal((n, d)).astype(dtype)
+    dy = rng.standard_normal((n, d)).astype(dtype)
+    for placement in ("pre", "post"):
+        _, ctx = normffn.ffn_block_forward(x, nw, None, w1, b1, w2, b2, "relu",
+                                           placement=placement)
+        want = normffn.ffn_block_backward(dy, ctx)
+        lin1, lin2 = np.empty((h, d), dtype), np.empty((d, h), dtype)
+        got = normffn.ffn_block_backward(dy, ctx,
+                                         out=(None, None, None, lin1.T, None, lin2.T, None))
+        assert got[3].base is lin1 and got[5].base is lin2
+        for g, w in zip(got, want):
+            if w is not None:
+                assert_close(g, w)
 
 
 def make_gated(rng, d, h, dtype, *, layout="C", bias=(True, True)):

@@ -674,7 +674,10 @@ def test_patched_model_trains_like_torch():
 
 # ---------------------------------------------------------------- torch.compile (slow: few)
 
-def test_compile_fullgraph_forward_backward():
+def test_compile_fullgraph_forward_backward(tmp_path, monkeypatch):
+    # a fresh Inductor cache: a graph cached by an earlier build of these operators (another
+    # fake's output strides) would otherwise be reused
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(nft.LayerNorm(16), nft.FeedForward(16, 32, "gelu"), nft.BatchNorm1d(16))

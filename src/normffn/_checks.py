@@ -152,9 +152,11 @@ def _overlaps(a: np.ndarray, b: np.ndarray) -> bool:
         return True
 
 
-def out_array(out, name: str, shape: tuple, dtype: np.dtype, inputs=()) -> np.ndarray:
+def out_array(out, name: str, shape: tuple, dtype: np.dtype, inputs=(),
+              transposed_ok: bool = False) -> np.ndarray:
     """Validate a caller-provided output buffer: ndarray of the exact shape and dtype,
-    C-contiguous, writeable, not overlapping any of ``inputs``."""
+    C-contiguous (or, with ``transposed_ok``, the transpose of a C-contiguous 2-D array: a
+    weight gradient in ``nn.Linear``'s layout), writeable, not overlapping any of ``inputs``."""
     if type(out) is not _ndarray and not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.dtype is not dtype and out.dtype != dtype:
@@ -162,8 +164,9 @@ def out_array(out, name: str, shape: tuple, dtype: np.dtype, inputs=()) -> np.nd
     if out.shape != shape and out.shape != tuple(shape):
         raise ValueError(f"{name} has shape {out.shape}, expected {tuple(shape)}")
     f = out.flags
-    if not f.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous")
+    if not f.c_contiguous and not (transposed_ok and f.f_contiguous):
+        raise ValueError(f"{name} must be C-contiguous"
+                         + (" or the transpose of a C-contiguous array" if transposed_ok else ""))
     if not f.writeable:
         raise ValueError(f"{name} must be writeable")
     if not f.aligned:

@@ -324,7 +324,7 @@ def check_backward(dy, ctx, *, out=None, needs=None):
             if out[i] is None or not needs[i]:
                 continue
             outs[i] = _checks.out_array(out[i], f"out[{i}] ({name})", shape, dtype,
-                                        inputs=taken)
+                                        inputs=taken, transposed_ok=i in (1, 3))
             taken.append(outs[i])
         if outs[0] is not None:
             outs[0] = outs[0].reshape(n, d)
@@ -609,7 +609,9 @@ def ffn_backward(dy, ctx, *, out=None, needs=None):
         From :func:`ffn_forward`.
     out : tuple of 5 (ndarray or None), optional
         Preallocated ``(dx, dw1, db1, dw2, db2)`` in the shapes below (C-contiguous, writeable,
-        x's dtype, overlapping no input and no other output); None entries are allocated, and
+        x's dtype, overlapping no input and no other output); ``dw1``/``dw2`` may also be the
+        transpose of a C-contiguous array (``weight.grad.numpy().T`` of an ``nn.Linear``: the
+        gradient is then written in that layout, no copy).  None entries are allocated, and
         entries for gradients not computed are left untouched.  A training loop passes the same
         buffers every step.
     needs : tuple of 5 bools, optional

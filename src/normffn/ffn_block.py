@@ -286,7 +286,7 @@ def check_backward(dy, ctx, *, out=None, needs=None):
             if out[i] is None or not needs[i]:
                 continue
             outs[i] = _checks.out_array(out[i], f"out[{i}] ({name})", shape, dtype,
-                                        inputs=taken)
+                                        inputs=taken, transposed_ok=i in (3, 5))
             taken.append(outs[i])
         if outs[0] is not None:
             outs[0] = outs[0].reshape(n, d)
@@ -599,8 +599,10 @@ def ffn_block_backward(dy, ctx, *, out=None, needs=None):
         From :func:`ffn_block_forward`.
     out : tuple of 7 (ndarray or None), optional
         Preallocated ``(dx, dnorm_weight, dnorm_bias, dw1, db1, dw2, db2)`` in the shapes
-        below (C-contiguous, writeable, x's dtype, overlapping no input and no other output);
-        None entries are allocated; entries for gradients not computed are left untouched.
+        below (C-contiguous, writeable, x's dtype, overlapping no input and no other output;
+        ``dw1``/``dw2`` may also be the transpose of a C-contiguous array, ``nn.Linear``'s
+        layout); None entries are allocated; entries for gradients not computed are left
+        untouched.
     needs : tuple of 7 bools, optional
         Which of ``(dx, dnorm_weight, dnorm_bias, dw1, db1, dw2, db2)`` to compute; default:
         every one whose parameter exists.  The others are returned as None and their work is

@@ -22,7 +22,8 @@ again only once no tensor references it.
 
 Weights of the FFN are in ``nn.Linear`` layout (``weight1`` ``(h1, d)``, ``weight2`` ``(d, h)``)
 and reach the kernels as transposed views (``w1 = weight1.T``), never copied; the weight
-gradients come back as transposed views of the kernels' C-ordered ``dw1``/``dw2``.
+gradients are written by the kernels through transposed views of C-contiguous arrays in that
+same layout, so autograd keeps them as ``.grad`` without the copy a transposed gradient costs.
 
 Double backward (``create_graph=True``) is served by recomputing the op with PyTorch ops and
 differentiating those (with a one-time FallbackWarning): the NumPy backward is not itself
@@ -398,25 +399,33 @@ def _ffn_fwd_fake(x, weight1, bias1, weight2, bias2, activation, recompute):
 
 def _ffn_bwd(dy, x, weight1, bias1, weight2, bias2, hidden, activation, recompute, needs,
              buffers=None):
-    """-> (dx, dweight1, dbias1, dweight2, dbias2), weight grads in nn.Linear layout (transposed
-    views of the kernels' C-ordered dw1/dw2); empty where not needed."""
+    """-> (dx, dweight1, dbias1, dweight2, dbias2), weight grads C-contiguous in nn.Linear's
+    layout (the kernel writes them through transposed views, so autograd keeps them as
+    ``.grad`` without the copy a transposed gradient would cost); empty where not needed."""
     w1, w2 = _blas_ready(_w(weight1)), _blas_ready(_w(weight2))
     c = normffn.FFNContext(x=np.ascontiguousarray(np_(x)), w1=w1, b1=opt_np(bias1), w2=w2,
                            b2=opt_np(bias2), activation=activation, recompute=recompute,
                            hidden=None if recompute else np_(hidden), dead_units=None)
     needs = tuple(needs)
-    out = None
-    if buffers is not None:
-        shapes = (c.x.shape, w1.shape, (w1.shape[1],), w2.shape, (w2.shape[1],))
-        out = tuple(buffers.take(role, shape, c.x.dtype) if need else None
-                    for role, shape, need in zip(_FFN_GRADS, shapes, needs))
-    grads = normffn.ffn_backward(np_(dy), c, needs=needs, out=out)
+    dtype = c.x.dtype
+    # dx, db1, db2 in the kernels' shapes; dw1, dw2 in nn.Linear's (out, in) layout
+    shapes = (c.x.shape, w1.T.shape, (w1.shape[1],), w2.T.shape, (w2.shape[1],))
+    bufs = [None] * 5
+    for i, (role, shape, need) in enumerate(zip(_FFN_GRADS, shapes, needs)):
+        if need:
+            if buffers is not None:
+                bufs[i] = buffers.take(role, shape, dtype)
+            if bufs[i] is None and i in (1, 3):
+                bufs[i] = np.empty(shape, dtype)
+    out = tuple(None if b is None else (b.T if i in (1, 3) else b) for i, b in enumerate(bufs))
+    grads = list(normffn.ffn_backward(np_(dy), c, needs=needs, out=out))
+    for i in (1, 3):
+        if grads[i] is not None:
+            grads[i] = bufs[i]
     if buffers is not None:
         for role, g in zip(_FFN_GRADS, grads):
             buffers.keep(role, g)
-    dx, dw1, db1, dw2, db2 = grads
-    return (_from(dx, x), _from(None if dw1 is None else dw1.T, x), _from(db1, x),
-            _from(None if dw2 is None else dw2.T, x), _from(db2, x))
+    return tuple(_from(g, x) for g in grads)
 
 
 def _ffn_bwd_impl(dy: Tensor, x: Tensor, weight1: Tensor, bias1: Optional[Tensor],
@@ -428,8 +437,8 @@ def _ffn_bwd_impl(dy: Tensor, x: Tensor, weight1: Tensor, bias1: Optional[Tensor
 
 
 def _ffn_bwd_fake(dy, x, weight1, bias1, weight2, bias2, hidden, activation, recompute, needs):
-    def weight_grad(w, n):  # transposed view of a C-ordered (in, out) array
-        return w.new_empty((w.shape[1], w.shape[0])).T if n else x.new_empty(0)
+    def weight_grad(w, n):  # C-contiguous in nn.Linear's layout, as the weight
+        return w.new_empty(w.shape) if n else x.new_empty(0)
     return (x.new_empty(x.shape) if needs[0] else x.new_empty(0),
             weight_grad(weight1, needs[1]),
             bias1.new_empty(bias1.shape) if needs[2] else x.new_empty(0),
@@ -529,8 +538,12 @@ class FFNBlockFunction(torch.autograd.Function):
                                                 eps=eps),
                 saved, dy, needs)
         else:
-            g = numpy_op("ffn_block_backward")(np_(dy), ctx.numpy_ctx, needs=tuple(needs))
-            grads = [None if a is None else torch.from_numpy(a)
-                     for a in (g[0], g[1], g[2], None if g[3] is None else g[3].T, g[4],
-                               None if g[5] is None else g[5].T, g[6])]
+            # dw1, dw2 written straight into nn.Linear's layout (autograd keeps them, no copy)
+            lin = {i: np.empty(tuple(saved[i].shape), ctx.numpy_ctx.dtype)
+                   for i in (3, 5) if needs[i]}
+            out = tuple(lin[i].T if i in lin else None for i in range(7))
+            g = list(numpy_op("ffn_block_backward")(np_(dy), ctx.numpy_ctx, needs=tuple(needs),
+                                                    out=out))
+            g[3], g[5] = lin.get(3), lin.get(5)
+            grads = [None if a is None else torch.from_numpy(a) for a in g]
         return tuple(_keep(t, n) for t, n in zip(grads, needs)) + (None,) * 4
