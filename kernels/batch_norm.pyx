@@ -12,8 +12,9 @@
 #     rstd = 1/sqrt(var + eps) in forward, dx, dweight = sdyx*rstd, dbias = sdy in backward.
 #   * Scratch comes from the caller (normffn._workspace), sized by scratch_sizes(): `consts`
 #     (per-channel or per-column constants, x's dtype) and `parts` (float64 block partials).
-#   * `stream` (rows view only; the Python layer decides from normffn._tuning.stream_threshold)
-#     writes outputs with non-temporal stores.  The columns view never streams.
+#   * `stream` (the Python layer decides from normffn._tuning.stream_threshold) writes outputs
+#     with non-temporal stores: every output of the rows view, y of the columns view (its dx
+#     never streams).
 #   * The GIL is released once per call; all loops run without bounds checks.
 #
 # Layers: bn_channels.h computes one run or one block; this file splits the work over threads
@@ -137,12 +138,12 @@ cdef inline void col_stats(double *bm, double *bm2, double *tmp, const floating 
 
 
 cdef inline void col_affine(floating *y, const floating *x, Py_ssize_t rows, Py_ssize_t K,
-                            const floating *k) noexcept nogil:
+                            const floating *k, int stream) noexcept nogil:
     # k holds the K-vectors mh, a, b - ml * a back to back
     if floating is float:
-        nf_bn_cols_affine_f32(y, x, rows, K, k, k + K, k + 2 * K)
+        nf_bn_cols_affine_f32(y, x, rows, K, k, k + K, k + 2 * K, stream)
     else:
-        nf_bn_cols_affine_f64(y, x, rows, K, k, k + K, k + 2 * K)
+        nf_bn_cols_affine_f64(y, x, rows, K, k, k + K, k + 2 * K, stream)
 
 
 cdef inline void col_bwd_sums(double *sdy, double *sdyx, double *tmp, const floating *dy,
@@ -439,9 +440,9 @@ cdef void _cols_stats(double *mp, double *m2p, const floating *xp, double *scrat
 
 
 cdef void _cols_apply(floating *yp, const floating *xp, const double *mp, const double *rp,
-                      const floating *w, const floating *b, floating *k,
-                      ColPlan pl) noexcept nogil:
-    """y from (mean, rstd); k: 3*K constants of scratch."""
+                      const floating *w, const floating *b, floating *k, ColPlan pl,
+                      int stream) noexcept nogil:
+    """y from (mean, rstd); k: 3*K constants of scratch; each thread fences its streamed y."""
     cdef Py_ssize_t M = pl.M, K = pl.K, S = pl.S, nb = pl.nb, P = pl.P, RB = pl.RB
     cdef Py_ssize_t t, p0, p1, c, s, j, r0, rows
     cdef floating mh, ml, a, bb
@@ -462,7 +463,9 @@ cdef void _cols_apply(floating *yp, const floating *xp, const double *mp, const 
         p1 = (t + 1) * P // pl.nt
         r0 = (p0 * nb // P) * RB
         rows = ((p1 * nb // P) * RB if (p1 * nb // P) * RB < M else M) - r0
-        col_affine(yp + r0 * K, xp + r0 * K, rows, K, k)
+        col_affine(yp + r0 * K, xp + r0 * K, rows, K, k, stream)
+        if stream:
+            nf_stream_fence()           # each thread orders its own non-temporal stores
 
 
 cdef void _cols_part_sums(double *s1, double *s2, double *tmp, const floating *dy,
@@ -584,7 +587,7 @@ cdef int _forward(floating[::1] y, double[::1] mean, double[::1] var, double[::1
                     vp[c] = vp[c] / <double>(N * S)
             for c in range(C):
                 rp[c] = rstd_of(vp[c], eps)
-            _cols_apply(yp, xp, mp, rp, w, b, k, pl)
+            _cols_apply(yp, xp, mp, rp, w, b, k, pl, stream)
     return 0
 
 
@@ -616,7 +619,7 @@ cdef int _apply(floating[::1] y, const floating[::1] x, const double[::1] mean,
                 nf_stream_fence()
         else:
             _cols_apply(yp, xp, &mean[0], &rstd[0], w, b, &consts[0],
-                        col_plan(N, C * S, S, sizeof(floating)))
+                        col_plan(N, C * S, S, sizeof(floating)), stream)
     return 0
 
 

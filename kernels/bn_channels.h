@@ -39,8 +39,7 @@
  *   nf_bn_peel                columns peeled off each row so the rest is cache-line aligned
  *   nf_bn_cols_stats_SUF      column mean, M2 of one block
  *   nf_bn_cols_chan           Chan merge of a block's column statistics
- *   nf_bn_cols_affine_SUF     y of a block of rows (stored normally: the column kernel never
- *                             streams, it measured 0-15% slower with non-temporal stores)
+ *   nf_bn_cols_affine_SUF     y of a block of rows (optionally streamed, from L1 chunks)
  *   nf_bn_cols_bwd_sums_SUF   column sdy, sdyx of one block
  *   nf_bn_cols_dx_SUF         dx of a block of rows (stored normally, as above)
  */
@@ -55,6 +54,9 @@
 #define NF_BN_SEG 4096
 /* Column blocks hold about this many bytes of x (the block's second pass hits L2). */
 #define NF_BN_BLOCK_BYTES 65536
+/* Streamed column outputs are built in L1 chunks of this many values (16 KiB of float32; whole
+ * rows when they fit): streamed (8192, 768) eval 0.83-0.85x the stored one (docs/tuning.md). */
+#define NF_BN_SCHUNK 4096
 /* Row unroll of the column reductions (fewer loads/stores of the K partial sums). */
 #define NF_BN_RU 4
 
