@@ -55,7 +55,7 @@
 /* Column blocks hold about this many bytes of x (the block's second pass hits L2). */
 #define NF_BN_BLOCK_BYTES 65536
 /* Streamed column outputs are built in L1 chunks of this many values (16 KiB of float32; whole
- * rows when they fit): streamed (8192, 768) eval 0.83-0.85x the stored one (docs/tuning.md). */
+ * rows when they fit; chosen by L1 fit, not swept; streaming itself: docs/tuning.md). */
 #define NF_BN_SCHUNK 4096
 /* Row unroll of the column reductions (fewer loads/stores of the K partial sums). */
 #define NF_BN_RU 4
