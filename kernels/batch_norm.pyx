@@ -12,9 +12,8 @@
 #     rstd = 1/sqrt(var + eps) in forward, dx, dweight = sdyx*rstd, dbias = sdy in backward.
 #   * Scratch comes from the caller (normffn._workspace), sized by scratch_sizes(): `consts`
 #     (per-channel or per-column constants, x's dtype) and `parts` (float64 block partials).
-#   * `stream` (the Python layer decides from normffn._tuning.stream_threshold) writes outputs
-#     with non-temporal stores: every output of the rows view, y of the columns view (its dx
-#     never streams).
+#   * `stream` (rows view only; the Python layer decides from normffn._tuning.stream_threshold)
+#     writes outputs with non-temporal stores.  The columns view never streams.
 #   * The GIL is released once per call; all loops run without bounds checks.
 #
 # Layers: bn_channels.h computes one run or one block; this file splits the work over threads
@@ -138,12 +137,12 @@ cdef inline void col_stats(double *bm, double *bm2, double *tmp, const floating 
 
 
 cdef inline void col_affine(floating *y, const floating *x, Py_ssize_t rows, Py_ssize_t K,
-                            const floating *k, int stream) noexcept nogil:
+                            const floating *k) noexcept nogil:
     # k holds the K-vectors mh, a, b - ml * a back to back
     if floating is float:
-        nf_bn_cols_affine_f32(y, x, rows, K, k, k + K, k + 2 * K, stream)
+        nf_bn_cols_affine_f32(y, x, rows, K, k, k + K, k + 2 * K)
     else:
-        nf_bn_cols_affine_f64(y, x, rows, K, k, k + K, k + 2 * K, stream)
+        nf_bn_cols_affine_f64(y, x, rows, K, k, k + K, k + 2 * K)
 
 
 cdef inline void col_bwd_sums(double *sdy, double *sdyx, double *tmp, const floating *dy,
@@ -440,9 +439,9 @@ cdef void _cols_stats(double *mp, double *m2p, const floating *xp, double *scrat
 
 
 cdef void _cols_apply(floating *yp, const floating *xp, const double *mp, const double *rp,
-                      const floating *w, const floating *b, floating *k, ColPlan pl,
-                      int stream) noexcept nogil:
-    """y from (mean, rstd); k: 3*K constants of scratch; each thread fences its streamed y."""
+                      const floating *w, const floating *b, floating *k,
+                      ColPlan pl) noexcept nogil:
+    """y from (mean, rstd); k: 3*K constants of scratch."""
     cdef Py_ssize_t M = pl.M, K = pl.K, S = pl.S, nb = pl.nb, P = pl.P, RB = pl.RB
     cdef Py_ssize_t t, p0, p1, c, s, j, r0, rows
     cdef floating mh, ml, a, bb
@@ -463,9 +462,7 @@ cdef void _cols_apply(floating *yp, const floating *xp, const double *mp, const 
         p1 = (t + 1) * P // pl.nt
         r0 = (p0 * nb // P) * RB
         rows = ((p1 * nb // P) * RB if (p1 * nb // P) * RB < M else M) - r0
-        col_affine(yp + r0 * K, xp + r0 * K, rows, K, k, stream)
-        if stream:
-            nf_stream_fence()           # each thread orders its own non-temporal stores
+        col_affine(yp + r0 * K, xp + r0 * K, rows, K, k)
 
 
 cdef void _cols_part_sums(double *s1, double *s2, double *tmp, const floating *dy,
@@ -587,7 +584,7 @@ cdef int _forward(floating[::1] y, double[::1] mean, double[::1] var, double[::1
                     vp[c] = vp[c] / <double>(N * S)
             for c in range(C):
                 rp[c] = rstd_of(vp[c], eps)
-            _cols_apply(yp, xp, mp, rp, w, b, k, pl, stream)
+            _cols_apply(yp, xp, mp, rp, w, b, k, pl)
     return 0
 
 
@@ -619,7 +616,7 @@ cdef int _apply(floating[::1] y, const floating[::1] x, const double[::1] mean,
                 nf_stream_fence()
         else:
             _cols_apply(yp, xp, &mean[0], &rstd[0], w, b, &consts[0],
-                        col_plan(N, C * S, S, sizeof(floating)), stream)
+                        col_plan(N, C * S, S, sizeof(floating)))
     return 0
 
 

@@ -37,9 +37,9 @@ cdef extern from "bn_channels.h" nogil:
     void nf_bn_cols_stats_f64(double *bm, double *bm2, double *tmp, const double *x,
                               nf_index rows, nf_index K, const double *pf, size_t pfbytes)
     void nf_bn_cols_affine_f32(float *y, const float *x, nf_index rows, nf_index K,
-                               const float *mh, const float *a, const float *b, int stream)
+                               const float *mh, const float *a, const float *b)
     void nf_bn_cols_affine_f64(double *y, const double *x, nf_index rows, nf_index K,
-                               const double *mh, const double *a, const double *b, int stream)
+                               const double *mh, const double *a, const double *b)
     void nf_bn_cols_bwd_sums_f32(double *sdy, double *sdyx, float *tmp, const float *dy,
                                  const float *x, nf_index rows, nf_index K, const float *mh,
                                  const float *ml)

@@ -177,52 +177,22 @@ NF_CLONES static void NF_T(nf_bn_cols_stats)(double *restrict bm, double *restri
 }
 
 /* y[r, k] = (x[r, k] - mh[k]) * a[k] + b[k] over `rows` rows of length K, one row at a time
- * (loading the K-vectors once per NF_BN_RU rows instead measured slower), each row split at
- * nf_bn_peel so the long part runs on whole cache lines.  The caller folds the low part of the
- * split mean into b (b = bias - ml * a, in float64): x - mh is exact near the mean (Sterbenz),
- * so offset data keeps its accuracy with three K-vectors instead of four. */
-NF_CLONES static void NF_T(nf_bn_cols_affine1)(T *restrict y, const T *restrict x,
-                                               nf_index rows, nf_index K, const T *restrict mh,
-                                               const T *restrict a, const T *restrict b)
+ * (loading the K-vectors once per NF_BN_RU rows instead measured slower; so did, within noise,
+ * splitting rows at nf_bn_peel here).  The caller folds the low part of the split mean into b
+ * (b = bias - ml * a, in float64): x - mh is exact near the mean (Sterbenz), so offset data
+ * keeps its accuracy with three K-vectors instead of four. */
+NF_CLONES static void NF_T(nf_bn_cols_affine)(T *restrict y, const T *restrict x, nf_index rows,
+                                              nf_index K, const T *restrict mh,
+                                              const T *restrict a, const T *restrict b)
 {
-    nf_index h = nf_bn_peel(x, y, NULL, K, sizeof(T));
-    for (nf_index r = 0; r < rows; r++) {
-        T *restrict yr = y + r * K;
-        const T *restrict xr = x + r * K;
-        for (nf_index k = 0; k < h; k++) yr[k] = ((xr[k] - mh[k]) * a[k]) + b[k];
-        for (nf_index k = h; k < K; k++) yr[k] = ((xr[k] - mh[k]) * a[k]) + b[k];
-    }
-}
-
-/* The same over a (rows, K) block (x and y row stride K).  When `stream`, y is built in L1
- * chunks of NF_BN_SCHUNK values (whole rows, or pieces of one long row) and written with
- * non-temporal stores (the caller fences); the values are the same. */
-static void NF_T(nf_bn_cols_affine)(T *restrict y, const T *restrict x, nf_index rows,
-                                    nf_index K, const T *restrict mh, const T *restrict a,
-                                    const T *restrict b, int stream)
-{
-    if (!stream) { NF_T(nf_bn_cols_affine1)(y, x, rows, K, mh, a, b); return; }
-    T tmp[NF_BN_SCHUNK] __attribute__((aligned(64)));
-    if (K <= NF_BN_SCHUNK) {
-        nf_index cr = NF_BN_SCHUNK / K;
-        for (nf_index r = 0; r < rows; r += cr) {
-            nf_index n = rows - r < cr ? rows - r : cr;
-            NF_T(nf_bn_cols_affine1)(tmp, x + r * K, n, K, mh, a, b);
-            nf_stream_copy(y + r * K, tmp, (size_t)(n * K) * sizeof(T));
-        }
-        return;
-    }
     for (nf_index r = 0; r < rows; r++)
-        for (nf_index k = 0; k < K; k += NF_BN_SCHUNK) {
-            nf_index n = K - k < NF_BN_SCHUNK ? K - k : NF_BN_SCHUNK;
-            NF_T(nf_bn_cols_affine1)(tmp, x + r * K + k, 1, n, mh + k, a + k, b + k);
-            nf_stream_copy(y + r * K + k, tmp, (size_t)n * sizeof(T));
-        }
+        for (nf_index k = 0; k < K; k++)
+            y[r * K + k] = ((x[r * K + k] - mh[k]) * a[k]) + b[k];
 }
 
 /* dx[r, k] = ((dy - c2[k]) - ((x - mh[k]) - ml[k]) * k1[k]) * k2[k]   (training)
  * dx[r, k] = dy * k2[k]                                              (x == NULL: eval)
- * Rows split at nf_bn_peel, as in nf_bn_cols_affine. */
+ * Rows split at nf_bn_peel (backward 0.93-0.98x at (100352, 64), docs/tuning.md). */
 NF_INLINE void NF_T(nf_bn_cols_dx_span)(T *restrict dx, const T *restrict dy,
                                         const T *restrict x, nf_index k0, nf_index k1e,
                                         const T *restrict mh, const T *restrict ml,

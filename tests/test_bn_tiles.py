@@ -1,7 +1,7 @@
 """BatchNorm's column kernel (channels-last and (N, C)) at every cache-line offset of its arrays.
 
-The elementwise passes (forward y, backward dx) split each row where the rest starts on a cache
-line when x, y (and dy, dx) share one offset within a line (kernels/bn_channels.h, nf_bn_peel).
+The backward dx pass splits each row where the rest starts on a cache line when dx, dy and x
+share one offset within a line (kernels/bn_channels.h, nf_bn_peel).
 Only where the loop splits changes, so every result must be bitwise the one an aligned call
 gives; checked over odd channel counts, short batches, non-finite values and 1 vs 2 threads.
 """
@@ -143,41 +143,3 @@ def test_threads_bitwise_identical_at_an_offset(rng, dtype, shape):
             results.append(_run(x, dy, w, b, rm.copy(), rv.copy(), 16, cl))
     for a1, a2 in zip(*results):
         assert a1.tobytes() == a2.tobytes()
-
-
-# The column kernel's streamed y (non-temporal stores from L1 chunks of NF_BN_SCHUNK = 4096
-# values: several whole rows, or pieces of a row longer than that): normffn.batch_norm decides
-# whether to stream, so the kernel entry point is called directly, stream=1 against stream=0.
-@pytest.mark.parametrize("M,C,S", [(1, 768, 1), (3, 1, 1), (17, 65, 1), (1000, 63, 1),
-                                   (5, 4099, 1), (3, 9000, 1), (1000, 64, 1), (33, 7, 3)],
-                         ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("offset", [0, 16])
-def test_streamed_columns_are_bitwise_the_stored_ones(rng, dtype, M, C, S, offset):
-    from normffn._kernels import batch_norm as kernel
-    K = C * S
-    x = _at_offset(randn(rng, (M, K), dtype) + 3, offset)
-    x[M // 2, K // 2] = np.nan                  # stays in its column, in both paths
-    w, b = randn(rng, C, dtype), randn(rng, C, dtype)
-    n_consts, n_parts = kernel.scratch_sizes(x, S)
-    consts, parts = np.empty(n_consts, dtype), np.empty(n_parts)
-    rm, rv = rng.standard_normal(C), 0.5 + rng.random(C)
-    for training in ([False, True] if M * S > 1 else [False]):
-        got = []
-        for stream in (0, 1):
-            y = _at_offset(np.full((M, K), -7, dtype), offset)
-            mean, var, rstd = rm.copy(), rv.copy(), np.empty(C)      # eval reads them
-            with threadpool_limits(limits=2, user_api="openmp"):
-                kernel.forward(y, mean, var, rstd, x, w, b, 1e-5, training, S, stream, consts,
-                               parts)
-            got.append((y, mean, var, rstd))
-        for a, e in zip(got[1], got[0]):
-            assert a.tobytes() == e.tobytes(), training
-        # training: the NaN spoils its channel's statistics (all S columns); eval: one value
-        nan = np.zeros((M, K), bool)
-        if training:
-            bad = (K // 2) // S
-            nan[:, bad * S:(bad + 1) * S] = True
-        else:
-            nan[M // 2, K // 2] = True
-        assert np.array_equal(np.isnan(got[1][0]), nan)
