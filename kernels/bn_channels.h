@@ -36,6 +36,7 @@
  *   nf_bn_row_bwd_sums_SUF    sdy, sdyx of one run
  *   nf_bn_row_dx_SUF          dx of one run (optionally streamed)
  *   nf_bn_block_rows          rows per column block (a function of K and the itemsize only)
+ *   nf_bn_peel                columns peeled off each row so the rest is cache-line aligned
  *   nf_bn_cols_stats_SUF      column mean, M2 of one block
  *   nf_bn_cols_chan           Chan merge of a block's column statistics
  *   nf_bn_cols_affine_SUF     y of a block of rows (stored normally: the column kernel never
@@ -65,6 +66,24 @@ static inline nf_index nf_bn_block_rows(nf_index K, size_t itemsize)
     if (r > NF_BLOCK) r = NF_BLOCK;
     r -= r % NF_BN_RU;
     return r < NF_BN_RU ? NF_BN_RU : r;
+}
+
+/* Columns to peel off the front of every row so that the rest of each row starts on a cache
+ * line, for a row-major (rows, K) elementwise pass over the arrays a, b (and c; may be NULL;
+ * used by nf_bn_cols_dx):
+ * when they share one offset within a cache line and a row is a whole number of lines, the
+ * split (line-crossing) AVX-512 loads and stores of a misaligned row become aligned ones.
+ * NumPy's large arrays start 16 bytes into a cache line here; see docs/tuning.md.  Otherwise 0.
+ * Only where the loop splits changes: every value is computed by the same expression. */
+static inline nf_index nf_bn_peel(const void *a, const void *b, const void *c, nf_index K,
+                                  size_t itemsize)
+{
+    uintptr_t off = (uintptr_t)a & 63;
+    if (((uintptr_t)b & 63) != off || (c && ((uintptr_t)c & 63) != off)
+        || ((size_t)K * itemsize) % 64 != 0 || off % itemsize != 0)
+        return 0;
+    nf_index h = (nf_index)(((64 - off) & 63) / itemsize);
+    return h < K ? h : 0;
 }
 
 /* nf_bn_cols_stats prefetches the next block (pfbytes bytes) spread over its two passes of

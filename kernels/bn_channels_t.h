@@ -177,9 +177,10 @@ NF_CLONES static void NF_T(nf_bn_cols_stats)(double *restrict bm, double *restri
 }
 
 /* y[r, k] = (x[r, k] - mh[k]) * a[k] + b[k] over `rows` rows of length K, one row at a time
- * (loading the K-vectors once per NF_BN_RU rows instead measured slower).  The caller folds the
- * low part of the split mean into b (b = bias - ml * a, in float64): x - mh is exact near the
- * mean (Sterbenz), so offset data keeps its accuracy with three K-vectors instead of four. */
+ * (loading the K-vectors once per NF_BN_RU rows instead measured slower; so did, within noise,
+ * splitting rows at nf_bn_peel here).  The caller folds the low part of the split mean into b
+ * (b = bias - ml * a, in float64): x - mh is exact near the mean (Sterbenz), so offset data
+ * keeps its accuracy with three K-vectors instead of four. */
 NF_CLONES static void NF_T(nf_bn_cols_affine)(T *restrict y, const T *restrict x, nf_index rows,
                                               nf_index K, const T *restrict mh,
                                               const T *restrict a, const T *restrict b)
@@ -190,21 +191,33 @@ NF_CLONES static void NF_T(nf_bn_cols_affine)(T *restrict y, const T *restrict x
 }
 
 /* dx[r, k] = ((dy - c2[k]) - ((x - mh[k]) - ml[k]) * k1[k]) * k2[k]   (training)
- * dx[r, k] = dy * k2[k]                                              (x == NULL: eval) */
+ * dx[r, k] = dy * k2[k]                                              (x == NULL: eval)
+ * Rows split at nf_bn_peel (backward 0.93-0.98x at (100352, 64), docs/tuning.md). */
+NF_INLINE void NF_T(nf_bn_cols_dx_span)(T *restrict dx, const T *restrict dy,
+                                        const T *restrict x, nf_index k0, nf_index k1e,
+                                        const T *restrict mh, const T *restrict ml,
+                                        const T *restrict k1, const T *restrict c2,
+                                        const T *restrict k2)
+{
+    if (x) {
+        for (nf_index k = k0; k < k1e; k++)
+            dx[k] = ((dy[k] - c2[k]) - ((x[k] - mh[k]) - ml[k]) * k1[k]) * k2[k];
+    } else {
+        for (nf_index k = k0; k < k1e; k++) dx[k] = dy[k] * k2[k];
+    }
+}
+
 NF_CLONES static void NF_T(nf_bn_cols_dx)(T *restrict dx, const T *restrict dy,
                                           const T *restrict x, nf_index rows, nf_index K,
                                           const T *restrict mh, const T *restrict ml,
                                           const T *restrict k1, const T *restrict c2,
                                           const T *restrict k2)
 {
-    if (x) {
-        for (nf_index r = 0; r < rows; r++)
-            for (nf_index k = 0; k < K; k++)
-                dx[r * K + k] = ((dy[r * K + k] - c2[k])
-                                 - ((x[r * K + k] - mh[k]) - ml[k]) * k1[k]) * k2[k];
-    } else {
-        for (nf_index r = 0; r < rows; r++)
-            for (nf_index k = 0; k < K; k++) dx[r * K + k] = dy[r * K + k] * k2[k];
+    nf_index h = nf_bn_peel(dx, dy, x, K, sizeof(T));
+    for (nf_index r = 0; r < rows; r++) {
+        const T *xr = x ? x + r * K : NULL;
+        NF_T(nf_bn_cols_dx_span)(dx + r * K, dy + r * K, xr, 0, h, mh, ml, k1, c2, k2);
+        NF_T(nf_bn_cols_dx_span)(dx + r * K, dy + r * K, xr, h, K, mh, ml, k1, c2, k2);
     }
 }
 
