@@ -11,8 +11,10 @@ dispatcher's custom-op overhead alone exceeds the per-call budget (see ``_ops``)
 import torch
 import torch.nn.functional as F
 
+import normffn
+
 from . import _ops, _torch_ref
-from ._util import KERNEL_ACTIVATIONS, numpy_op, plan, warn_fallback
+from ._util import KERNEL_ACTIVATIONS, np_, numpy_op, opt_np, plan, warn_fallback
 
 __all__ = ["layer_norm", "rms_norm", "batch_norm", "ffn", "ffn_block"]
 
@@ -38,6 +40,13 @@ def _shape(normalized_shape) -> list:
     if isinstance(normalized_shape, int):
         return [normalized_shape]
     return [int(s) for s in normalized_shape]
+
+
+def _numpy_shape(normalized_shape):
+    """normalized_shape as the NumPy API takes it: an int stays an int (its fast path)."""
+    if type(normalized_shape) is int:
+        return normalized_shape
+    return tuple(int(s) for s in normalized_shape)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -78,6 +87,9 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if reason is not None:
         warn_fallback("layer_norm", reason, "torch.nn.functional.layer_norm")
         return F.layer_norm(input, tuple(_shape(normalized_shape)), weight, bias, eps)
+    if direct and not grad:     # eager inference: the NumPy call alone, no statistics kept
+        return torch.from_numpy(normffn.layer_norm(np_(input), _numpy_shape(normalized_shape),
+                                                   opt_np(weight), opt_np(bias), float(eps)))
     return _run(_LN, grad, direct, input, _shape(normalized_shape), weight, bias, float(eps))[0]
 
 
@@ -114,6 +126,9 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
         return F.rms_norm(input, tuple(_shape(normalized_shape)), weight, eps)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
+    if direct and not grad:     # eager inference: the NumPy call alone, no statistics kept
+        return torch.from_numpy(normffn.rms_norm(np_(input), _numpy_shape(normalized_shape),
+                                                 opt_np(weight), float(eps)))
     return _run(_RMS, grad, direct, input, _shape(normalized_shape), weight, float(eps))[0]
 
 
