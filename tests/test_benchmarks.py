@@ -214,3 +214,23 @@ def test_parse_threads_and_shapes():
     assert _ops.get("layer_norm").parse_shape("8192x768") == (8192, 768)
     with pytest.raises(ValueError, match="ffn shapes are NxDxH"):
         bench.resolve_shapes(["ffn"], ["64x768"])
+
+
+def test_wide_table_moves_extra_normffn_columns_to_a_second_table():
+    """A table wider than 100 columns (ffn_block: five provider columns) keeps normffn's first
+    two columns, torch, the speed-up and the limit; the other normffn variants go below."""
+    from normffn.bench import TABLE_WIDTH, _render, _split_wide
+    cols = ["normffn out=", "normffn", "normffn recompute", "normffn unfused", "torch"]
+    heads = ["shape", "dir"] + [k.replace(" ", "\n", 1) for k in cols] + \
+        ["normffn vs\ntorch (×,\nhigher is\nfaster)", "GFLOP/s", "% of\ngemm"]
+    row = ["2048×768×3072", "fwd+bwd post swiglu"] + ["1198 ±10%"] * 5 + ["0.903", "219", "92%"]
+    (mh, mr), (eh, er) = _split_wide(heads, [row, row], cols)
+    assert [h.split("\n")[-1] for h in mh] == ["shape", "dir", "out=", "normffn", "torch",
+                                                "faster)", "GFLOP/s", "gemm"]
+    assert [h.split("\n")[-1] for h in eh] == ["shape", "dir", "recompute", "unfused"]
+    assert len(mr[0]) == len(mh) and len(er[0]) == len(eh)
+    from normffn.bench import _header_lines
+    assert max(len(line) for line in _render(_header_lines(mh), mr, 2)) <= TABLE_WIDTH
+    # a narrow table stays whole
+    narrow = _split_wide(heads[:4] + heads[-3:], [row[:4] + row[-3:]], cols[:2])
+    assert narrow[1] is None

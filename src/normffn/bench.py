@@ -438,6 +438,24 @@ def _render(header_lines: list, rows: list, left: int) -> list:
         [fmt(r) for r in rows]
 
 
+TABLE_WIDTH = 100
+
+
+def _split_wide(heads: list, rows: list, cols: list):
+    """``((heads, rows), None)``, or when the table is wider than TABLE_WIDTH columns and has
+    more than two normffn columns: the main table without the normffn columns after the first
+    two, and a second table of shape, dir and those columns."""
+    width = len(_render(_header_lines(heads), rows, 2)[-len(rows) - 1]) if rows else 0
+    moved = [i for i, k in enumerate(cols) if _family(k) == "normffn"][2:]
+    if width <= TABLE_WIDTH or not moved:
+        return (heads, rows), None
+    moved_at = {2 + i for i in moved}
+    keep = [i for i in range(len(heads)) if i not in moved_at]
+    extra = [0, 1] + sorted(moved_at)
+    return (([heads[i] for i in keep], [[r[i] for i in keep] for r in rows]),
+            ([heads[i] for i in extra], [[r[i] for i in extra] for r in rows]))
+
+
 def _l3_mib() -> float:
     try:
         from ._tuning import l3_bytes
@@ -497,7 +515,11 @@ def format_tables(cases) -> str:
         glue = "; " if sum(len(t) for t in lim) < 50 else "\n    "
         block = [title, f"  machine limit ({limit}, same run):{glue if glue != '; ' else ' '}"
                         f"{glue.join(lim)}", ""]
-        block += _render(_header_lines(heads), rows, 2)
+        main, extra = _split_wide(heads, rows, cols)
+        block += _render(_header_lines(main[0]), main[1], 2)
+        if extra:
+            block += ["", "  more normffn variants (same cases, ms):", ""]
+            block += _render(_header_lines(extra[0]), extra[1], 2)
         if notes:
             mib = 3 * math.prod(notes[0].shape) * np.dtype(dtype).itemsize / 2**20
             block.append(
