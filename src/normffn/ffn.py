@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _checks
+from . import _checks, _tuning
 from ._checks import F32, F64, INT32_MAX
 from ._context import Context, Field
 from ._kernels import ffn as _kernel
@@ -49,9 +49,11 @@ _DEAD_UNITS = ("relu", "reglu")
 GRAD_NAMES = ("dx", "dw1", "db1", "dw2", "db2")
 
 # ---------------------------------------------------------------- tuning
-# Bytes of hidden activation per row block (8192x512x2048 float32, 2 threads, vs bare GEMMs):
-_BLOCK_BYTES = 16 << 20              # training: 16 and 32 MB alike (92% / 91%); 16 MB holds less
-_INFERENCE_BLOCK_BYTES = 32 << 20    # ffn(): 94-95% of the bare GEMMs, 92% at 16 MB
+# Bytes of hidden activation per row block (float32, 2 threads, vs bare GEMMs; docs/tuning.md).
+# Training: half the last-level cache within [16, 64] MB, so a block stays cached between its
+# GEMMs (32 MiB L3: 16 MB, 92% at 8192x512x2048; 480 MiB L3: 64 MB, fwd+bwd 11-17% faster than 16)
+_BLOCK_BYTES = min(64 << 20, max(16 << 20, _tuning.l3_bytes() // 2))
+_INFERENCE_BLOCK_BYTES = 32 << 20    # ffn(): 94-95% of the bare GEMMs, 92% at 16 MB; 64 MB alike
 _RECOMPUTE_BLOCK_BYTES = 8 << 20     # recompute=True saves memory; its backward holds two blocks
 _MIN_BLOCK_ROWS = 256                # OpenBLAS re-packs the weight per call: 10-25% lost below
 
