@@ -182,6 +182,21 @@ def out_array(out, name: str, shape: tuple, dtype: np.dtype, inputs=(),
     return out
 
 
+def fast_param(a, shape: tuple, dtype: np.dtype):
+    """For the fast paths: None when ``a`` needs the general path (anything but None or an
+    exact, C-contiguous, aligned ndarray of ``shape`` and the ``dtype`` object, the case
+    :func:`optional_param` returns as it is); otherwise whether ``a`` is absent or owns its
+    memory (then an ``out=`` that owns its own cannot overlap it)."""
+    if a is None:
+        return True
+    if type(a) is not _ndarray or a.dtype is not dtype or a.shape != shape:
+        return None
+    f = a.flags
+    if not (f.c_contiguous and f.aligned):
+        return None
+    return f.owndata
+
+
 def owned_c_array(flags) -> bool:
     """True when ``flags`` (an ndarray's) say C-contiguous, aligned, writeable and owning its
     memory: with inputs that own theirs, such an ``out=`` (not one of them) passes

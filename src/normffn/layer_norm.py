@@ -204,22 +204,12 @@ def _fast_forward(x, ns, weight, bias, eps, out, keep: bool):
     f = x.flags
     if not (f.c_contiguous and f.aligned):
         return None
-    owned = f.owndata            # every input owns its memory: a distinct out cannot overlap one
     pshape = (d,)
-    if weight is not None:
-        if type(weight) is not _ndarray or weight.dtype is not dt or weight.shape != pshape:
-            return None
-        f = weight.flags
-        if not (f.c_contiguous and f.aligned):
-            return None
-        owned = owned and f.owndata
-    if bias is not None:
-        if type(bias) is not _ndarray or bias.dtype is not dt or bias.shape != pshape:
-            return None
-        f = bias.flags
-        if not (f.c_contiguous and f.aligned):
-            return None
-        owned = owned and f.owndata
+    w_owned = _checks.fast_param(weight, pshape, dt)
+    b_owned = _checks.fast_param(bias, pshape, dt)
+    if w_owned is None or b_owned is None:
+        return None
+    owned = f.owndata and w_owned and b_owned  # all own their memory: a distinct out is disjoint
     if out is None:
         y = np.empty(shape, dt)
     else:

@@ -176,15 +176,11 @@ def _fast_forward(x, ns, weight, eps, out, keep: bool):
     f = x.flags
     if not (f.c_contiguous and f.aligned):
         return None
-    owned = f.owndata
     pshape = (d,)
-    if weight is not None:
-        if type(weight) is not _ndarray or weight.dtype is not dt or weight.shape != pshape:
-            return None
-        f = weight.flags
-        if not (f.c_contiguous and f.aligned):
-            return None
-        owned = owned and f.owndata
+    w_owned = _checks.fast_param(weight, pshape, dt)
+    if w_owned is None:
+        return None
+    owned = f.owndata and w_owned    # both own their memory: a distinct out is disjoint
     if out is None:
         y = np.empty(shape, dt)
     else:
