@@ -182,6 +182,25 @@ def out_array(out, name: str, shape: tuple, dtype: np.dtype, inputs=(),
     return out
 
 
+def fast_rows(x, normalized_shape):
+    """For the fast paths: the row length d when ``x`` is an exact, C-contiguous, aligned ndarray
+    of the float32/float64 dtype objects and ``normalized_shape`` an int or a 1-tuple of int equal
+    to x's last dim (d >= 1); else None (the caller takes the general path)."""
+    if type(x) is not _ndarray:
+        return None
+    ns = normalized_shape
+    if type(ns) is tuple and len(ns) == 1:
+        ns = ns[0]
+    dt, shape = x.dtype, x.shape
+    if type(ns) is not int or ns <= 0 or (dt is not F32 and dt is not F64) or not shape or \
+            shape[-1] != ns:
+        return None
+    f = x.flags
+    if not (f.c_contiguous and f.aligned):
+        return None
+    return ns
+
+
 def fast_param(a, shape: tuple, dtype: np.dtype):
     """For the fast paths: None when ``a`` needs the general path (anything but None or an
     exact, C-contiguous, aligned ndarray of ``shape`` and the ``dtype`` object, the case

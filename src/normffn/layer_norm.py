@@ -189,21 +189,12 @@ def _fast_forward(x, ns, weight, bias, eps, out, keep: bool):
     a float in [0, inf).  These are check_forward's checks, passed; on None nothing has been
     allocated, and the general path decides (and raises what it raises).  ``out`` is checked
     by the same helper as on the general path, which raises the same errors."""
-    if type(x) is not _ndarray or type(eps) is not float or not 0.0 <= eps < math.inf:
+    if type(eps) is not float or not 0.0 <= eps < math.inf:
         return None
-    if type(ns) is int:
-        d = ns
-    elif type(ns) is tuple and len(ns) == 1:
-        d = ns[0]
-    else:
+    d = _checks.fast_rows(x, ns)
+    if d is None:
         return None
-    dt, shape = x.dtype, x.shape
-    if (dt is not F32 and dt is not F64) or type(d) is not int or d <= 0 or not shape or \
-            shape[-1] != d:
-        return None
-    f = x.flags
-    if not (f.c_contiguous and f.aligned):
-        return None
+    dt, shape, f = x.dtype, x.shape, x.flags
     pshape = (d,)
     w_owned = _checks.fast_param(weight, pshape, dt)
     b_owned = _checks.fast_param(bias, pshape, dt)

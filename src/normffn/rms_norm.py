@@ -157,25 +157,15 @@ def _fast_forward(x, ns, weight, eps, out, keep: bool):
     in [0, inf).  These are check_rms_norm's checks, passed; on None nothing has been allocated
     and the general path decides.  ``out`` is checked by the general path's helper unless it
     is an owned C array and so are the inputs (then it cannot overlap them)."""
-    if type(x) is not _ndarray:
-        return None
-    if type(ns) is int:
-        d = ns
-    elif type(ns) is tuple and len(ns) == 1:
-        d = ns[0]
-    else:
+    d = _checks.fast_rows(x, ns)
+    if d is None:
         return None
     dt, shape = x.dtype, x.shape
-    if (dt is not F32 and dt is not F64) or type(d) is not int or d <= 0 or not shape or \
-            shape[-1] != d:
-        return None
     if eps is None:
         eps = _checks.eps(None, dtype=dt)
     elif type(eps) is not float or not 0.0 <= eps < math.inf:
         return None
     f = x.flags
-    if not (f.c_contiguous and f.aligned):
-        return None
     pshape = (d,)
     w_owned = _checks.fast_param(weight, pshape, dt)
     if w_owned is None:
