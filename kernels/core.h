@@ -63,6 +63,10 @@ typedef ptrdiff_t nf_index;
 _Static_assert(NF_LANES == 32, "nf_tree_sum is written for 32 lanes");
 /* Elements summed in the input precision before a flush to float64. */
 #define NF_BLOCK 256
+/* Full blocks a blocked sum works on at once (nf_ssd in float64: half as many), so the adds of
+ * independent partials overlap: 4 x 32 float lanes are 8 zmm registers.  Not part of the
+ * summation order: results do not depend on it. */
+#define NF_MAX_NB 4
 /* Streamed outputs are built in L1 chunks of this many elements, then copied out. */
 #define NF_CHUNK 1024
 

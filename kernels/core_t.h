@@ -22,15 +22,44 @@ NF_INLINE void NF_T(nf_mean_split)(double mean, T *hi, T *lo)
  * in the input precision over NF_BLOCK elements, flushed to float64 lanes, then a fixed tree
  * (see core.h).  ADD and SQ are literals at every call, so each combination compiles to its own
  * branch-free loop.  n >= 0. */
+/* NB (a literal, <= NF_MAX_NB) consecutive full blocks of nf_sum_ex, at once: each block has its
+ * own partial sums, so the adds of different blocks overlap in the pipeline instead of waiting
+ * on one dependency chain, and the partials are flushed to acc in block order — exactly the
+ * operations, in the same order per accumulator, of one block at a time. */
+NF_INLINE void NF_T(nf_sum_blocks)(double *restrict acc, T *restrict s, const T *restrict x,
+                                   const T *restrict r, const int NB, const int ADD,
+                                   const int SQ)
+{
+    T p[NF_MAX_NB][NF_LANES] = {{0}};
+    for (nf_index j = 0; j < NF_BLOCK; j += NF_LANES)
+        for (int b = 0; b < NB; b++)
+            for (int k = 0; k < NF_LANES; k++) {
+                nf_index o = b * NF_BLOCK + j + k;
+                T v = ADD ? x[o] + r[o] : x[o];
+                if (ADD) s[o] = v;
+                p[b][k] += SQ ? v * v : v;
+            }
+    for (int b = 0; b < NB; b++)
+        for (int k = 0; k < NF_LANES; k++) acc[k] += (double)p[b][k];
+}
+
 NF_INLINE double NF_T(nf_sum_ex)(T *restrict s, const T *restrict x, const T *restrict r,
                                  nf_index n, const int ADD, const int SQ)
 {
     double acc[NF_LANES] = {0};
     nf_index i = 0;
-    while (i + NF_LANES <= n) {
+    for (; n - i >= NF_MAX_NB * NF_BLOCK; i += NF_MAX_NB * NF_BLOCK)
+        NF_T(nf_sum_blocks)(acc, ADD ? s + i : s, x + i, ADD ? r + i : r, NF_MAX_NB, ADD, SQ);
+    T *si = ADD ? s + i : s;        /* s and r are NULL without ADD: no offset on them */
+    const T *ri = ADD ? r + i : r;
+    switch ((n - i) / NF_BLOCK) {   /* the remaining full blocks, fewer than NF_MAX_NB */
+    case 3: NF_T(nf_sum_blocks)(acc, si, x + i, ri, 3, ADD, SQ); i += 3 * NF_BLOCK; break;
+    case 2: NF_T(nf_sum_blocks)(acc, si, x + i, ri, 2, ADD, SQ); i += 2 * NF_BLOCK; break;
+    case 1: NF_T(nf_sum_blocks)(acc, si, x + i, ri, 1, ADD, SQ); i += NF_BLOCK; break;
+    }
+    if (i + NF_LANES <= n) {        /* a last partial block, whole lanes */
         T p[NF_LANES] = {0};
-        nf_index end = i + NF_BLOCK < n ? i + NF_BLOCK : n;
-        for (; i + NF_LANES <= end; i += NF_LANES)
+        for (; i + NF_LANES <= n; i += NF_LANES)
             for (int k = 0; k < NF_LANES; k++) {
                 T v = ADD ? x[i + k] + r[i + k] : x[i + k];
                 if (ADD) s[i + k] = v;
@@ -58,16 +87,44 @@ NF_INLINE double NF_T(nf_sum)(const T *x, nf_index n)
  * removed, ssd - dev^2/n the matching sum of squares).  x - mean is formed in the input
  * precision from the (hi, lo) split, exact near the mean.  Meanwhile prefetches pf[0:n] (the
  * next row a caller will read; may equal x).  n >= 0. */
+/* NB (a literal, <= NF_MAX_NB) consecutive full blocks of nf_ssd at once, as nf_sum_blocks. */
+NF_INLINE void NF_T(nf_ssd_blocks)(double *restrict acc, double *restrict accd,
+                                   const T *restrict x, const T *pf, T mh, T ml, const int NB)
+{
+    T p[NF_MAX_NB][NF_LANES] = {{0}}, pd[NF_MAX_NB][NF_LANES] = {{0}};
+    for (nf_index j = 0; j < NF_BLOCK; j += NF_LANES)
+        for (int b = 0; b < NB; b++) {
+            nf_prefetch_range(pf + b * NF_BLOCK + j, 0, NF_LANES * sizeof(T));
+            for (int k = 0; k < NF_LANES; k++) {
+                T t = (x[b * NF_BLOCK + j + k] - mh) - ml;
+                pd[b][k] += t;
+                p[b][k] += t * t;
+            }
+        }
+    for (int b = 0; b < NB; b++)
+        for (int k = 0; k < NF_LANES; k++) {
+            acc[k] += (double)p[b][k];
+            accd[k] += (double)pd[b][k];
+        }
+}
+
 NF_INLINE double NF_T(nf_ssd)(const T *x, nf_index n, double mean, const T *pf, double *dev)
 {
     double acc[NF_LANES] = {0}, accd[NF_LANES] = {0};
     T mh, ml;
     NF_T(nf_mean_split)(mean, &mh, &ml);
     nf_index i = 0;
-    while (i + NF_LANES <= n) {
+    enum { NB = sizeof(T) == sizeof(float) ? NF_MAX_NB : NF_MAX_NB / 2 };  /* registers */
+    for (; n - i >= NB * NF_BLOCK; i += NB * NF_BLOCK)
+        NF_T(nf_ssd_blocks)(acc, accd, x + i, pf + i, mh, ml, NB);
+    switch ((n - i) / NF_BLOCK) {   /* the remaining full blocks, fewer than NB */
+    case 3: NF_T(nf_ssd_blocks)(acc, accd, x + i, pf + i, mh, ml, 3); i += 3 * NF_BLOCK; break;
+    case 2: NF_T(nf_ssd_blocks)(acc, accd, x + i, pf + i, mh, ml, 2); i += 2 * NF_BLOCK; break;
+    case 1: NF_T(nf_ssd_blocks)(acc, accd, x + i, pf + i, mh, ml, 1); i += NF_BLOCK; break;
+    }
+    if (i + NF_LANES <= n) {        /* a last partial block, whole lanes */
         T p[NF_LANES] = {0}, pd[NF_LANES] = {0};
-        nf_index end = i + NF_BLOCK < n ? i + NF_BLOCK : n;
-        for (; i + NF_LANES <= end; i += NF_LANES) {
+        for (; i + NF_LANES <= n; i += NF_LANES) {
             nf_prefetch_range(pf + i, 0, NF_LANES * sizeof(T));
             for (int k = 0; k < NF_LANES; k++) {
                 T t = (x[i + k] - mh) - ml;

@@ -63,7 +63,7 @@
 /* ---------------------------------------------------------------- tuning (docs/tuning.md)
  * Changing NF_G or the block constants changes dw/db bits (they fix the summation order). */
 #define NF_G 4                          /* rows per backward group (a layout choice, not timed) */
-#define NF_NR_MIN_ELEMS_PER_THREAD 32768 /* fork/join threshold (no measurement recorded) */
+#define NF_NR_MIN_ELEMS_PER_THREAD 8192  /* fork/join threshold: LayerNorm fwd 2..64 x 768 */
 #define NF_NR_SCRATCH_BUDGET (1 << 16)  /* blocks = budget / d, clamped below (scratch bound) */
 #define NF_NR_MIN_BLOCKS 8              /* at least this many dw/db partial blocks */
 #define NF_NR_MAX_BLOCKS 64             /* at most this many */

@@ -68,6 +68,12 @@ cdef inline void nr_forward(const nf_nr_fwd_args *a, int nt) noexcept nogil:
     cdef nf_index i
     cdef int tid = 0
     cdef nf_nr_fwd_fn row = nf_nr_fwd_pick(a)
+    if nt <= 1:                  # no parallel region: a small call does not pay for one
+        for i in range(a.n):
+            row(a, i, 0)
+        if a.stream:
+            nf_stream_fence()
+        return
     with parallel(num_threads=nt):
         tid = threadid()
         for i in prange(a.n, schedule='static'):
@@ -85,14 +91,24 @@ cdef inline void nr_backward(nf_nr_bwd_args *a) noexcept nogil:
     cdef nf_nr_bwd_fn block = nf_nr_bwd_pick(a)
     cdef nf_nr_finish_fn finish = nf_nr_finish_pick(a)
     cdef int nt = nf_nr_threads(a.n * a.d)
-    with parallel(num_threads=nt):
-        for blk in prange(a.nb, schedule='static'):
+    if nt <= 1:                  # no parallel region: a small call does not pay for one
+        for blk in range(a.nb):
             block(a, blk)
         if a.stream:
             nf_stream_fence()
+    else:
+        with parallel(num_threads=nt):
+            for blk in prange(a.nb, schedule='static'):
+                block(a, blk)
+            if a.stream:
+                nf_stream_fence()
     if a.width > 0:
         nc = (a.width + NF_NR_REDUCE_CHUNK - 1) // NF_NR_REDUCE_CHUNK
-        for c in prange(nc, schedule='static', num_threads=nf_nr_threads(a.nb * a.width)):
+        nt = nf_nr_threads(a.nb * a.width)
+        if nt <= 1:
+            finish(a, 0, a.width)
+            return
+        for c in prange(nc, schedule='static', num_threads=nt):
             j0 = c * NF_NR_REDUCE_CHUNK
             j1 = j0 + NF_NR_REDUCE_CHUNK
             if j1 > a.width:
