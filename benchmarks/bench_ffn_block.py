@@ -10,20 +10,20 @@ shape.  ``time_forward``: inference (``ffn_block(..., out=)``; torch under no_gr
 out=<seven gradients>)``; torch: ``LayerNorm``/``RMSNorm`` + ``Linear`` + activation +
 ``Linear`` + add, eager autograd); the ``peakmem_*`` are the default, allocating calls.
 ``*Recompute``: pre-LN forward(recompute=True) + backward (normffn only)."""
-from ._registry import registry_benchmark
+from ._registry import registry_benchmarks
 
-FFNBlock = registry_benchmark(
+FFNBlock_normffn, FFNBlock_numpy, FFNBlock_torch = registry_benchmarks(
     "FFNBlock", "ffn_block",
     {"forward": "fwd pre relu", "forward_backward_pre": "fwd+bwd pre relu",
      "forward_backward_post": "fwd+bwd post relu"},
     peakmem=("forward", "forward_backward_pre"), doc=__doc__)
 
-FFNBlockRecompute = registry_benchmark(
+(FFNBlockRecompute_normffn,) = registry_benchmarks(
     "FFNBlockRecompute", "ffn_block", {"forward_backward_pre": "fwd+bwd pre relu"},
     peakmem=("forward_backward_pre",), providers=["normffn"], normffn_label="normffn recompute",
     doc="pre-LN ReLU forward(recompute=True) + backward: neither xn nor the (n, h) hidden kept.")
 
-GatedFFNBlock = registry_benchmark(
+GatedFFNBlock_normffn, GatedFFNBlock_numpy, GatedFFNBlock_torch = registry_benchmarks(
     "GatedFFNBlock", "ffn_block",
     {"forward": "fwd pre swiglu", "forward_backward_pre": "fwd+bwd pre swiglu",
      "forward_backward_post": "fwd+bwd post swiglu"},
@@ -31,7 +31,7 @@ GatedFFNBlock = registry_benchmark(
     doc="SwiGLU + RMSNorm sublayer: forward (out=) and training steps (buffers reused); "
         "peakmem: allocating.")
 
-GatedFFNBlockRecompute = registry_benchmark(
+(GatedFFNBlockRecompute_normffn,) = registry_benchmarks(
     "GatedFFNBlockRecompute", "ffn_block", {"forward_backward_pre": "fwd+bwd pre swiglu"},
     peakmem=("forward_backward_pre",), providers=["normffn"],
     normffn_label="normffn recompute",
