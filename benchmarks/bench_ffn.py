@@ -5,8 +5,8 @@ registry: shapes, data and calls are ``python -m normffn bench``'s (see ``_regis
 ``time_forward_backward``: a training step, forward keeping what backward needs then backward,
 reusing every buffer (``ffn_forward(..., out=, hidden_out=previous ctx.hidden)`` +
 ``ffn_backward(..., out=(dx, dw1, db1, dw2, db2))``; torch: eager autograd); its
-``peakmem_*`` is the default, allocating call.  ``FFNRecompute``: the same with
-``recompute=True`` (normffn only).  ``GatedFFN``: SwiGLU with the packed w1 (d, 2h) at the gated
+``peakmem_*`` is the default, allocating call.  ``FFNRecompute_normffn``: the same with
+``recompute=True`` (normffn only).  ``GatedFFN_*``: SwiGLU with the packed w1 (d, 2h) at the gated
 bench shapes (torch: Linear -> chunk -> silu(a) * b -> Linear)."""
 from ._registry import registry_benchmarks
 

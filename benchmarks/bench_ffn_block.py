@@ -2,14 +2,14 @@
 post-LN) against the NumPy reference and torch, from the op registry: shapes, data and calls are
 ``python -m normffn bench``'s (see ``_registry.py``).
 
-Issue #13's shapes: ReLU with LayerNorm at 2048x768x3072 (``FFNBlock``), SwiGLU with RMSNorm
-and the packed w1 (d, 2h) at 2048x768x2048 (``GatedFFNBlock``); each class skips the other's
+Issue #13's shapes: ReLU with LayerNorm at 2048x768x3072 (``FFNBlock_*``), SwiGLU with RMSNorm
+and the packed w1 (d, 2h) at 2048x768x2048 (``GatedFFNBlock_*``); each class skips the other's
 shape.  ``time_forward``: inference (``ffn_block(..., out=)``; torch under no_grad);
 ``time_forward_backward_pre`` / ``_post``: a training step reusing every buffer the API takes
 (``ffn_block_forward(..., out=, hidden_out=previous ctx.hidden)`` + ``ffn_block_backward(...,
 out=<seven gradients>)``; torch: ``LayerNorm``/``RMSNorm`` + ``Linear`` + activation +
 ``Linear`` + add, eager autograd); the ``peakmem_*`` are the default, allocating calls.
-``*Recompute``: pre-LN forward(recompute=True) + backward (normffn only)."""
+``*Recompute_normffn``: pre-LN forward(recompute=True) + backward (normffn only)."""
 from ._registry import registry_benchmarks
 
 FFNBlock_normffn, FFNBlock_numpy, FFNBlock_torch = registry_benchmarks(
