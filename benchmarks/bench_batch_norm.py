@@ -1,17 +1,17 @@
 """asv benchmarks for BatchNorm (normffn vs the NumPy reference vs torch), from the op registry:
 shapes, data and calls are ``python -m normffn bench``'s (see ``_registry.py``)."""
-from ._registry import registry_benchmark
+from ._registry import registry_benchmarks
 
-TrainNCHW = registry_benchmark(
+TrainNCHW_normffn, TrainNCHW_numpy, TrainNCHW_torch = registry_benchmarks(
     "TrainNCHW", "batch_norm", {"forward": "fwd train", "backward": "backward"},
     peakmem=("forward",),
     doc="Training: batch statistics + running-stat update + normalise; backward.")
 
-EvalNCHW = registry_benchmark(
+EvalNCHW_normffn, EvalNCHW_numpy, EvalNCHW_torch = registry_benchmarks(
     "EvalNCHW", "batch_norm", {"forward": "fwd eval"}, peakmem=("forward",),
     doc="Eval: normalise with the running stats.")
 
-TrainChannelsLast = registry_benchmark(
+TrainChannelsLast_normffn, TrainChannelsLast_torch = registry_benchmarks(
     "TrainChannelsLast", "batch_norm", {"forward": "fwd NHWC"}, peakmem=("forward",),
     providers=["normffn", "torch"],
     doc="Training on channels-last data (torch: channels_last); 4-D shapes only.")

@@ -2,28 +2,28 @@
 post-LN) against the NumPy reference and torch, from the op registry: shapes, data and calls are
 ``python -m normffn bench``'s (see ``_registry.py``).
 
-Issue #13's shapes: ReLU with LayerNorm at 2048x768x3072 (``FFNBlock``), SwiGLU with RMSNorm
-and the packed w1 (d, 2h) at 2048x768x2048 (``GatedFFNBlock``); each class skips the other's
+Issue #13's shapes: ReLU with LayerNorm at 2048x768x3072 (``FFNBlock_*``), SwiGLU with RMSNorm
+and the packed w1 (d, 2h) at 2048x768x2048 (``GatedFFNBlock_*``); each class skips the other's
 shape.  ``time_forward``: inference (``ffn_block(..., out=)``; torch under no_grad);
 ``time_forward_backward_pre`` / ``_post``: a training step reusing every buffer the API takes
 (``ffn_block_forward(..., out=, hidden_out=previous ctx.hidden)`` + ``ffn_block_backward(...,
 out=<seven gradients>)``; torch: ``LayerNorm``/``RMSNorm`` + ``Linear`` + activation +
 ``Linear`` + add, eager autograd); the ``peakmem_*`` are the default, allocating calls.
-``*Recompute``: pre-LN forward(recompute=True) + backward (normffn only)."""
-from ._registry import registry_benchmark
+``*Recompute_normffn``: pre-LN forward(recompute=True) + backward (normffn only)."""
+from ._registry import registry_benchmarks
 
-FFNBlock = registry_benchmark(
+FFNBlock_normffn, FFNBlock_numpy, FFNBlock_torch = registry_benchmarks(
     "FFNBlock", "ffn_block",
     {"forward": "fwd pre relu", "forward_backward_pre": "fwd+bwd pre relu",
      "forward_backward_post": "fwd+bwd post relu"},
     peakmem=("forward", "forward_backward_pre"), doc=__doc__)
 
-FFNBlockRecompute = registry_benchmark(
+(FFNBlockRecompute_normffn,) = registry_benchmarks(
     "FFNBlockRecompute", "ffn_block", {"forward_backward_pre": "fwd+bwd pre relu"},
     peakmem=("forward_backward_pre",), providers=["normffn"], normffn_label="normffn recompute",
     doc="pre-LN ReLU forward(recompute=True) + backward: neither xn nor the (n, h) hidden kept.")
 
-GatedFFNBlock = registry_benchmark(
+GatedFFNBlock_normffn, GatedFFNBlock_numpy, GatedFFNBlock_torch = registry_benchmarks(
     "GatedFFNBlock", "ffn_block",
     {"forward": "fwd pre swiglu", "forward_backward_pre": "fwd+bwd pre swiglu",
      "forward_backward_post": "fwd+bwd post swiglu"},
@@ -31,7 +31,7 @@ GatedFFNBlock = registry_benchmark(
     doc="SwiGLU + RMSNorm sublayer: forward (out=) and training steps (buffers reused); "
         "peakmem: allocating.")
 
-GatedFFNBlockRecompute = registry_benchmark(
+(GatedFFNBlockRecompute_normffn,) = registry_benchmarks(
     "GatedFFNBlockRecompute", "ffn_block", {"forward_backward_pre": "fwd+bwd pre swiglu"},
     peakmem=("forward_backward_pre",), providers=["normffn"],
     normffn_label="normffn recompute",

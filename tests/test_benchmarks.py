@@ -1,8 +1,8 @@
 """Smoke tests of the two benchmark front ends, on tiny shapes (no timing is judged here).
 
-* every asv benchmark method runs once, for every dtype and provider, at its op's registry
-  ``test_shape`` (a raising benchmark fails CI in seconds instead of dropping out of the asv
-  history);
+* every asv benchmark method runs once, for every class (one per provider) and dtype, at its
+  op's registry ``test_shape`` (a raising benchmark fails CI in seconds instead of dropping out
+  of the asv history); the asv classes keep bench's timing policy and process model;
 * ``python -m normffn bench`` runs end to end in both process modes, writes its JSON, and
   rejects a bad ``--shape`` / a missing ``--plot`` dependency before timing anything.
 """
@@ -26,46 +26,102 @@ from normffn import _ops, bench
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _asv_classes():
+def _import_suite(name):
     sys.path.insert(0, str(ROOT))
     try:
-        for path in sorted((ROOT / "benchmarks").glob("bench_*.py")):
-            mod = importlib.import_module(f"benchmarks.{path.stem}")
-            for cname, cls in inspect.getmembers(mod, inspect.isclass):
-                if cname.startswith("_") or not hasattr(cls, "params"):
-                    continue
-                methods = [m for m in dir(cls) if m.startswith(("time_", "peakmem_"))]
-                if methods:
-                    yield pytest.param(cls, methods, id=f"{path.stem}.{cname}")
+        return importlib.import_module(f"benchmarks.{name}")
     finally:
         sys.path.remove(str(ROOT))
+
+
+def _asv_classes():
+    for path in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        mod = _import_suite(path.stem)
+        for cname, cls in inspect.getmembers(mod, inspect.isclass):
+            if cname.startswith("_") or not hasattr(cls, "params"):
+                continue
+            methods = [m for m in dir(cls) if m.startswith(("time_", "peakmem_"))]
+            if methods:
+                yield pytest.param(cls, methods, id=f"{path.stem}.{cname}")
 
 
 @pytest.mark.parametrize("cls, methods", list(_asv_classes()))
 def test_asv_benchmark_runs(cls, methods):
     shape = _ops.get(cls.op).test_shape
-    _, dtypes, providers = cls.params
+    _, dtypes = cls.params
     ran = 0
-    for dtype, provider in itertools.product(dtypes, providers):
+    for dtype in dtypes:
         b = cls()
         try:
-            b.setup(shape, dtype, provider)
+            b.setup(shape, dtype)
         except NotImplementedError:
             continue           # asv's skip: provider missing / case not applicable
         for m in methods:
-            getattr(b, m)(shape, dtype, provider)
+            getattr(b, m)(shape, dtype)
             ran += 1
-    assert ran > 0, f"{cls.__name__}: every parameter combination was skipped"
+    if cls.provider == "torch" and _ops.torch_or_none() is None:
+        assert ran == 0
+    else:
+        assert ran > 0, f"{cls.__name__}: every parameter combination was skipped"
 
 
-def test_asv_params_come_from_the_registry():
-    sys.path.insert(0, str(ROOT))
-    try:
-        from benchmarks import bench_layer_norm
-    finally:
-        sys.path.remove(str(ROOT))
-    shapes = bench_layer_norm.LayerNorm.params[0]
-    assert shapes == [tuple(s) for s in _ops.get("layer_norm").bench_shapes.values()]
+def test_asv_one_class_per_provider_with_registry_params():
+    mod = _import_suite("bench_layer_norm")
+    shapes = [tuple(s) for s in _ops.get("layer_norm").bench_shapes.values()]
+    for provider in ("normffn", "numpy", "torch"):
+        cls = getattr(mod, f"LayerNorm_{provider}")
+        assert cls.provider == provider and cls.__name__ == f"LayerNorm_{provider}"
+        assert cls.param_names == ["shape", "dtype"]
+        assert cls.params == (shapes, ["float32", "float64"])
+    assert not hasattr(mod, "LayerNorm")
+
+
+def test_asv_timing_policy_is_bench_defaults():
+    """asv's attributes reproduce bench's default policy: three untimed warm-up calls, calls
+    timed one by one, 5..50 per process over 1/3 s, 3 processes, median of all calls."""
+    reg = _import_suite("_registry")
+    defaults = {k: v.default for k, v in inspect.signature(bench.run).parameters.items()}
+    rounds, repeat, min_time = defaults["rounds"], defaults["repeat"], defaults["min_time"]
+    per_round = -(-repeat // rounds)
+    assert reg.BENCH_ROUNDS == rounds
+    assert reg.BENCH_CALLS == (per_round, 10 * per_round)
+    assert reg.BENCH_SECONDS == pytest.approx(min_time / rounds)
+    calls = []
+    bench._calls_for(lambda: calls.append(1), repeat, 0.0)
+    assert reg.WARMUP_CALLS == len(calls)
+    cls = _import_suite("bench_layer_norm").LayerNorm_normffn
+    assert (cls.number, cls.warmup_time, cls.rounds) == (1, 0, rounds)
+    assert cls.repeat == (per_round, 10 * per_round, pytest.approx(min_time / rounds))
+
+
+def test_asv_setup_builds_once_per_process():
+    """asv re-runs setup between samples: the inputs, out= buffers and callables bench reuses
+    across calls are reused too (a rebuild would time cold caches), and a skip stays a skip."""
+    mod = _import_suite("bench_layer_norm")
+    shape = _ops.get("layer_norm").test_shape
+    a, b = mod.LayerNorm_normffn(), mod.LayerNorm_normffn()
+    a.setup(shape, "float32")
+    b.setup(shape, "float32")
+    assert a._calls is b._calls
+    b.setup(shape, "float64")
+    assert b._calls is not a._calls
+    nhwc = _import_suite("bench_batch_norm").TrainChannelsLast_normffn()
+    for _ in range(2):
+        with pytest.raises(NotImplementedError):
+            nhwc.setup((6, 8), "float32")           # channels-last cases need 4-D shapes
+
+
+def test_asv_normffn_process_never_imports_torch():
+    """Like bench's worker per provider, a normffn asv process loads no second OpenMP runtime."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from benchmarks import bench_layer_norm as m, bench_ffn as f; "
+            "b = m.LayerNorm_normffn(); b.setup((6, 8), 'float32'); b.time_forward((6, 8), "
+            "'float32'); c = f.FFN_normffn(); c.setup((6, 8, 16), 'float32'); "
+            "c.time_forward_backward((6, 8, 16), 'float32'); print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True,
+                       env=child_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
 
 
 def _bench(*args, timeout=600):
