@@ -1198,3 +1198,57 @@ def test_real_more_than_2_31_elements():
     yb = normffn.batch_norm(xb, rm, rv, w[:C], w[:C])
     assert_close(yb[1, C - 1, -4 * d + 1:], ref.batch_norm(xb[1:, C - 1:, -4 * d + 1:], rm[-1:],
                                                            rv[-1:], w[C - 1:C], w[C - 1:C])[0, 0])
+
+
+# ---------------------------------------------------------------- the kernels' own guard
+# The LayerNorm/RMSNorm entry points take plain ndarrays (kernels/arrays.pxd) instead of typed
+# memoryviews; a caller inside the package that broke the contract must get a ValueError, not
+# a read or write out of bounds.
+def _ln_args(n=3, d=5, dtype=np.float32):
+    x = np.ones((n, d), dtype)
+    return dict(y=np.empty_like(x), mean=np.empty(n), rstd=np.empty(n), x=x,
+                weight=np.ones(d, dtype), bias=np.ones(d, dtype))
+
+
+GUARD_CASES = [
+    ("y", lambda a: np.empty((3, 4), np.float32)),                 # too few elements
+    ("y", lambda a: np.empty((3, 5), np.float64)),                 # other dtype
+    ("y", lambda a: np.empty((5, 3), np.float32).T),               # not C-contiguous
+    ("y", lambda a: np.frombuffer(bytes(60), np.float32).reshape(3, 5)),  # read-only
+    ("mean", lambda a: np.empty(2)),
+    ("rstd", lambda a: np.empty(3, np.float32)),
+    ("weight", lambda a: np.ones(4, np.float32)),
+    ("bias", lambda a: [1.0] * 5),
+    ("x", lambda a: np.ones((3, 5), np.int32)),
+    ("x", lambda a: np.ones(15, np.float32)),                      # not 2-D
+]
+
+
+@pytest.mark.parametrize("name,bad", GUARD_CASES, ids=[f"{n}{i}" for i, (n, _) in
+                                                       enumerate(GUARD_CASES)])
+def test_row_norm_kernels_guard_their_arguments(name, bad):
+    from normffn._kernels import layer_norm as k_ln, rms_norm as k_rms
+    a = _ln_args()
+    a[name] = bad(a)
+    with pytest.raises(ValueError, match="kernel argument"):
+        k_ln.forward(a["y"], a["mean"], a["rstd"], a["x"], a["weight"], a["bias"], 1e-5, 0)
+    if name not in ("mean", "bias"):
+        with pytest.raises(ValueError, match="kernel argument"):
+            k_rms.forward(a["y"], a["rstd"], a["x"], a["weight"], 1e-5, 0)
+
+
+def test_row_norm_backward_kernels_guard_their_arguments():
+    from normffn._kernels import layer_norm as k_ln, rms_norm as k_rms
+    a = _ln_args()
+    x, w, mean, rstd = a["x"], a["weight"], a["mean"], a["rstd"]
+    dx, dy = np.empty_like(x), np.ones_like(x)
+    dw = np.empty(5, np.float32)
+    work = np.empty(k_ln.scratch_size(3, 5, True, False))
+    with pytest.raises(ValueError, match="kernel argument scratch"):
+        k_ln.backward(dx, dw, None, dy, x, w, mean, rstd, work[:1], 0)
+    with pytest.raises(ValueError, match="kernel argument dy"):
+        k_ln.backward(dx, dw, None, dy[:2], x, w, mean, rstd, work, 0)
+    with pytest.raises(ValueError, match="kernel argument dweight"):
+        k_rms.backward(dx, np.empty(4, np.float32), dy, x, w, rstd, work, 0)
+    with pytest.raises(ValueError, match="kernel argument dx"):
+        k_rms.backward(dx.astype(np.float64), None, dy, x, w, rstd, None, 0)
