@@ -15,6 +15,7 @@
 # partial sums in float64, and the partials are added in block order.  So 1 and N threads give
 # bitwise-identical results.
 cimport numpy as cnp
+from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 from arrays cimport (data_in, data_out, float_type, matrix_shape, opt_in, opt_out,
@@ -30,26 +31,38 @@ cnp.import_array()
 # mean[i] = sum_j x[i, j] / d
 # rstd[i] = 1 / sqrt(sum_j (x[i, j] - mean[i])^2 / d + eps)            (biased variance)
 # y[i, j] = (x[i, j] - mean[i]) * rstd[i] * weight[j] + bias[j]
-# Buffers: y, x (n, d) of one float dtype; mean, rstd (n,) float64; weight, bias (d,) or None.
+# Buffers: y, x (n, d) of one float dtype; mean, rstd (n,) float64, or both None (not kept:
+# scratch); weight, bias (d,) or None.
 def forward(y, mean, rstd, x, weight, bias, double eps, bint stream):
     """y, mean, rstd <- LayerNorm(x) over rows; `stream`: write y with non-temporal stores.
     Arguments already validated (see module doc)."""
     cdef nf_nr_fwd_args a
     cdef int t = float_type(x)
+    cdef double *stats = NULL
     memset(&a, 0, sizeof(a))
     matrix_shape(x, &a.n, &a.d)
     a.x = data_in(x, t, a.n * a.d, "x")
     a.y = data_out(y, t, a.n * a.d, "y")
-    a.mean = <double *>data_out(mean, cnp.NPY_FLOAT64, a.n, "mean")
-    a.rstd = <double *>data_out(rstd, cnp.NPY_FLOAT64, a.n, "rstd")
+    if a.n == 0:
+        return
     a.w = opt_in(weight, t, a.d, "weight")
     a.b = opt_in(bias, t, a.d, "bias")
+    if mean is None and rstd is None:    # statistics not kept: scratch
+        stats = <double *>malloc(2 * a.n * sizeof(double))
+        if stats == NULL:
+            raise MemoryError()
+        a.mean = stats
+        a.rstd = stats + a.n
+    else:
+        a.mean = <double *>data_out(mean, cnp.NPY_FLOAT64, a.n, "mean")
+        a.rstd = <double *>data_out(rstd, cnp.NPY_FLOAT64, a.n, "rstd")
     a.f64 = t == cnp.NPY_FLOAT64
     a.ahead = nf_nr_ahead(a.d, 8 if a.f64 else 4)
     a.eps = eps
     a.stream = stream
     with nogil:
         nr_forward(&a, nf_nr_threads(a.n * a.d))
+    free(stats)
 
 
 # ---------------------------------------------------------------- backward

@@ -11,6 +11,7 @@
 # (norm_rows.h, norm_rows.pxd): rows over threads in forward; fixed row blocks with float64
 # dweight partials added in block order in backward (1 and N threads agree bitwise).
 cimport numpy as cnp
+from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 from arrays cimport (data_in, data_out, float_type, matrix_shape, opt_in, opt_out,
@@ -23,23 +24,34 @@ cnp.import_array()
 
 # ---------------------------------------------------------------- forward
 # rstd[i] = 1 / sqrt(sum_j x[i, j]^2 / d + eps),   y[i, j] = x[i, j] * rstd[i] * weight[j]
-# Buffers: y, x (n, d) of one float dtype; rstd (n,) float64; weight (d,) or None.
+# Buffers: y, x (n, d) of one float dtype; rstd (n,) float64, or None (not kept: scratch);
+# weight (d,) or None.
 def forward(y, rstd, x, weight, double eps, int stream):
     """y, rstd <- RMSNorm(x) over rows.  Arguments already validated (see module doc)."""
     cdef nf_nr_fwd_args a
     cdef int t = float_type(x)
+    cdef double *stats = NULL
     memset(&a, 0, sizeof(a))
     matrix_shape(x, &a.n, &a.d)
     a.x = data_in(x, t, a.n * a.d, "x")
     a.y = data_out(y, t, a.n * a.d, "y")
-    a.rstd = <double *>data_out(rstd, cnp.NPY_FLOAT64, a.n, "rstd")
+    if a.n == 0:
+        return
     a.w = opt_in(weight, t, a.d, "weight")
+    if rstd is None:                     # statistics not kept: scratch
+        stats = <double *>malloc(a.n * sizeof(double))
+        if stats == NULL:
+            raise MemoryError()
+        a.rstd = stats
+    else:
+        a.rstd = <double *>data_out(rstd, cnp.NPY_FLOAT64, a.n, "rstd")
     a.f64 = t == cnp.NPY_FLOAT64
     a.ahead = nf_nr_ahead(a.d, 8 if a.f64 else 4)
     a.eps = eps
     a.stream = stream
     with nogil:
         nr_forward(&a, nf_nr_threads(a.n * a.d))
+    free(stats)
 
 
 # ---------------------------------------------------------------- backward

@@ -210,6 +210,16 @@ def _fast_forward(x, ns, weight, bias, eps, out, keep: bool):
                 out is bias:
             y = _checks.out_array(out, "out", shape, dt, (x, weight, bias))
     lead = shape[:-1]
+    if not keep:                # statistics not kept: the kernel uses scratch for them
+        if not x.size:
+            return y
+        if len(lead) == 1:
+            _kernel.forward(y, None, None, x, weight, bias, eps, _tuning.stream_for(y))
+        else:
+            n = math.prod(lead)
+            _kernel.forward(y.reshape(n, d), None, None, x.reshape(n, d), weight, bias, eps,
+                            _tuning.stream_for(y))
+        return y
     mean = np.empty(lead, F64)
     rstd = np.empty(lead, F64)
     if len(lead) == 1:
@@ -218,8 +228,6 @@ def _fast_forward(x, ns, weight, bias, eps, out, keep: bool):
         n = math.prod(lead)
         run_forward(x.reshape(n, d), weight, bias, eps, y.reshape(n, d), mean.reshape(n),
                     rstd.reshape(n))
-    if not keep:
-        return y
     return y, LayerNormContext._build({"x": x, "weight": weight, "bias": bias,
                                        "normalized_shape": pshape, "eps": eps, "mean": mean,
                                        "rstd": rstd})

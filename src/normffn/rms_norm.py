@@ -179,14 +179,14 @@ def _fast_forward(x, ns, weight, eps, out, keep: bool):
                 not _checks.owned_c_array(out.flags) or out is x or out is weight:
             y = _checks.out_array(out, "out", shape, dt, (x, weight))
     lead = shape[:-1]
-    rstd = np.empty(lead, F64)
+    rstd = np.empty(lead, F64) if keep else None    # not kept: the kernel uses scratch
     if x.size:
         if len(lead) == 1:
             _kernel.forward(y, rstd, x, weight, eps, _tuning.stream_for(y))
         else:
             n = math.prod(lead)
-            _kernel.forward(y.reshape(n, d), rstd.reshape(n), x.reshape(n, d), weight, eps,
-                            _tuning.stream_for(y))
+            _kernel.forward(y.reshape(n, d), None if rstd is None else rstd.reshape(n),
+                            x.reshape(n, d), weight, eps, _tuning.stream_for(y))
     if not keep:
         return y
     return y, RMSNormContext._build({"x": x, "weight": weight, "normalized_shape": pshape,
