@@ -44,14 +44,42 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _env_threads():
+    """This process's ``OMP_NUM_THREADS`` (its first level) if set to a positive int, else None.
+
+    It is how a launcher tells a process how many OpenMP threads it may use: dask.distributed's
+    nanny sets it to 1 in every worker process it starts (``distributed.nanny.pre-spawn-environ``),
+    because it runs as many worker threads per host as there are cores."""
+    try:
+        k = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])
+    except ValueError:
+        return None
+    return k if k > 0 else None
+
+
+def _distributed_threads():
+    """Worker threads of every running ``dask.distributed`` worker in this process, if this task
+    runs on one (``LocalCluster(processes=False)`` puts several workers in one process), else
+    None."""
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import Worker, get_worker
+    from distributed.core import Status
+    try:
+        me = get_worker()
+    except ValueError:  # not inside a distributed worker
+        return None
+    live = (Status.running, Status.paused)
+    total = sum(max(1, int(w.state.nthreads)) for w in list(Worker._instances)
+                if w is not me and w.status in live)
+    return total + max(1, int(me.state.nthreads))
+
+
 def _scheduler_threads() -> int:
     """How many tasks this process may run at once under the scheduler running this task."""
-    if "distributed" in sys.modules:
-        from distributed import get_worker
-        try:
-            return max(1, int(get_worker().state.nthreads))
-        except ValueError:  # not inside a distributed worker
-            pass
+    workers = _distributed_threads()
+    if workers is not None:
+        return workers
     workers = dask.config.get("num_workers", None)
     if threading.current_thread() is threading.main_thread():
         if multiprocessing.parent_process() is None:
@@ -61,11 +89,15 @@ def _scheduler_threads() -> int:
 
 
 def task_threads(setting) -> int:
-    """Threads for the kernel call of one task: ``setting`` if given, else
-    ``cores // (tasks this process runs at once)``, at least 1."""
+    """Threads for the kernel call of one task: ``setting`` if given, else this process's share,
+    ``cores // (tasks this process runs at once)``, at least 1 and at most the process's
+    ``OMP_NUM_THREADS`` when that is set (a distributed worker process: 1, see
+    :func:`_env_threads`), so worker processes x tasks x threads never exceed the cores."""
     if setting is not None:
         return setting
-    return max(1, _cores() // _scheduler_threads())
+    share = max(1, _cores() // _scheduler_threads())
+    cap = _env_threads()
+    return share if cap is None else min(share, cap)
 
 
 _controller = None
