@@ -73,15 +73,17 @@ def _block_sum(a):
     return np.asarray([[a.sum(dtype=np.float32)]], dtype=np.float64)
 
 
-def _worker_counters():
+def _worker_counters(dask_worker=None):
     ru = resource.getrusage(resource.RUSAGE_SELF)
+    limit = getattr(getattr(dask_worker, "memory_manager", None), "memory_limit", None) or 0
+    spilled = len(getattr(getattr(dask_worker, "data", None), "slow", ()) or ())
     try:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         rss = 0
     return {"cpu": time.process_time(), "minflt": ru.ru_minflt, "maxrss": ru.ru_maxrss << 10,
-            "rss": rss}
+            "rss": rss, "limit": limit, "spilled": spilled}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +282,8 @@ def main() -> int:
     r["worker_peak_rss_MiB"] = max(v["maxrss"] for v in final.values()) / (1 << 20)
     r["worker_final_rss_MiB"] = max(v["rss"] for v in final.values()) / (1 << 20)
     r["worker_sources_MiB"] = sources * cb / (1 << 20)
+    r["worker_memory_limit_MiB"] = min(v["limit"] for v in final.values()) / (1 << 20)
+    r["worker_spilled_keys"] = sum(v["spilled"] for v in final.values())
     r["seconds_total"] = time.perf_counter() - t_start
     try:
         r["loadavg_1min"] = os.getloadavg()[0]
@@ -339,7 +343,8 @@ def _print(r, nbytes, rows, nchunks, sources, cb):
           f"{pct(r['bn_ceiling_vs_copy_one_read'])} of copy (one read)")
     print(f"memory per worker: peak RSS {r['worker_peak_rss_MiB']:.0f} MiB, final "
           f"{r['worker_final_rss_MiB']:.0f} MiB (of which source chunks "
-          f"{r['worker_sources_MiB']:.0f} MiB = {sources} chunks)")
+          f"{r['worker_sources_MiB']:.0f} MiB = {sources} chunks); memory limit "
+          f"{r['worker_memory_limit_MiB']:.0f} MiB, {r['worker_spilled_keys']} keys spilled")
 
 
 if __name__ == "__main__":
