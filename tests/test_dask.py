@@ -407,14 +407,28 @@ def test_thread_share_per_scheduler():
 
 
 def test_thread_share_never_exceeds_omp_num_threads(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(_graph, "_env_threads", lambda: 1)
     assert _graph.task_threads(None) == 1
     assert _graph.task_threads(2) == 2               # an explicit setting wins
-    monkeypatch.setenv("OMP_NUM_THREADS", "3,2")      # nested levels: the first one
-    assert _graph._env_threads() == 3
-    for bad in ("", "0", "many"):
-        monkeypatch.setenv("OMP_NUM_THREADS", bad)
-        assert _graph._env_threads() is None
+    assert _graph._omp_num_threads("3,2") == 3       # nested levels: the first one
+    for bad in (None, "", "0", "-1", "many"):
+        assert _graph._omp_num_threads(bad) is None
+
+
+def test_thread_share_reads_the_start_environment():
+    """OMP_NUM_THREADS as the process started: a later os.environ change (distributed's nanny
+    writes its worker settings into the launching process's) does not move the share."""
+    code = ("import os; from normffn.dask import _graph; "
+            "os.environ['OMP_NUM_THREADS'] = '1'; print(_graph._env_threads())")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(normffn.__file__)))
+    for start, want in ((None, "None"), ("3", "3")):
+        env.pop("OMP_NUM_THREADS", None)
+        if start is not None:
+            env["OMP_NUM_THREADS"] = start
+        out = subprocess.run([sys.executable, "-c", code], check=True, env=env,
+                             capture_output=True, text=True).stdout.strip()
+        if os.path.exists("/proc/self/environ"):
+            assert out == want
 
 
 def test_thread_share_counts_every_worker_in_the_process():
@@ -434,6 +448,7 @@ def test_thread_share_counts_every_worker_in_the_process():
 def client():
     distributed = pytest.importorskip("distributed")
     src = os.path.dirname(os.path.dirname(normffn.__file__))
+    saved = dict(os.environ)  # the nanny also writes its worker settings into os.environ
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = src + (os.pathsep + old if old else "")  # workers import normffn
     try:
@@ -442,10 +457,8 @@ def client():
                 distributed.Client(cluster, set_as_default=False) as c:
             yield c
     finally:
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def test_cluster_results_match_local(client):

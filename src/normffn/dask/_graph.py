@@ -5,6 +5,7 @@ Nothing here knows an op's maths: each task calls the public NumPy function on o
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import sys
@@ -44,17 +45,32 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _env_threads():
-    """This process's ``OMP_NUM_THREADS`` (its first level) if set to a positive int, else None.
-
-    It is how a launcher tells a process how many OpenMP threads it may use: dask.distributed's
-    nanny sets it to 1 in every worker process it starts (``distributed.nanny.pre-spawn-environ``),
-    because it runs as many worker threads per host as there are cores."""
+def _omp_num_threads(value):
+    """The first level of an ``OMP_NUM_THREADS`` value if it is a positive int, else None."""
     try:
-        k = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])
+        k = int(str(value or "").split(",")[0])
     except ValueError:
         return None
     return k if k > 0 else None
+
+
+@functools.lru_cache(maxsize=None)
+def _env_threads():
+    """``OMP_NUM_THREADS`` as this process was started with it (None if unset or not a positive
+    int): how a launcher tells a process how many OpenMP threads it may use.  dask.distributed's
+    nanny starts every worker process with 1 (``distributed.nanny.pre-spawn-environ``), since it
+    runs as many worker threads per host as there are cores.
+
+    Read from ``/proc/self/environ`` where there is one: the nanny also writes its settings into
+    the *launching* process's ``os.environ`` (where they do not describe that process)."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(b"OMP_NUM_THREADS="):
+                    return _omp_num_threads(item.split(b"=", 1)[1].decode(errors="replace"))
+        return None
+    except OSError:
+        return _omp_num_threads(os.environ.get("OMP_NUM_THREADS"))
 
 
 def _distributed_threads():
