@@ -13,14 +13,19 @@ the in-process rate it is a share of and beside the floors measured in the same 
 * floors, not normffn's: a plain Dask read-and-sum (``np.sum`` per chunk) and a no-op per chunk
   on the same cluster, each against its in-process counterpart, and per-chunk task times from
   the task stream (how much of the wall time the 2 workers spend inside tasks);
-* per worker: CPU time, page faults per chunk, peak and final RSS.
+* per worker: CPU time, page faults per chunk, peak and final RSS;
+* ``ln_reuse``: the same LayerNorm on a second cluster whose workers' malloc keeps freed chunks
+  for the next output (``MALLOC_ARENA_MAX=1`` and mmap/trim thresholds above the chunk size in
+  their start environment), so no output lands on fresh pages; read it against the in-process
+  call with ``out=`` (no fresh pages either).
 
 Input chunks are made on the workers, not shipped: each process keeps ``--sources`` distinct
 64 MiB chunks (8 by default: 512 MiB per process, more than this VM's 480 MiB L3, so reads come
 from memory as they would from real data) and block i reads source ``i % sources``.  The
 in-process references cycle through the same number of chunks.  Results are reduced to one
 value per chunk on the workers, so nothing of the size of x crosses the network.  Each graph is
-computed once to warm up, then ``--repeat`` times; the best run counts.
+computed once to warm up, then ``--repeat`` times; the best run counts.  The in-process
+references are measured before and after the clusters; the better of the two counts.
 
     python benchmarks/dask_scale.py --gib 8       # the issue's size (2^21 x 1024 float32)
     python benchmarks/dask_scale.py --gib 1       # a quick run
@@ -42,6 +47,7 @@ import numpy as np
 D = 1024
 CHUNK_BYTES = 64 << 20
 _CACHE: dict = {}
+_HERE = os.path.abspath(__file__)  # uploaded to the workers (an upload re-imports it elsewhere)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,10 +154,45 @@ def _in_process(sources, rows, repeat):
     return res
 
 
+def _cluster(me, graphs, env, repeat, rows, sources):
+    """Compute each graph on a fresh LocalCluster (2 workers x 1 thread; ``env`` added to the
+    workers' start environment): the best wall time of ``repeat`` runs after a warm-up, that
+    run's task stream and worker counters, and the workers' final counters."""
+    import dask
+    from distributed import Client, LocalCluster, get_task_stream
+
+    base = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+    saved = dict(os.environ)  # the nanny writes its settings into this process's environment
+    res, streams, counters = {}, {}, {}
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": {**base, **env}}), \
+                LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                             dashboard_address=None) as cluster, Client(cluster) as client:
+            client.upload_file(_HERE)
+            client.run(me._make_sources, rows, sources)  # before any timing
+            for name, g in graphs.items():
+                client.compute(g, sync=True)          # warm the kernels and the allocators
+                best = float("inf")
+                for _ in range(repeat):
+                    c0 = client.run(me._worker_counters)
+                    with get_task_stream(client) as ts:
+                        t = time.perf_counter()
+                        client.compute(g, sync=True)
+                        t = time.perf_counter() - t
+                    c1 = client.run(me._worker_counters)
+                    if t < best:
+                        best, streams[name], counters[name] = t, ts.data, (c0, c1)
+                res[name] = best
+            final = client.run(me._worker_counters)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return res, streams, counters, final
+
+
 def main() -> int:
     import dask
     import dask.array as da
-    from distributed import Client, LocalCluster, get_task_stream
 
     import normffn.dask as nd
 
@@ -185,39 +226,32 @@ def main() -> int:
     b = np.zeros(D, np.float32)
 
     inproc = _in_process(sources, rows_per_chunk, max(args.repeat, 3))
-    me._CACHE.clear()  # the in-process sources are not needed any more
+    me._CACHE.clear()  # the in-process sources are not needed while the clusters run
 
-    cluster_res, streams, counters = {}, {}, {}
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        client.upload_file(os.path.abspath(__file__))
-        one = ((1,) * nchunks, (1,))
-        x = da.map_blocks(me._chunk, rows=rows_per_chunk, sources=sources, dtype=np.float32,
-                          chunks=((rows_per_chunk,) * nchunks, (D,)))
-        dask.config.set({"normffn.threads": args.normffn_threads})  # read when graphs are built
-        graphs = {
-            "noop": x.map_blocks(me._first, chunks=one, dtype=np.float64).sum(),
-            "ln": nd.layer_norm(x, D, w, b).map_blocks(me._first, chunks=one,
-                                                       dtype=np.float64).sum(),
-            "bn": nd._batch_norm.batch_statistics(x),
-            "read_sum": x.map_blocks(me._block_sum, chunks=one, dtype=np.float64).sum(),
-        }
-        client.run(me._make_sources, rows_per_chunk, sources)  # before any timing
-        for name, g in graphs.items():
-            client.compute(g, sync=True)          # warm the kernels and the allocators
-            best = float("inf")
-            for _ in range(args.repeat):
-                c0 = client.run(me._worker_counters)
-                with get_task_stream(client) as ts:
-                    t = time.perf_counter()
-                    client.compute(g, sync=True)
-                    t = time.perf_counter() - t
-                c1 = client.run(me._worker_counters)
-                if t < best:
-                    best, streams[name] = t, ts.data
-                    counters[name] = (c0, c1)
-            cluster_res[name] = best
-        final = client.run(me._worker_counters)
+    one = ((1,) * nchunks, (1,))
+    x = da.map_blocks(me._chunk, rows=rows_per_chunk, sources=sources, dtype=np.float32,
+                      chunks=((rows_per_chunk,) * nchunks, (D,)))
+    dask.config.set({"normffn.threads": args.normffn_threads})  # read when graphs are built
+    graphs = {
+        "noop": x.map_blocks(me._first, chunks=one, dtype=np.float64).sum(),
+        "ln": nd.layer_norm(x, D, w, b).map_blocks(me._first, chunks=one,
+                                                   dtype=np.float64).sum(),
+        "bn": nd._batch_norm.batch_statistics(x),
+        "read_sum": x.map_blocks(me._block_sum, chunks=one, dtype=np.float64).sum(),
+    }
+    cluster_res, streams, counters, final = _cluster(me, graphs, {}, args.repeat,
+                                                     rows_per_chunk, sources)
+    # the same LayerNorm on workers whose malloc keeps freed chunks for reuse (no fresh pages)
+    reuse_env = {"MALLOC_ARENA_MAX": 1, "MALLOC_MMAP_THRESHOLD_": 4 * cb,
+                 "MALLOC_TRIM_THRESHOLD_": 64 * cb}
+    res2, streams2, counters2, final2 = _cluster(me, {"ln": graphs["ln"]}, reuse_env,
+                                                 args.repeat, rows_per_chunk, sources)
+    cluster_res["ln_reuse"], streams["ln_reuse"] = res2["ln"], streams2["ln"]
+    counters["ln_reuse"] = counters2["ln"]
+    # the in-process references again: the better of the two measurements counts
+    again = _in_process(sources, rows_per_chunk, max(args.repeat, 3))
+    inproc = {k: min(v, again[k]) for k, v in inproc.items()}
+    me._CACHE.clear()
 
     def gbs(bytes_, seconds):
         return bytes_ / seconds / 1e9
@@ -249,6 +283,7 @@ def main() -> int:
     r["sum_inprocess_2threads_GBps"] = gbs(cb, ip["sum_2threads@all"])
     r["sum_inprocess_1thread_GBps"] = gbs(cb, ip["sum@1"])
     r["ln_cluster_GBps"] = gbs(2 * nbytes, cluster_res["ln"])
+    r["ln_reuse_cluster_GBps"] = gbs(2 * nbytes, cluster_res["ln_reuse"])
     r["bn_cluster_GBps"] = gbs(nbytes, cluster_res["bn"])
     r["read_sum_cluster_GBps"] = gbs(nbytes, cluster_res["read_sum"])
     r["noop_cluster_chunks_per_s"] = nchunks / cluster_res["noop"]
@@ -257,6 +292,9 @@ def main() -> int:
     r["dask_slot_ms_per_chunk"] = 1e3 * slot
     # the targets
     r["ln_vs_inprocess"] = r["ln_cluster_GBps"] / r["ln_inprocess_GBps"]
+    # both sides without fresh pages: reused worker memory against in-process out=
+    r["ln_reuse_vs_inprocess_out"] = r["ln_reuse_cluster_GBps"] / r["ln_inprocess_out_GBps"]
+    r["ln_reuse_vs_inprocess"] = r["ln_reuse_cluster_GBps"] / r["ln_inprocess_GBps"]
     r["bn_vs_copy_one_read"] = r["bn_cluster_GBps"] / r["copy_one_read_GBps"]
     # the floors
     r["read_sum_vs_inprocess_sum"] = r["read_sum_cluster_GBps"] / r["sum_inprocess_2threads_GBps"]
@@ -267,7 +305,7 @@ def main() -> int:
     # plus Dask's per-chunk cost (both measured above), as a share of each target's baseline
     r["ln_ceiling_vs_inprocess"] = gbs(2 * 2 * cb, ip["ln_alloc@1"] + slot) / r["ln_inprocess_GBps"]
     r["bn_ceiling_vs_copy_one_read"] = gbs(2 * cb, ip["bn_stats@1"] + slot) / r["copy_one_read_GBps"]
-    for name in ("ln", "bn", "read_sum", "noop"):
+    for name in ("ln", "ln_reuse", "bn", "read_sum", "noop"):
         task_ms, busy = per_chunk_task_ms(name)
         c0, c1 = counters[name]
         r[f"{name}_task_ms"] = task_ms
@@ -281,6 +319,7 @@ def main() -> int:
     r["sum_inprocess_1thread_ms"] = 1e3 * ip["sum@1"]
     r["worker_peak_rss_MiB"] = max(v["maxrss"] for v in final.values()) / (1 << 20)
     r["worker_final_rss_MiB"] = max(v["rss"] for v in final.values()) / (1 << 20)
+    r["ln_reuse_worker_peak_rss_MiB"] = max(v["maxrss"] for v in final2.values()) / (1 << 20)
     r["worker_sources_MiB"] = sources * cb / (1 << 20)
     r["worker_memory_limit_MiB"] = min(v["limit"] for v in final.values()) / (1 << 20)
     r["worker_spilled_keys"] = sum(v["spilled"] for v in final.values())
@@ -317,7 +356,8 @@ def _print(r, nbytes, rows, nchunks, sources, cb):
     print("\ncluster (2 workers x 1 thread)")
     print(f"  {'graph':10s} {'GB/s':>6s} {'task ms':>8s} {'busy':>6s} {'cpu ms/chunk':>12s} "
           f"{'faults/chunk':>12s}")
-    for name, v in (("ln", r["ln_cluster_GBps"]), ("bn", r["bn_cluster_GBps"]),
+    for name, v in (("ln", r["ln_cluster_GBps"]), ("ln_reuse", r["ln_reuse_cluster_GBps"]),
+                    ("bn", r["bn_cluster_GBps"]),
                     ("read_sum", r["read_sum_cluster_GBps"]), ("noop", float("nan"))):
         print(f"  {name:10s} {v:6.2f} {r[name + '_task_ms']:8.2f} "
               f"{pct(r[name + '_workers_busy']):>6s} "
@@ -330,6 +370,9 @@ def _print(r, nbytes, rows, nchunks, sources, cb):
           f"   (target >= 60%)")
     print(f"  BN statistics vs copy, one read              {pct(r['bn_vs_copy_one_read'])}"
           f"   (target >= 60%)")
+    print(f"  LayerNorm, workers reusing freed chunks (ln_reuse), vs in-process out= "
+          f"{pct(r['ln_reuse_vs_inprocess_out'])}; vs in-process calls "
+          f"{pct(r['ln_reuse_vs_inprocess'])}")
     print("floors (Dask's, measured in this run)")
     print(f"  plain Dask read-and-sum vs in-process np.sum on 2 threads "
           f"{pct(r['read_sum_vs_inprocess_sum'])}; vs copy, one read "
@@ -344,7 +387,8 @@ def _print(r, nbytes, rows, nchunks, sources, cb):
     print(f"memory per worker: peak RSS {r['worker_peak_rss_MiB']:.0f} MiB, final "
           f"{r['worker_final_rss_MiB']:.0f} MiB (of which source chunks "
           f"{r['worker_sources_MiB']:.0f} MiB = {sources} chunks); memory limit "
-          f"{r['worker_memory_limit_MiB']:.0f} MiB, {r['worker_spilled_keys']} keys spilled")
+          f"{r['worker_memory_limit_MiB']:.0f} MiB, {r['worker_spilled_keys']} keys spilled; "
+          f"ln_reuse workers: peak RSS {r['ln_reuse_worker_peak_rss_MiB']:.0f} MiB")
 
 
 if __name__ == "__main__":
