@@ -31,7 +31,9 @@ def test_dask_scale_small_run(tmp_path):
     for key in ("ln_cluster_GBps", "bn_cluster_GBps", "read_sum_cluster_GBps",
                 "ln_inprocess_GBps", "copy_one_read_GBps", "dask_slot_ms_per_chunk",
                 "ln_vs_inprocess", "bn_vs_copy_one_read", "read_sum_vs_inprocess_sum",
-                "ln_ceiling_vs_inprocess", "bn_ceiling_vs_copy_one_read"):
+                "ln_ceiling_vs_inprocess", "bn_ceiling_vs_copy_one_read",
+                "ln_reuse_vs_inprocess_out", "ln_cpu_bound_vs_inprocess",
+                "bn_cpu_bound_vs_copy_one_read"):
         assert r[key] > 0, key
     # every per-chunk graph ran one task per chunk, and the workers held the sources
     for name in ("ln", "bn", "read_sum", "noop"):
