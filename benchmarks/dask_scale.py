@@ -158,8 +158,9 @@ def _in_process(sources, rows, repeat):
 
 def _cluster(me, graphs, env, repeat, rows, sources):
     """Compute each graph on a fresh LocalCluster (2 workers x 1 thread; ``env`` added to the
-    workers' start environment): the best wall time of ``repeat`` runs after a warm-up, that
-    run's task stream and worker counters, and the workers' final counters."""
+    workers' start environment): the best wall time of ``repeat`` runs after a warm-up and that
+    run's counters; the task stream (and wall time) of one more run, recorded apart so its
+    bookkeeping is not timed; the workers' final counters."""
     import dask
     from distributed import Client, LocalCluster, get_task_stream
 
@@ -177,16 +178,19 @@ def _cluster(me, graphs, env, repeat, rows, sources):
                 best = float("inf")
                 for _ in range(repeat):
                     c0 = client.run(me._worker_counters)
-                    with get_task_stream(client) as ts:
-                        own = time.process_time()   # this process: client and scheduler
-                        t = time.perf_counter()
-                        client.compute(g, sync=True)
-                        t = time.perf_counter() - t
-                        own = time.process_time() - own
+                    own = time.process_time()   # this process: client and scheduler
+                    t = time.perf_counter()
+                    client.compute(g, sync=True)
+                    t = time.perf_counter() - t
+                    own = time.process_time() - own
                     c1 = client.run(me._worker_counters)
                     if t < best:
-                        best, streams[name], counters[name] = t, ts.data, (c0, c1, own)
+                        best, counters[name] = t, (c0, c1, own)
                 res[name] = best
+                with get_task_stream(client) as ts:   # task times: one more, untimed run
+                    t = time.perf_counter()
+                    client.compute(g, sync=True)
+                    streams[name] = (ts.data, time.perf_counter() - t)
             final = client.run(me._worker_counters)
     finally:
         os.environ.clear()
@@ -263,14 +267,16 @@ def main() -> int:
     def per_chunk_task_ms(name):
         """Mean compute time of the per-chunk tasks (those with one key per chunk)."""
         by = {}
-        for r in streams[name]:
+        data, wall = streams[name]
+        for r in data:
             k = r["key"]
             prefix = k[0] if isinstance(k, tuple) else k
             dur = sum(s["stop"] - s["start"] for s in r["startstops"] if s["action"] == "compute")
             by.setdefault(prefix, []).append(dur)
         chunk_tasks = [v for v in by.values() if len(v) == nchunks]
         busy = sum(sum(v) for v in by.values())
-        return (1e3 * float(np.mean(chunk_tasks[0])) if chunk_tasks else float("nan"), busy)
+        return (1e3 * float(np.mean(chunk_tasks[0])) if chunk_tasks else float("nan"),
+                busy / (2 * wall))
 
     r = {"gib": nbytes / (1 << 30), "chunks": nchunks, "sources_per_process": sources}
     ip = {k: v[0] for k, v in inproc.items()}
@@ -317,7 +323,7 @@ def main() -> int:
         c0, c1, own = counters[name]
         r[f"{name}_task_ms"] = task_ms
         r[f"{name}_client_scheduler_cpu_ms_per_chunk"] = 1e3 * own / nchunks
-        r[f"{name}_workers_busy"] = busy / (2 * cluster_res[name])
+        r[f"{name}_workers_busy"] = busy
         r[f"{name}_worker_cpu_ms_per_chunk"] = 1e3 * sum(
             c1[k]["cpu"] - c0[k]["cpu"] for k in c1) / nchunks
         r[f"{name}_worker_faults_per_chunk"] = sum(
