@@ -32,11 +32,12 @@ def test_dask_scale_small_run(tmp_path):
                 "ln_inprocess_GBps", "copy_one_read_GBps", "dask_slot_ms_per_chunk",
                 "ln_vs_inprocess", "bn_vs_copy_one_read", "read_sum_vs_inprocess_sum",
                 "ln_ceiling_vs_inprocess", "bn_ceiling_vs_copy_one_read",
-                "ln_reuse_vs_inprocess_out", "ln_cpu_bound_vs_inprocess",
+                "ln_tuned_vs_inprocess_out", "bn_tuned_vs_copy_one_read",
+                "ln_cpu_bound_vs_inprocess", "dask_tuned_slot_ms_per_chunk",
                 "bn_cpu_bound_vs_copy_one_read"):
         assert r[key] > 0, key
     # every per-chunk graph ran one task per chunk, and the workers held the sources
-    for name in ("ln", "bn", "read_sum", "noop"):
+    for name in ("ln", "ln_tuned", "bn", "bn_tuned", "read_sum", "noop", "noop_tuned"):
         assert r[f"{name}_task_ms"] == r[f"{name}_task_ms"], f"{name}: no per-chunk tasks"
     assert r["worker_peak_rss_MiB"] >= r["worker_sources_MiB"] == 2
     for line in ("LayerNorm vs in-process calls", "BN statistics vs copy, one read",
