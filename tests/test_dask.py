@@ -387,18 +387,59 @@ def _task_share(block):
     return np.array([[_graph.task_threads(None), min(omp) if omp else -1]])
 
 
+def _capped(k):
+    cap = _graph._env_threads()
+    return k if cap is None else min(k, cap)
+
+
 def test_thread_share_per_scheduler():
     cores = _graph._cores()
     x = da.zeros((4, 1), chunks=1)
     sync = x.map_blocks(_task_share, dtype=int, chunks=(1, 2)).compute(scheduler="sync")
-    assert (sync == cores).all()
+    assert (sync == _capped(cores)).all()
     with dask.config.set(num_workers=2):
         thr = x.map_blocks(_task_share, dtype=int, chunks=(1, 2)).compute(scheduler="threads")
-    assert (thr == max(1, cores // 2)).all()
+    assert (thr == _capped(max(1, cores // 2))).all()
     with dask.config.set({_graph.THREADS_KEY: 3}):
         assert _graph.threads_setting() == 3
     with dask.config.set({_graph.THREADS_KEY: 0}), pytest.raises(ValueError):
         _graph.threads_setting()
+
+
+def test_thread_share_never_exceeds_omp_num_threads(monkeypatch):
+    monkeypatch.setattr(_graph, "_env_threads", lambda: 1)
+    assert _graph.task_threads(None) == 1
+    assert _graph.task_threads(2) == 2               # an explicit setting wins
+    assert _graph._omp_num_threads("3,2") == 3       # nested levels: the first one
+    for bad in (None, "", "0", "-1", "many"):
+        assert _graph._omp_num_threads(bad) is None
+
+
+def test_thread_share_reads_the_start_environment():
+    """OMP_NUM_THREADS as the process started: a later os.environ change (distributed's nanny
+    writes its worker settings into the launching process's) does not move the share."""
+    code = ("import os; from normffn.dask import _graph; "
+            "os.environ['OMP_NUM_THREADS'] = '1'; print(_graph._env_threads())")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(normffn.__file__)))
+    for start, want in ((None, "None"), ("3", "3")):
+        env.pop("OMP_NUM_THREADS", None)
+        if start is not None:
+            env["OMP_NUM_THREADS"] = start
+        out = subprocess.run([sys.executable, "-c", code], check=True, env=env,
+                             capture_output=True, text=True).stdout.strip()
+        if os.path.exists("/proc/self/environ"):
+            assert out == want
+
+
+def test_thread_share_counts_every_worker_in_the_process():
+    """LocalCluster(processes=False): 2 workers x 1 thread share this process's cores."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster, set_as_default=False) as c:
+        shares = c.compute(da.zeros((4, 1), chunks=1).map_blocks(
+            _task_share, dtype=int, chunks=(1, 2)), sync=True)
+    assert (shares == _capped(max(1, _graph._cores() // 2))).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,6 +448,7 @@ def test_thread_share_per_scheduler():
 def client():
     distributed = pytest.importorskip("distributed")
     src = os.path.dirname(os.path.dirname(normffn.__file__))
+    saved = dict(os.environ)  # the nanny also writes its worker settings into os.environ
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = src + (os.pathsep + old if old else "")  # workers import normffn
     try:
@@ -415,10 +457,8 @@ def client():
                 distributed.Client(cluster, set_as_default=False) as c:
             yield c
     finally:
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def test_cluster_results_match_local(client):
@@ -438,7 +478,11 @@ def test_cluster_results_match_local(client):
     _equal(remote[0], normffn.layer_norm(x, 64, w, b), "y vs numpy")
     shares = client.compute(da.zeros((2, 1), chunks=1).map_blocks(
         _task_share, dtype=int, chunks=(1, 2)), sync=True)
-    assert (shares == _graph._cores()).all()  # 1 thread per worker: the worker's cores
+    # 2 single-thread worker processes: the nanny sets OMP_NUM_THREADS=1 in each, so each task
+    # runs 1 thread and the 2 processes never run more threads than there are cores
+    workers_env = client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
+    assert set(workers_env.values()) == {"1"}
+    assert (shares == 1).all()
 
 
 def test_cluster_batch_norm_training(client):

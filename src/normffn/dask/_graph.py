@@ -5,6 +5,7 @@ Nothing here knows an op's maths: each task calls the public NumPy function on o
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import sys
@@ -44,14 +45,57 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _omp_num_threads(value):
+    """The first level of an ``OMP_NUM_THREADS`` value if it is a positive int, else None."""
+    try:
+        k = int(str(value or "").split(",")[0])
+    except ValueError:
+        return None
+    return k if k > 0 else None
+
+
+@functools.lru_cache(maxsize=None)
+def _env_threads():
+    """``OMP_NUM_THREADS`` as this process was started with it (None if unset or not a positive
+    int): how a launcher tells a process how many OpenMP threads it may use.  dask.distributed's
+    nanny starts every worker process with 1 (``distributed.nanny.pre-spawn-environ``), since it
+    runs as many worker threads per host as there are cores.
+
+    Read from ``/proc/self/environ`` where there is one: the nanny also writes its settings into
+    the *launching* process's ``os.environ`` (where they do not describe that process)."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(b"OMP_NUM_THREADS="):
+                    return _omp_num_threads(item.split(b"=", 1)[1].decode(errors="replace"))
+        return None
+    except OSError:
+        return _omp_num_threads(os.environ.get("OMP_NUM_THREADS"))
+
+
+def _distributed_threads():
+    """Worker threads of every running ``dask.distributed`` worker in this process, if this task
+    runs on one (``LocalCluster(processes=False)`` puts several workers in one process), else
+    None."""
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import Worker, get_worker
+    from distributed.core import Status
+    try:
+        me = get_worker()
+    except ValueError:  # not inside a distributed worker
+        return None
+    live = (Status.running, Status.paused)
+    total = sum(max(1, int(w.state.nthreads)) for w in list(Worker._instances)
+                if w is not me and w.status in live)
+    return total + max(1, int(me.state.nthreads))
+
+
 def _scheduler_threads() -> int:
     """How many tasks this process may run at once under the scheduler running this task."""
-    if "distributed" in sys.modules:
-        from distributed import get_worker
-        try:
-            return max(1, int(get_worker().state.nthreads))
-        except ValueError:  # not inside a distributed worker
-            pass
+    workers = _distributed_threads()
+    if workers is not None:
+        return workers
     workers = dask.config.get("num_workers", None)
     if threading.current_thread() is threading.main_thread():
         if multiprocessing.parent_process() is None:
@@ -61,11 +105,15 @@ def _scheduler_threads() -> int:
 
 
 def task_threads(setting) -> int:
-    """Threads for the kernel call of one task: ``setting`` if given, else
-    ``cores // (tasks this process runs at once)``, at least 1."""
+    """Threads for the kernel call of one task: ``setting`` if given, else this process's share,
+    ``cores // (tasks this process runs at once)``, at least 1 and at most the process's
+    ``OMP_NUM_THREADS`` when that is set (a distributed worker process: 1, see
+    :func:`_env_threads`), so worker processes x tasks x threads never exceed the cores."""
     if setting is not None:
         return setting
-    return max(1, _cores() // _scheduler_threads())
+    share = max(1, _cores() // _scheduler_threads())
+    cap = _env_threads()
+    return share if cap is None else min(share, cap)
 
 
 _controller = None
