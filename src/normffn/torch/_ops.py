@@ -17,8 +17,8 @@ The operators call the public NumPy API on zero-copy views (``Tensor.numpy()`` i
 float32/float64 tensors of one dtype; argument errors (shapes, eps, momentum) surface as the
 NumPy layer's ValueError/TypeError.  They also rely on the NumPy layer returning arrays that
 nothing else writes (its outputs and context arrays): those become tensors autograd saves.  A
-module's reused buffers (FeedForward: ``_util.StepBuffers``) keep that promise: one is written
-again only once no tensor references it.
+module's reused buffers (FeedForward, FFNBlock: ``_util.StepBuffers``) keep that promise: one
+is written again only once no tensor references it.
 
 Weights of the FFN are in ``nn.Linear`` layout (``weight1`` ``(h1, d)``, ``weight2`` ``(d, h)``)
 and reach the kernels as transposed views (``w1 = weight1.T``), never copied; the weight
