@@ -41,7 +41,15 @@ Usage (from the repository root; normffn from ``src`` unless installed)::
 
 Options: ``--rounds N`` (3), ``--steps N`` (timed steps per process for train and ffn; 10),
 ``--only {train,overhead,ffn}``, ``--threads N`` (2: OMP/OpenBLAS/MKL and torch threads of every
-worker), ``--patched``, ``--json FILE``, ``--tiny`` (small sizes, for a smoke test only).
+worker), ``--omp-wait-policy {passive,active}`` (sets ``OMP_WAIT_POLICY`` in every worker,
+stock PyTorch's too; default: left as the environment has it), ``--patched``, ``--json FILE``,
+``--tiny`` (small sizes, for a smoke test only).
+
+Why the wait policy is an option: in a process with torch, normffn's kernels run on torch's
+libgomp (one OpenMP runtime, one pool), and after each parallel region its idle workers spin
+(libgomp's default) while OpenBLAS's threads run the next GEMM on the same cores; with passive
+workers a training step of FFNBlock modules costs what the same sublayers cost from NumPy
+(docs/tuning.md, "normffn.torch in a training step").
 """
 from __future__ import annotations
 
@@ -377,8 +385,10 @@ def worker_main(case, args) -> dict:
 
 
 # ======================================================================= parent side
-def _env(threads):
+def _env(threads, wait_policy=None):
     env = dict(os.environ)
+    if wait_policy:
+        env["OMP_WAIT_POLICY"] = wait_policy
     src = os.path.join(REPO, "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     if threads:
@@ -391,7 +401,8 @@ def spawn(case, args):
     cmd = [sys.executable, HERE, "--worker", case, "--steps", str(args.steps),
            "--threads", str(args.threads)] + (["--tiny"] if args.tiny else [])
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(args.threads), cwd=REPO)
+    r = subprocess.run(cmd, capture_output=True, text=True,
+                       env=_env(args.threads, args.omp_wait_policy), cwd=REPO)
     wall = time.perf_counter() - t
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(RESULT)]
     if r.returncode != 0 or not lines:
@@ -525,6 +536,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2,
                    help="OMP/OpenBLAS/MKL and torch threads in every worker (default 2; 0: "
                         "leave the environment alone)")
+    p.add_argument("--omp-wait-policy", choices=("passive", "active"), default=None,
+                   help="OMP_WAIT_POLICY of every worker (default: the environment's)")
     p.add_argument("--patched", action="store_true",
                    help="also time the stock model after patch() with FeedForward MLPs")
     p.add_argument("--json", default=None, help="write all numbers to this file")
@@ -544,9 +557,10 @@ def main(argv=None) -> int:
         cases["train"].append("train-patched")
     order = [c for g in groups for c in cases[g]]
     runs = {c: [] for c in order}
+    policy = args.omp_wait_policy or os.environ.get("OMP_WAIT_POLICY") or "unset"
     print(f"torch_train_step: rounds={args.rounds} steps={args.steps} threads={args.threads}"
-          f"{' TINY sizes' if args.tiny else ''}; every case in its own process",
-          file=sys.stderr)
+          f" OMP_WAIT_POLICY={policy}{' TINY sizes' if args.tiny else ''}; every case in its "
+          f"own process", file=sys.stderr)
     load = os.getloadavg()[0]
     print(f"load average (1 min) at start: {load:.2f}", file=sys.stderr)
     if load > 0.5:
@@ -562,7 +576,10 @@ def main(argv=None) -> int:
             runs[c].append(spawn(c, args))
 
     result = {"config": {k: v for k, v in vars(args).items() if k != "worker"},
+              "omp_wait_policy": policy,
               "sizes": cfg, "load_avg_start": load, "load_avg_end": os.getloadavg()[0]}
+    print(f"every worker: {args.threads or 'default'} threads, OMP_WAIT_POLICY={policy}, "
+          f"load average {load:.2f} at start, {result['load_avg_end']:.2f} at the end")
     if "train" in groups:
         result["train"] = report_train({c: runs[c] for c in cases["train"]}, check, cfg)
     if "overhead" in groups:

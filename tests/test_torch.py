@@ -578,6 +578,104 @@ def test_ffn_block_matches_torch(norm, placement):
         close(ours(x), theirs(x), torch.float64, "FFNBlock inference")
 
 
+
+def _block_pair(norm="layer", placement="pre", activation="gelu", d=8, h=16, seed=0):
+    torch.manual_seed(seed)
+    kw = dict(norm=norm, placement=placement, dtype=torch.float64)
+    ref = nft.TorchFFNBlock(d, h, activation, **kw)
+    ours = nft.FFNBlock(d, h, activation, **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+_BLOCK_ROLES = ("y", "hidden", "dx", "dnorm_weight", "dw1", "db1", "dw2", "db2")
+
+
+@pytest.mark.skipif(not HAS_BLOCK, reason="normffn.ffn_block not in this build")
+@pytest.mark.parametrize("norm,placement,activation",
+                         [("layer", "pre", "relu"), ("rms", "post", "gelu"),
+                          ("layer", "post", "swiglu")])
+def test_ffn_block_reuses_buffers_across_steps(norm, placement, activation):
+    """A training loop (zero_grad -> forward -> backward -> step) through the fused op: from the
+    second step on the kernels write into the first step's arrays, every step matches stock
+    PyTorch (parameters and x.grad), and a step of another shape neither reuses nor disturbs
+    them."""
+    ours, ref = _block_pair(norm, placement, activation)
+    opt_a = torch.optim.SGD(ours.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(ref.parameters(), lr=0.1)
+    kept = None
+    shapes = [(3, 5, 8), (3, 5, 8), (7, 8), (3, 5, 8), (3, 5, 8)]
+    for step, shape in enumerate(shapes):
+        x = rand(*shape, seed=step)
+        xg = []
+        for model, opt in ((ours, opt_a), (ref, opt_b)):
+            opt.zero_grad()
+            xi = x.clone().requires_grad_()
+            y = model(xi)
+            if model is ours:
+                assert type(y.grad_fn).__name__.startswith("FFNBlockFunction")
+            y.square().sum().backward()
+            opt.step()
+            xg.append(xi.grad)
+        close(xg[0], xg[1], torch.float64, f"step {step} x.grad")
+        for a, b in zip(ours.parameters(), ref.parameters()):
+            close(a, b, torch.float64, f"step {step} parameter")
+        del xg, xi, y
+        # weak references: a strong one held here would (rightly) keep the buffer from reuse
+        now = {r: weakref.ref(_kept(ours, r)) for r in _BLOCK_ROLES}
+        if kept is not None and shapes[step - 1] == shape:
+            for r in now:
+                assert now[r]() is kept[r](), f"step {step}: {r} was not reused"
+        elif kept is not None:
+            assert now["y"]() is not kept["y"](), f"step {step}: y reused across shapes"
+        kept = now
+
+
+@pytest.mark.skipif(not HAS_BLOCK, reason="normffn.ffn_block not in this build")
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_ffn_block_never_overwrites_a_live_buffer(placement):
+    """Gradient accumulation over two forwards, retain_graph with a whole step in between, one
+    module twice in a graph, an x.grad and an output the caller keeps across steps, .grad
+    accumulated in place (zero_grad(set_to_none=False)): the buffers in use are left alone, so
+    every value is PyTorch's."""
+    ours, ref = _block_pair("layer", placement)
+    x1, x2 = rand(4, 8, seed=1), rand(4, 8, seed=2)
+    for model in (ours, ref):   # a first step so there are buffers to reuse
+        model(x1).sum().backward()
+    results = []
+    for model in (ours, ref):
+        model.zero_grad()
+        loss = model(x1).square().sum() + 3 * model(x2).square().sum()
+        loss.backward(retain_graph=True)
+        model(x2).sum().backward()          # a new step while the first graph is retained
+        loss.backward()                     # ... which must still see its own saved arrays
+        xa = x1.clone().requires_grad_()
+        model(model(xa)).square().sum().backward()    # one module twice in a graph
+        ga = xa.grad
+        xb = x2.clone().requires_grad_()
+        model(xb).square().sum().backward()           # xa.grad must survive this step
+        kept_y = model(x1)                            # an output kept by the caller ...
+        model(x2).sum().backward()                    # ... across another step
+        g_before = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=False)            # .grad kept, accumulated in place
+        model(x1).square().sum().backward()
+        model(x2).square().sum().backward()
+        results.append(g_before + [p.grad.clone() for p in model.parameters()]
+                       + [ga, xb.grad, kept_y.detach()])
+    for a, b in zip(*results):
+        close(a, b, torch.float64, "value")
+
+
+@pytest.mark.skipif(not HAS_BLOCK, reason="normffn.ffn_block not in this build")
+def test_ffn_block_buffers_copy_and_release():
+    ours, _ = _block_pair()
+    ours(rand(4, 8)).sum().backward()
+    assert _kept(ours, "hidden") is not None and _kept(ours, "dw1") is not None
+    assert _kept(copy.deepcopy(ours), "hidden") is None
+    ours.release_buffers()
+    assert _kept(ours, "hidden") is None and _kept(ours, "dw1") is None
+
+
 def test_state_dict_round_trip():
     """normffn module -> torch counterpart -> normffn module, through the state dict."""
     pairs = [(nft.LayerNorm(6), nn.LayerNorm(6)), (nft.BatchNorm2d(4), nn.BatchNorm2d(4)),

@@ -17,8 +17,8 @@ The operators call the public NumPy API on zero-copy views (``Tensor.numpy()`` i
 float32/float64 tensors of one dtype; argument errors (shapes, eps, momentum) surface as the
 NumPy layer's ValueError/TypeError.  They also rely on the NumPy layer returning arrays that
 nothing else writes (its outputs and context arrays): those become tensors autograd saves.  A
-module's reused buffers (FeedForward: ``_util.StepBuffers``) keep that promise: one is written
-again only once no tensor references it.
+module's reused buffers (FeedForward, FFNBlock: ``_util.StepBuffers``) keep that promise: one
+is written again only once no tensor references it.
 
 Weights of the FFN are in ``nn.Linear`` layout (``weight1`` ``(h1, d)``, ``weight2`` ``(d, h)``)
 and reach the kernels as transposed views (``w1 = weight1.T``), never copied; the weight
@@ -505,45 +505,94 @@ def _ffn_block_fake(x, norm_weight, norm_bias, weight1, bias1, weight2, bias2, a
 ffn_block = _op("ffn_block", _ffn_block_impl, _ffn_block_fake)
 
 
+_BLOCK_GRADS = ("dx", "dnorm_weight", "dnorm_bias", "dw1", "db1", "dw2", "db2")
+
+
+def _opt_from(a):
+    return None if a is None else torch.from_numpy(a)
+
+
 class FFNBlockFunction(torch.autograd.Function):
     """The fused FFN sublayer with autograd, eager mode:
     ``apply(x, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation, norm,
-    placement, eps)``.
+    placement, eps[, buffers])``; ``buffers``: a module's StepBuffers (FFNBlock), or None.
 
-    The NumPy context stays a Python object on ``ctx``: its statistics and hidden activation
-    are fresh arrays nothing else writes, and the tensor inputs it reads (x, the weights) are
-    saved with ``save_for_backward`` too, so autograd still catches an in-place change to them
-    before backward."""
+    What backward needs (the NumPy context's arrays: x as the kernels read it, the statistics,
+    the normalised input or residual sum, the hidden activation) is saved as tensors with
+    ``save_for_backward``, beside the inputs (whose version autograd checks): autograd frees
+    them when backward has run, as it does for any op, so a module's next step can write its
+    hidden activation and outputs into the same arrays again (``_util.StepBuffers``).  The
+    backward rebuilds the NumPy context from them."""
 
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation,
-                norm, placement, eps):
+                norm, placement, eps, buffers=None):
+        xa = np_(x)
+        out = hidden_out = None
+        if buffers is not None:
+            out = buffers.take("y", xa.shape, xa.dtype)
+            hidden_out = buffers.take("hidden", (math.prod(xa.shape[:-1]), weight1.shape[0]),
+                                      xa.dtype)
         y, c = numpy_op("ffn_block_forward")(
-            np_(x), opt_np(norm_weight), opt_np(norm_bias), _w(weight1), opt_np(bias1),
-            _w(weight2), opt_np(bias2), activation, norm=norm, placement=placement, eps=eps)
-        ctx.save_for_backward(x, norm_weight, norm_bias, weight1, bias1, weight2, bias2)
-        ctx.numpy_ctx = c
+            xa, opt_np(norm_weight), opt_np(norm_bias), _w(weight1), opt_np(bias1),
+            _w(weight2), opt_np(bias2), activation, norm=norm, placement=placement, eps=eps,
+            out=out, hidden_out=hidden_out)
+        if buffers is not None:
+            buffers.keep("y", y)
+            buffers.keep("hidden", c.hidden)
+        ctx.save_for_backward(x, norm_weight, norm_bias, weight1, bias1, weight2, bias2,
+                              *(_opt_from(a) for a in (c.x, c.mean, c.rstd, c.xn, c.s,
+                                                       c.hidden, c.dead_units)))
         ctx.spec = (activation, norm, placement, eps)
+        ctx.buffers = buffers
         return torch.from_numpy(y)
 
     @staticmethod
     def backward(ctx, dy):
-        saved = ctx.saved_tensors          # the version check of the inputs c reads
-        needs = [n and t is not None for n, t in zip(ctx.needs_input_grad[:7], saved)]
+        saved = ctx.saved_tensors
+        inputs = saved[:7]
+        needs = [n and t is not None for n, t in zip(ctx.needs_input_grad[:7], inputs)]
         activation, norm, placement, eps = ctx.spec
         if _double_backward(ctx, dy):
             grads = _torch_grads(
                 "ffn_block",
                 lambda *a: _torch_ref.ffn_block(*a, activation, norm=norm, placement=placement,
                                                 eps=eps),
-                saved, dy, needs)
+                inputs, dy, needs)
         else:
-            # dw1, dw2 written straight into nn.Linear's layout (autograd keeps them, no copy)
-            lin = {i: np.empty(tuple(saved[i].shape), ctx.numpy_ctx.dtype)
-                   for i in (3, 5) if needs[i]}
-            out = tuple(lin[i].T if i in lin else None for i in range(7))
-            g = list(numpy_op("ffn_block_backward")(np_(dy), ctx.numpy_ctx, needs=tuple(needs),
-                                                    out=out))
-            g[3], g[5] = lin.get(3), lin.get(5)
-            grads = [None if a is None else torch.from_numpy(a) for a in g]
-        return tuple(_keep(t, n) for t, n in zip(grads, needs)) + (None,) * 4
+            grads = _ffn_block_bwd(dy, inputs, saved[7:], ctx.spec, needs, ctx.buffers)
+        return tuple(_keep(t, n) for t, n in zip(grads, needs)) + (None,) * 5
+
+
+def _ffn_block_bwd(dy, inputs, kept, spec, needs, buffers):
+    """The NumPy backward on the saved tensors -> seven gradients (None where not needed);
+    dw1, dw2 C-contiguous in nn.Linear's layout (written by the kernels through transposed
+    views: autograd keeps them as ``.grad`` without a copy)."""
+    _, norm_weight, norm_bias, weight1, bias1, weight2, bias2 = inputs
+    xc, mean, rstd, xn, s, hidden, dead = kept
+    activation, norm, placement, eps = spec
+    c = numpy_op("FFNBlockContext")(
+        x=np_(xc), norm_weight=opt_np(norm_weight), norm_bias=opt_np(norm_bias),
+        w1=_blas_ready(_w(weight1)), b1=opt_np(bias1), w2=_blas_ready(_w(weight2)),
+        b2=opt_np(bias2), activation=activation, norm=norm, placement=placement, eps=eps,
+        recompute=False, mean=opt_np(mean), rstd=np_(rstd), xn=opt_np(xn), s=opt_np(s),
+        hidden=opt_np(hidden), dead_units=opt_np(dead))
+    dtype = c.x.dtype
+    # dx in x's shape, the norm's and the biases' in theirs, dw1/dw2 in nn.Linear's (out, in)
+    shapes = [tuple(c.x.shape)] + [None if t is None else tuple(t.shape) for t in inputs[1:]]
+    bufs = [None] * 7
+    for i, (role, need) in enumerate(zip(_BLOCK_GRADS, needs)):
+        if need:
+            if buffers is not None:
+                bufs[i] = buffers.take(role, shapes[i], dtype)
+            if bufs[i] is None and i in (3, 5):
+                bufs[i] = np.empty(shapes[i], dtype)
+    out = tuple(None if b is None else (b.T if i in (3, 5) else b) for i, b in enumerate(bufs))
+    g = list(numpy_op("ffn_block_backward")(np_(dy), c, needs=tuple(needs), out=out))
+    for i in (3, 5):
+        if g[i] is not None:
+            g[i] = bufs[i]
+    if buffers is not None:
+        for role, a in zip(_BLOCK_GRADS, g):
+            buffers.keep(role, a)
+    return [_opt_from(a) for a in g]

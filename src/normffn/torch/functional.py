@@ -307,7 +307,8 @@ def ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, act
 
 def _ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation, norm,
                placement, eps, buffers):
-    """:func:`ffn_block`; ``buffers``: a module's StepBuffers for the composed FFN."""
+    """:func:`ffn_block`; ``buffers``: a module's StepBuffers (the fused op's, or the composed
+    FFN's), reused on the eager route only."""
     if norm not in ("layer", "rms"):
         raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
     if placement not in ("pre", "post"):
@@ -322,7 +323,7 @@ def _ffn_block(input, norm_weight, norm_bias, weight1, bias1, weight2, bias2, ac
                         float(eps))
         if reason is None and direct and numpy_op("ffn_block_backward") is not None:
             return _ops.FFNBlockFunction.apply(*tensors, activation, norm, placement,
-                                               float(eps))
+                                               float(eps), buffers)
     d = input.shape[-1]
 
     def normed(t):

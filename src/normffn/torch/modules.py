@@ -221,6 +221,10 @@ class FFNBlock(nn.Module):
     device, dtype
         As for ``nn.Linear``.
 
+    In eager training, step after step, the fused kernels write the output, the hidden
+    activation and the gradients into the previous step's arrays once nothing references those
+    any more (as :class:`FeedForward`); :meth:`release_buffers` drops them.
+
     Raises
     ------
     ValueError
@@ -268,7 +272,7 @@ class FFNBlock(nn.Module):
                              self._step_buffers)
 
     def release_buffers(self):
-        """Forget the arrays the composed FFN keeps for reuse by the next step."""
+        """Forget the arrays kept for reuse by the next step (memory in use is not touched)."""
         self._step_buffers.clear()
 
     def extra_repr(self):
