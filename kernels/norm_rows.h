@@ -67,6 +67,7 @@
 #define NF_NR_SCRATCH_BUDGET (1 << 16)  /* blocks = budget / d, clamped below (scratch bound) */
 #define NF_NR_MIN_BLOCKS 8              /* at least this many dw/db partial blocks */
 #define NF_NR_MAX_BLOCKS 64             /* at most this many */
+#define NF_NR_MIN_BLOCK_ROWS 16         /* and at least this many rows each (4 groups) */
 #define NF_NR_PF_BYTES 8192             /* fwd prefetch >= this far ahead: 8192x768 f32, 2 thr */
 #define NF_NR_PF_MAX_ROWS 16            /* ... and at most this many rows ahead */
 #define NF_NR_BWD_PF_GROUPS 5           /* bwd prefetch groups ahead: 8192x768, 2048x4096 f32 */
@@ -131,6 +132,7 @@ static inline void nf_nr_bwd_plan(nf_index n, nf_index d, int want_w, int want_b
     if (b < NF_NR_MIN_BLOCKS) b = NF_NR_MIN_BLOCKS;
     if (b > n) b = n;
     nf_index r = (n + b - 1) / b;
+    if (r < NF_NR_MIN_BLOCK_ROWS) r = NF_NR_MIN_BLOCK_ROWS;
     r = ((r + NF_G - 1) / NF_G) * NF_G;
     *rows_per_block = r;
     *nb = (n + r - 1) / r;
