@@ -339,3 +339,24 @@ def test_workspace_dtype_spellings_share_one_buffer():
     assert _workspace.workspace("small_calls", 0).shape == (1,)
     assert _workspace.workspace("small_calls", np.int64(10)).shape == (10,)
     _workspace.release()
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_backward_out_overlap_still_checked_for_views(op):
+    """The backward's out= fast path skips the overlap test only when every array owns its
+    memory (_valid_fast() == 2); a context over views still rejects an overlapping out."""
+    fwd, bwd = getattr(normffn, op + "_forward"), getattr(normffn, op + "_backward")
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    x = big[0]                                   # a view: does not own its memory
+    y, ctx = fwd(x, 8)
+    assert ctx._valid_fast() == 1
+    with pytest.raises(ValueError, match="overlaps"):
+        bwd(np.ones_like(x), ctx, out=big[0])    # out is x's memory
+    _, owned = fwd(x.copy(), 8)
+    assert owned._valid_fast() == 2
+    dy = rng.standard_normal((4, 8)).astype(np.float32)
+    out = np.empty_like(dy)
+    got = bwd(dy, owned, out=out)
+    np.testing.assert_array_equal(got[0], bwd(dy, owned)[0])
+    assert got[0] is out

@@ -79,12 +79,13 @@ class Context:
         object.__setattr__(ctx, "__dict__", fields)
         return ctx
 
-    def _valid_fast(self) -> bool:
-        """True only if :meth:`validate` would pass, decided without formatting anything (a
+    def _valid_fast(self) -> int:
+        """Nonzero only if :meth:`validate` would pass, decided without formatting anything (a
         subclass's check of the common case: exact ndarrays of the expected dtype objects,
-        shapes and layouts).  False sends :meth:`validate` down the general path, which
-        raises or passes as it always did.  Default: False."""
-        return False
+        shapes and layouts); the row norms return 2 when every array also owns its memory (their
+        backward's ``out=`` fast path then skips the overlap test).  0 sends :meth:`validate`
+        down the general path, which raises or passes as it always did.  Default: 0."""
+        return 0
 
     @property
     def shape(self) -> tuple:

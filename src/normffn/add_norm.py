@@ -86,7 +86,7 @@ class AddLayerNormContext(_AddNormContext):
         Field("rstd", kind="float64", shape=lead_shape),
     )
 
-    def _valid_fast(self) -> bool:
+    def _valid_fast(self) -> int:
         """The common case of :meth:`validate` (see ``Context._valid_fast``)."""
         return _valid_fast_rows(self.s, self.normalized_shape, self.rstd, (self.mean,),
                                 (self.weight, self.bias))
@@ -131,7 +131,7 @@ class AddRMSNormContext(_AddNormContext):
         Field("rstd", kind="float64", shape=lead_shape),
     )
 
-    def _valid_fast(self) -> bool:
+    def _valid_fast(self) -> int:
         """The common case of :meth:`validate` (see ``Context._valid_fast``)."""
         return _valid_fast_rows(self.s, self.normalized_shape, self.rstd, (), (self.weight,))
 

@@ -92,27 +92,38 @@ class LayerNormContext(Context):
         Field("bias", kind="like_x", shape=lambda c: c.normalized_shape, optional=True),
     )
 
-    def _valid_fast(self) -> bool:
+    def _valid_fast(self) -> int:
         """The common case of :meth:`validate` (see ``Context._valid_fast``): a 1-D
-        normalized_shape, every array an exact ndarray of the expected dtype, shape, layout."""
+        normalized_shape, every array an exact ndarray of the expected dtype, shape, layout.
+        0 when not; else 2 when every array owns its memory (an ``out=`` that owns its own
+        cannot overlap them: the backward's fast path skips the overlap test), 1 otherwise."""
         x, ns = self.x, self.normalized_shape
         if type(x) is not _ndarray or type(ns) is not tuple or len(ns) != 1:
-            return False
-        d, shape, dt = ns[0], x.shape, x.dtype
+            return 0
+        d, shape, dt, xf = ns[0], x.shape, x.dtype, x.flags
         if type(d) is not int or d <= 0 or not shape or shape[-1] != d or \
-                (dt is not F32 and dt is not F64) or not x.flags.c_contiguous:
-            return False
+                (dt is not F32 and dt is not F64) or not xf.c_contiguous:
+            return 0
         lead = shape[:-1]
         m, r, w, b = self.mean, self.rstd, self.weight, self.bias
         if type(m) is not _ndarray or type(r) is not _ndarray or m.dtype is not F64 or \
-                r.dtype is not F64 or m.shape != lead or r.shape != lead or \
-                not m.flags.c_contiguous or not r.flags.c_contiguous:
-            return False
-        if w is not None and (type(w) is not _ndarray or w.dtype is not dt or w.shape != ns or
-                              not w.flags.c_contiguous):
-            return False
-        return b is None or (type(b) is _ndarray and b.dtype is dt and b.shape == ns and
-                             b.flags.c_contiguous)
+                r.dtype is not F64 or m.shape != lead or r.shape != lead:
+            return 0
+        mf, rf = m.flags, r.flags
+        if not mf.c_contiguous or not rf.c_contiguous:
+            return 0
+        owned = xf.owndata and mf.owndata and rf.owndata
+        if w is not None:
+            if type(w) is not _ndarray or w.dtype is not dt or w.shape != ns:
+                return 0
+            wf = w.flags
+            if not wf.c_contiguous:
+                return 0
+            owned = owned and wf.owndata
+        if b is not None and not (type(b) is _ndarray and b.dtype is dt and b.shape == ns and
+                                  b.flags.c_contiguous):
+            return 0
+        return 2 if owned else 1
 
     def rows(self) -> tuple[int, int]:
         """(n, d): the number of rows and the row length the kernels see."""
@@ -470,8 +481,10 @@ def _fast_backward(dy, ctx, out):
     other: ctx an exact LayerNormContext passing ``_valid_fast`` (the whole of ``validate``),
     dy an exact, C-contiguous, aligned ndarray of ctx.x's dtype object and shape.  ``out`` is
     checked by the general path's helper (same errors)."""
-    if type(ctx) is not LayerNormContext or type(dy) is not _ndarray or \
-            not ctx._valid_fast():
+    if type(ctx) is not LayerNormContext or type(dy) is not _ndarray:
+        return None
+    valid = ctx._valid_fast()
+    if not valid:
         return None
     x, weight, bias = ctx.x, ctx.weight, ctx.bias
     shape, dt = x.shape, x.dtype
@@ -488,10 +501,8 @@ def _fast_backward(dy, ctx, out):
         dx = np.empty(shape, dt)
     else:
         dx = out
-        if not (f.owndata and type(out) is _ndarray and out.dtype is dt and
-                out.shape == shape and _checks.owned_c_array(out.flags) and
-                x.flags.owndata and mean.flags.owndata and rstd.flags.owndata and
-                (weight is None or weight.flags.owndata)) or \
+        if not (valid == 2 and f.owndata and type(out) is _ndarray and out.dtype is dt and
+                out.shape == shape and _checks.owned_c_array(out.flags)) or \
                 out is dy or out is x or out is weight:
             dx = _checks.out_array(out, "out", shape, dt, (dy, x, weight, mean, rstd))
     # run_backward's body for n >= 1 with dx needed

@@ -34,30 +34,37 @@ def param_shape(ctx) -> tuple:
     return tuple(ctx.normalized_shape)
 
 
-def _valid_fast_rows(x, ns, rstd, more_stats: tuple, params: tuple) -> bool:
+def _valid_fast_rows(x, ns, rstd, more_stats: tuple, params: tuple) -> int:
     """The common case of a row-norm context's validate(): x an exact C-contiguous
     float32/float64 ndarray ending in the 1-D ``ns``, ``rstd`` and ``more_stats`` exact
     C-contiguous float64 ndarrays of x's leading shape, ``params`` None or exact C-contiguous
-    ndarrays of x's dtype and shape ``ns``.  True only if the full check would pass."""
+    ndarrays of x's dtype and shape ``ns``.  Nonzero only if the full check would pass: 2 when
+    every array also owns its memory (an ``out=`` that owns its own cannot overlap them), 1
+    otherwise."""
     if type(x) is not _ndarray or type(ns) is not tuple or len(ns) != 1:
-        return False
-    d, shape, dt = ns[0], x.shape, x.dtype
+        return 0
+    d, shape, dt, f = ns[0], x.shape, x.dtype, x.flags
     if type(d) is not int or not shape or shape[-1] != d or \
-            (dt is not F32 and dt is not F64) or not x.flags.c_contiguous:
-        return False
+            (dt is not F32 and dt is not F64) or not f.c_contiguous:
+        return 0
+    owned = f.owndata
     lead = shape[:-1]
-    if type(rstd) is not _ndarray or rstd.dtype is not F64 or rstd.shape != lead or \
-            not rstd.flags.c_contiguous:
-        return False
-    for a in more_stats:
-        if type(a) is not _ndarray or a.dtype is not F64 or a.shape != lead or \
-                not a.flags.c_contiguous:
-            return False
+    for a in (rstd,) + more_stats:
+        if type(a) is not _ndarray or a.dtype is not F64 or a.shape != lead:
+            return 0
+        f = a.flags
+        if not f.c_contiguous:
+            return 0
+        owned = owned and f.owndata
     for a in params:
-        if a is not None and (type(a) is not _ndarray or a.dtype is not dt or
-                              a.shape != ns or not a.flags.c_contiguous):
-            return False
-    return True
+        if a is not None:
+            if type(a) is not _ndarray or a.dtype is not dt or a.shape != ns:
+                return 0
+            f = a.flags
+            if not f.c_contiguous:
+                return 0
+            owned = owned and f.owndata
+    return 2 if owned else 1
 
 
 # ---------------------------------------------------------------- context
@@ -100,7 +107,7 @@ class RMSNormContext(Context):
         Field("rstd", kind="float64", shape=lead_shape),
     )
 
-    def _valid_fast(self) -> bool:
+    def _valid_fast(self) -> int:
         """The common case of :meth:`validate` (see ``Context._valid_fast``)."""
         return _valid_fast_rows(self.x, self.normalized_shape, self.rstd, (), (self.weight,))
 
@@ -198,8 +205,10 @@ def _fast_backward(dy, ctx, out):
     other: ctx an exact RMSNormContext passing ``_valid_fast`` (the whole of ``validate``), dy
     an exact, C-contiguous, aligned ndarray of ctx.x's dtype object and shape.  ``out`` is
     checked by the general path's helper (same errors)."""
-    if type(ctx) is not RMSNormContext or type(dy) is not _ndarray or \
-            not ctx._valid_fast():
+    if type(ctx) is not RMSNormContext or type(dy) is not _ndarray:
+        return None
+    valid = ctx._valid_fast()
+    if not valid:
         return None
     x, weight, rstd = ctx.x, ctx.weight, ctx.rstd
     shape, dt = x.shape, x.dtype
@@ -212,10 +221,8 @@ def _fast_backward(dy, ctx, out):
         dx = np.empty(shape, dt)
     else:
         dx = out
-        if not (f.owndata and type(out) is _ndarray and out.dtype is dt and
-                out.shape == shape and _checks.owned_c_array(out.flags) and
-                x.flags.owndata and rstd.flags.owndata and
-                (weight is None or weight.flags.owndata)) or \
+        if not (valid == 2 and f.owndata and type(out) is _ndarray and out.dtype is dt and
+                out.shape == shape and _checks.owned_c_array(out.flags)) or \
                 out is dy or out is x or out is weight:
             dx = _checks.out_array(out, "out", shape, dt, (dy, x, weight, rstd))
     d = shape[-1]
