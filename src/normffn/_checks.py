@@ -201,6 +201,39 @@ def fast_rows(x, normalized_shape):
     return ns
 
 
+def fast_row_context(x, ns, rstd, more_stats: tuple, params: tuple) -> int:
+    """The common case of a row-norm context's validate(): x an exact C-contiguous
+    float32/float64 ndarray ending in the 1-D ``ns``, ``rstd`` and ``more_stats`` exact
+    C-contiguous float64 ndarrays of x's leading shape, ``params`` None or exact C-contiguous
+    ndarrays of x's dtype and shape ``ns`` (the row norms' ``Context._valid_fast``).  Nonzero
+    only if the full check would pass: 2 when every array also owns its memory (an ``out=``
+    that owns its own cannot overlap them), 1 otherwise."""
+    if type(x) is not _ndarray or type(ns) is not tuple or len(ns) != 1:
+        return 0
+    d, shape, dt, f = ns[0], x.shape, x.dtype, x.flags
+    if type(d) is not int or d <= 0 or not shape or shape[-1] != d or \
+            (dt is not F32 and dt is not F64) or not f.c_contiguous:
+        return 0
+    owned = f.owndata
+    lead = shape[:-1]
+    for a in (rstd,) + more_stats:
+        if type(a) is not _ndarray or a.dtype is not F64 or a.shape != lead:
+            return 0
+        f = a.flags
+        if not f.c_contiguous:
+            return 0
+        owned = owned and f.owndata
+    for a in params:
+        if a is not None:
+            if type(a) is not _ndarray or a.dtype is not dt or a.shape != ns:
+                return 0
+            f = a.flags
+            if not f.c_contiguous:
+                return 0
+            owned = owned and f.owndata
+    return 2 if owned else 1
+
+
 def fast_param(a, shape: tuple, dtype: np.dtype):
     """For the fast paths: None when ``a`` needs the general path (anything but None or an
     exact, C-contiguous, aligned ndarray of ``shape`` and the ``dtype`` object, the case

@@ -19,7 +19,7 @@ from . import _checks, _tuning
 from ._context import Context, Field
 from ._kernels import add_norm as _kernel
 from ._workspace import workspace
-from .rms_norm import _valid_fast_rows, lead_shape, param_shape
+from .rms_norm import lead_shape, param_shape
 
 __all__ = ["AddLayerNormContext", "AddRMSNormContext",
            "add_layer_norm", "add_layer_norm_forward", "add_layer_norm_backward",
@@ -88,7 +88,7 @@ class AddLayerNormContext(_AddNormContext):
 
     def _valid_fast(self) -> int:
         """The common case of :meth:`validate` (see ``Context._valid_fast``)."""
-        return _valid_fast_rows(self.s, self.normalized_shape, self.rstd, (self.mean,),
+        return _checks.fast_row_context(self.s, self.normalized_shape, self.rstd, (self.mean,),
                                 (self.weight, self.bias))
 
 
@@ -133,7 +133,8 @@ class AddRMSNormContext(_AddNormContext):
 
     def _valid_fast(self) -> int:
         """The common case of :meth:`validate` (see ``Context._valid_fast``)."""
-        return _valid_fast_rows(self.s, self.normalized_shape, self.rstd, (), (self.weight,))
+        return _checks.fast_row_context(self.s, self.normalized_shape, self.rstd, (),
+                                        (self.weight,))
 
 
 # ---------------------------------------------------------------- check / run

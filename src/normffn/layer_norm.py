@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _checks, _tuning
-from ._checks import F32, F64, _ndarray
+from ._checks import F64, _ndarray
 from ._context import Context, Field
 from ._kernels import layer_norm as _kernel
 from ._workspace import workspace
@@ -94,36 +94,10 @@ class LayerNormContext(Context):
 
     def _valid_fast(self) -> int:
         """The common case of :meth:`validate` (see ``Context._valid_fast``): a 1-D
-        normalized_shape, every array an exact ndarray of the expected dtype, shape, layout.
-        0 when not; else 2 when every array owns its memory (an ``out=`` that owns its own
-        cannot overlap them: the backward's fast path skips the overlap test), 1 otherwise."""
-        x, ns = self.x, self.normalized_shape
-        if type(x) is not _ndarray or type(ns) is not tuple or len(ns) != 1:
-            return 0
-        d, shape, dt, xf = ns[0], x.shape, x.dtype, x.flags
-        if type(d) is not int or d <= 0 or not shape or shape[-1] != d or \
-                (dt is not F32 and dt is not F64) or not xf.c_contiguous:
-            return 0
-        lead = shape[:-1]
-        m, r, w, b = self.mean, self.rstd, self.weight, self.bias
-        if type(m) is not _ndarray or type(r) is not _ndarray or m.dtype is not F64 or \
-                r.dtype is not F64 or m.shape != lead or r.shape != lead:
-            return 0
-        mf, rf = m.flags, r.flags
-        if not mf.c_contiguous or not rf.c_contiguous:
-            return 0
-        owned = xf.owndata and mf.owndata and rf.owndata
-        if w is not None:
-            if type(w) is not _ndarray or w.dtype is not dt or w.shape != ns:
-                return 0
-            wf = w.flags
-            if not wf.c_contiguous:
-                return 0
-            owned = owned and wf.owndata
-        if b is not None and not (type(b) is _ndarray and b.dtype is dt and b.shape == ns and
-                                  b.flags.c_contiguous):
-            return 0
-        return 2 if owned else 1
+        normalized_shape, every array an exact ndarray of the expected dtype, shape, layout;
+        2 when every array also owns its memory."""
+        return _checks.fast_row_context(self.x, self.normalized_shape, self.rstd, (self.mean,),
+                                        (self.weight, self.bias))
 
     def rows(self) -> tuple[int, int]:
         """(n, d): the number of rows and the row length the kernels see."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _checks, _tuning
-from ._checks import F32, F64, _ndarray
+from ._checks import F64, _ndarray
 from ._context import Context, Field
 from ._kernels import rms_norm as _kernel
 from ._workspace import workspace
@@ -32,39 +32,6 @@ def lead_shape(ctx) -> tuple:
 
 def param_shape(ctx) -> tuple:
     return tuple(ctx.normalized_shape)
-
-
-def _valid_fast_rows(x, ns, rstd, more_stats: tuple, params: tuple) -> int:
-    """The common case of a row-norm context's validate(): x an exact C-contiguous
-    float32/float64 ndarray ending in the 1-D ``ns``, ``rstd`` and ``more_stats`` exact
-    C-contiguous float64 ndarrays of x's leading shape, ``params`` None or exact C-contiguous
-    ndarrays of x's dtype and shape ``ns``.  Nonzero only if the full check would pass: 2 when
-    every array also owns its memory (an ``out=`` that owns its own cannot overlap them), 1
-    otherwise."""
-    if type(x) is not _ndarray or type(ns) is not tuple or len(ns) != 1:
-        return 0
-    d, shape, dt, f = ns[0], x.shape, x.dtype, x.flags
-    if type(d) is not int or not shape or shape[-1] != d or \
-            (dt is not F32 and dt is not F64) or not f.c_contiguous:
-        return 0
-    owned = f.owndata
-    lead = shape[:-1]
-    for a in (rstd,) + more_stats:
-        if type(a) is not _ndarray or a.dtype is not F64 or a.shape != lead:
-            return 0
-        f = a.flags
-        if not f.c_contiguous:
-            return 0
-        owned = owned and f.owndata
-    for a in params:
-        if a is not None:
-            if type(a) is not _ndarray or a.dtype is not dt or a.shape != ns:
-                return 0
-            f = a.flags
-            if not f.c_contiguous:
-                return 0
-            owned = owned and f.owndata
-    return 2 if owned else 1
 
 
 # ---------------------------------------------------------------- context
@@ -109,7 +76,8 @@ class RMSNormContext(Context):
 
     def _valid_fast(self) -> int:
         """The common case of :meth:`validate` (see ``Context._valid_fast``)."""
-        return _valid_fast_rows(self.x, self.normalized_shape, self.rstd, (), (self.weight,))
+        return _checks.fast_row_context(self.x, self.normalized_shape, self.rstd, (),
+                                        (self.weight,))
 
     def _extra_checks(self) -> None:
         k = len(self.normalized_shape)
