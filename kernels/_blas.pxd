@@ -2,6 +2,10 @@
 # sklearn/utils/_cython_blas.pyx calls it.
 #
 # Table of contents
+#   Blas          the four BLAS routines a kernel calls, as function pointers with the Fortran
+#                 (LP64) interface; scipy_blas() fills one with scipy's.  A caller may pass
+#                 another BLAS of the same interface (normffn.torch passes the one PyTorch
+#                 itself multiplies with: one BLAS and one thread pool per process)
 #   gemm          C (m, n) = alpha op(A) op(B) + beta C, all row-major: swaps the operands and
 #                 calls the column-major sgemm/dgemm (C^T = op(B)^T op(A)^T), no copy; a
 #                 single row (m == 1) is a matrix-vector product: sgemv/dgemv
@@ -9,13 +13,39 @@
 #                 contiguous), and its leading dimension, read from the strides
 #   flip          'N' <-> 'T' (to use the transpose of a matrix described by blas_layout)
 #
-# scipy's cython_blas is LP64: sizes and leading dimensions are C ints.  The Python layer
-# rejects (or copies) anything that would not fit; nothing here re-checks.
+# Both are LP64: sizes and leading dimensions are C ints.  The Python layer rejects (or copies)
+# anything that would not fit; nothing here re-checks.
 from cython cimport floating
 from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
 
+ctypedef void (*sgemm_t)(char *ta, char *tb, int *m, int *n, int *k, float *alpha, float *a,
+                         int *lda, float *b, int *ldb, float *beta, float *c,
+                         int *ldc) noexcept nogil
+ctypedef void (*dgemm_t)(char *ta, char *tb, int *m, int *n, int *k, double *alpha, double *a,
+                         int *lda, double *b, int *ldb, double *beta, double *c,
+                         int *ldc) noexcept nogil
+ctypedef void (*sgemv_t)(char *trans, int *m, int *n, float *alpha, float *a, int *lda,
+                         float *x, int *incx, float *beta, float *y, int *incy) noexcept nogil
+ctypedef void (*dgemv_t)(char *trans, int *m, int *n, double *alpha, double *a, int *lda,
+                         double *x, int *incx, double *beta, double *y, int *incy) noexcept nogil
 
-cdef inline void gemm(char ta, char tb, int m, int n, int k,
+ctypedef struct Blas:
+    sgemm_t sgemm
+    dgemm_t dgemm
+    sgemv_t sgemv
+    dgemv_t dgemv
+
+
+cdef inline Blas scipy_blas() noexcept nogil:
+    cdef Blas b
+    b.sgemm = sgemm
+    b.dgemm = dgemm
+    b.sgemv = sgemv
+    b.dgemv = dgemv
+    return b
+
+
+cdef inline void gemm(const Blas *blas, char ta, char tb, int m, int n, int k,
                       floating alpha, const floating *A, int lda,
                       const floating *B, int ldb,
                       floating beta, floating *C, int ldc) noexcept nogil:
@@ -37,18 +67,18 @@ cdef inline void gemm(char ta, char tb, int m, int n, int k,
         cols = k if tb == c'N' else n
         incx = 1 if ta == c'N' else lda
         if floating is float:
-            sgemv(&tv, &rows, &cols, &alpha, <float *> B, &ldb, <float *> A, &incx, &beta, C,
-                  &one)
+            blas.sgemv(&tv, &rows, &cols, &alpha, <float *> B, &ldb, <float *> A, &incx,
+                       &beta, C, &one)
         else:
-            dgemv(&tv, &rows, &cols, &alpha, <double *> B, &ldb, <double *> A, &incx, &beta, C,
-                  &one)
+            blas.dgemv(&tv, &rows, &cols, &alpha, <double *> B, &ldb, <double *> A, &incx,
+                       &beta, C, &one)
         return
     if floating is float:
-        sgemm(&tb, &ta, &n, &m, &k, &alpha, <float *> B, &ldb, <float *> A, &lda,
-              &beta, C, &ldc)
+        blas.sgemm(&tb, &ta, &n, &m, &k, &alpha, <float *> B, &ldb, <float *> A, &lda,
+                   &beta, C, &ldc)
     else:
-        dgemm(&tb, &ta, &n, &m, &k, &alpha, <double *> B, &ldb, <double *> A, &lda,
-              &beta, C, &ldc)
+        blas.dgemm(&tb, &ta, &n, &m, &k, &alpha, <double *> B, &ldb, <double *> A, &lda,
+                   &beta, C, &ldc)
 
 
 cdef inline char blas_layout(const floating[:, :] a, int *ld) noexcept nogil:

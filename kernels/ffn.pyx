@@ -20,6 +20,8 @@
 # the elementwise work (bias + activation forward; activation derivative or ReLU mask, db1, db2
 # backward) touches the block between two GEMMs, while it is still in cache.
 #
+# BLAS: the caller picks it per call (the `blas` slot: scipy's, or one registered by a front end;
+# see _blas.pxd); every GEMM of the call uses that one.
 # Threads: BLAS threads itself; the elementwise pass between two GEMMs runs on the calling thread
 # (one thread, always: a second OpenMP team between threaded GEMMs fights BLAS's still-spinning
 # workers on this 2-core machine and measured slower; docs/tuning.md).  So this file has no
@@ -32,7 +34,7 @@
 from cython cimport floating
 from libc.string cimport memset
 
-from _blas cimport blas_layout, flip, gemm
+from _blas cimport Blas, blas_layout, dgemm_t, dgemv_t, flip, gemm, scipy_blas, sgemm_t, sgemv_t
 from ffn_elementwise cimport (NF_ACT_GEGLU, NF_ACT_GELU, NF_ACT_GELU_TANH, NF_ACT_REGLU,
                               NF_ACT_RELU, NF_ACT_SILU, NF_ACT_SWIGLU,
                               nf_add_rows_f32, nf_add_rows_f64,
@@ -73,7 +75,7 @@ cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
                   const floating[:, :] w1, const floating[::1] b1,    # IN (d, hw), (hw,) or None
                   const floating[:, :] w2, const floating[::1] b2,    # IN (h, d), (d,) or None
                   const floating[:, ::1] res,             # IN (n, d) or None: added to y
-                  int act, Py_ssize_t blk) except -1:
+                  int act, Py_ssize_t blk, const Blas *bl) except -1:
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], hw = w1.shape[1], h = w2.shape[0]
     cdef int ld1, ld2
     cdef char t1 = blas_layout(w1, &ld1), t2 = blas_layout(w2, &ld2)
@@ -117,7 +119,7 @@ cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
             a_apart = sp if (hp != NULL and act != NF_ACT_RELU) else NULL
             ap = a_apart if a_apart != NULL else zp
             lda = h if a_apart != NULL else hw
-            gemm(c'N', t1, <int> m, <int> hw, <int> d, <floating> 1, xp + r0 * d, <int> d,
+            gemm(bl, c'N', t1, <int> m, <int> hw, <int> d, <floating> 1, xp + r0 * d, <int> d,
                  w1p, ld1, <floating> 0, zp, <int> hw)
             if floating is float:
                 nf_ffn_fwd_f32(zp, hw, a_apart, h, b1p, deadp, m, h, act)
@@ -131,23 +133,23 @@ cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
                     nf_add_rows_f64(yp + r0 * d, d, resp + r0 * d, d, b2p, m, d)
                 elif b2p != NULL:
                     nf_fill_rows_f64(yp + r0 * d, d, b2p, m, d)
-            gemm(c'N', t2, <int> m, <int> d, <int> h, <floating> 1, ap, <int> lda,
+            gemm(bl, c'N', t2, <int> m, <int> d, <int> h, <floating> 1, ap, <int> lda,
                  w2p, ld2, beta2, yp + r0 * d, <int> d)
             r0 = r0 + m
     return 0
 
 
-cdef inline void _dw_gemm(char layout, Py_ssize_t p, Py_ssize_t q, Py_ssize_t m,
+cdef inline void _dw_gemm(const Blas *bl, char layout, Py_ssize_t p, Py_ssize_t q, Py_ssize_t m,
                           const floating *a, Py_ssize_t lda, const floating *b, floating beta,
                           floating *dw, int ld) noexcept nogil:
     """dw (p, q) (+)= a^T (p, m) @ b (m, q): a's rows (p used) lda apart, b C-contiguous (m, q);
     dw in the layout blas_layout read (`layout`, leading dimension `ld`): for 'T' (a transposed
     view) this computes dw^T (q, p) = b^T @ a, the same sums written in that layout."""
     if layout == c'N':
-        gemm(c'T', c'N', <int> p, <int> q, <int> m, <floating> 1, a, <int> lda, b, <int> q,
+        gemm(bl, c'T', c'N', <int> p, <int> q, <int> m, <floating> 1, a, <int> lda, b, <int> q,
              beta, dw, ld)
     else:
-        gemm(c'T', c'N', <int> q, <int> p, <int> m, <floating> 1, b, <int> q, a, <int> lda,
+        gemm(bl, c'T', c'N', <int> q, <int> p, <int> m, <floating> 1, b, <int> q, a, <int> lda,
              beta, dw, ld)
 
 
@@ -186,7 +188,8 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
                    const floating[:, :] w1, const floating[::1] b1,
                    const floating[:, :] w2,
                    int act, Py_ssize_t blk,
-                   bint dx_acc) except -1:               # dx += (not =) dH @ w1^T
+                   bint dx_acc,                           # dx += (not =) dH @ w1^T
+                   const Blas *bl) except -1:
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], hw = w1.shape[1], h = w2.shape[0]
     cdef int ld1, ld2, ldg1 = 0, ldg2 = 0
     cdef char t1 = blas_layout(w1, &ld1), t2 = blas_layout(w2, &ld2)
@@ -251,7 +254,7 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
         if s2 != NULL:
             memset(s2, 0, d * sizeof(double))
         if dw2_whole and dx_acc:
-            _dw_gemm(tg2, h, d, n, hp, hw, dyp, 0, dw2p, ldg2)
+            _dw_gemm(bl, tg2, h, d, n, hp, hw, dyp, 0, dw2p, ldg2)
         r0 = 0
         while r0 < n:
             m = n - r0 if n - r0 < blk else blk
@@ -262,7 +265,7 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
             bias = NULL
             if recompute:
                 if need_dh or need_a:
-                    gemm(c'N', t1, <int> m, <int> hw, <int> d, <floating> 1, xp + r0 * d,
+                    gemm(bl, c'N', t1, <int> m, <int> hw, <int> d, <floating> 1, xp + r0 * d,
                          <int> d, w1p, ld1, <floating> 0, zb, <int> hw)
                     hb = zb
                     a_out = zb          # a replaces z in place
@@ -275,7 +278,7 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
             ap = a_out if a_out != NULL else hb
             ldap = lda if a_out != NULL else hw
             if need_dh:
-                gemm(c'N', flip(t2), <int> m, <int> h, <int> d, <floating> 1, dyp + r0 * d,
+                gemm(bl, c'N', flip(t2), <int> m, <int> h, <int> d, <floating> 1, dyp + r0 * d,
                      <int> d, w2p, ld2, <floating> 0, gp, <int> hw)
                 if floating is float:
                     nf_ffn_bwd_f32(gp, hw, hb, hw, bias, a_out, lda, s1, m, h, act)
@@ -292,15 +295,15 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
                 else:
                     nf_colsum_f64(s2, dyp + r0 * d, d, m, d)
             if need_a and not dw2_whole:
-                _dw_gemm(tg2, h, d, m, ap, ldap, dyp + r0 * d, beta, dw2p, ldg2)
+                _dw_gemm(bl, tg2, h, d, m, ap, ldap, dyp + r0 * d, beta, dw2p, ldg2)
             if dxp != NULL:
-                gemm(c'N', flip(t1), <int> m, <int> d, <int> hw, <floating> 1, gp, <int> hw,
+                gemm(bl, c'N', flip(t1), <int> m, <int> d, <int> hw, <floating> 1, gp, <int> hw,
                      w1p, ld1, beta_dx, dxp + r0 * d, <int> d)
             if dw1p != NULL:
-                _dw_gemm(tg1, d, hw, m, xp + r0 * d, d, gp, beta, dw1p, ldg1)
+                _dw_gemm(bl, tg1, d, hw, m, xp + r0 * d, d, gp, beta, dw1p, ldg1)
             r0 = r0 + m
         if dw2_whole and not dx_acc:
-            _dw_gemm(tg2, h, d, n, hp, hw, dyp, 0, dw2p, ldg2)
+            _dw_gemm(bl, tg2, h, d, n, hp, hw, dyp, 0, dw2p, ldg2)
         if floating is float:
             if s1 != NULL:
                 nf_round_sums_f32(db1p, s1, hw)
@@ -315,23 +318,54 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
 
 
 # ---------------------------------------------------------------- Python entry points
-def forward(y, hidden, dead, scratch, x, w1, b1, w2, b2, int act, Py_ssize_t blk, res=None):
-    """y (and hidden, dead) <- the FFN forward, plus `res` ((n, d) or None) if given.
-    Arguments already validated (module doc); `dead` is a bool array viewed as uint8."""
+# The BLAS a call multiplies with: slot 0 is scipy's (always there); slot 1 is one a caller
+# registered (register_blas), e.g. normffn.torch's: the BLAS PyTorch itself calls.
+cdef Blas _BLAS[2]
+_BLAS[0] = scipy_blas()
+cdef bint _slot1_registered = False
+
+
+def register_blas(size_t sgemm, size_t dgemm, size_t sgemv, size_t dgemv):
+    """Slot 1 <- the BLAS whose sgemm_/dgemm_/sgemv_/dgemv_ (Fortran interface, LP64 ints)
+    are at these addresses.  The caller vouches for the addresses (normffn._blas checks the
+    routines on a small product before it lets any kernel use them)."""
+    global _slot1_registered
+    if not (sgemm and dgemm and sgemv and dgemv):
+        raise ValueError("register_blas: every routine's address must be non-zero")
+    _BLAS[1].sgemm = <sgemm_t> sgemm
+    _BLAS[1].dgemm = <dgemm_t> dgemm
+    _BLAS[1].sgemv = <sgemv_t> sgemv
+    _BLAS[1].dgemv = <dgemv_t> dgemv
+    _slot1_registered = True
+
+
+cdef const Blas *_blas_of(int slot) except NULL:
+    if slot == 0 or (slot == 1 and _slot1_registered):
+        return &_BLAS[slot]
+    raise ValueError(f"kernel argument blas={slot}: no BLAS registered in that slot")
+
+
+def forward(y, hidden, dead, scratch, x, w1, b1, w2, b2, int act, Py_ssize_t blk, res=None,
+            int blas=0):
+    """y (and hidden, dead) <- the FFN forward, plus `res` ((n, d) or None) if given, with the
+    BLAS of slot `blas`.  Arguments already validated (module doc); `dead` is a bool array
+    viewed as uint8."""
+    cdef const Blas *bl = _blas_of(blas)
     if x.dtype == np.float32:
-        _forward[float](y, hidden, dead, scratch, x, w1, b1, w2, b2, res, act, blk)
+        _forward[float](y, hidden, dead, scratch, x, w1, b1, w2, b2, res, act, blk, bl)
     else:
-        _forward[double](y, hidden, dead, scratch, x, w1, b1, w2, b2, res, act, blk)
+        _forward[double](y, hidden, dead, scratch, x, w1, b1, w2, b2, res, act, blk, bl)
 
 
 def backward(dx, dw1, db1, dw2, db2, sums, gbuf, zbuf, dy, hidden, x, w1, b1, w2, int act,
-             Py_ssize_t blk, bint dx_acc=False):
-    """dx, dw1, db1, dw2, db2 (those not None) <- the FFN backward; with `dx_acc` dx is
-    accumulated onto (it holds an addend, and may be dy itself).  Arguments already validated
-    (module doc)."""
+             Py_ssize_t blk, bint dx_acc=False, int blas=0):
+    """dx, dw1, db1, dw2, db2 (those not None) <- the FFN backward, with the BLAS of slot
+    `blas`; with `dx_acc` dx is accumulated onto (it holds an addend, and may be dy itself).
+    Arguments already validated (module doc)."""
+    cdef const Blas *bl = _blas_of(blas)
     if x.dtype == np.float32:
         _backward[float](dx, dw1, db1, dw2, db2, sums, gbuf, zbuf, dy, hidden, x, w1, b1, w2,
-                         act, blk, dx_acc)
+                         act, blk, dx_acc, bl)
     else:
         _backward[double](dx, dw1, db1, dw2, db2, sums, gbuf, zbuf, dy, hidden, x, w1, b1, w2,
-                          act, blk, dx_acc)
+                          act, blk, dx_acc, bl)

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _checks, _tuning
+from . import _blas, _checks, _tuning
 from ._checks import F32, F64, INT32_MAX
 from ._context import Context, Field
 from ._kernels import ffn as _kernel
@@ -374,7 +374,7 @@ def run_forward(x, w1, b1, w2, b2, activation, *, training=False, recompute=Fals
         width = h if hidden is not None else hw
         scratch = workspace("ffn.hidden_block", blk * width, dtype)
     _kernel.forward(y, hidden, None if dead is None else dead.view(np.uint8), scratch, x,
-                    w1, b1, w2, b2, _CODES[activation], blk, residual)
+                    w1, b1, w2, b2, _CODES[activation], blk, residual, _blas.current())
     return y, hidden, dead
 
 
@@ -419,7 +419,7 @@ def run_backward(dy, x, hidden, w1, b1, w2, activation, needs, *, out=(None,) * 
     sums = workspace("ffn.bias_sums", hw + d, np.float64) \
         if (db1 is not None or db2 is not None) else None
     _kernel.backward(dx, dw1, db1, dw2, db2, sums, gbuf, zbuf, dy, hidden, x, w1, b1, w2,
-                     _CODES[activation], blk, dx_accumulate)
+                     _CODES[activation], blk, dx_accumulate, _blas.current())
     return tuple(grads)
 
 
