@@ -246,6 +246,58 @@ def test_gated_ffn_gradcheck(route):
         assert torch.autograd.gradcheck(lambda *a: nft.ffn(*a, activation=act), ins)
 
 
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="a torch build without MKL")
+def test_ffn_multiplies_with_torchs_blas():
+    # the x86 wheels export MKL's Fortran routines; normffn.torch registers and uses them
+    from normffn import _blas
+    assert nft.blas() == "torch"
+    assert _blas.registered()[0] == "torch"
+    seen = []
+    real = _blas.current
+
+    def spy():
+        seen.append(real())
+        return seen[-1]
+    try:
+        _blas.current = spy
+        nft.ffn(torch.randn(3, 4), torch.randn(6, 4), None, torch.randn(4, 6), None)
+    finally:
+        _blas.current = real
+    # the last read is the kernel call's (the first is using() saving the thread's slot)
+    assert seen and seen[-1] != _blas.SCIPY
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_ffn_same_with_either_blas(activation):
+    """torch's BLAS and scipy's give the same FFN and FFN-block results up to rounding."""
+    gen = torch.Generator().manual_seed(3)
+    d, h = 33, 70
+    hw = 2 * h if activation in GATED else h
+    inputs = [torch.randn(*s, generator=gen, dtype=torch.float64)
+              for s in ((5, 7, d), (hw, d), (hw,), (d, h), (d,), (d,), (d,))]
+
+    def both():
+        x, w1, b1, w2, b2, nw, nb = leaves(*inputs)
+        y = nft.ffn(x, w1, b1, w2, b2, activation)
+        z = nft.ffn_block(x, nw, nb, w1, b1, w2, b2, activation)
+        return (y, z) + torch.autograd.grad(y.sum() + z.square().sum(), (x, w1, b1, w2, b2, nw))
+    before = nft.blas()
+    try:
+        nft.set_blas("scipy")
+        assert nft.blas() == "scipy"
+        with_scipy = both()
+    finally:
+        nft.set_blas(before)
+    with_default = both()
+    for i, (a, b) in enumerate(zip(with_scipy, with_default)):
+        close(a, b, torch.float64, f"result {i}")
+
+
+def test_set_blas_rejects_an_unknown_name():
+    with pytest.raises(ValueError, match="'torch' or 'scipy'"):
+        nft.set_blas("mkl")
+
+
 def test_ffn_unknown_activation_is_an_error():
     x, w1, b1, w2, b2 = _ffn_inputs(torch.float32)
     with pytest.raises(ValueError, match="activation must be one of"):

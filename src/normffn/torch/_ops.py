@@ -52,6 +52,7 @@ from torch import Tensor
 import normffn
 
 from . import _torch_ref
+from ._blas import gemms
 from ._util import compiling, np_, numpy_op, opt_np, warn_fallback
 
 __all__ = ["layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward",
@@ -144,10 +145,13 @@ def _ln_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.normalized_shape, ctx.eps = normalized_shape, eps
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)     # else autograd builds zero grads for mean, rstd
 
 
 def _ln_backward(bwd):
     def backward(ctx, dy, _dmean, _drstd):
+        if dy is None:
+            return (None,) * 5
         x, weight, bias, mean, rstd = ctx.saved_tensors
         nx, _, nw, nb, _ = ctx.needs_input_grad
         needs = [nx, nw and weight is not None, nb and bias is not None]
@@ -205,10 +209,13 @@ def _rms_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, output[1])
     ctx.normalized_shape, ctx.eps = normalized_shape, eps
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)     # else autograd builds a zero grad for rstd
 
 
 def _rms_backward(bwd):
     def backward(ctx, dy, _drstd):
+        if dy is None:
+            return (None,) * 4
         x, weight, rstd = ctx.saved_tensors
         nx, _, nw, _ = ctx.needs_input_grad
         needs = [nx, nw and weight is not None]
@@ -299,10 +306,13 @@ def _bn_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, mean, rstd, *stats)
     ctx.training, ctx.eps = training, eps
     ctx.mark_non_differentiable(mean, rstd, new_rm, new_rv)
+    ctx.set_materialize_grads(False)     # else autograd builds zero grads for the statistics
 
 
 def _bn_backward(bwd):
     def backward(ctx, dy, *_stat_grads):
+        if dy is None:
+            return (None,) * 8
         x, weight, bias, mean, rstd, running_mean, running_var = ctx.saved_tensors
         nx, _, _, nw, nb, _, _, _ = ctx.needs_input_grad
         needs = [nx, nw and weight is not None, nb and bias is not None]
@@ -348,8 +358,9 @@ def _blas_ready(w: np.ndarray) -> np.ndarray:
 def _ffn_infer(x, weight1, bias1, weight2, bias2, activation, buffers=None) -> Tensor:
     xa = np_(x)
     out = None if buffers is None else buffers.take("y", xa.shape, xa.dtype)
-    y = normffn.ffn(xa, _w(weight1), opt_np(bias1), _w(weight2), opt_np(bias2), activation,
-                    out=out)
+    with gemms():
+        y = normffn.ffn(xa, _w(weight1), opt_np(bias1), _w(weight2), opt_np(bias2), activation,
+                        out=out)
     if buffers is not None:
         buffers.keep("y", y)
     return torch.from_numpy(y)
@@ -375,8 +386,10 @@ def _ffn_fwd(x, weight1, bias1, weight2, bias2, activation, recompute, buffers=N
         if not recompute:
             hidden_out = buffers.take("hidden", (math.prod(xa.shape[:-1]), weight1.shape[0]),
                                       xa.dtype)
-    y, c = normffn.ffn_forward(xa, _w(weight1), opt_np(bias1), _w(weight2), opt_np(bias2),
-                               activation, recompute=recompute, out=out, hidden_out=hidden_out)
+    with gemms():
+        y, c = normffn.ffn_forward(xa, _w(weight1), opt_np(bias1), _w(weight2), opt_np(bias2),
+                                   activation, recompute=recompute, out=out,
+                                   hidden_out=hidden_out)
     if buffers is not None:
         buffers.keep("y", y)
         buffers.keep("hidden", c.hidden)
@@ -418,7 +431,8 @@ def _ffn_bwd(dy, x, weight1, bias1, weight2, bias2, hidden, activation, recomput
             if bufs[i] is None and i in (1, 3):
                 bufs[i] = np.empty(shape, dtype)
     out = tuple(None if b is None else (b.T if i in (1, 3) else b) for i, b in enumerate(bufs))
-    grads = list(normffn.ffn_backward(np_(dy), c, needs=needs, out=out))
+    with gemms():
+        grads = list(normffn.ffn_backward(np_(dy), c, needs=needs, out=out))
     for i in (1, 3):
         if grads[i] is not None:
             grads[i] = bufs[i]
@@ -452,10 +466,15 @@ def _ffn_setup(ctx, inputs, output):
     ctx.activation, ctx.recompute = activation, recompute
     ctx.buffers = inputs[7] if len(inputs) > 7 else None   # the eager route of a module
     ctx.mark_non_differentiable(output[1])
+    # else autograd builds a zero gradient for the hidden activation, an (n, h) tensor (its page
+    # faults were 8% of a FeedForward training step at 8192x512x2048)
+    ctx.set_materialize_grads(False)
 
 
 def _ffn_backward(bwd):
     def backward(ctx, dy, _dhidden):
+        if dy is None:
+            return (None,) * len(ctx.needs_input_grad)
         x, weight1, bias1, weight2, bias2, hidden = ctx.saved_tensors
         nx, nw1, nb1, nw2, nb2 = ctx.needs_input_grad[:5]
         needs = [nx, nw1, nb1 and bias1 is not None, nw2, nb2 and bias2 is not None]
@@ -492,9 +511,10 @@ def _ffn_block_impl(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optiona
                     bias2: Optional[Tensor], activation: str, norm: str, placement: str,
                     eps: float) -> Tensor:
     fn = numpy_op("ffn_block")
-    return torch.from_numpy(fn(np_(x), opt_np(norm_weight), opt_np(norm_bias), _w(weight1),
-                               opt_np(bias1), _w(weight2), opt_np(bias2), activation,
-                               norm=norm, placement=placement, eps=eps))
+    with gemms():
+        y = fn(np_(x), opt_np(norm_weight), opt_np(norm_bias), _w(weight1), opt_np(bias1),
+               _w(weight2), opt_np(bias2), activation, norm=norm, placement=placement, eps=eps)
+    return torch.from_numpy(y)
 
 
 def _ffn_block_fake(x, norm_weight, norm_bias, weight1, bias1, weight2, bias2, activation, norm,
@@ -533,10 +553,11 @@ class FFNBlockFunction(torch.autograd.Function):
             out = buffers.take("y", xa.shape, xa.dtype)
             hidden_out = buffers.take("hidden", (math.prod(xa.shape[:-1]), weight1.shape[0]),
                                       xa.dtype)
-        y, c = numpy_op("ffn_block_forward")(
-            xa, opt_np(norm_weight), opt_np(norm_bias), _w(weight1), opt_np(bias1),
-            _w(weight2), opt_np(bias2), activation, norm=norm, placement=placement, eps=eps,
-            out=out, hidden_out=hidden_out)
+        with gemms():
+            y, c = numpy_op("ffn_block_forward")(
+                xa, opt_np(norm_weight), opt_np(norm_bias), _w(weight1), opt_np(bias1),
+                _w(weight2), opt_np(bias2), activation, norm=norm, placement=placement,
+                eps=eps, out=out, hidden_out=hidden_out)
         if buffers is not None:
             buffers.keep("y", y)
             buffers.keep("hidden", c.hidden)
@@ -588,7 +609,8 @@ def _ffn_block_bwd(dy, inputs, kept, spec, needs, buffers):
             if bufs[i] is None and i in (3, 5):
                 bufs[i] = np.empty(shapes[i], dtype)
     out = tuple(None if b is None else (b.T if i in (3, 5) else b) for i, b in enumerate(bufs))
-    g = list(numpy_op("ffn_block_backward")(np_(dy), c, needs=tuple(needs), out=out))
+    with gemms():
+        g = list(numpy_op("ffn_block_backward")(np_(dy), c, needs=tuple(needs), out=out))
     for i in (3, 5):
         if g[i] is not None:
             g[i] = bufs[i]
