@@ -18,7 +18,9 @@ ratios the issue asks for.
    ``normffn.torch.FeedForward``.  Every process builds the model from the same seed; a separate
    ``check`` process builds stock and normffn from the same weights and prints the relative
    difference of their losses (step 0 and a few SGD steps).  Targets: normffn ≥ 1.25× faster
-   than stock, and not slower than compiled.
+   than stock, and not slower than compiled.  Case ``gemms``: only the step's 24 GEMMs
+   (torch.mm into preallocated outputs, torch's BLAS) — the floor of any step multiplying with
+   that BLAS; stock's step over it is the most a fused implementation can gain.
 2. ``overhead``: per-call cost at small shapes (1, 4, 64 rows × 768) of
    ``normffn.torch.layer_norm`` vs ``torch.nn.functional.layer_norm``, forward without autograd
    and with it (input, weight and bias require grad; the graph is built and dropped), and of the
@@ -75,7 +77,7 @@ FFN_WARMUP = 3
 CHECK_STEPS = 3
 
 CASES = {
-    "train": ["train-stock", "train-normffn", "train-compiled"],
+    "train": ["train-stock", "train-normffn", "train-compiled", "train-gemms"],
     "overhead": ["overhead-torch", "overhead-normffn", "overhead-numpy"],
     "ffn": ["ffn-normffn", "ffn-torchmm", "ffn-sgemm"],
 }
@@ -185,8 +187,44 @@ def _time_steps(step, n):
     return ts
 
 
+def _gemms_step(torch, cfg):
+    """The bare GEMMs of one training step of the model: per layer, forward fc1 and fc2, backward
+    dH = dy·W2, dx = dH·W1, dW2 = dyᵀ·H, dW1 = dHᵀ·xn, each with torch.mm into a preallocated
+    output, the weights in nn.Linear's layout as the Linears pass them: the step's floor for
+    any implementation multiplying with torch's BLAS."""
+    n, d, h = cfg["tokens"], cfg["d"], cfg["h"]
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(cfg["layers"]):
+        layers.append({"x": torch.randn(n, d, generator=g), "dy": torch.randn(n, d, generator=g),
+                       "w1": torch.randn(h, d, generator=g), "w2": torch.randn(d, h, generator=g),
+                       "H": torch.empty(n, h), "Y": torch.empty(n, d), "dH": torch.empty(n, h),
+                       "dX": torch.empty(n, d), "dW1": torch.empty(h, d),
+                       "dW2": torch.empty(d, h)})
+
+    def step():
+        for t in layers:
+            torch.mm(t["x"], t["w1"].t(), out=t["H"])
+            torch.mm(t["H"], t["w2"].t(), out=t["Y"])
+        for t in reversed(layers):
+            torch.mm(t["dy"], t["w2"], out=t["dH"])
+            torch.mm(t["dH"], t["w1"], out=t["dX"])
+            torch.mm(t["dy"].t(), t["H"], out=t["dW2"])
+            torch.mm(t["dH"].t(), t["x"], out=t["dW1"])
+        return None
+    return step
+
+
 def worker_train(kind, cfg, steps, threads):
     torch = _torch(threads)
+    if kind == "gemms":
+        step = _gemms_step(torch, cfg)
+        for _ in range(TRAIN_WARMUP + 1):
+            step()
+        ts = _time_steps(step, steps)
+        return {"samples_s": ts, "median_s": statistics.median(ts), "first_loss": None,
+                "first_step_s": 0.0, "route": "its bare GEMMs: torch.mm(out=), torch's BLAS",
+                "torch_threads": torch.get_num_threads()}
     stock = _stock_model(torch, cfg)
     route = "plain eager PyTorch"
     if kind == "stock":
@@ -455,7 +493,7 @@ def report_train(runs, check, cfg):
                      "route": ok[0]["route"] if ok else None,
                      "first_step_s": [r["first_step_s"] for r in ok],
                      "first_loss": [r["first_loss"] for r in ok]}
-        if ok:
+        if ok and ok[0]["first_loss"] is not None:
             firsts[kind] = ok[0]["first_loss"]
         extra = ""
         if kind == "compiled" and ok:
@@ -477,6 +515,17 @@ def report_train(runs, check, cfg):
                 ratios[f"{other}/{mine}"] = r
                 target = "≥ 1.25" if other == "stock" else "≥ 1.00"
                 print(f"  speed-up of {mine} over {other}: {r:.3f}×  (target {target})")
+    floor = med.get("gemms")
+    if floor is not None:
+        for other in ("stock", "compiled", "normffn", "patched"):
+            if med.get(other) is not None:
+                share = floor["median"] / med[other]["median"]
+                ratios[f"gemms/{other}"] = share
+                print(f"  {other}: its GEMMs are {100 * share:.0f}% of its step")
+        r = _ratio(med.get("stock"), floor)
+        if r is not None:
+            print(f"  the most any implementation multiplying with torch's BLAS can gain over "
+                  f"stock: {r:.3f}× (stock's step / its bare GEMMs)")
     out["ratios"] = ratios
     return out
 
