@@ -36,6 +36,15 @@ def _run(route, grad: bool, direct: bool, *args):
     return function.apply(*args) if grad else impl(*args)
 
 
+def _run_y(route, grad: bool, direct: bool, *args):
+    """``_run`` for an op whose eager Function returns y alone (its statistics stay on the
+    autograd context), while the operator and the implementation return (y, statistics)."""
+    op, function, impl = route
+    if direct and grad:
+        return function.apply(*args)
+    return (op(*args) if not direct else impl(*args))[0]
+
+
 def _shape(normalized_shape) -> list:
     if isinstance(normalized_shape, int):
         return [normalized_shape]
@@ -90,7 +99,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if direct and not grad:     # eager inference: the NumPy call alone, no statistics kept
         return torch.from_numpy(normffn.layer_norm(np_(input), _numpy_shape(normalized_shape),
                                                    opt_np(weight), opt_np(bias), float(eps)))
-    return _run(_LN, grad, direct, input, _shape(normalized_shape), weight, bias, float(eps))[0]
+    return _run_y(_LN, grad, direct, input, _shape(normalized_shape), weight, bias, float(eps))
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
@@ -129,7 +138,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     if direct and not grad:     # eager inference: the NumPy call alone, no statistics kept
         return torch.from_numpy(normffn.rms_norm(np_(input), _numpy_shape(normalized_shape),
                                                  opt_np(weight), float(eps)))
-    return _run(_RMS, grad, direct, input, _shape(normalized_shape), weight, float(eps))[0]
+    return _run_y(_RMS, grad, direct, input, _shape(normalized_shape), weight, float(eps))
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
