@@ -882,6 +882,21 @@ def test_other_device_and_mixed_dtypes_fall_back():
             nft.layer_norm(torch.randn(2, 4), 4, torch.ones(4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_input_modified_before_backward_is_caught(route, op):
+    """The eager Functions keep the NumPy context, yet save x and weight as tensors: an input
+    changed in place between forward and backward is autograd's error, not a stale gradient."""
+    x, w = leaves(torch.randn(3, 8), torch.randn(8))
+    with torch.no_grad():
+        xin = x * 1.0
+    xin.requires_grad_(True)
+    y = getattr(nft, op)(xin, (8,), w)
+    with torch.no_grad():
+        xin.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_double_backward_falls_back(route):
     x, w, b = leaves(rand(3, 5), rand(5, seed=1), rand(5, seed=2))
     with pytest.warns(nft.FallbackWarning, match="double backward"):

@@ -79,46 +79,22 @@ def _op(name: str, impl, fake):
     return op
 
 
-def _function(name: str, impl, setup, backward, *, stats_on_ctx: bool = False):
+def _function(name: str, impl, setup, backward):
     """The eager route: an autograd.Function running ``impl`` with the op's own setup and
-    backward (the backward given calls the backward implementation directly).
-
-    ``stats_on_ctx``: the Function returns ``impl``'s first output alone and keeps the others
-    (the statistics backward needs) on its context — see ``_save``.  Autograd's bookkeeping per
-    output is a fifth of a small LayerNorm call's wrapper cost."""
-    if stats_on_ctx:
-        def forward(ctx, *args):
-            out = impl(*args)
-            ctx.stats_on_ctx = True
-            setup(ctx, args, out)
-            return out[0]
-    else:
-        def forward(ctx, *args):
-            out = impl(*args)
-            setup(ctx, args, out)
-            return out
+    backward (the backward given calls the backward implementation directly)."""
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup(ctx, args, out)
+        return out
     return type(name, (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
-def _save(ctx, inputs: tuple, stats: tuple) -> None:
-    """Save the inputs backward needs (autograd checks their versions) and the statistics the
-    forward returned.  Through the operator the statistics are outputs: saved as tensors and
-    marked non-differentiable, with no zero gradients built for them.  The eager Function of
-    ``_function(..., stats_on_ctx=True)`` does not return them: they stay on its context."""
-    if getattr(ctx, "stats_on_ctx", False):
-        ctx.save_for_backward(*inputs)
-        ctx.stats = stats
-    else:
-        ctx.save_for_backward(*inputs, *stats)
-        ctx.stats = ()
-        ctx.mark_non_differentiable(*stats)
-        ctx.set_materialize_grads(False)
-
-
-def _saved(ctx) -> tuple:
-    """What ``_save`` kept: the inputs, then the statistics."""
-    return ctx.saved_tensors + ctx.stats
+def _mark_stats(ctx, *stats) -> None:
+    """The operator returns what backward needs (statistics, the FFN's hidden) as outputs:
+    not differentiable, and no zero gradients built for them (``set_materialize_grads``)."""
+    ctx.mark_non_differentiable(*stats)
+    ctx.set_materialize_grads(False)
 
 
 def _double_backward(ctx, dy: Tensor) -> bool:
@@ -172,22 +148,21 @@ def _ln_bwd_fake(dy, x, weight, bias, mean, rstd, normalized_shape, eps, needs):
 
 def _ln_setup(ctx, inputs, output):
     x, normalized_shape, weight, bias, eps = inputs
-    _save(ctx, (x, weight, bias), output[1:])
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.normalized_shape, ctx.eps = normalized_shape, eps
+    _mark_stats(ctx, mean, rstd)
 
 
 def _ln_backward(bwd):
     def backward(ctx, dy, *_dstats):
         if dy is None:
             return (None,) * 5
-        x, weight, bias, mean, rstd = _saved(ctx)
+        x, weight, bias, mean, rstd = ctx.saved_tensors
         nx, _, nw, nb, _ = ctx.needs_input_grad
         needs = [nx, nw and weight is not None, nb and bias is not None]
         if _double_backward(ctx, dy):
-            dx, dw, db = _torch_grads(
-                "layer_norm",
-                lambda a, w, b: F.layer_norm(a, ctx.normalized_shape, w, b, ctx.eps),
-                (x, weight, bias), dy, needs)
+            dx, dw, db = _ln_torch_grads(ctx, x, weight, bias, dy, needs)
         else:
             dx, dw, db = bwd(dy, x, weight, bias, mean, rstd, ctx.normalized_shape, ctx.eps,
                              needs)
@@ -195,11 +170,49 @@ def _ln_backward(bwd):
     return backward
 
 
+def _dims(normalized_shape) -> tuple:
+    """normalized_shape as torch.nn.functional takes it (the eager Functions keep an int)."""
+    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+
+
+def _ln_torch_grads(ctx, x, weight, bias, dy, needs):
+    shape = _dims(ctx.normalized_shape)
+    return _torch_grads("layer_norm", lambda a, w, b: F.layer_norm(a, shape, w, b, ctx.eps),
+                        (x, weight, bias), dy, needs)
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """The eager route: ``apply(x, normalized_shape, weight, bias, eps) -> y``.  It returns y
+    alone and keeps the NumPy layer's context on the autograd context, which backward hands
+    straight to ``normffn.layer_norm_backward``: autograd's bookkeeping per output, the tensors
+    made of the statistics and the context rebuilt in backward were a third of a small call's
+    wrapper cost.  x, weight and bias are saved as tensors so that autograd's version check
+    still catches an input modified in place before backward."""
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps):
+        y, c = normffn.layer_norm_forward(np_(x), normalized_shape, opt_np(weight),
+                                          opt_np(bias), eps)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.numpy_ctx, ctx.normalized_shape, ctx.eps = c, normalized_shape, eps
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensors
+        nx, _, nw, nb, _ = ctx.needs_input_grad
+        needs = [nx, nw and weight is not None, nb and bias is not None]
+        if _double_backward(ctx, dy):
+            dx, dw, db = _ln_torch_grads(ctx, x, weight, bias, dy, needs)
+        else:
+            dx, dw, db = (_opt_from(g) for g in normffn.layer_norm_backward(
+                np_(dy), ctx.numpy_ctx, needs=tuple(needs)))
+        return _keep(dx, needs[0]), None, _keep(dw, needs[1]), _keep(db, needs[2]), None
+
+
 layer_norm = _op("layer_norm", _ln_impl, _ln_fake)
 layer_norm_backward = _op("layer_norm_backward", _ln_bwd_impl, _ln_bwd_fake)
 layer_norm.register_autograd(_ln_backward(layer_norm_backward), setup_context=_ln_setup)
-LayerNormFunction = _function("LayerNormFunction", _ln_impl, _ln_setup,
-                              _ln_backward(_ln_bwd_impl), stats_on_ctx=True)
 
 
 # ---------------------------------------------------------------- RMSNorm
@@ -234,32 +247,59 @@ def _rms_bwd_fake(dy, x, weight, rstd, normalized_shape, eps, needs):
 
 def _rms_setup(ctx, inputs, output):
     x, normalized_shape, weight, eps = inputs
-    _save(ctx, (x, weight), output[1:])
+    ctx.save_for_backward(x, weight, output[1])
     ctx.normalized_shape, ctx.eps = normalized_shape, eps
+    _mark_stats(ctx, output[1])
 
 
 def _rms_backward(bwd):
     def backward(ctx, dy, *_dstats):
         if dy is None:
             return (None,) * 4
-        x, weight, rstd = _saved(ctx)
+        x, weight, rstd = ctx.saved_tensors
         nx, _, nw, _ = ctx.needs_input_grad
         needs = [nx, nw and weight is not None]
         if _double_backward(ctx, dy):
-            dx, dw = _torch_grads(
-                "rms_norm", lambda a, w: F.rms_norm(a, ctx.normalized_shape, w, ctx.eps),
-                (x, weight), dy, needs)
+            dx, dw = _rms_torch_grads(ctx, x, weight, dy, needs)
         else:
             dx, dw = bwd(dy, x, weight, rstd, ctx.normalized_shape, ctx.eps, needs)
         return _keep(dx, needs[0]), None, _keep(dw, needs[1]), None
     return backward
 
 
+def _rms_torch_grads(ctx, x, weight, dy, needs):
+    shape = _dims(ctx.normalized_shape)
+    return _torch_grads("rms_norm", lambda a, w: F.rms_norm(a, shape, w, ctx.eps),
+                        (x, weight), dy, needs)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """The eager route: ``apply(x, normalized_shape, weight, eps) -> y``, keeping the NumPy
+    layer's context on the autograd context (as LayerNormFunction)."""
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, eps):
+        y, c = normffn.rms_norm_forward(np_(x), normalized_shape, opt_np(weight), eps)
+        ctx.save_for_backward(x, weight)
+        ctx.numpy_ctx, ctx.normalized_shape, ctx.eps = c, normalized_shape, eps
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        nx, _, nw, _ = ctx.needs_input_grad
+        needs = [nx, nw and weight is not None]
+        if _double_backward(ctx, dy):
+            dx, dw = _rms_torch_grads(ctx, x, weight, dy, needs)
+        else:
+            dx, dw = (_opt_from(g) for g in normffn.rms_norm_backward(
+                np_(dy), ctx.numpy_ctx, needs=tuple(needs)))
+        return _keep(dx, needs[0]), None, _keep(dw, needs[1]), None
+
+
 rms_norm = _op("rms_norm", _rms_impl, _rms_fake)
 rms_norm_backward = _op("rms_norm_backward", _rms_bwd_impl, _rms_bwd_fake)
 rms_norm.register_autograd(_rms_backward(rms_norm_backward), setup_context=_rms_setup)
-RMSNormFunction = _function("RMSNormFunction", _rms_impl, _rms_setup,
-                            _rms_backward(_rms_bwd_impl), stats_on_ctx=True)
 
 
 # ---------------------------------------------------------------- BatchNorm
@@ -331,8 +371,7 @@ def _bn_setup(ctx, inputs, output):
     stats = (None, None) if training else (running_mean, running_var)
     ctx.save_for_backward(x, weight, bias, mean, rstd, *stats)
     ctx.training, ctx.eps = training, eps
-    ctx.mark_non_differentiable(mean, rstd, new_rm, new_rv)
-    ctx.set_materialize_grads(False)     # else autograd builds zero grads for the statistics
+    _mark_stats(ctx, mean, rstd, new_rm, new_rv)
 
 
 def _bn_backward(bwd):
@@ -491,10 +530,9 @@ def _ffn_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight1, bias1, weight2, bias2, output[1])
     ctx.activation, ctx.recompute = activation, recompute
     ctx.buffers = inputs[7] if len(inputs) > 7 else None   # the eager route of a module
-    ctx.mark_non_differentiable(output[1])
-    # else autograd builds a zero gradient for the hidden activation, an (n, h) tensor (its page
-    # faults were 8% of a FeedForward training step at 8192x512x2048)
-    ctx.set_materialize_grads(False)
+    # without _mark_stats' set_materialize_grads(False), autograd built a zero gradient for the
+    # hidden activation, an (n, h) tensor (8% of a FeedForward step at 8192x512x2048)
+    _mark_stats(ctx, output[1])
 
 
 def _ffn_backward(bwd):

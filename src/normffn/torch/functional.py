@@ -19,8 +19,8 @@ from ._util import KERNEL_ACTIVATIONS, np_, numpy_op, opt_np, plan, warn_fallbac
 __all__ = ["layer_norm", "rms_norm", "batch_norm", "ffn", "ffn_block"]
 
 # per op: (operator, eager autograd.Function, implementation) — see _ops for the two routes
-_LN = (torch.ops.normffn.layer_norm.default, _ops.LayerNormFunction, _ops._ln_impl)
-_RMS = (torch.ops.normffn.rms_norm.default, _ops.RMSNormFunction, _ops._rms_impl)
+_LN_OP = torch.ops.normffn.layer_norm.default
+_RMS_OP = torch.ops.normffn.rms_norm.default
 _BN = (torch.ops.normffn.batch_norm.default, _ops.BatchNormFunction, _ops._bn_impl)
 _FFN_TRAIN = (torch.ops.normffn.ffn_forward.default, _ops.FFNFunction, _ops._ffn_fwd_impl)
 _FFN_INFER = (torch.ops.normffn.ffn.default, None, _ops._ffn_impl)
@@ -34,15 +34,6 @@ def _run(route, grad: bool, direct: bool, *args):
     if not direct:
         return op(*args)
     return function.apply(*args) if grad else impl(*args)
-
-
-def _run_y(route, grad: bool, direct: bool, *args):
-    """``_run`` for an op whose eager Function returns y alone (its statistics stay on the
-    autograd context), while the operator and the implementation return (y, statistics)."""
-    op, function, impl = route
-    if direct and grad:
-        return function.apply(*args)
-    return (op(*args) if not direct else impl(*args))[0]
 
 
 def _shape(normalized_shape) -> list:
@@ -99,7 +90,10 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if direct and not grad:     # eager inference: the NumPy call alone, no statistics kept
         return torch.from_numpy(normffn.layer_norm(np_(input), _numpy_shape(normalized_shape),
                                                    opt_np(weight), opt_np(bias), float(eps)))
-    return _run_y(_LN, grad, direct, input, _shape(normalized_shape), weight, bias, float(eps))
+    if direct:                  # eager, autograd recording (the inference case returned above)
+        return _ops.LayerNormFunction.apply(input, _numpy_shape(normalized_shape), weight, bias,
+                                            float(eps))
+    return _LN_OP(input, _shape(normalized_shape), weight, bias, float(eps))[0]
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
@@ -138,7 +132,10 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     if direct and not grad:     # eager inference: the NumPy call alone, no statistics kept
         return torch.from_numpy(normffn.rms_norm(np_(input), _numpy_shape(normalized_shape),
                                                  opt_np(weight), float(eps)))
-    return _run_y(_RMS, grad, direct, input, _shape(normalized_shape), weight, float(eps))
+    if direct:                  # eager, autograd recording (the inference case returned above)
+        return _ops.RMSNormFunction.apply(input, _numpy_shape(normalized_shape), weight,
+                                          float(eps))
+    return _RMS_OP(input, _shape(normalized_shape), weight, float(eps))[0]
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
