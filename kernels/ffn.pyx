@@ -22,19 +22,24 @@
 #
 # BLAS: the caller picks it per call (the `blas` slot: scipy's, or one registered by a front end;
 # see _blas.pxd); every GEMM of the call uses that one.
-# Threads: BLAS threads itself; the elementwise pass between two GEMMs runs on the calling thread
-# (one thread, always: a second OpenMP team between threaded GEMMs fights BLAS's still-spinning
-# workers on this 2-core machine and measured slower; docs/tuning.md).  So this file has no
-# OpenMP region and OpenMP threads x BLAS threads never exceed what BLAS uses alone.
+# Threads: BLAS threads itself.  The elementwise passes between two GEMMs run on the calling
+# thread with scipy's BLAS (a second OpenMP team between OpenBLAS's threaded GEMMs fights its
+# still-spinning pthreads on a 2-core machine and measured slower; docs/tuning.md).  With a
+# registered BLAS that runs on this process's OpenMP pool (torch's MKL), the same OpenMP workers
+# take turns, and each pass splits the block's columns over them (_cols: each column by one
+# thread, rows in order, so sums and outputs are bitwise those of one thread).  OpenMP threads x
+# BLAS threads never exceed what BLAS uses alone.
 # Determinism: the elementwise pass walks each block's rows in order, so db1/db2 (float64) and
 # the dead-unit flags are sums in row order; dw1/dw2 are accumulated by BLAS block after block in
 # block order (beta = 1); each element comes from GEMMs over the same k in the same order, so
 # results depend on the thread count at most as far as the BLAS itself does (bitwise equal with
 # scipy's OpenBLAS in the tests).
 from cython cimport floating
+from cython.parallel cimport prange
 from libc.string cimport memset
 
 from _blas cimport Blas, blas_layout, dgemm_t, dgemv_t, flip, gemm, scipy_blas, sgemm_t, sgemv_t
+from core cimport nf_threads_for
 from ffn_elementwise cimport (NF_ACT_GEGLU, NF_ACT_GELU, NF_ACT_GELU_TANH, NF_ACT_REGLU,
                               NF_ACT_RELU, NF_ACT_SILU, NF_ACT_SWIGLU,
                               nf_add_rows_f32, nf_add_rows_f64,
@@ -53,6 +58,155 @@ ACTIVATION_CODES = {"relu": NF_ACT_RELU, "gelu": NF_ACT_GELU, "gelu_tanh": NF_AC
 GATED = ("reglu", "geglu", "swiglu")
 
 cdef Py_ssize_t INT32_MAX = 2147483647
+
+
+# ---------------------------------------------------------------- elementwise passes
+# Each runs the ffn_elementwise.h function over columns [0, w) of a block of m rows, on `nt`
+# threads: thread t takes the columns [_col(t), _col(t + 1)) (pointers offset to its first
+# column, leading dimensions unchanged).  nt == 1: one call over the whole block.
+
+cdef Py_ssize_t _MIN_ELEMS_PER_THREAD = 1 << 16    # below this a pass stays on one thread
+
+cdef inline int _pass_threads(bint threaded, Py_ssize_t m, Py_ssize_t w) noexcept nogil:
+    return nf_threads_for(m * w, _MIN_ELEMS_PER_THREAD) if threaded else 1
+
+
+cdef inline Py_ssize_t _col(Py_ssize_t w, int t, int nt) noexcept nogil:
+    """First column of thread t's slice of [0, w): whole 64-byte lines of float32 (multiples of
+    16 elements) so no two threads write one cache line; the last slice ends at w."""
+    if t >= nt:
+        return w
+    return (w * t // nt) & ~(<Py_ssize_t> 15)
+
+
+cdef inline void _fwd_cols(floating *z, Py_ssize_t ldz, floating *a, Py_ssize_t lda,
+                           const floating *b1, unsigned char *dead, Py_ssize_t m,
+                           Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t h, int act) noexcept nogil:
+    if c1 <= c0:
+        return
+    if floating is float:
+        nf_ffn_fwd_f32(z + c0, ldz, a + c0 if a != NULL else NULL, lda,
+                       b1 + c0 if b1 != NULL else NULL, dead + c0 if dead != NULL else NULL,
+                       m, c1 - c0, h, act)
+    else:
+        nf_ffn_fwd_f64(z + c0, ldz, a + c0 if a != NULL else NULL, lda,
+                       b1 + c0 if b1 != NULL else NULL, dead + c0 if dead != NULL else NULL,
+                       m, c1 - c0, h, act)
+
+
+cdef void _fwd_pass(floating *z, Py_ssize_t ldz, floating *a, Py_ssize_t lda,
+                    const floating *b1, unsigned char *dead, Py_ssize_t m, Py_ssize_t h,
+                    int act, int nt) noexcept nogil:
+    """v = z + b1, a = act(v) (nf_ffn_fwd) over the block's h hidden columns."""
+    cdef int t
+    if nt <= 1:
+        _fwd_cols(z, ldz, a, lda, b1, dead, m, 0, h, h, act)
+        return
+    for t in prange(nt, num_threads=nt, schedule='static'):
+        _fwd_cols(z, ldz, a, lda, b1, dead, m, _col(h, t, nt), _col(h, t + 1, nt), h, act)
+
+
+cdef inline void _bwd_cols(floating *g, Py_ssize_t ldg, floating *z, Py_ssize_t ldz,
+                           const floating *b1, floating *a_out, Py_ssize_t lda, double *s1,
+                           Py_ssize_t m, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t h,
+                           int act) noexcept nogil:
+    if c1 <= c0:
+        return
+    if floating is float:
+        nf_ffn_bwd_f32(g + c0, ldg, z + c0, ldz, b1 + c0 if b1 != NULL else NULL,
+                       a_out + c0 if a_out != NULL else NULL, lda,
+                       s1 + c0 if s1 != NULL else NULL, m, c1 - c0, h, act)
+    else:
+        nf_ffn_bwd_f64(g + c0, ldg, z + c0, ldz, b1 + c0 if b1 != NULL else NULL,
+                       a_out + c0 if a_out != NULL else NULL, lda,
+                       s1 + c0 if s1 != NULL else NULL, m, c1 - c0, h, act)
+
+
+cdef void _bwd_pass(floating *g, Py_ssize_t ldg, floating *z, Py_ssize_t ldz,
+                    const floating *b1, floating *a_out, Py_ssize_t lda, double *s1,
+                    Py_ssize_t m, Py_ssize_t h, int act, int nt) noexcept nogil:
+    """dH = dA * act'(v), a = act(v) where asked, db1 sums (nf_ffn_bwd) over the h columns."""
+    cdef int t
+    if nt <= 1:
+        _bwd_cols(g, ldg, z, ldz, b1, a_out, lda, s1, m, 0, h, h, act)
+        return
+    for t in prange(nt, num_threads=nt, schedule='static'):
+        _bwd_cols(g, ldg, z, ldz, b1, a_out, lda, s1, m, _col(h, t, nt), _col(h, t + 1, nt), h,
+                  act)
+
+
+cdef inline void _activate_cols(floating *a, Py_ssize_t lda, const floating *z, Py_ssize_t ldz,
+                                const floating *b1, Py_ssize_t m, Py_ssize_t c0, Py_ssize_t c1,
+                                Py_ssize_t h, int act) noexcept nogil:
+    if c1 <= c0:
+        return
+    if floating is float:
+        nf_ffn_activate_f32(a + c0, lda, z + c0, ldz, b1 + c0 if b1 != NULL else NULL, m,
+                            c1 - c0, h, act)
+    else:
+        nf_ffn_activate_f64(a + c0, lda, z + c0, ldz, b1 + c0 if b1 != NULL else NULL, m,
+                            c1 - c0, h, act)
+
+
+cdef void _activate_pass(floating *a, Py_ssize_t lda, const floating *z, Py_ssize_t ldz,
+                         const floating *b1, Py_ssize_t m, Py_ssize_t h, int act,
+                         int nt) noexcept nogil:
+    """a = act(z + b1) alone (nf_ffn_activate) over the h columns."""
+    cdef int t
+    if nt <= 1:
+        _activate_cols(a, lda, z, ldz, b1, m, 0, h, h, act)
+        return
+    for t in prange(nt, num_threads=nt, schedule='static'):
+        _activate_cols(a, lda, z, ldz, b1, m, _col(h, t, nt), _col(h, t + 1, nt), h, act)
+
+
+cdef inline void _rows_cols(floating *y, const floating *r, const floating *b, Py_ssize_t m,
+                            Py_ssize_t d, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    if c1 <= c0:
+        return
+    if floating is float:
+        if r != NULL:
+            nf_add_rows_f32(y + c0, d, r + c0, d, b + c0 if b != NULL else NULL, m, c1 - c0)
+        else:
+            nf_fill_rows_f32(y + c0, d, b + c0, m, c1 - c0)
+    else:
+        if r != NULL:
+            nf_add_rows_f64(y + c0, d, r + c0, d, b + c0 if b != NULL else NULL, m, c1 - c0)
+        else:
+            nf_fill_rows_f64(y + c0, d, b + c0, m, c1 - c0)
+
+
+cdef void _rows_pass(floating *y, const floating *r, const floating *b, Py_ssize_t m,
+                     Py_ssize_t d, int nt) noexcept nogil:
+    """y rows (m x d, C-contiguous) = r + b (nf_add_rows; r may be the only term) or b
+    (nf_fill_rows, r NULL)."""
+    cdef int t
+    if nt <= 1:
+        _rows_cols(y, r, b, m, d, 0, d)
+        return
+    for t in prange(nt, num_threads=nt, schedule='static'):
+        _rows_cols(y, r, b, m, d, _col(d, t, nt), _col(d, t + 1, nt))
+
+
+cdef inline void _colsum_cols(double *acc, const floating *x, Py_ssize_t m, Py_ssize_t d,
+                              Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    if c1 <= c0:
+        return
+    if floating is float:
+        nf_colsum_f32(acc + c0, x + c0, d, m, c1 - c0)
+    else:
+        nf_colsum_f64(acc + c0, x + c0, d, m, c1 - c0)
+
+
+cdef void _colsum_pass(double *acc, const floating *x, Py_ssize_t m, Py_ssize_t d,
+                       int nt) noexcept nogil:
+    """acc[j] += sum of the m rows' x[:, j] (x C-contiguous, m x d), rows in order."""
+    cdef int t
+    if nt <= 1:
+        _colsum_cols(acc, x, m, d, 0, d)
+        return
+    for t in prange(nt, num_threads=nt, schedule='static'):
+        _colsum_cols(acc, x, m, d, _col(d, t, nt), _col(d, t + 1, nt))
 
 
 # ---------------------------------------------------------------- forward
@@ -75,7 +229,7 @@ cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
                   const floating[:, :] w1, const floating[::1] b1,    # IN (d, hw), (hw,) or None
                   const floating[:, :] w2, const floating[::1] b2,    # IN (h, d), (d,) or None
                   const floating[:, ::1] res,             # IN (n, d) or None: added to y
-                  int act, Py_ssize_t blk, const Blas *bl) except -1:
+                  int act, Py_ssize_t blk, const Blas *bl, bint threaded) except -1:
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], hw = w1.shape[1], h = w2.shape[0]
     cdef int ld1, ld2
     cdef char t1 = blas_layout(w1, &ld1), t2 = blas_layout(w2, &ld2)
@@ -121,18 +275,11 @@ cdef int _forward(floating[:, ::1] y,                     # OUT (n, d)
             lda = h if a_apart != NULL else hw
             gemm(bl, c'N', t1, <int> m, <int> hw, <int> d, <floating> 1, xp + r0 * d, <int> d,
                  w1p, ld1, <floating> 0, zp, <int> hw)
-            if floating is float:
-                nf_ffn_fwd_f32(zp, hw, a_apart, h, b1p, deadp, m, h, act)
-                if resp != NULL:
-                    nf_add_rows_f32(yp + r0 * d, d, resp + r0 * d, d, b2p, m, d)
-                elif b2p != NULL:
-                    nf_fill_rows_f32(yp + r0 * d, d, b2p, m, d)
-            else:
-                nf_ffn_fwd_f64(zp, hw, a_apart, h, b1p, deadp, m, h, act)
-                if resp != NULL:
-                    nf_add_rows_f64(yp + r0 * d, d, resp + r0 * d, d, b2p, m, d)
-                elif b2p != NULL:
-                    nf_fill_rows_f64(yp + r0 * d, d, b2p, m, d)
+            _fwd_pass(zp, hw, a_apart, h, b1p, deadp, m, h, act,
+                      _pass_threads(threaded, m, h))
+            if resp != NULL or b2p != NULL:
+                _rows_pass(yp + r0 * d, resp + r0 * d if resp != NULL else NULL, b2p, m, d,
+                           _pass_threads(threaded, m, d))
             gemm(bl, c'N', t2, <int> m, <int> d, <int> h, <floating> 1, ap, <int> lda,
                  w2p, ld2, beta2, yp + r0 * d, <int> d)
             r0 = r0 + m
@@ -189,7 +336,7 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
                    const floating[:, :] w2,
                    int act, Py_ssize_t blk,
                    bint dx_acc,                           # dx += (not =) dH @ w1^T
-                   const Blas *bl) except -1:
+                   const Blas *bl, bint threaded) except -1:
     cdef Py_ssize_t n = x.shape[0], d = x.shape[1], hw = w1.shape[1], h = w2.shape[0]
     cdef int ld1, ld2, ldg1 = 0, ldg2 = 0
     cdef char t1 = blas_layout(w1, &ld1), t2 = blas_layout(w2, &ld2)
@@ -280,20 +427,12 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
             if need_dh:
                 gemm(bl, c'N', flip(t2), <int> m, <int> h, <int> d, <floating> 1, dyp + r0 * d,
                      <int> d, w2p, ld2, <floating> 0, gp, <int> hw)
-                if floating is float:
-                    nf_ffn_bwd_f32(gp, hw, hb, hw, bias, a_out, lda, s1, m, h, act)
-                else:
-                    nf_ffn_bwd_f64(gp, hw, hb, hw, bias, a_out, lda, s1, m, h, act)
+                _bwd_pass(gp, hw, hb, hw, bias, a_out, lda, s1, m, h, act,
+                          _pass_threads(threaded, m, h))
             elif a_out != NULL:
-                if floating is float:
-                    nf_ffn_activate_f32(a_out, lda, hb, hw, bias, m, h, act)
-                else:
-                    nf_ffn_activate_f64(a_out, lda, hb, hw, bias, m, h, act)
+                _activate_pass(a_out, lda, hb, hw, bias, m, h, act, _pass_threads(threaded, m, h))
             if s2 != NULL:
-                if floating is float:
-                    nf_colsum_f32(s2, dyp + r0 * d, d, m, d)
-                else:
-                    nf_colsum_f64(s2, dyp + r0 * d, d, m, d)
+                _colsum_pass(s2, dyp + r0 * d, m, d, _pass_threads(threaded, m, d))
             if need_a and not dw2_whole:
                 _dw_gemm(bl, tg2, h, d, m, ap, ldap, dyp + r0 * d, beta, dw2p, ldg2)
             if dxp != NULL:
@@ -323,13 +462,16 @@ cdef int _backward(floating[:, ::1] dx,                   # OUT (n, d) or None
 cdef Blas _BLAS[2]
 _BLAS[0] = scipy_blas()
 cdef bint _slot1_registered = False
+cdef bint _slot1_openmp = False       # slot 1's BLAS runs on this process's OpenMP pool
 
 
-def register_blas(size_t sgemm, size_t dgemm, size_t sgemv, size_t dgemv):
+def register_blas(size_t sgemm, size_t dgemm, size_t sgemv, size_t dgemv, bint openmp=False):
     """Slot 1 <- the BLAS whose sgemm_/dgemm_/sgemv_/dgemv_ (Fortran interface, LP64 ints)
-    are at these addresses.  The caller vouches for the addresses (normffn._blas checks the
-    routines on a small product before it lets any kernel use them)."""
-    global _slot1_registered
+    are at these addresses; `openmp`: it threads on this process's OpenMP pool, so the
+    elementwise passes of its calls may use that pool too.  The caller vouches for the
+    addresses (normffn._blas checks the routines on a small product before it lets any kernel
+    use them)."""
+    global _slot1_registered, _slot1_openmp
     if not (sgemm and dgemm and sgemv and dgemv):
         raise ValueError("register_blas: every routine's address must be non-zero")
     _BLAS[1].sgemm = <sgemm_t> sgemm
@@ -337,6 +479,7 @@ def register_blas(size_t sgemm, size_t dgemm, size_t sgemv, size_t dgemv):
     _BLAS[1].sgemv = <sgemv_t> sgemv
     _BLAS[1].dgemv = <dgemv_t> dgemv
     _slot1_registered = True
+    _slot1_openmp = openmp
 
 
 cdef const Blas *_blas_of(int slot) except NULL:
@@ -351,10 +494,13 @@ def forward(y, hidden, dead, scratch, x, w1, b1, w2, b2, int act, Py_ssize_t blk
     BLAS of slot `blas`.  Arguments already validated (module doc); `dead` is a bool array
     viewed as uint8."""
     cdef const Blas *bl = _blas_of(blas)
+    cdef bint threaded = blas == 1 and _slot1_openmp
     if x.dtype == np.float32:
-        _forward[float](y, hidden, dead, scratch, x, w1, b1, w2, b2, res, act, blk, bl)
+        _forward[float](y, hidden, dead, scratch, x, w1, b1, w2, b2, res, act, blk, bl,
+                        threaded)
     else:
-        _forward[double](y, hidden, dead, scratch, x, w1, b1, w2, b2, res, act, blk, bl)
+        _forward[double](y, hidden, dead, scratch, x, w1, b1, w2, b2, res, act, blk, bl,
+                         threaded)
 
 
 def backward(dx, dw1, db1, dw2, db2, sums, gbuf, zbuf, dy, hidden, x, w1, b1, w2, int act,
@@ -363,9 +509,10 @@ def backward(dx, dw1, db1, dw2, db2, sums, gbuf, zbuf, dy, hidden, x, w1, b1, w2
     `blas`; with `dx_acc` dx is accumulated onto (it holds an addend, and may be dy itself).
     Arguments already validated (module doc)."""
     cdef const Blas *bl = _blas_of(blas)
+    cdef bint threaded = blas == 1 and _slot1_openmp
     if x.dtype == np.float32:
         _backward[float](dx, dw1, db1, dw2, db2, sums, gbuf, zbuf, dy, hidden, x, w1, b1, w2,
-                         act, blk, dx_acc, bl)
+                         act, blk, dx_acc, bl, threaded)
     else:
         _backward[double](dx, dw1, db1, dw2, db2, sums, gbuf, zbuf, dy, hidden, x, w1, b1, w2,
-                          act, blk, dx_acc, bl)
+                          act, blk, dx_acc, bl, threaded)

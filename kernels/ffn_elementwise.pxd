@@ -11,6 +11,8 @@
 #   nf_add_rows          y[i, :] = r[i, :] + b2 (a residual the second GEMM accumulates onto)
 #   nf_colsum            acc[j] += sum_i x[i, j], rows in order, float64
 #   nf_round_sums        out[j] = acc[j] rounded to the dtype (finished db1, db2)
+# The activation passes take a column range: w columns from the pointers given (w = h: the whole
+# block), h locating a gated row's up half; ffn.pyx splits a block's columns over threads.
 from core cimport nf_index
 
 cdef extern from "ffn_elementwise.h" nogil:
@@ -18,19 +20,19 @@ cdef extern from "ffn_elementwise.h" nogil:
     int NF_ACT_GATED, NF_ACT_REGLU, NF_ACT_GEGLU, NF_ACT_SWIGLU
 
     void nf_ffn_fwd_f32(float *z, nf_index ldz, float *a, nf_index lda, const float *b1,
-                        unsigned char *dead, nf_index m, nf_index h, int act)
+                        unsigned char *dead, nf_index m, nf_index w, nf_index h, int act)
     void nf_ffn_fwd_f64(double *z, nf_index ldz, double *a, nf_index lda, const double *b1,
-                        unsigned char *dead, nf_index m, nf_index h, int act)
+                        unsigned char *dead, nf_index m, nf_index w, nf_index h, int act)
     void nf_ffn_bwd_f32(float *g, nf_index ldg, float *z, nf_index ldz, const float *b1,
-                        float *a_out, nf_index lda, double *db1_acc, nf_index m, nf_index h,
-                        int act)
+                        float *a_out, nf_index lda, double *db1_acc, nf_index m, nf_index w,
+                        nf_index h, int act)
     void nf_ffn_bwd_f64(double *g, nf_index ldg, double *z, nf_index ldz, const double *b1,
-                        double *a_out, nf_index lda, double *db1_acc, nf_index m, nf_index h,
-                        int act)
+                        double *a_out, nf_index lda, double *db1_acc, nf_index m, nf_index w,
+                        nf_index h, int act)
     void nf_ffn_activate_f32(float *a, nf_index lda, const float *z, nf_index ldz,
-                             const float *b1, nf_index m, nf_index h, int act)
+                             const float *b1, nf_index m, nf_index w, nf_index h, int act)
     void nf_ffn_activate_f64(double *a, nf_index lda, const double *z, nf_index ldz,
-                             const double *b1, nf_index m, nf_index h, int act)
+                             const double *b1, nf_index m, nf_index w, nf_index h, int act)
     void nf_fill_rows_f32(float *y, nf_index ldy, const float *b, nf_index m, nf_index w)
     void nf_fill_rows_f64(double *y, nf_index ldy, const double *b, nf_index m, nf_index w)
     void nf_add_rows_f32(float *y, nf_index ldy, const float *r, nf_index ldr, const float *b,

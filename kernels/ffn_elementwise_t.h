@@ -131,18 +131,19 @@ NF_CLONES static void NF_T(nf_ffn_plain_fwd)(T *z, nf_index ldz, T *a, nf_index 
 }
 
 /* Gated: z rows are [gate | up] (2h wide), a rows h wide; a == NULL writes a over z's first h
- * columns.  dead flags the gate. */
+ * columns.  dead flags the gate.  A column slice (see nf_ffn_fwd) covers gate columns [0, w) of
+ * the pointers given and the up columns h further on. */
 NF_CLONES static void NF_T(nf_ffn_gated_fwd)(T *z, nf_index ldz, T *a, nf_index lda,
                                              const T *b1, unsigned char *dead, nf_index m,
-                                             nf_index h, int act)
+                                             nf_index w, nf_index h, int act)
 {
     int gate = act & ~NF_ACT_GATED;
     T vg[NF_CHUNK], vu[NF_CHUNK], s[NF_CHUNK];
     for (nf_index i = 0; i < m; i++) {
         T *zi = z + i * ldz;
         T *ai = a ? a + i * lda : zi;
-        for (nf_index j0 = 0; j0 < h; j0 += NF_CHUNK) {
-            nf_index n = h - j0 < NF_CHUNK ? h - j0 : NF_CHUNK;
+        for (nf_index j0 = 0; j0 < w; j0 += NF_CHUNK) {
+            nf_index n = w - j0 < NF_CHUNK ? w - j0 : NF_CHUNK;
             NF_T(nf_load_v)(vg, zi + j0, b1 ? b1 + j0 : NULL, n);
             NF_T(nf_load_v)(vu, zi + h + j0, b1 ? b1 + h + j0 : NULL, n);
             NF_T(nf_act_chunk)(s, vg, n, gate);
@@ -156,15 +157,17 @@ NF_CLONES static void NF_T(nf_ffn_gated_fwd)(T *z, nf_index ldz, T *a, nf_index 
     }
 }
 
+/* Columns [0, w) of the block (w = h: all of it; w < h: a slice whose pointers the caller has
+ * offset to its first column, h still locating a gated row's up half). */
 static void NF_T(nf_ffn_fwd)(T *z, nf_index ldz, T *a, nf_index lda, const T *b1,
-                             unsigned char *dead, nf_index m, nf_index h, int act)
+                             unsigned char *dead, nf_index m, nf_index w, nf_index h, int act)
 {
     if (act & NF_ACT_GATED)
-        NF_T(nf_ffn_gated_fwd)(z, ldz, a, lda, b1, dead, m, h, act);
+        NF_T(nf_ffn_gated_fwd)(z, ldz, a, lda, b1, dead, m, w, h, act);
     else if (act == NF_ACT_RELU && a == NULL)
-        NF_T(nf_ffn_relu_fwd)(z, ldz, b1, dead, m, h);
+        NF_T(nf_ffn_relu_fwd)(z, ldz, b1, dead, m, w);
     else
-        NF_T(nf_ffn_plain_fwd)(z, ldz, a, lda, b1, dead, m, h, act);
+        NF_T(nf_ffn_plain_fwd)(z, ldz, a, lda, b1, dead, m, w, act);
 }
 
 /* ---------------------------------------------------------------- backward
@@ -227,58 +230,65 @@ NF_CLONES static void NF_T(nf_ffn_smooth_bwd)(T *g, nf_index ldg, T *z, nf_index
 }
 
 /* Gated: g holds dA in its first h columns (ldg >= 2h) and returns dZ = [dgate | dup] (2h);
- * z rows are [gate | up]; a_out (may equal z) gets act(gate) * up; db1_acc is 2h wide. */
+ * z rows are [gate | up]; a_out (may equal z) gets act(gate) * up; db1_acc is 2h wide.  A
+ * column slice: gate columns [0, w) and the up columns h further on, as nf_ffn_gated_fwd. */
 NF_CLONES static void NF_T(nf_ffn_gated_bwd)(T *g, nf_index ldg, T *z, nf_index ldz,
                                              const T *b1, T *a_out, nf_index lda,
-                                             double *restrict db1_acc, nf_index m, nf_index h,
-                                             int act)
+                                             double *restrict db1_acc, nf_index m, nf_index w,
+                                             nf_index h, int act)
 {
     int gate = act & ~NF_ACT_GATED;
     T vg[NF_CHUNK], vu[NF_CHUNK], s[NF_CHUNK], d[NF_CHUNK];
     for (nf_index i = 0; i < m; i++) {
         T *gi = g + i * ldg;
         const T *zi = z + i * ldz;
-        for (nf_index j0 = 0; j0 < h; j0 += NF_CHUNK) {
-            nf_index n = h - j0 < NF_CHUNK ? h - j0 : NF_CHUNK;
+        for (nf_index j0 = 0; j0 < w; j0 += NF_CHUNK) {
+            nf_index n = w - j0 < NF_CHUNK ? w - j0 : NF_CHUNK;
             NF_T(nf_load_v)(vg, zi + j0, b1 ? b1 + j0 : NULL, n);
             NF_T(nf_load_v)(vu, zi + h + j0, b1 ? b1 + h + j0 : NULL, n);
             NF_T(nf_act_grad_chunk)(s, d, vg, n, gate);
             NF_T(nf_gated_grad_chunk)(gi + j0, gi + h + j0, s, d, vg, vu, n, gate);
             if (a_out) NF_T(nf_mul_chunk)(a_out + i * lda + j0, s, vu, n);
         }
-        if (db1_acc) for (nf_index j = 0; j < 2 * h; j++) db1_acc[j] += (double)gi[j];
+        if (db1_acc) {
+            for (nf_index j = 0; j < w; j++) db1_acc[j] += (double)gi[j];
+            for (nf_index j = 0; j < w; j++) db1_acc[h + j] += (double)gi[h + j];
+        }
     }
 }
 
+/* Columns [0, w) of the block, as nf_ffn_fwd. */
 static void NF_T(nf_ffn_bwd)(T *g, nf_index ldg, T *z, nf_index ldz, const T *b1, T *a_out,
-                             nf_index lda, double *db1_acc, nf_index m, nf_index h, int act)
+                             nf_index lda, double *db1_acc, nf_index m, nf_index w, nf_index h,
+                             int act)
 {
     if (act & NF_ACT_GATED) {
-        NF_T(nf_ffn_gated_bwd)(g, ldg, z, ldz, b1, a_out, lda, db1_acc, m, h, act);
+        NF_T(nf_ffn_gated_bwd)(g, ldg, z, ldz, b1, a_out, lda, db1_acc, m, w, h, act);
     } else if (act == NF_ACT_RELU) {
         if (a_out == NULL && b1 == NULL)
-            NF_T(nf_ffn_relu_mask)(g, ldg, z, ldz, db1_acc, m, h);
+            NF_T(nf_ffn_relu_mask)(g, ldg, z, ldz, db1_acc, m, w);
         else
             NF_T(nf_ffn_relu_bwd)(g, ldg, z, ldz, b1, a_out ? a_out : z, a_out ? lda : ldz,
-                                  db1_acc, m, h);
+                                  db1_acc, m, w);
     } else {
-        NF_T(nf_ffn_smooth_bwd)(g, ldg, z, ldz, b1, a_out, lda, db1_acc, m, h, act);
+        NF_T(nf_ffn_smooth_bwd)(g, ldg, z, ldz, b1, a_out, lda, db1_acc, m, w, act);
     }
 }
 
 /* a (lda) = act(z + b1) only (gated: act(gate) * up) — backward when no gradient through the
  * hidden is needed but dw2 is (a is then bitwise the a nf_ffn_bwd writes).  a may equal z (in
- * place). */
+ * place).  Columns [0, w), as nf_ffn_fwd. */
 NF_CLONES static void NF_T(nf_ffn_activate)(T *a, nf_index lda, const T *z, nf_index ldz,
-                                            const T *b1, nf_index m, nf_index h, int act)
+                                            const T *b1, nf_index m, nf_index w, nf_index h,
+                                            int act)
 {
     int gated = act & NF_ACT_GATED, gate = act & ~NF_ACT_GATED;
     T v[NF_CHUNK], u[NF_CHUNK], s[NF_CHUNK];
     for (nf_index i = 0; i < m; i++) {
         const T *zi = z + i * ldz;
         T *ai = a + i * lda;
-        for (nf_index j0 = 0; j0 < h; j0 += NF_CHUNK) {
-            nf_index n = h - j0 < NF_CHUNK ? h - j0 : NF_CHUNK;
+        for (nf_index j0 = 0; j0 < w; j0 += NF_CHUNK) {
+            nf_index n = w - j0 < NF_CHUNK ? w - j0 : NF_CHUNK;
             NF_T(nf_load_v)(v, zi + j0, b1 ? b1 + j0 : NULL, n);
             NF_T(nf_act_chunk)(s, v, n, gate);
             if (gated) {

@@ -30,10 +30,11 @@ def scipy_address(routine: str) -> int:
 @pytest.fixture
 def restore_registration():
     """Put back whatever was registered (normffn.torch registers torch's BLAS on import)."""
-    name, addresses = _blas.registered()
+    name, args = _blas.registered()
     yield
     if name is not None:
-        _blas.register(name, *addresses)
+        *addresses, openmp = args
+        _blas.register(name, *addresses, openmp=openmp)
 
 
 def ffn_problem(dtype, n=7, d=5, h=9, seed=0):
@@ -118,3 +119,34 @@ def test_kernel_rejects_an_unknown_slot():
     with pytest.raises(ValueError, match="blas=7"):
         ffn_kernel.forward(y, None, None, np.empty(8, np.float32), x, w1, None, w2, None, 1, 2,
                            None, 7)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "swiglu", "reglu"])
+@pytest.mark.parametrize("n, d, h", [(300, 37, 600), (7000, 33, 20), (2000, 129, 77)])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_threaded_passes_are_bitwise_the_one_thread_passes(activation, n, d, h, recompute,
+                                                           restore_registration):
+    """A BLAS registered with openmp=True splits the elementwise passes' columns over OpenMP
+    threads: each column by one thread, rows in order, so every output and gradient is bitwise
+    the one-thread result (here the same BLAS, scipy's, sits in both slots)."""
+    from threadpoolctl import threadpool_limits
+
+    _blas.register("threaded", *(scipy_address(r) for r in ROUTINES), openmp=True)
+    rng = np.random.default_rng(1)
+    hw = 2 * h if activation in ("swiglu", "reglu") else h
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    w1 = np.asfortranarray((rng.standard_normal((d, hw)) / np.sqrt(d)).astype(np.float32))
+    w2 = (rng.standard_normal((h, d)) / np.sqrt(h)).astype(np.float32)
+    b1, b2 = rng.standard_normal(hw).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+    dy = rng.standard_normal((n, d)).astype(np.float32)
+
+    def run_all():
+        y, ctx = normffn.ffn_forward(x, w1, b1, w2, b2, activation, recompute=recompute)
+        return (y, normffn.ffn(x, w1, b1, w2, b2, activation)) + normffn.ffn_backward(dy, ctx)
+
+    with threadpool_limits(limits=2, user_api="openmp"):
+        one_thread = run_all()
+        with _blas.using("threaded"):
+            threaded = run_all()
+    for i, (a, b) in enumerate(zip(one_thread, threaded)):
+        np.testing.assert_array_equal(a, b, err_msg=f"output {i}")

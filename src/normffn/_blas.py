@@ -38,12 +38,19 @@ def current() -> int:
 
 
 def registered() -> tuple[str | None, tuple]:
-    """``(name, (sgemm, dgemm, sgemv, dgemv))`` of the registered BLAS, or ``(None, ())``."""
+    """``(name, (sgemm, dgemm, sgemv, dgemv, openmp))`` of the registered BLAS (the arguments
+    ``register`` took), or ``(None, ())``."""
     return _registered, _addresses
 
 
-def register(name: str, sgemm: int, dgemm: int, sgemv: int, dgemv: int) -> None:
+def register(name: str, sgemm: int, dgemm: int, sgemv: int, dgemv: int, *,
+             openmp: bool = False) -> None:
     """Register the BLAS whose routines are at these addresses under ``name``.
+
+    ``openmp``: the BLAS threads on this process's OpenMP runtime (torch's MKL does, on torch's
+    libgomp, which normffn's kernels share): the FFN's elementwise passes between its GEMMs then
+    use that pool's threads too (with scipy's OpenBLAS, whose own threads would contend with
+    them, those passes stay on one thread).
 
     Raises ValueError if an address is zero or the BLAS disagrees with scipy's on the check
     problems; the previous registration is then dropped.
@@ -52,11 +59,11 @@ def register(name: str, sgemm: int, dgemm: int, sgemv: int, dgemv: int) -> None:
     from ._kernels import ffn as _ffn_kernel
 
     _registered, _addresses = None, ()
-    _ffn_kernel.register_blas(sgemm, dgemm, sgemv, dgemv)
+    _ffn_kernel.register_blas(sgemm, dgemm, sgemv, dgemv, openmp)
     bad = _disagreement()
     if bad is not None:
         raise ValueError(f"BLAS {name!r} disagrees with scipy's on {bad}; not used")
-    _registered, _addresses = name, (sgemm, dgemm, sgemv, dgemv)
+    _registered, _addresses = name, (sgemm, dgemm, sgemv, dgemv, openmp)
 
 
 @contextmanager

@@ -50,8 +50,11 @@ def _register() -> str | None:
         addresses = [ctypes.cast(getattr(lib, r), ctypes.c_void_p).value for r in _ROUTINES]
     except (OSError, AttributeError) as e:
         return f"torch's library exports no Fortran BLAS ({e})"
+    # torch's MKL threads on torch's OpenMP pool (the GNU threading layer), which normffn's
+    # kernels share: the FFN's elementwise passes may then use that pool's threads too
+    openmp = torch.backends.mkl.is_available() and torch.backends.openmp.is_available()
     try:
-        _blas.register(_NAME, *addresses)
+        _blas.register(_NAME, *addresses, openmp=openmp)
     except ValueError as e:
         return str(e)
     return None
