@@ -35,6 +35,12 @@ ratios the issue asks for.
    ``overwrite_c`` (scipy's OpenBLAS — the BLAS normffn's kernels call).  normffn's rate is
    reported as a % of both.  Target: ≥ 95% of the bare GEMMs' rate.
 
+4. ``fused`` (issues #12 and #13 on one BLAS): normffn.torch's fused FFN (SwiGLU at the gated
+   issue's shapes) and LayerNorm sublayer (pre-LN and post-LN, ReLU and SwiGLU) against the
+   same computation in PyTorch eager and against its six bare GEMMs, every case on torch's BLAS,
+   so the speed-up is the fusion's alone (``python -m normffn bench`` compares normffn's NumPy
+   API on scipy's OpenBLAS with torch on MKL: BLAS against BLAS on this machine).
+
 Usage (from the repository root; normffn from ``src`` unless installed)::
 
     PYTHONPATH=src python benchmarks/torch_train_step.py                  # all, 3 rounds
@@ -42,16 +48,17 @@ Usage (from the repository root; normffn from ``src`` unless installed)::
     PYTHONPATH=src python benchmarks/torch_train_step.py --tiny --rounds 1  # smoke test
 
 Options: ``--rounds N`` (3), ``--steps N`` (timed steps per process for train and ffn; 10),
-``--only {train,overhead,ffn}``, ``--threads N`` (2: OMP/OpenBLAS/MKL and torch threads of every
-worker), ``--omp-wait-policy {passive,active}`` (sets ``OMP_WAIT_POLICY`` in every worker,
+``--only {train,overhead,ffn,fused}``, ``--threads N`` (2: OMP/OpenBLAS/MKL and torch threads
+of every worker), ``--omp-wait-policy {passive,active}`` (sets ``OMP_WAIT_POLICY`` in every worker,
 stock PyTorch's too; default: left as the environment has it), ``--patched``, ``--json FILE``,
 ``--tiny`` (small sizes, for a smoke test only).
 
 Why the wait policy is an option: in a process with torch, normffn's kernels run on torch's
-libgomp (one OpenMP runtime, one pool), and after each parallel region its idle workers spin
-(libgomp's default) while OpenBLAS's threads run the next GEMM on the same cores; with passive
-workers a training step of FFNBlock modules costs what the same sublayers cost from NumPy
-(docs/tuning.md, "normffn.torch in a training step").
+libgomp (one OpenMP runtime, one pool).  While normffn.torch's GEMMs ran on scipy's OpenBLAS,
+libgomp's idle workers spun while OpenBLAS's threads ran the next GEMM on the same cores, and
+passive workers closed most of that gap (docs/tuning.md, "normffn.torch in a training step");
+now that normffn.torch multiplies with torch's BLAS on the same pool, the option is there to
+check that it no longer matters.
 """
 from __future__ import annotations
 
@@ -68,9 +75,13 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 RESULT = "TORCH-TRAIN-STEP-RESULT "
 
 FULL = {"d": 512, "h": 2048, "tokens": 2048, "layers": 4,
-        "ffn": (8192, 512, 2048), "ln_shapes": [(1, 768), (4, 768), (64, 768)]}
+        "ffn": (8192, 512, 2048), "ln_shapes": [(1, 768), (4, 768), (64, 768)],
+        "fused": ["ffn/swiglu/2048x768x2048", "ffn/swiglu/8192x512x1376",
+                  "pre/relu/2048x768x3072", "post/relu/2048x768x3072",
+                  "pre/swiglu/2048x768x2048", "post/swiglu/2048x768x2048"]}
 TINY = {"d": 64, "h": 256, "tokens": 128, "layers": 4,
-        "ffn": (256, 64, 256), "ln_shapes": [(1, 768), (4, 768), (64, 768)]}
+        "ffn": (256, 64, 256), "ln_shapes": [(1, 768), (4, 768), (64, 768)],
+        "fused": ["ffn/swiglu/256x64x128", "pre/relu/256x64x256", "post/swiglu/256x64x128"]}
 LR = 1e-3
 TRAIN_WARMUP = 3
 FFN_WARMUP = 3
@@ -80,7 +91,9 @@ CASES = {
     "train": ["train-stock", "train-normffn", "train-compiled", "train-gemms"],
     "overhead": ["overhead-torch", "overhead-normffn", "overhead-numpy"],
     "ffn": ["ffn-normffn", "ffn-torchmm", "ffn-sgemm"],
+    "fused": [],          # filled from the sizes' "fused" list: fused-<kind>@<spec>
 }
+FUSED_KINDS = ("torch", "normffn", "gemms")
 
 
 # ======================================================================= worker side
@@ -408,6 +421,84 @@ def worker_ffn(kind, cfg, steps, threads):
     return {"samples_s": ts, "median_s": med, "gflops": flops / med / 1e9, "label": label}
 
 
+def worker_fused(kind, spec, steps, threads):
+    """One ``spec`` ("ffn/<act>/NxDxH", or "<pre|post>/<act>/NxDxH" for the LayerNorm
+    sublayer) fwd+bwd with autograd (x and every parameter require grad): ``torch`` eager
+    (F.layer_norm, F.linear, the activation — gated: chunk, silu(gate) * up — F.linear, the
+    residual add), ``normffn`` (normffn.torch.ffn / ffn_block: the fused kernels, torch's BLAS),
+    or ``gemms``: the six GEMMs of the FFN's forward and backward alone (torch.mm(out=))."""
+    import torch.nn.functional as F
+    torch = _torch(threads)
+    place, act, shape = spec.split("/")
+    n, d, h = (int(v) for v in shape.split("x"))
+    gated = act in ("swiglu", "geglu", "reglu")
+    hw = 2 * h if gated else h
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g).requires_grad_(True)
+    dy = torch.randn(n, d, generator=g)
+    W1 = (torch.randn(hw, d, generator=g) / d ** 0.5).requires_grad_(True)
+    W2 = (torch.randn(d, h, generator=g) / h ** 0.5).requires_grad_(True)
+    b1 = torch.zeros(hw, requires_grad=True)
+    b2 = torch.zeros(d, requires_grad=True)
+    nw = torch.ones(d, requires_grad=True)
+    nb = torch.zeros(d, requires_grad=True)
+    leaves = (x, W1, b1, W2, b2, nw, nb)
+
+    def torch_ffn(v):
+        z = F.linear(v, W1, b1)
+        if gated:
+            gate, up = z.chunk(2, dim=-1)
+            a = {"swiglu": F.silu, "geglu": F.gelu, "reglu": F.relu}[act](gate) * up
+        else:
+            a = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[act](z)
+        return F.linear(a, W2, b2)
+
+    if kind == "gemms":
+        Z, A, Y = torch.empty(n, hw), torch.empty(n, h), torch.empty(n, d)
+        dA, dZ, dX = torch.empty(n, h), torch.empty(n, hw), torch.empty(n, d)
+        dW1, dW2 = torch.empty(hw, d), torch.empty(d, h)
+        xv, w1, w2 = x.detach(), W1.detach(), W2.detach()
+
+        def step():
+            torch.mm(xv, w1.t(), out=Z)
+            torch.mm(A, w2.t(), out=Y)
+            torch.mm(dy, w2, out=dA)
+            torch.mm(dZ, w1, out=dX)
+            torch.mm(dy.t(), A, out=dW2)
+            torch.mm(dZ.t(), xv, out=dW1)
+    else:
+        if kind == "torch":
+            if place == "ffn":
+                def fn():
+                    return torch_ffn(x)
+            elif place == "pre":
+                def fn():
+                    return x + torch_ffn(F.layer_norm(x, (d,), nw, nb))
+            else:
+                def fn():
+                    return F.layer_norm(x + torch_ffn(x), (d,), nw, nb)
+        elif kind == "normffn":
+            nft = _no_fallbacks()
+            if place == "ffn":
+                def fn():
+                    return nft.ffn(x, W1, b1, W2, b2, act)
+            else:
+                def fn():
+                    return nft.ffn_block(x, nw, nb, W1, b1, W2, b2, act, norm="layer",
+                                         placement=place)
+        else:
+            raise SystemExit(f"unknown fused case {kind}")
+
+        def step():
+            fn().backward(dy)
+            for t in leaves:
+                t.grad = None
+    for _ in range(FFN_WARMUP):
+        step()
+    ts = _time_steps(step, steps)
+    return {"samples_s": ts, "median_s": statistics.median(ts)}
+
+
 def worker_main(case, args) -> dict:
     cfg = TINY if args.tiny else FULL
     group, _, kind = case.partition("-")
@@ -419,6 +510,9 @@ def worker_main(case, args) -> dict:
         return worker_overhead(kind, cfg, args.threads)
     if group == "ffn":
         return worker_ffn(kind, cfg, args.steps, args.threads)
+    if group == "fused":
+        kind, _, spec = kind.partition("@")
+        return worker_fused(kind, spec, args.steps, args.threads)
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -427,8 +521,10 @@ def _env(threads, wait_policy=None):
     env = dict(os.environ)
     if wait_policy:
         env["OMP_WAIT_POLICY"] = wait_policy
+    # after the caller's PYTHONPATH: a tree the caller names (an installed normffn, a source
+    # tree with built extensions) wins over this checkout's src
     src = os.path.join(REPO, "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), src) if p)
     if threads:
         for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[k] = str(threads)
@@ -576,6 +672,30 @@ def report_ffn(runs, cfg):
     return out
 
 
+def report_fused(runs, cfg):
+    print("\n== 4. fused FFN and LayerNorm sublayer vs PyTorch eager, both on torch's BLAS "
+          "(fwd+bwd with autograd, ms per step)")
+    print(f"  {'case':28s} {'torch eager':>16s} {'normffn.torch':>16s} {'bare GEMMs':>16s} "
+          f"{'speed-up':>9s} {'% GEMMs':>8s} {'floor':>6s}")
+    out = {}
+    for spec in cfg["fused"]:
+        s = {k: summary([r["median_s"] for r in runs[f"fused-{k}@{spec}"] if r is not None])
+             for k in FUSED_KINDS}
+        up = _ratio(s["torch"], s["normffn"])
+        pct = _ratio(s["gemms"], s["normffn"])
+        floor = _ratio(s["torch"], s["gemms"])
+        out[spec] = {"ms": s, "speedup_vs_torch": up, "fraction_of_gemms": pct,
+                     "max_speedup_same_blas": floor}
+        f = (lambda v, fmt: "n/a" if v is None else format(v, fmt))
+        print(f"  {spec:28s} {_fmt(s['torch'], 1e3, '', 1):>16s} "
+              f"{_fmt(s['normffn'], 1e3, '', 1):>16s} {_fmt(s['gemms'], 1e3, '', 1):>16s} "
+              f"{f(up, '.2f'):>8s}× {f(None if pct is None else 100 * pct, '.0f'):>7s}% "
+              f"{f(floor, '.2f'):>5s}×")
+    print("  speed-up = torch eager / normffn.torch; % GEMMs = bare GEMMs / normffn.torch; "
+          "floor = torch eager / bare GEMMs (the most any implementation on this BLAS can gain)")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -602,6 +722,8 @@ def main(argv=None) -> int:
     cfg = TINY if args.tiny else FULL
     groups = [args.only] if args.only else list(CASES)
     cases = {g: list(CASES[g]) for g in groups}
+    if "fused" in cases:
+        cases["fused"] = [f"fused-{k}@{spec}" for spec in cfg["fused"] for k in FUSED_KINDS]
     if args.patched and "train" in cases:
         cases["train"].append("train-patched")
     order = [c for g in groups for c in cases[g]]
@@ -635,6 +757,8 @@ def main(argv=None) -> int:
         result["overhead"] = report_overhead({c: runs[c] for c in cases["overhead"]}, cfg)
     if "ffn" in groups:
         result["ffn"] = report_ffn({c: runs[c] for c in cases["ffn"]}, cfg)
+    if "fused" in groups:
+        result["fused"] = report_fused({c: runs[c] for c in cases["fused"]}, cfg)
     result["raw"] = runs
     if args.json:
         with open(args.json, "w") as f:

@@ -290,3 +290,24 @@ def test_wide_table_moves_extra_normffn_columns_to_a_second_table():
     # a narrow table stays whole
     narrow = _split_wide(heads[:4] + heads[-3:], [row[:4] + row[-3:]], cols[:2])
     assert narrow[1] is None
+
+
+def test_torch_train_step_fused_group_smoke(tmp_path):
+    """benchmarks/torch_train_step.py --only fused, tiny shapes, one round: every case's worker
+    runs (torch eager, normffn.torch, bare GEMMs) and the report carries every spec."""
+    pytest.importorskip("torch")
+    out = tmp_path / "fused.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "torch_train_step.py"),
+                        "--only", "fused", "--tiny", "--rounds", "1", "--steps", "2",
+                        "--json", str(out)],
+                       capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())["fused"]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        specs = importlib.import_module("torch_train_step").TINY["fused"]
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert sorted(res) == sorted(specs)
+    for spec, v in res.items():
+        assert all(v["ms"][k]["median"] > 0 for k in ("torch", "normffn", "gemms")), spec
