@@ -914,3 +914,33 @@ def test_double_backward_falls_back(route):
 def test_core_never_imports_torch():
     code = "import sys, normffn, normffn.reference; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_large_outputs_are_allocated_by_torch_and_correct():
+    """From NumPy's huge-page size (4 MiB) on, normffn.torch passes torch-allocated outputs to
+    the kernels (_util.big_out: no madvise, no compaction stall); results stay exact."""
+    assert _util.big_out((1023, 1024), np.float32) is None            # just under 4 MiB
+    big = _util.big_out((1025, 1024), np.float32)
+    assert big.flags.c_contiguous and big.dtype == np.float32 and big.shape == (1025, 1024)
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = (torch.randn(*s, generator=gen) for s in ((1100, 1024), (1024,), (1024,)))
+    compare_op(lambda *a: nft.layer_norm(a[0], (1024,), a[1], a[2]),
+               lambda *a: F.layer_norm(a[0], (1024,), a[1], a[2]), (x, w, b), torch.float32,
+               "layer_norm 1100x1024")
+    compare_op(lambda *a: nft.rms_norm(a[0], (1024,), a[1]),
+               lambda *a: F.rms_norm(a[0], (1024,), a[1]), (x, w), torch.float32,
+               "rms_norm 1100x1024")
+    with torch.no_grad():
+        close(nft.layer_norm(x, (1024,), w, b), F.layer_norm(x, (1024,), w, b), torch.float32,
+              "layer_norm inference")
+    # FFN whose hidden (1024 x 1100 float32, 4.3 MiB) and block outputs take the same path
+    d, h = 8, 1100
+    ins = [torch.randn(*s, generator=gen) / 4 for s in ((1024, d), (h, d), (h,), (d, h), (d,),
+                                                        (d,), (d,))]
+    compare_op(lambda *a: nft.ffn(*a, "gelu"),
+               lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2),
+               ins[:5], torch.float32, "ffn 1024x8x1100")
+    compare_op(lambda x, w1, b1, w2, b2, nw, nb: nft.ffn_block(x, nw, nb, w1, b1, w2, b2, "relu"),
+               lambda x, w1, b1, w2, b2, nw, nb: x + F.linear(
+                   F.relu(F.linear(F.layer_norm(x, (d,), nw, nb), w1, b1)), w2, b2),
+               ins, torch.float32, "ffn_block 1024x8x1100")

@@ -53,7 +53,7 @@ import normffn
 
 from . import _torch_ref
 from ._blas import gemms
-from ._util import compiling, np_, numpy_op, opt_np, warn_fallback
+from ._util import big_out, compiling, np_, numpy_op, opt_np, warn_fallback
 
 __all__ = ["layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward",
            "batch_norm", "batch_norm_backward", "ffn", "ffn_forward", "ffn_backward",
@@ -97,6 +97,11 @@ def _mark_stats(ctx, *stats) -> None:
     ctx.set_materialize_grads(False)
 
 
+def _dx_out(dy: np.ndarray, needs) -> Optional[np.ndarray]:
+    """A row norm's dx buffer (big_out), when dx is wanted."""
+    return big_out(dy.shape, dy.dtype) if needs[0] else None
+
+
 def _double_backward(ctx, dy: Tensor) -> bool:
     """True when autograd is building a graph of this backward (create_graph=True)."""
     return torch.is_grad_enabled() and not compiling() and (
@@ -118,8 +123,9 @@ def _torch_grads(op: str, fn, inputs: tuple, dy: Tensor, needs) -> list:
 def _ln_impl(x: Tensor, normalized_shape: list[int], weight: Optional[Tensor],
              bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """-> (y, mean, rstd); mean/rstd float64 of shape x.shape[:-len(normalized_shape)]."""
-    y, c = normffn.layer_norm_forward(np_(x), tuple(normalized_shape), opt_np(weight),
-                                      opt_np(bias), eps)
+    xa = np_(x)
+    y, c = normffn.layer_norm_forward(xa, tuple(normalized_shape), opt_np(weight), opt_np(bias),
+                                      eps, out=big_out(xa.shape, xa.dtype))
     return torch.from_numpy(y), torch.from_numpy(c.mean), torch.from_numpy(c.rstd)
 
 
@@ -136,7 +142,9 @@ def _ln_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional
     c = normffn.LayerNormContext(x=np.ascontiguousarray(np_(x)), weight=opt_np(weight),
                                  bias=opt_np(bias), normalized_shape=tuple(normalized_shape),
                                  eps=eps, mean=np_(mean), rstd=np_(rstd))
-    dx, dw, db = normffn.layer_norm_backward(np_(dy), c, needs=tuple(needs))
+    dya = np_(dy)
+    dx, dw, db = normffn.layer_norm_backward(dya, c, needs=tuple(needs),
+                                             out=_dx_out(dya, needs))
     return _from(dx, x), _from(dw, x), _from(db, x)
 
 
@@ -191,8 +199,9 @@ class LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, normalized_shape, weight, bias, eps):
-        y, c = normffn.layer_norm_forward(np_(x), normalized_shape, opt_np(weight),
-                                          opt_np(bias), eps)
+        xa = np_(x)
+        y, c = normffn.layer_norm_forward(xa, normalized_shape, opt_np(weight), opt_np(bias),
+                                          eps, out=big_out(xa.shape, xa.dtype))
         ctx.save_for_backward(x, weight, bias)
         ctx.numpy_ctx, ctx.normalized_shape, ctx.eps = c, normalized_shape, eps
         return torch.from_numpy(y)
@@ -205,8 +214,9 @@ class LayerNormFunction(torch.autograd.Function):
         if _double_backward(ctx, dy):
             dx, dw, db = _ln_torch_grads(ctx, x, weight, bias, dy, needs)
         else:
+            dya = np_(dy)
             dx, dw, db = (_opt_from(g) for g in normffn.layer_norm_backward(
-                np_(dy), ctx.numpy_ctx, needs=tuple(needs)))
+                dya, ctx.numpy_ctx, needs=tuple(needs), out=_dx_out(dya, needs)))
         return _keep(dx, needs[0]), None, _keep(dw, needs[1]), _keep(db, needs[2]), None
 
 
@@ -220,7 +230,9 @@ layer_norm.register_autograd(_ln_backward(layer_norm_backward), setup_context=_l
 def _rms_impl(x: Tensor, normalized_shape: list[int], weight: Optional[Tensor],
               eps: float) -> tuple[Tensor, Tensor]:
     """-> (y, rstd); eps already resolved (the front end turns None into finfo.eps)."""
-    y, c = normffn.rms_norm_forward(np_(x), tuple(normalized_shape), opt_np(weight), eps)
+    xa = np_(x)
+    y, c = normffn.rms_norm_forward(xa, tuple(normalized_shape), opt_np(weight), eps,
+                                    out=big_out(xa.shape, xa.dtype))
     return torch.from_numpy(y), torch.from_numpy(c.rstd)
 
 
@@ -236,7 +248,8 @@ def _rms_bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
     c = normffn.RMSNormContext(x=np.ascontiguousarray(np_(x)), weight=opt_np(weight),
                                normalized_shape=tuple(normalized_shape), eps=eps,
                                rstd=np_(rstd))
-    dx, dw = normffn.rms_norm_backward(np_(dy), c, needs=tuple(needs))
+    dya = np_(dy)
+    dx, dw = normffn.rms_norm_backward(dya, c, needs=tuple(needs), out=_dx_out(dya, needs))
     return _from(dx, x), _from(dw, x)
 
 
@@ -279,7 +292,9 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, normalized_shape, weight, eps):
-        y, c = normffn.rms_norm_forward(np_(x), normalized_shape, opt_np(weight), eps)
+        xa = np_(x)
+        y, c = normffn.rms_norm_forward(xa, normalized_shape, opt_np(weight), eps,
+                                        out=big_out(xa.shape, xa.dtype))
         ctx.save_for_backward(x, weight)
         ctx.numpy_ctx, ctx.normalized_shape, ctx.eps = c, normalized_shape, eps
         return torch.from_numpy(y)
@@ -292,8 +307,9 @@ class RMSNormFunction(torch.autograd.Function):
         if _double_backward(ctx, dy):
             dx, dw = _rms_torch_grads(ctx, x, weight, dy, needs)
         else:
+            dya = np_(dy)
             dx, dw = (_opt_from(g) for g in normffn.rms_norm_backward(
-                np_(dy), ctx.numpy_ctx, needs=tuple(needs)))
+                dya, ctx.numpy_ctx, needs=tuple(needs), out=_dx_out(dya, needs)))
         return _keep(dx, needs[0]), None, _keep(dw, needs[1]), None
 
 
@@ -423,6 +439,8 @@ def _blas_ready(w: np.ndarray) -> np.ndarray:
 def _ffn_infer(x, weight1, bias1, weight2, bias2, activation, buffers=None) -> Tensor:
     xa = np_(x)
     out = None if buffers is None else buffers.take("y", xa.shape, xa.dtype)
+    if out is None:
+        out = big_out(xa.shape, xa.dtype)
     with gemms():
         y = normffn.ffn(xa, _w(weight1), opt_np(bias1), _w(weight2), opt_np(bias2), activation,
                         out=out)
@@ -451,6 +469,10 @@ def _ffn_fwd(x, weight1, bias1, weight2, bias2, activation, recompute, buffers=N
         if not recompute:
             hidden_out = buffers.take("hidden", (math.prod(xa.shape[:-1]), weight1.shape[0]),
                                       xa.dtype)
+    if out is None:
+        out = big_out(xa.shape, xa.dtype)
+    if hidden_out is None and not recompute:
+        hidden_out = big_out((math.prod(xa.shape[:-1]), weight1.shape[0]), xa.dtype)
     with gemms():
         y, c = normffn.ffn_forward(xa, _w(weight1), opt_np(bias1), _w(weight2), opt_np(bias2),
                                    activation, recompute=recompute, out=out,
@@ -493,6 +515,8 @@ def _ffn_bwd(dy, x, weight1, bias1, weight2, bias2, hidden, activation, recomput
         if need:
             if buffers is not None:
                 bufs[i] = buffers.take(role, shape, dtype)
+            if bufs[i] is None:
+                bufs[i] = big_out(shape, dtype)
             if bufs[i] is None and i in (1, 3):
                 bufs[i] = np.empty(shape, dtype)
     out = tuple(None if b is None else (b.T if i in (1, 3) else b) for i, b in enumerate(bufs))
@@ -575,9 +599,11 @@ def _ffn_block_impl(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optiona
                     bias2: Optional[Tensor], activation: str, norm: str, placement: str,
                     eps: float) -> Tensor:
     fn = numpy_op("ffn_block")
+    xa = np_(x)
     with gemms():
-        y = fn(np_(x), opt_np(norm_weight), opt_np(norm_bias), _w(weight1), opt_np(bias1),
-               _w(weight2), opt_np(bias2), activation, norm=norm, placement=placement, eps=eps)
+        y = fn(xa, opt_np(norm_weight), opt_np(norm_bias), _w(weight1), opt_np(bias1),
+               _w(weight2), opt_np(bias2), activation, norm=norm, placement=placement, eps=eps,
+               out=big_out(xa.shape, xa.dtype))
     return torch.from_numpy(y)
 
 
@@ -617,6 +643,10 @@ class FFNBlockFunction(torch.autograd.Function):
             out = buffers.take("y", xa.shape, xa.dtype)
             hidden_out = buffers.take("hidden", (math.prod(xa.shape[:-1]), weight1.shape[0]),
                                       xa.dtype)
+        if out is None:
+            out = big_out(xa.shape, xa.dtype)
+        if hidden_out is None:
+            hidden_out = big_out((math.prod(xa.shape[:-1]), weight1.shape[0]), xa.dtype)
         with gemms():
             y, c = numpy_op("ffn_block_forward")(
                 xa, opt_np(norm_weight), opt_np(norm_bias), _w(weight1), opt_np(bias1),
@@ -670,6 +700,8 @@ def _ffn_block_bwd(dy, inputs, kept, spec, needs, buffers):
         if need:
             if buffers is not None:
                 bufs[i] = buffers.take(role, shapes[i], dtype)
+            if bufs[i] is None:
+                bufs[i] = big_out(shapes[i], dtype)
             if bufs[i] is None and i in (3, 5):
                 bufs[i] = np.empty(shapes[i], dtype)
     out = tuple(None if b is None else (b.T if i in (3, 5) else b) for i, b in enumerate(bufs))

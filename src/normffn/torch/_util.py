@@ -13,7 +13,7 @@ import torch
 import normffn
 from normffn.ffn import ACTIVATIONS as _FFN_ACTIVATIONS, GATED as _FFN_GATED
 
-__all__ = ["FallbackWarning", "FLOATS", "np_", "opt_np", "plan", "warn_fallback",
+__all__ = ["FallbackWarning", "FLOATS", "np_", "opt_np", "big_out", "plan", "warn_fallback",
            "numpy_op", "compiling", "KERNEL_ACTIVATIONS", "GATED", "StepBuffers"]
 
 FLOATS = (torch.float32, torch.float64)
@@ -30,6 +30,27 @@ def np_(t: torch.Tensor) -> np.ndarray:
 
 def opt_np(t):
     return None if t is None else np_(t)
+
+
+# NumPy asks the kernel for transparent huge pages (madvise) on every array from 4 MiB on; on
+# a machine with THP in "madvise" mode a fresh huge page may then wait for memory compaction:
+# measured, a SwiGLU FFN forward at 2048x768x2048 took 100-110 ms instead of 60 ms for the
+# first ~10 calls of a process (numpy's madvise off: 60 ms from the start).  PyTorch's own ops
+# allocate without it, so normffn.torch allocates its large outputs the same way.
+_NUMPY_HUGEPAGE_BYTES = 1 << 22
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
+def big_out(shape: tuple, dtype):
+    """A C-contiguous ndarray for a kernel output of this shape and dtype, allocated by torch
+    (see above), or None below NumPy's huge-page size (the NumPy layer then allocates)."""
+    dtype = np.dtype(dtype)
+    nbytes = dtype.itemsize
+    for s in shape:
+        nbytes *= s
+    if nbytes < _NUMPY_HUGEPAGE_BYTES:
+        return None
+    return torch.empty(tuple(shape), dtype=_TORCH_DTYPES[dtype]).numpy()
 
 
 # False: every call goes through torch.ops.normffn.* (tests flip it to check both routes agree)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import normffn
 
 from . import _ops, _torch_ref
-from ._util import KERNEL_ACTIVATIONS, np_, numpy_op, opt_np, plan, warn_fallback
+from ._util import KERNEL_ACTIVATIONS, big_out, np_, numpy_op, opt_np, plan, warn_fallback
 
 __all__ = ["layer_norm", "rms_norm", "batch_norm", "ffn", "ffn_block"]
 
@@ -88,8 +88,10 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
         warn_fallback("layer_norm", reason, "torch.nn.functional.layer_norm")
         return F.layer_norm(input, tuple(_shape(normalized_shape)), weight, bias, eps)
     if direct and not grad:     # eager inference: the NumPy call alone, no statistics kept
-        return torch.from_numpy(normffn.layer_norm(np_(input), _numpy_shape(normalized_shape),
-                                                   opt_np(weight), opt_np(bias), float(eps)))
+        xa = np_(input)
+        return torch.from_numpy(normffn.layer_norm(xa, _numpy_shape(normalized_shape),
+                                                   opt_np(weight), opt_np(bias), float(eps),
+                                                   out=big_out(xa.shape, xa.dtype)))
     if direct:                  # eager, autograd recording (the inference case returned above)
         return _ops.LayerNormFunction.apply(input, _numpy_shape(normalized_shape), weight, bias,
                                             float(eps))
@@ -130,8 +132,10 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     if direct and not grad:     # eager inference: the NumPy call alone, no statistics kept
-        return torch.from_numpy(normffn.rms_norm(np_(input), _numpy_shape(normalized_shape),
-                                                 opt_np(weight), float(eps)))
+        xa = np_(input)
+        return torch.from_numpy(normffn.rms_norm(xa, _numpy_shape(normalized_shape),
+                                                 opt_np(weight), float(eps),
+                                                 out=big_out(xa.shape, xa.dtype)))
     if direct:                  # eager, autograd recording (the inference case returned above)
         return _ops.RMSNormFunction.apply(input, _numpy_shape(normalized_shape), weight,
                                           float(eps))
