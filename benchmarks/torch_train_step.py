@@ -93,7 +93,7 @@ CASES = {
     "ffn": ["ffn-normffn", "ffn-torchmm", "ffn-sgemm"],
     "fused": [],          # filled from the sizes' "fused" list: fused-<kind>@<spec>
 }
-FUSED_KINDS = ("torch", "normffn", "gemms")
+FUSED_KINDS = ("torch", "normffn", "module", "gemms")
 
 
 # ======================================================================= worker side
@@ -426,7 +426,9 @@ def worker_fused(kind, spec, steps, threads):
     sublayer) fwd+bwd with autograd (x and every parameter require grad): ``torch`` eager
     (F.layer_norm, F.linear, the activation — gated: chunk, silu(gate) * up — F.linear, the
     residual add), ``normffn`` (normffn.torch.ffn / ffn_block: the fused kernels, torch's BLAS),
-    or ``gemms``: the six GEMMs of the FFN's forward and backward alone (torch.mm(out=))."""
+    ``module`` (normffn.torch.FeedForward / FFNBlock, which reuse their output, hidden and
+    gradient buffers from step to step: no fresh memory to page-fault), or ``gemms``: the six
+    GEMMs of the FFN's forward and backward alone (torch.mm(out=))."""
     import torch.nn.functional as F
     torch = _torch(threads)
     place, act, shape = spec.split("/")
@@ -486,6 +488,15 @@ def worker_fused(kind, spec, steps, threads):
                 def fn():
                     return nft.ffn_block(x, nw, nb, W1, b1, W2, b2, act, norm="layer",
                                          placement=place)
+        elif kind == "module":
+            nft = _no_fallbacks()
+            torch.manual_seed(0)
+            mod = (nft.FeedForward(d, h, act) if place == "ffn" else
+                   nft.FFNBlock(d, h, act, norm="layer", placement=place))
+            leaves = (x,) + tuple(mod.parameters())
+
+            def fn():
+                return mod(x)
         else:
             raise SystemExit(f"unknown fused case {kind}")
 
@@ -675,24 +686,30 @@ def report_ffn(runs, cfg):
 def report_fused(runs, cfg):
     print("\n== 4. fused FFN and LayerNorm sublayer vs PyTorch eager, both on torch's BLAS "
           "(fwd+bwd with autograd, ms per step)")
-    print(f"  {'case':28s} {'torch eager':>16s} {'normffn.torch':>16s} {'bare GEMMs':>16s} "
-          f"{'speed-up':>9s} {'% GEMMs':>8s} {'floor':>6s}")
+    print(f"  {'case':25s} {'torch eager':>13s} {'normffn.torch':>13s} {'module':>13s} "
+          f"{'bare GEMMs':>13s} {'speed-up':>9s} {'% GEMMs':>8s} {'floor':>6s}")
     out = {}
     for spec in cfg["fused"]:
         s = {k: summary([r["median_s"] for r in runs[f"fused-{k}@{spec}"] if r is not None])
              for k in FUSED_KINDS}
         up = _ratio(s["torch"], s["normffn"])
+        up_mod = _ratio(s["torch"], s["module"])
         pct = _ratio(s["gemms"], s["normffn"])
+        pct_mod = _ratio(s["gemms"], s["module"])
         floor = _ratio(s["torch"], s["gemms"])
         out[spec] = {"ms": s, "speedup_vs_torch": up, "fraction_of_gemms": pct,
+                     "module_speedup_vs_torch": up_mod, "module_fraction_of_gemms": pct_mod,
                      "max_speedup_same_blas": floor}
-        f = (lambda v, fmt: "n/a" if v is None else format(v, fmt))
-        print(f"  {spec:28s} {_fmt(s['torch'], 1e3, '', 1):>16s} "
-              f"{_fmt(s['normffn'], 1e3, '', 1):>16s} {_fmt(s['gemms'], 1e3, '', 1):>16s} "
-              f"{f(up, '.2f'):>8s}× {f(None if pct is None else 100 * pct, '.0f'):>7s}% "
-              f"{f(floor, '.2f'):>5s}×")
-    print("  speed-up = torch eager / normffn.torch; % GEMMs = bare GEMMs / normffn.torch; "
-          "floor = torch eager / bare GEMMs (the most any implementation on this BLAS can gain)")
+
+        def f(v, fmt, scale=1):
+            return "n/a" if v is None else format(v * scale, fmt)
+        print(f"  {spec:25s} {_fmt(s['torch'], 1e3, '', 1):>13s} "
+              f"{_fmt(s['normffn'], 1e3, '', 1):>13s} {_fmt(s['module'], 1e3, '', 1):>13s} "
+              f"{_fmt(s['gemms'], 1e3, '', 1):>13s} {f(up, '.2f')}/{f(up_mod, '.2f')}× "
+              f"{f(pct, '.0f', 100)}/{f(pct_mod, '.0f', 100)}% {f(floor, '.2f'):>5s}×")
+    print("  speed-up = torch eager / normffn.torch (functional / module); % GEMMs = bare GEMMs /"
+          " normffn.torch (functional / module);\n  floor = torch eager / bare GEMMs (the most "
+          "any implementation on this BLAS can gain)")
     return out
 
 
