@@ -39,7 +39,12 @@ the route per call (``_util.plan``).
 
 A new op plugs in as: implementation + custom op + fake, backward implementation + custom op +
 fake, one setup/backward pair, one ``register_autograd`` line, one ``_function`` line, and a
-front-end function in functional.py.
+front-end function in functional.py.  LayerNorm and RMSNorm, whose small calls are where the
+wrapper's cost shows, have hand-written eager Functions instead (they return y alone and keep
+the NumPy context for backward).
+
+The FFN and FFN-block calls multiply with torch's own BLAS (``_blas``), and outputs from 4 MiB
+on are allocated by torch (``_util.big_out``: NumPy would ask for huge pages).
 """
 import math
 from typing import Optional

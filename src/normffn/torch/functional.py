@@ -18,7 +18,9 @@ from ._util import KERNEL_ACTIVATIONS, big_out, np_, numpy_op, opt_np, plan, war
 
 __all__ = ["layer_norm", "rms_norm", "batch_norm", "ffn", "ffn_block"]
 
-# per op: (operator, eager autograd.Function, implementation) — see _ops for the two routes
+# per op: (operator, eager autograd.Function, implementation) — see _ops for the two routes;
+# LayerNorm and RMSNorm: the operator alone (their eager Functions return y only, and are
+# called directly below)
 _LN_OP = torch.ops.normffn.layer_norm.default
 _RMS_OP = torch.ops.normffn.rms_norm.default
 _BN = (torch.ops.normffn.batch_norm.default, _ops.BatchNormFunction, _ops._bn_impl)
