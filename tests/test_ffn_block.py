@@ -292,6 +292,34 @@ def test_training_step_reuses_hidden(rng, act, placement):
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
+def test_training_step_reuses_kept(rng, placement):
+    """kept_out= takes the previous step's ctx.xn (pre) or ctx.s (post): same results."""
+    params = make_params(rng, 16, 12, np.float32, "relu", "layer")
+    x = rng.standard_normal((2, 7, 16)).astype(np.float32)
+    dy = rng.standard_normal((2, 7, 16)).astype(np.float32)
+    y0, c0 = ffn_block_forward(x, *params, "relu", placement=placement)
+    g0 = ffn_block_backward(dy, c0)
+    buf = c0.xn if placement == "pre" else c0.s
+    y1, c1 = ffn_block_forward(x, *params, "relu", placement=placement, kept_out=buf)
+    kept = c1.xn if placement == "pre" else c1.s
+    assert kept is buf
+    np.testing.assert_array_equal(y1, y0)
+    for a, b in zip(g0, ffn_block_backward(dy, c1)):
+        if a is not None:
+            np.testing.assert_array_equal(b, a)
+    with pytest.raises(ValueError, match="kept_out"):
+        ffn_block_forward(x, *params, "relu", placement=placement, kept_out=buf[:, :3])
+    with pytest.raises(ValueError, match="kept_out"):
+        ffn_block_forward(x, *params, "relu", placement=placement, kept_out=x)
+    with pytest.raises(ValueError, match="kept_out overlaps"):
+        ffn_block_forward(x, *params, "relu", placement=placement, out=buf, kept_out=buf)
+    if placement == "pre":
+        with pytest.raises(ValueError, match="kept_out must be None with recompute"):
+            ffn_block_forward(x, *params, "relu", placement=placement, recompute=True,
+                              kept_out=buf)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
 def test_recompute_keeps_no_hidden(rng, placement):
     """recompute=True: the context holds x, the statistics and (post-LN) s — nothing n x h,
     and pre-LN not even xn."""

@@ -640,7 +640,7 @@ def _block_pair(norm="layer", placement="pre", activation="gelu", d=8, h=16, see
     return ours, ref
 
 
-_BLOCK_ROLES = ("y", "hidden", "dx", "dnorm_weight", "dw1", "db1", "dw2", "db2")
+_BLOCK_ROLES = ("y", "hidden", "kept", "dx", "dnorm_weight", "dw1", "db1", "dw2", "db2")
 
 
 @pytest.mark.skipif(not HAS_BLOCK, reason="normffn.ffn_block not in this build")

@@ -219,6 +219,7 @@ class BlockArgs(NamedTuple):
     placement: str
     eps: float
     out: np.ndarray | None        # validated y buffer of x's shape, or None
+    kept_out: np.ndarray | None   # validated buffer for xn (pre) or s (post), or None
 
 
 def _choice(value, name: str, allowed: tuple) -> str:
@@ -231,7 +232,7 @@ def _choice(value, name: str, allowed: tuple) -> str:
 
 def check_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", *,
                   norm="layer", placement="pre", eps=1e-5, recompute=False, out=None,
-                  hidden_out=None) -> BlockArgs:
+                  hidden_out=None, kept_out=None) -> BlockArgs:
     """Validate the forward's arguments (see :func:`ffn_block_forward` for what raises).
     Nothing is written; x is copied to C order only once every check passed."""
     norm = _choice(norm, "norm", NORMS)
@@ -259,7 +260,15 @@ def check_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", 
     if a.hidden_out is not None:      # the FFN checked it against x and its own parameters
         _checks.out_array(a.hidden_out, "hidden_out", a.hidden_out.shape, dtype,
                           inputs=(norm_weight, norm_bias, out))
-    return BlockArgs(a, norm_weight, norm_bias, norm, placement, eps, out)
+    if kept_out is not None:
+        if recompute and placement == "pre":
+            raise ValueError("kept_out must be None with recompute=True and placement='pre' "
+                             "(the normalised input is recomputed, not kept)")
+        kept_out = _checks.out_array(
+            kept_out, "kept_out", a.x.shape, dtype,
+            inputs=(x if isinstance(x, np.ndarray) else None, a.x, norm_weight, norm_bias,
+                    a.w1, a.b1, a.w2, a.b2, out, a.hidden_out))
+    return BlockArgs(a, norm_weight, norm_bias, norm, placement, eps, out, kept_out)
 
 
 def check_backward(dy, ctx, *, out=None, needs=None):
@@ -304,14 +313,15 @@ def _norm_forward(norm, x2, weight, bias, eps, y2, mean, rstd):
 
 def run_forward(x2, norm_weight, norm_bias, w1, b1, w2, b2, activation, norm, placement, eps,
                 *, training=False, recompute=False, out=None, mean=None, rstd=None,
-                hidden_out=None):
+                hidden_out=None, kept_out=None):
     """The sublayer's forward on checked arrays; trusts its arguments.
 
     x2 : (n, d) C-contiguous;  norm_weight, norm_bias : (d,) or None (bias None for "rms");
     w1, b1, w2, b2, activation as :func:`normffn.ffn.run_forward` takes them;  norm, placement,
     eps valid;  out : (n, d) C-contiguous or None;  mean (LayerNorm), rstd : (n,) float64
     outputs or None (allocated);  hidden_out : where the FFN keeps its hidden (training without
-    recompute), or None.  ``training=False`` keeps nothing (xn or s and the norm
+    recompute), or None;  kept_out : (n, d) C-contiguous, where xn (pre, kept) or s (post,
+    training) goes, or None.  ``training=False`` keeps nothing (xn or s and the norm
     statistics live in scratch).  Returns ``(y2, mean, rstd, xn, s, hidden, dead_units)``:
     xn (pre-LN) and s (post-LN) are None unless kept, hidden and dead_units as the FFN's.
     """
@@ -330,14 +340,20 @@ def run_forward(x2, norm_weight, norm_bias, w1, b1, w2, b2, activation, norm, pl
     xn = s = None
     if placement == "pre":
         keep = training and not recompute
-        xn2 = np.empty((n, d), dtype) if keep else _scratch("ffn_block.xn", n, d, dtype)
+        if keep:
+            xn2 = np.empty((n, d), dtype) if kept_out is None else kept_out
+        else:
+            xn2 = _scratch("ffn_block.xn", n, d, dtype)
         _norm_forward(norm, x2, norm_weight, norm_bias, eps, xn2, mean, rstd)
         _, hidden, dead = ffn_run_forward(xn2, w1, b1, w2, b2, activation, training=training,
                                           recompute=recompute, out=y2, residual=x2,
                                           hidden_out=hidden_out)
         xn = xn2 if keep else None
     else:
-        s2 = np.empty((n, d), dtype) if training else _scratch("ffn_block.s", n, d, dtype)
+        if training:
+            s2 = np.empty((n, d), dtype) if kept_out is None else kept_out
+        else:
+            s2 = _scratch("ffn_block.s", n, d, dtype)
         _, hidden, dead = ffn_run_forward(x2, w1, b1, w2, b2, activation, training=training,
                                           recompute=recompute, out=s2, residual=x2,
                                           hidden_out=hidden_out)
@@ -407,7 +423,7 @@ def run_backward(dy2, x2, norm_weight, norm_bias, mean, rstd, xn2, s2, hidden, w
 # ---------------------------------------------------------------- public API
 def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", *,
                       norm="layer", placement="pre", eps=1e-5, recompute=False, out=None,
-                      hidden_out=None):
+                      hidden_out=None, kept_out=None):
     """FFN sublayer forward, keeping what backward needs.
 
     ``pre``: ``y = x + ffn(norm(x))``;  ``post``: ``y = norm(x + ffn(x))``, with
@@ -445,6 +461,10 @@ def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="rel
         Where to keep the FFN's hidden (recompute=False only; ``n = prod(x.shape[:-1])``), as
         :func:`normffn.ffn_forward` takes it: a training loop passes the previous step's
         ``ctx.hidden`` once that step's backward is done, so no step page-faults a fresh one.
+    kept_out : ndarray of x's shape and dtype, C-contiguous, writeable, or None
+        Where to keep the (n, d) array backward needs besides the hidden: the normalised input
+        (``ctx.xn``, pre-LN; not with recompute=True) or the residual sum (``ctx.s``,
+        post-LN); reused across steps as ``hidden_out`` is.
 
     Returns
     -------
@@ -490,7 +510,7 @@ def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="rel
     """
     b = check_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation, norm=norm,
                       placement=placement, eps=eps, recompute=recompute, out=out,
-                      hidden_out=hidden_out)
+                      hidden_out=hidden_out, kept_out=kept_out)
     a = b.ffn
     lead = a.x.shape[:-1]
     mean = None if b.norm == "rms" else np.empty(lead, np.float64)
@@ -500,15 +520,22 @@ def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="rel
         b.placement, b.eps, training=True, recompute=a.recompute,
         out=None if b.out is None else b.out.reshape(a.n, a.d),
         mean=None if mean is None else mean.reshape(a.n), rstd=rstd.reshape(a.n),
-        hidden_out=a.hidden_out)
+        hidden_out=a.hidden_out,
+        kept_out=None if b.kept_out is None else b.kept_out.reshape(a.n, a.d))
     ctx = FFNBlockContext._build({
         "x": a.x, "norm_weight": b.norm_weight, "norm_bias": b.norm_bias, "w1": a.w1,
         "b1": a.b1, "w2": a.w2, "b2": a.b2, "activation": a.activation, "norm": b.norm,
         "placement": b.placement, "eps": b.eps, "recompute": a.recompute, "mean": mean,
-        "rstd": rstd, "xn": None if xn is None else xn.reshape(a.x.shape),
-        "s": None if s is None else s.reshape(a.x.shape), "hidden": hidden,
+        "rstd": rstd, "xn": None if xn is None else _kept(xn, b.kept_out, a.x.shape),
+        "s": None if s is None else _kept(s, b.kept_out, a.x.shape), "hidden": hidden,
         "dead_units": dead})
     return (b.out if b.out is not None else y2.reshape(a.x.shape)), ctx
+
+
+def _kept(a2, kept_out, shape):
+    """The kept (n, d) array in x's shape: ``kept_out`` itself when the caller gave it (so the
+    next step can hand the very same object back), else a view of ``a2``."""
+    return kept_out if kept_out is not None else a2.reshape(shape)
 
 
 def ffn_block(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", *, norm="layer",

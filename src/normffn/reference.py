@@ -712,7 +712,7 @@ def _block_norm_backward(norm, dy, ctx):
 
 def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="relu", *,
                       norm="layer", placement="pre", eps=1e-5, recompute=False, out=None,
-                      hidden_out=None):
+                      hidden_out=None, kept_out=None):
     """Float64 FFN sublayer forward: ``(y, ctx)``, composed from the references above.
 
     Pre-LN ``y = x + ffn(norm(x))``, post-LN ``y = norm(x + ffn(x))`` (``eps=None`` with
@@ -722,7 +722,7 @@ def ffn_block_forward(x, norm_weight, norm_bias, w1, b1, w2, b2, activation="rel
     ----------
     x, norm_weight, norm_bias, w1, b1, w2, b2, activation, norm, placement, eps
         As :func:`normffn.ffn_block_forward`.
-    recompute, out, hidden_out : ignored
+    recompute, out, hidden_out, kept_out : ignored
         They change nothing here.
 
     Returns

@@ -648,16 +648,20 @@ class FFNBlockFunction(torch.autograd.Function):
             out = buffers.take("y", xa.shape, xa.dtype)
             hidden_out = buffers.take("hidden", (math.prod(xa.shape[:-1]), weight1.shape[0]),
                                       xa.dtype)
+        kept_out = None if buffers is None else buffers.take("kept", xa.shape, xa.dtype)
         if out is None:
             out = big_out(xa.shape, xa.dtype)
         if hidden_out is None:
             hidden_out = big_out((math.prod(xa.shape[:-1]), weight1.shape[0]), xa.dtype)
+        if kept_out is None:
+            kept_out = big_out(xa.shape, xa.dtype)
         with gemms():
             y, c = numpy_op("ffn_block_forward")(
                 xa, opt_np(norm_weight), opt_np(norm_bias), _w(weight1), opt_np(bias1),
                 _w(weight2), opt_np(bias2), activation, norm=norm, placement=placement,
-                eps=eps, out=out, hidden_out=hidden_out)
+                eps=eps, out=out, hidden_out=hidden_out, kept_out=kept_out)
         if buffers is not None:
+            buffers.keep("kept", c.xn if c.xn is not None else c.s)
             buffers.keep("y", y)
             buffers.keep("hidden", c.hidden)
         ctx.save_for_backward(x, norm_weight, norm_bias, weight1, bias1, weight2, bias2,
