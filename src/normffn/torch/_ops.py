@@ -502,6 +502,36 @@ def _ffn_fwd_fake(x, weight1, bias1, weight2, bias2, activation, recompute):
     return x.new_empty(x.shape), x.new_empty((n, weight1.shape[0]))
 
 
+def _backward_into(call, roles, shapes, needs, dtype, buffers, linear: tuple) -> list:
+    """Run an FFN-family NumPy backward, ``call(out)``, writing each needed gradient into a
+    module's reused buffer (``buffers``: StepBuffers, or None), else a torch-allocated one from
+    4 MiB on (big_out), else whatever the NumPy layer allocates.  The weight gradients at the
+    indices ``linear`` are C-contiguous in nn.Linear's (out, in) layout and reach the kernel as
+    transposed views, so autograd keeps them as ``.grad`` without a copy.  Returns the
+    gradients (ndarrays, None where not needed) and keeps them in ``buffers`` for the next
+    step."""
+    bufs = [None] * len(roles)
+    for i, (role, shape, need) in enumerate(zip(roles, shapes, needs)):
+        if not need:
+            continue
+        if buffers is not None:
+            bufs[i] = buffers.take(role, shape, dtype)
+        if bufs[i] is None:
+            bufs[i] = big_out(shape, dtype)
+        if bufs[i] is None and i in linear:
+            bufs[i] = np.empty(shape, dtype)
+    out = tuple(None if b is None else (b.T if i in linear else b) for i, b in enumerate(bufs))
+    with gemms():
+        grads = list(call(out))
+    for i in linear:
+        if grads[i] is not None:
+            grads[i] = bufs[i]
+    if buffers is not None:
+        for role, g in zip(roles, grads):
+            buffers.keep(role, g)
+    return grads
+
+
 def _ffn_bwd(dy, x, weight1, bias1, weight2, bias2, hidden, activation, recompute, needs,
              buffers=None):
     """-> (dx, dweight1, dbias1, dweight2, dbias2), weight grads C-contiguous in nn.Linear's
@@ -512,27 +542,10 @@ def _ffn_bwd(dy, x, weight1, bias1, weight2, bias2, hidden, activation, recomput
                            b2=opt_np(bias2), activation=activation, recompute=recompute,
                            hidden=None if recompute else np_(hidden), dead_units=None)
     needs = tuple(needs)
-    dtype = c.x.dtype
     # dx, db1, db2 in the kernels' shapes; dw1, dw2 in nn.Linear's (out, in) layout
     shapes = (c.x.shape, w1.T.shape, (w1.shape[1],), w2.T.shape, (w2.shape[1],))
-    bufs = [None] * 5
-    for i, (role, shape, need) in enumerate(zip(_FFN_GRADS, shapes, needs)):
-        if need:
-            if buffers is not None:
-                bufs[i] = buffers.take(role, shape, dtype)
-            if bufs[i] is None:
-                bufs[i] = big_out(shape, dtype)
-            if bufs[i] is None and i in (1, 3):
-                bufs[i] = np.empty(shape, dtype)
-    out = tuple(None if b is None else (b.T if i in (1, 3) else b) for i, b in enumerate(bufs))
-    with gemms():
-        grads = list(normffn.ffn_backward(np_(dy), c, needs=needs, out=out))
-    for i in (1, 3):
-        if grads[i] is not None:
-            grads[i] = bufs[i]
-    if buffers is not None:
-        for role, g in zip(_FFN_GRADS, grads):
-            buffers.keep(role, g)
+    grads = _backward_into(lambda out: normffn.ffn_backward(np_(dy), c, needs=needs, out=out),
+                           _FFN_GRADS, shapes, needs, c.x.dtype, buffers, linear=(1, 3))
     return tuple(_from(g, x) for g in grads)
 
 
@@ -701,25 +714,9 @@ def _ffn_block_bwd(dy, inputs, kept, spec, needs, buffers):
         b2=opt_np(bias2), activation=activation, norm=norm, placement=placement, eps=eps,
         recompute=False, mean=opt_np(mean), rstd=np_(rstd), xn=opt_np(xn), s=opt_np(s),
         hidden=opt_np(hidden), dead_units=opt_np(dead))
-    dtype = c.x.dtype
     # dx in x's shape, the norm's and the biases' in theirs, dw1/dw2 in nn.Linear's (out, in)
     shapes = [tuple(c.x.shape)] + [None if t is None else tuple(t.shape) for t in inputs[1:]]
-    bufs = [None] * 7
-    for i, (role, need) in enumerate(zip(_BLOCK_GRADS, needs)):
-        if need:
-            if buffers is not None:
-                bufs[i] = buffers.take(role, shapes[i], dtype)
-            if bufs[i] is None:
-                bufs[i] = big_out(shapes[i], dtype)
-            if bufs[i] is None and i in (3, 5):
-                bufs[i] = np.empty(shapes[i], dtype)
-    out = tuple(None if b is None else (b.T if i in (3, 5) else b) for i, b in enumerate(bufs))
-    with gemms():
-        g = list(numpy_op("ffn_block_backward")(np_(dy), c, needs=tuple(needs), out=out))
-    for i in (3, 5):
-        if g[i] is not None:
-            g[i] = bufs[i]
-    if buffers is not None:
-        for role, a in zip(_BLOCK_GRADS, g):
-            buffers.keep(role, a)
+    g = _backward_into(
+        lambda out: numpy_op("ffn_block_backward")(np_(dy), c, needs=tuple(needs), out=out),
+        _BLOCK_GRADS, shapes, needs, c.x.dtype, buffers, linear=(3, 5))
     return [_opt_from(a) for a in g]
