@@ -1,5 +1,5 @@
-# Row-major GEMM over scipy's BLAS (scipy.linalg.cython_blas), as scikit-learn's
-# sklearn/utils/_cython_blas.pyx calls it.
+# Row-major GEMM over a Fortran BLAS — scipy's (scipy.linalg.cython_blas), as scikit-learn's
+# sklearn/utils/_cython_blas.pyx calls it, or another a front end registers (ffn.pyx's slots).
 #
 # Table of contents
 #   Blas          the four BLAS routines a kernel calls, as function pointers with the Fortran
