@@ -45,6 +45,7 @@
  * group entries take their buffers as restrict-qualified parameters, not through the argument
  * struct, so GCC sees the contract (no output overlaps an input).  Entry points, per SUF:
  *   nf_nr_fwd_{ln,rms,add_ln,add_rms}_SUF   one forward row
+ *   nf_nr_fwd_ln_short_f32       NF_NR_SHORT_G float32 LayerNorm rows, d <= NF_NR_SHORT_D (below)
  *   nf_nr_bwd_ln_group_SUF       LayerNorm backward group: dx, dw iff w, db optional
  *   nf_nr_bwd_ln_nodw_group_SUF  the same with a weight whose dw is not wanted
  *   nf_nr_bwd_ln_sums_group_SUF  dw/db partials alone (no dx)
@@ -53,7 +54,7 @@
  * and, not dispatched: nf_nr_bwd_{ln,ln_nodw,ln_sums,ln_ds,rms}_SUF, the loop over one block's
  * groups calling the matching group entry; nf_nr_finish_SUF, columns of the partials
  * (block-order sum, cast into dw/db).  nf_nr_fwd_pick / nf_nr_bwd_pick (below) choose the row
- * and block functions for a call.
+ * and block functions for a call (the forward one with the rows each call covers).
  */
 #ifndef NORMFFN_NORM_ROWS_H
 #define NORMFFN_NORM_ROWS_H
@@ -165,18 +166,158 @@ enum { NF_NR_LN, NF_NR_LN_NODW, NF_NR_LN_SUMS, NF_NR_LN_DS, NF_NR_RMS };
 #undef T
 #undef SUF
 
+/* ---------------------------------------------------------------- short float32 LayerNorm rows
+ * Forward of float32 LayerNorm rows without residual, d <= NF_NR_SHORT_D, NF_NR_SHORT_G rows per
+ * call (nf_nr_fwd_ln_short_f32).  The maths and the numerics of nf_nr_fwd_body: the sum and the
+ * centred sums in float lanes (here 16: two 8-wide vectors, so at most 8 terms a lane, as the
+ * blocked sums' 32 lanes over a 256-element block), converted to float64 and added in a fixed
+ * tree; the d % 8 tail in float64; deviations formed as ((x - mean_hi) - mean_lo); the same
+ * corrected two-pass variance; y by nf_nr_affine_f32.  A row's result does not depend on the
+ * group it falls in.
+ *
+ * Why a group: a short row's time is the latency of its dependency chain (sum, tree, divide,
+ * mean split, centred sums, trees, divide, sqrt, divide, y), not its instruction count or its
+ * bytes: at d = 96 the per-row body cost ~46 ns a row from L2 as from L3, twice a copy's time.
+ * The group runs each phase (sums; centred sums; statistics; y) over all its rows before the
+ * next, so the rows' chains overlap in the out-of-order window: ~30 ns a row (docs/tuning.md).
+ *
+ * Vectors are loaded by dereferencing an unaligned, may_alias vector type: a memcpy into a
+ * vector local compiled, in the AVX2 clone, to two 16-byte stores and one 32-byte reload
+ * (a failed store forward per load, 3x slower). */
+#define NF_NR_SHORT_D 128
+#define NF_NR_SHORT_G 8
+
+typedef float nf_v8f __attribute__((vector_size(32)));
+typedef float nf_v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef float nf_v4f __attribute__((vector_size(16)));
+typedef double nf_v4d __attribute__((vector_size(32)));
+
+#define nf_load_v8f(p) (*(const nf_v8f_u *)(p))
+
+/* The 8 float lanes of *s in float64, added in a fixed tree.  (Vectors pass by pointer: by value
+ * they would change the baseline clone's ABI.) */
+NF_INLINE double nf_lanes_sum_v8f(const nf_v8f *s)
+{
+    nf_v4f lo = {(*s)[0], (*s)[1], (*s)[2], (*s)[3]}, hi = {(*s)[4], (*s)[5], (*s)[6], (*s)[7]};
+    nf_v4d t = __builtin_convertvector(lo, nf_v4d) + __builtin_convertvector(hi, nf_v4d);
+    return (t[0] + t[2]) + (t[1] + t[3]);
+}
+
+/* sum(x[0:d]): 16 float lanes, then float64. */
+NF_INLINE double nf_short_sum(const float *x, nf_index d)
+{
+    nf_v8f s0 = {0}, s1 = {0};
+    nf_index j = 0;
+    for (; j + 16 <= d; j += 16) {
+        s0 += nf_load_v8f(x + j);
+        s1 += nf_load_v8f(x + j + 8);
+    }
+    if (j + 8 <= d) {
+        s0 += nf_load_v8f(x + j);
+        j += 8;
+    }
+    double tail = 0.0;
+    for (; j < d; j++) tail += (double)x[j];
+    s0 += s1;
+    return nf_lanes_sum_v8f(&s0) + tail;
+}
+
+/* sum(t^2) and (in *dev) sum(t) of t = (x - mh) - ml over x[0:d]; mean = mh + ml as a double
+ * for the float64 tail. */
+NF_INLINE double nf_short_ssd(const float *x, nf_index d, float mh, float ml, double mean,
+                              double *dev)
+{
+    nf_v8f q0 = {0}, q1 = {0}, e0 = {0}, e1 = {0};
+    nf_index j = 0;
+    for (; j + 16 <= d; j += 16) {
+        nf_v8f t0 = (nf_load_v8f(x + j) - mh) - ml, t1 = (nf_load_v8f(x + j + 8) - mh) - ml;
+        e0 += t0;
+        e1 += t1;
+        q0 += t0 * t0;
+        q1 += t1 * t1;
+    }
+    if (j + 8 <= d) {
+        nf_v8f t0 = (nf_load_v8f(x + j) - mh) - ml;
+        e0 += t0;
+        q0 += t0 * t0;
+        j += 8;
+    }
+    double dev_tail = 0.0, ssd_tail = 0.0;
+    for (; j < d; j++) {
+        double t = (double)x[j] - mean;
+        dev_tail += t;
+        ssd_tail += t * t;
+    }
+    e0 += e1;
+    q0 += q1;
+    *dev = nf_lanes_sum_v8f(&e0) + dev_tail;
+    return nf_lanes_sum_v8f(&q0) + ssd_tail;
+}
+
+/* Rows [i0, i0 + NF_NR_SHORT_G) clipped to n.  Each phase's loop keeps the mean split inside a
+ * row's own iteration (a loop of splits alone, vectorised over rows by GCC 12, produced wrong
+ * low halves). */
+NF_CLONES static void nf_nr_fwd_ln_short_f32(const nf_nr_fwd_args *a, nf_index i0, int tid)
+{
+    (void)tid;
+    enum { G = NF_NR_SHORT_G };
+    const nf_index d = a->d;
+    const nf_index g = a->n - i0 < G ? a->n - i0 : G;
+    const float *x = (const float *)a->x + i0 * d;
+    const float *w = (const float *)a->w, *b = (const float *)a->b;
+    float *y = (float *)a->y + i0 * d;
+    double mean0[G], dev[G], ssd[G], rstd[G];
+    float mh[G], ml[G];
+
+    /* the group `ahead` rows on (at least one group) */
+    nf_index p0 = i0 + (a->ahead > G ? a->ahead : G), p1 = p0 + G < a->n ? p0 + G : a->n;
+    if (p0 < p1)
+        nf_prefetch_range((const float *)a->x + p0 * d, 0, (size_t)((p1 - p0) * d) * sizeof(float));
+
+    for (nf_index r = 0; r < g; r++) {
+        mean0[r] = nf_short_sum(x + r * d, d) / (double)d;
+        nf_mean_split_f32(mean0[r], &mh[r], &ml[r]);
+    }
+    for (nf_index r = 0; r < g; r++)
+        ssd[r] = nf_short_ssd(x + r * d, d, mh[r], ml[r], mean0[r], &dev[r]);
+    for (nf_index r = 0; r < g; r++) {
+        double mean = mean0[r] + dev[r] / (double)d;
+        double var = (ssd[r] - dev[r] * (dev[r] / (double)d)) / (double)d;
+        if (var < 0) var = 0;  /* cannot happen in exact arithmetic; guards rounding */
+        rstd[r] = 1.0 / sqrt(var + a->eps);
+        a->mean[i0 + r] = mean;
+        a->rstd[i0 + r] = rstd[r];
+        nf_mean_split_f32(mean, &mh[r], &ml[r]);
+    }
+    for (nf_index r = 0; r < g; r++) {
+        if (a->stream) {
+            float tmp[NF_NR_SHORT_D];
+            nf_nr_affine_f32(tmp, x + r * d, w, b, d, mh[r], ml[r], (float)rstd[r], 1);
+            nf_stream_copy(y + r * d, tmp, (size_t)d * sizeof(float));
+        } else {
+            nf_nr_affine_f32(y + r * d, x + r * d, w, b, d, mh[r], ml[r], (float)rstd[r], 1);
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- choosing the entry point */
 
 typedef void (*nf_nr_fwd_fn)(const nf_nr_fwd_args *a, nf_index i, int tid);
 typedef void (*nf_nr_bwd_fn)(const nf_nr_bwd_args *a, nf_index blk);
 typedef void (*nf_nr_finish_fn)(const nf_nr_bwd_args *a, nf_index j0, nf_index j1);
 
-/* The forward row function for a call (row i on thread tid: fn(a, i, tid)). */
-static inline nf_nr_fwd_fn nf_nr_fwd_pick(const nf_nr_fwd_args *a)
+/* The forward function for a call and the rows each call covers (*step): fn(a, i, tid) runs rows
+ * [i, i + *step) clipped to n, on thread tid, for i a multiple of *step. */
+static inline nf_nr_fwd_fn nf_nr_fwd_pick(const nf_nr_fwd_args *a, nf_index *step)
 {
+    *step = 1;
     if (a->f64) {
         if (a->mean) return a->r ? nf_nr_fwd_add_ln_f64 : nf_nr_fwd_ln_f64;
         return a->r ? nf_nr_fwd_add_rms_f64 : nf_nr_fwd_rms_f64;
+    }
+    if (a->mean && !a->r && a->d <= NF_NR_SHORT_D) {
+        *step = NF_NR_SHORT_G;
+        return nf_nr_fwd_ln_short_f32;
     }
     if (a->mean) return a->r ? nf_nr_fwd_add_ln_f32 : nf_nr_fwd_ln_f32;
     return a->r ? nf_nr_fwd_add_rms_f32 : nf_nr_fwd_rms_f32;

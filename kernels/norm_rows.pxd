@@ -58,26 +58,27 @@ cdef extern from "norm_rows.h" nogil:
     void nf_nr_bwd_plan(nf_index n, nf_index d, int want_w, int want_b,
                         nf_index *nb, nf_index *rows_per_block, nf_index *width)
     nf_index nf_nr_bwd_scratch(nf_index n, nf_index d, int want_w, int want_b)
-    nf_nr_fwd_fn nf_nr_fwd_pick(const nf_nr_fwd_args *a)
+    nf_nr_fwd_fn nf_nr_fwd_pick(const nf_nr_fwd_args *a, nf_index *step)
     nf_nr_bwd_fn nf_nr_bwd_pick(const nf_nr_bwd_args *a)
     nf_nr_finish_fn nf_nr_finish_pick(const nf_nr_bwd_args *a)
 
 
 cdef inline void nr_forward(const nf_nr_fwd_args *a, int nt) noexcept nogil:
     """All rows of a forward call on nt threads (a.rowbuf holds nt rows when it is used)."""
-    cdef nf_index i
+    cdef nf_index k, step
     cdef int tid = 0
-    cdef nf_nr_fwd_fn row = nf_nr_fwd_pick(a)
+    cdef nf_nr_fwd_fn rows = nf_nr_fwd_pick(a, &step)
+    cdef nf_index calls = (a.n + step - 1) // step
     if nt <= 1:                  # no parallel region: a small call does not pay for one
-        for i in range(a.n):
-            row(a, i, 0)
+        for k in range(calls):
+            rows(a, k * step, 0)
         if a.stream:
             nf_stream_fence()
         return
     with parallel(num_threads=nt):
         tid = threadid()
-        for i in prange(a.n, schedule='static'):
-            row(a, i, tid)
+        for k in prange(calls, schedule='static'):
+            rows(a, k * step, tid)
         if a.stream:
             nf_stream_fence()
 

@@ -174,6 +174,21 @@ def test_threads_and_streaming_bitwise_identical(rng, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("d", [5, 32, 96, 100, 128])
+def test_row_result_does_not_depend_on_its_group(rng, dtype, d):
+    """A row's y, mean and rstd are the same bits whether it sits in a full group, a partial
+    one or alone (rows are computed G at a time; the slices below move every row's position)."""
+    x = randn(rng, (41, d), dtype) * 3 + 1e3
+    w, b = randn(rng, (d,), dtype), randn(rng, (d,), dtype)
+    y, ctx = normffn.layer_norm_forward(x, d, w, b)
+    for lo, hi in [(0, 1), (3, 4), (1, 10), (5, 41), (7, 40), (9, 26)]:
+        ys, cs = normffn.layer_norm_forward(np.ascontiguousarray(x[lo:hi]), d, w, b)
+        np.testing.assert_array_equal(ys, y[lo:hi])
+        np.testing.assert_array_equal(cs.mean, ctx.mean[lo:hi])
+        np.testing.assert_array_equal(cs.rstd, ctx.rstd[lo:hi])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("layout", ["strided", "transposed", "readonly"])
 @pytest.mark.parametrize("d", [3, 32, 96])
 def test_non_contiguous_inputs(rng, dtype, layout, d):
