@@ -443,6 +443,49 @@ def test_thread_share_counts_every_worker_in_the_process():
 
 
 # ---------------------------------------------------------------------------------------------
+# reused output buffers (normffn.dask._buffers)
+def test_buffer_returns_to_the_pool_only_when_every_view_is_gone():
+    import gc
+    from normffn.dask import _buffers
+    _buffers.release()
+    shape, nbytes = (512, 1024), 512 * 1024 * 4
+    a = _buffers.pooled(shape, np.float32)
+    a[...] = 7.0
+    view = a[100:200]          # a consumer keeps a slice; the array itself goes
+    addr = a.ctypes.data
+    del a
+    gc.collect()
+    assert _buffers.idle_bytes() == 0
+    b = _buffers.pooled(shape, np.float32)       # must not be the buffer the slice still uses
+    assert b.ctypes.data != addr
+    b[...] = -1.0
+    assert (view == 7.0).all()
+    del view
+    gc.collect()
+    assert _buffers.idle_bytes() == nbytes
+    c = _buffers.pooled(shape, np.float32)       # reused
+    assert c.ctypes.data == addr and c.flags.c_contiguous and c.flags.writeable
+    del b, c
+    gc.collect()
+    assert _buffers.idle_bytes() == _buffers.MAX_IDLE * nbytes    # two idle, no more
+    held = [_buffers.pooled(shape, np.float32) for _ in range(_buffers.MAX_IDLE + 3)]
+    del held
+    gc.collect()
+    assert _buffers.idle_bytes() == _buffers.MAX_IDLE * nbytes
+    assert nd.release_buffers() == _buffers.MAX_IDLE * nbytes
+    assert _buffers.idle_bytes() == 0
+
+
+def test_outputs_outside_a_worker_are_plain_arrays():
+    from normffn.dask import _buffers
+    _buffers.release()
+    x = _arr((1200, 1024), np.float32, 5)                   # 4.7 MiB chunks
+    y = nd.layer_norm(da.from_array(x, chunks=(1200, 1024)), 1024).compute(scheduler="sync")
+    _equal(y, normffn.layer_norm(x, 1024), "y")
+    assert _buffers.idle_bytes() == 0
+
+
+# ---------------------------------------------------------------------------------------------
 # a real cluster: 2 worker processes, 1 thread each
 @pytest.fixture(scope="module")
 def client():
@@ -483,6 +526,39 @@ def test_cluster_results_match_local(client):
     workers_env = client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
     assert set(workers_env.values()) == {"1"}
     assert (shares == 1).all()
+
+
+def _seeded_block(seed, block_id=None):
+    """A (1200, 1024) float32 block made where the task runs (no data in the graph)."""
+    return _arr((1200, 1024), np.float32, seed + block_id[0], offset=3.0)
+
+
+def _idle_bytes():
+    from normffn.dask import _buffers
+    return _buffers.idle_bytes()
+
+
+def test_cluster_reuses_output_buffers(client):
+    """Chunks of >= 4 MiB: workers build y (and s) in reused buffers; results stay bitwise
+    those of NumPy, computed twice (the second time from buffers the first released)."""
+    w, b = _arr(1024, np.float32, 8), _arr(1024, np.float32, 9)
+    xd, rd = (da.map_blocks(_seeded_block, seed, dtype=np.float32,
+                            chunks=((1200, 1200), (1024,))) for seed in (6, 16))
+    x = np.concatenate([_seeded_block(6, block_id=(i, 0)) for i in range(2)])   # built here too
+    r = np.concatenate([_seeded_block(16, block_id=(i, 0)) for i in range(2)])
+    want_y = normffn.layer_norm(x, 1024, w, b)
+    want_ay, want_s = normffn.add_layer_norm(x, r, 1024, w, b)
+    for _ in range(2):
+        y, (ay, s) = client.compute([nd.layer_norm(xd, 1024, w, b),
+                                     nd.add_layer_norm(xd, rd, 1024, w, b)], sync=True)
+        _equal(y, want_y, "y")
+        _equal(ay, want_ay, "add_layer_norm y")
+        _equal(s, want_s, "add_layer_norm s")
+    idle = client.run(_idle_bytes)
+    assert sum(idle.values()) > 0, idle
+    freed = client.run(nd.release_buffers)
+    assert freed == idle
+    assert set(client.run(_idle_bytes).values()) == {0}
 
 
 def test_cluster_batch_norm_training(client):

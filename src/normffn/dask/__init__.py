@@ -36,10 +36,15 @@ threaded scheduler with one thread per core, all cores on the synchronous schedu
 ``cores // threads_per_worker`` on a distributed worker.  Set it explicitly with the dask setting
 ``normffn.threads`` (``dask.config.set({"normffn.threads": 2})`` while building the graph; the
 value is baked into the graph's tasks, so it reaches every worker).
+
+Memory: on a ``dask.distributed`` worker the forward row outputs of 4 MiB and more (``y``, and
+``s`` of the add-norms) are built in buffers the worker reuses once nothing references an
+earlier output, instead of fresh pages per task; each worker keeps at most two idle buffers per
+chunk size (``release_buffers`` frees them).  Elsewhere outputs come from ``numpy.empty``.
 """
 from __future__ import annotations
 
-from . import _rows
+from . import _buffers, _rows
 from ._batch_norm import (BatchNormDaskContext, batch_norm, batch_norm_backward,
                           batch_norm_forward)
 from ._graph import SPLIT_EVERY, THREADS_KEY
@@ -54,7 +59,28 @@ __all__ = [
     "ffn_block", "ffn_block_forward", "ffn_block_backward",
     "batch_norm", "batch_norm_forward", "batch_norm_backward",
     "RowContext", "BatchNormDaskContext", "SPLIT_EVERY", "THREADS_KEY", "available",
+    "release_buffers",
 ]
+
+
+def release_buffers() -> int:
+    """Free the idle output buffers this process keeps for reuse (see "Memory" above); run it
+    on every worker with ``client.run(normffn.dask.release_buffers)``.
+
+    Returns
+    -------
+    int
+        The bytes freed.
+
+    Examples
+    --------
+    >>> import normffn.dask as nd
+    >>> nd.release_buffers()      # outside a worker nothing is pooled
+    0
+    """
+    freed = _buffers.idle_bytes()
+    _buffers.release()
+    return freed
 
 
 def available(name: str) -> bool:

@@ -29,7 +29,7 @@ import numpy as np
 
 import normffn
 
-from . import _graph
+from . import _buffers, _graph
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class RowOp:
     nfeat: object          # callable(bound arguments) -> number of trailing feature axes
     grad_rows: tuple = ("dy",)   # row-array parameters of the backward besides ctx
     blas: bool = False     # the op calls BLAS (limit its threads too)
+    x_like_outputs: int = 1  # forward outputs shaped like x (out=; 2: a tuple); 0: none
 
     def numpy(self, suffix: str):
         fn = getattr(normffn, self.name + suffix, None)
@@ -64,10 +65,10 @@ OPS = {
     "layer_norm": RowOp("layer_norm", ("x",), _nfeat_normalized),
     "rms_norm": RowOp("rms_norm", ("x",), _nfeat_normalized),
     "add_layer_norm": RowOp("add_layer_norm", ("x", "residual"), _nfeat_normalized,
-                            grad_rows=("dy", "ds")),
+                            grad_rows=("dy", "ds"), x_like_outputs=2),
     "add_rms_norm": RowOp("add_rms_norm", ("x", "residual"), _nfeat_normalized,
-                          grad_rows=("dy", "ds")),
-    "ffn": RowOp("ffn", ("x",), _nfeat_one, blas=True),
+                          grad_rows=("dy", "ds"), x_like_outputs=2),
+    "ffn": RowOp("ffn", ("x",), _nfeat_one, blas=True, x_like_outputs=0),
     "ffn_block": RowOp("ffn_block", ("x",), _nfeat_one, blas=True),
 }
 
@@ -83,10 +84,21 @@ def _split_forward(res):
     return outs, ctx
 
 
+def _reused_out(fname, x):
+    """``out=`` for a forward of ``fname`` on block ``x``: x-shaped outputs from the buffer pool
+    (_buffers), or None (the op allocates; also where the NumPy call will reject x)."""
+    n = OPS[fname.removesuffix("_forward")].x_like_outputs
+    if n == 0 or not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
+        return None
+    outs = tuple(_buffers.empty(x.shape, x.dtype) for _ in range(n))
+    return outs[0] if n == 1 else outs
+
+
 def _forward_task(fname, rows, params, threads, blas, *blocks):
     fn = getattr(normffn, fname)
     kwargs = dict(params)
     kwargs.update(zip(rows, blocks))
+    kwargs["out"] = _reused_out(fname, blocks[0])
     with _graph.limit_threads(threads, blas):
         return _split_forward(fn(**kwargs))
 
@@ -104,6 +116,7 @@ def _plain_task(fname, rows, params, threads, blas, *blocks):
     fn = getattr(normffn, fname)
     kwargs = dict(params)
     kwargs.update(zip(rows, blocks))
+    kwargs["out"] = _reused_out(fname, blocks[0])
     with _graph.limit_threads(threads, blas):
         return fn(**kwargs)
 
