@@ -172,8 +172,9 @@ enum { NF_NR_LN, NF_NR_LN_NODW, NF_NR_LN_SUMS, NF_NR_LN_DS, NF_NR_RMS };
  * centred sums in float lanes (here 16: two 8-wide vectors, so at most 8 terms a lane, as the
  * blocked sums' 32 lanes over a 256-element block), converted to float64 and added in a fixed
  * tree; the d % 8 tail in float64; deviations formed as ((x - mean_hi) - mean_lo); the same
- * corrected two-pass variance; y by nf_nr_affine_f32.  A row's result does not depend on the
- * group it falls in.
+ * corrected two-pass variance, its divisions by d done as products with 1/d (float64: a last-
+ * bit difference in mean and var); y by nf_nr_affine_f32.  A row's result does not depend on
+ * the group it falls in.
  *
  * Why a group: a short row's time is the latency of its dependency chain (sum, tree, divide,
  * mean split, centred sums, trees, divide, sqrt, divide, y), not its instruction count or its
@@ -276,15 +277,17 @@ NF_CLONES static void nf_nr_fwd_ln_short_f32(const nf_nr_fwd_args *a, nf_index i
     for (size_t o = 0; p0 < p1 && o < (size_t)((p1 - p0) * d) * sizeof(float); o += 64)
         __builtin_prefetch(pf + o, 0, 3);
 
+    const double inv_d = 1.0 / (double)d;     /* multiplies instead of 4 divisions a row */
     for (nf_index r = 0; r < g; r++) {
-        mean0[r] = nf_short_sum(x + r * d, d) / (double)d;
+        mean0[r] = nf_short_sum(x + r * d, d) * inv_d;
         nf_mean_split_f32(mean0[r], &mh[r], &ml[r]);
     }
     for (nf_index r = 0; r < g; r++)
         ssd[r] = nf_short_ssd(x + r * d, d, mh[r], ml[r], mean0[r], &dev[r]);
     for (nf_index r = 0; r < g; r++) {
-        double mean = mean0[r] + dev[r] / (double)d;
-        double var = (ssd[r] - dev[r] * (dev[r] / (double)d)) / (double)d;
+        double shift = dev[r] * inv_d;
+        double mean = mean0[r] + shift;
+        double var = (ssd[r] - dev[r] * shift) * inv_d;
         if (var < 0) var = 0;  /* cannot happen in exact arithmetic; guards rounding */
         rstd[r] = 1.0 / sqrt(var + a->eps);
         a->mean[i0 + r] = mean;
