@@ -255,9 +255,9 @@ NF_INLINE double nf_short_ssd(const float *x, nf_index d, float mh, float ml, do
     return nf_lanes_sum_v8f(&q0) + ssd_tail;
 }
 
-/* Rows [i0, i0 + NF_NR_SHORT_G) clipped to n.  Each phase's loop keeps the mean split inside a
- * row's own iteration (a loop of splits alone, vectorised over rows by GCC 12, produced wrong
- * low halves). */
+/* Rows [i0, i0 + NF_NR_SHORT_G) clipped to n.  The mean split stays inside each row's sum
+ * iteration: in a test build, a separate loop of the rows' splits, which GCC 12 vectorised over
+ * the rows, gave low halves of 0 (docs/tuning.md). */
 NF_CLONES static void nf_nr_fwd_ln_short_f32(const nf_nr_fwd_args *a, nf_index i0, int tid)
 {
     (void)tid;
