@@ -45,7 +45,7 @@
  * group entries take their buffers as restrict-qualified parameters, not through the argument
  * struct, so GCC sees the contract (no output overlaps an input).  Entry points, per SUF:
  *   nf_nr_fwd_{ln,rms,add_ln,add_rms}_SUF   one forward row
- *   nf_nr_fwd_ln_short_f32       NF_NR_SHORT_G float32 LayerNorm rows, d <= NF_NR_SHORT_D (below)
+ *   nf_nr_fwd_{ln,add_ln}_short_f32   NF_NR_SHORT_G float32 LayerNorm rows, d <= NF_NR_SHORT_D
  *   nf_nr_bwd_ln_group_SUF       LayerNorm backward group: dx, dw iff w, db optional
  *   nf_nr_bwd_ln_nodw_group_SUF  the same with a weight whose dw is not wanted
  *   nf_nr_bwd_ln_sums_group_SUF  dw/db partials alone (no dx)
@@ -167,14 +167,15 @@ enum { NF_NR_LN, NF_NR_LN_NODW, NF_NR_LN_SUMS, NF_NR_LN_DS, NF_NR_RMS };
 #undef SUF
 
 /* ---------------------------------------------------------------- short float32 LayerNorm rows
- * Forward of float32 LayerNorm rows without residual, d <= NF_NR_SHORT_D, NF_NR_SHORT_G rows per
- * call (nf_nr_fwd_ln_short_f32).  The maths and the numerics of nf_nr_fwd_body: the sum and the
- * centred sums in float lanes (here 16: two 8-wide vectors, so at most 8 terms a lane, as the
- * blocked sums' 32 lanes over a 256-element block), converted to float64 and added in a fixed
- * tree; the d % 8 tail in float64; deviations formed as ((x - mean_hi) - mean_lo); the same
- * corrected two-pass variance, its divisions by d done as products with 1/d (float64: a last-
- * bit difference in mean and var); y by nf_nr_affine_f32.  A row's result does not depend on
- * the group it falls in.
+ * Forward of float32 LayerNorm and add + LayerNorm rows, d <= NF_NR_SHORT_D, NF_NR_SHORT_G rows
+ * per call (nf_nr_fwd_ln_short_f32, nf_nr_fwd_add_ln_short_f32).  The maths and the numerics of
+ * nf_nr_fwd_body: the sum and the centred sums in float lanes (here 16: two 8-wide vectors, so
+ * at most 8 terms a lane, as the blocked sums' 32 lanes over a 256-element block), converted to
+ * float64 and added in a fixed tree; the d % 8 tail in float64; deviations formed as
+ * ((x - mean_hi) - mean_lo); the same corrected two-pass variance, its divisions by d done as
+ * products with 1/d (float64: a last-bit difference in mean and var); y by nf_nr_affine_f32.
+ * A row's result does not depend on the group it falls in, and the two entries share the
+ * arithmetic, so add_layer_norm(x, r) gives layer_norm(x + r)'s bits, as on long rows.
  *
  * Why a group: a short row's time is the latency of its dependency chain (sum, tree, divide,
  * mean split, centred sums, trees, divide, sqrt, divide, y), not its instruction count or its
@@ -223,6 +224,35 @@ NF_INLINE double nf_short_sum(const float *x, nf_index d)
     return nf_lanes_sum_v8f(&s0) + tail;
 }
 
+/* s[0:d] = x + r (rounded once), and sum(s) as nf_short_sum(s, d) would give it. */
+NF_INLINE double nf_short_add_sum(float *restrict s, const float *restrict x,
+                                  const float *restrict r, nf_index d)
+{
+    nf_v8f s0 = {0}, s1 = {0};
+    nf_index j = 0;
+    for (; j + 16 <= d; j += 16) {
+        nf_v8f v0 = nf_load_v8f(x + j) + nf_load_v8f(r + j);
+        nf_v8f v1 = nf_load_v8f(x + j + 8) + nf_load_v8f(r + j + 8);
+        *(nf_v8f_u *)(s + j) = v0;
+        *(nf_v8f_u *)(s + j + 8) = v1;
+        s0 += v0;
+        s1 += v1;
+    }
+    if (j + 8 <= d) {
+        nf_v8f v0 = nf_load_v8f(x + j) + nf_load_v8f(r + j);
+        *(nf_v8f_u *)(s + j) = v0;
+        s0 += v0;
+        j += 8;
+    }
+    double tail = 0.0;
+    for (; j < d; j++) {
+        s[j] = x[j] + r[j];
+        tail += (double)s[j];
+    }
+    s0 += s1;
+    return nf_lanes_sum_v8f(&s0) + tail;
+}
+
 /* sum(t^2) and (in *dev) sum(t) of t = (x - mh) - ml over x[0:d]; mean = mh + ml as a double
  * for the float64 tail. */
 NF_INLINE double nf_short_ssd(const float *x, nf_index d, float mh, float ml, double mean,
@@ -255,35 +285,47 @@ NF_INLINE double nf_short_ssd(const float *x, nf_index d, float mh, float ml, do
     return nf_lanes_sum_v8f(&q0) + ssd_tail;
 }
 
-/* Rows [i0, i0 + NF_NR_SHORT_G) clipped to n.  The mean split stays inside each row's sum
+/* Rows [i0, i0 + NF_NR_SHORT_G) clipped to n; ADD: the rows of s = x + r (stored to s, built in
+ * a local buffer when streamed), as nf_nr_fwd_body's add + LayerNorm — so add_layer_norm(x, r)
+ * gives layer_norm(x + r)'s bits here too.  The mean split stays inside each row's sum
  * iteration: in a test build, a separate loop of the rows' splits, which GCC 12 vectorised over
  * the rows, gave low halves of 0 (docs/tuning.md). */
-NF_CLONES static void nf_nr_fwd_ln_short_f32(const nf_nr_fwd_args *a, nf_index i0, int tid)
+NF_INLINE void nf_nr_fwd_ln_short_body(const nf_nr_fwd_args *a, nf_index i0, const int ADD)
 {
-    (void)tid;
     enum { G = NF_NR_SHORT_G };
     const nf_index d = a->d;
     const nf_index g = a->n - i0 < G ? a->n - i0 : G;
     const float *x = (const float *)a->x + i0 * d;
     const float *w = (const float *)a->w, *b = (const float *)a->b;
     float *y = (float *)a->y + i0 * d;
+    float sbuf[ADD ? G * NF_NR_SHORT_D : 1];   /* s when streamed */
+    float *s = NULL;                            /* the rows normalised: x, or s = x + r */
+    nf_index lds = d;
+    if (ADD) {
+        if (a->stream) { s = sbuf; lds = NF_NR_SHORT_D; } else s = (float *)a->s + i0 * d;
+    }
+    const float *src = ADD ? s : x;
     double mean0[G], dev[G], ssd[G], rstd[G];
     float mh[G], ml[G];
 
     /* the group `ahead` rows on (at least one group), into L1: the group's first pass then
-     * loads from L1 (prefetching into L2 only, as the long rows do, was ~5% slower from L3) */
+     * loads from L1 (prefetching into L2 only, as the long rows do, was ~10% slower from L3) */
     nf_index p0 = i0 + (a->ahead > G ? a->ahead : G), p1 = p0 + G < a->n ? p0 + G : a->n;
-    const char *pf = (const char *)((const float *)a->x + p0 * d);
-    for (size_t o = 0; p0 < p1 && o < (size_t)((p1 - p0) * d) * sizeof(float); o += 64)
-        __builtin_prefetch(pf + o, 0, 3);
+    size_t pfbytes = p0 < p1 ? (size_t)((p1 - p0) * d) * sizeof(float) : 0;
+    for (size_t o = 0; o < pfbytes; o += 64) {
+        __builtin_prefetch((const char *)((const float *)a->x + p0 * d) + o, 0, 3);
+        if (ADD) __builtin_prefetch((const char *)((const float *)a->r + p0 * d) + o, 0, 3);
+    }
 
     const double inv_d = 1.0 / (double)d;     /* multiplies instead of 4 divisions a row */
     for (nf_index r = 0; r < g; r++) {
-        mean0[r] = nf_short_sum(x + r * d, d) * inv_d;
+        mean0[r] = (ADD ? nf_short_add_sum(s + r * lds, x + r * d, (const float *)a->r +
+                                           (i0 + r) * d, d)
+                        : nf_short_sum(x + r * d, d)) * inv_d;
         nf_mean_split_f32(mean0[r], &mh[r], &ml[r]);
     }
     for (nf_index r = 0; r < g; r++)
-        ssd[r] = nf_short_ssd(x + r * d, d, mh[r], ml[r], mean0[r], &dev[r]);
+        ssd[r] = nf_short_ssd(src + r * lds, d, mh[r], ml[r], mean0[r], &dev[r]);
     for (nf_index r = 0; r < g; r++) {
         double shift = dev[r] * inv_d;
         double mean = mean0[r] + shift;
@@ -297,12 +339,27 @@ NF_CLONES static void nf_nr_fwd_ln_short_f32(const nf_nr_fwd_args *a, nf_index i
     for (nf_index r = 0; r < g; r++) {
         if (a->stream) {
             float tmp[NF_NR_SHORT_D];
-            nf_nr_affine_f32(tmp, x + r * d, w, b, d, mh[r], ml[r], (float)rstd[r], 1);
+            nf_nr_affine_f32(tmp, src + r * lds, w, b, d, mh[r], ml[r], (float)rstd[r], 1);
             nf_stream_copy(y + r * d, tmp, (size_t)d * sizeof(float));
+            if (ADD)
+                nf_stream_copy((float *)a->s + (i0 + r) * d, src + r * lds,
+                               (size_t)d * sizeof(float));
         } else {
-            nf_nr_affine_f32(y + r * d, x + r * d, w, b, d, mh[r], ml[r], (float)rstd[r], 1);
+            nf_nr_affine_f32(y + r * d, src + r * lds, w, b, d, mh[r], ml[r], (float)rstd[r], 1);
         }
     }
+}
+
+NF_CLONES static void nf_nr_fwd_ln_short_f32(const nf_nr_fwd_args *a, nf_index i0, int tid)
+{
+    (void)tid;
+    nf_nr_fwd_ln_short_body(a, i0, 0);
+}
+
+NF_CLONES static void nf_nr_fwd_add_ln_short_f32(const nf_nr_fwd_args *a, nf_index i0, int tid)
+{
+    (void)tid;
+    nf_nr_fwd_ln_short_body(a, i0, 1);
 }
 
 /* ---------------------------------------------------------------- choosing the entry point */
@@ -320,9 +377,9 @@ static inline nf_nr_fwd_fn nf_nr_fwd_pick(const nf_nr_fwd_args *a, nf_index *ste
         if (a->mean) return a->r ? nf_nr_fwd_add_ln_f64 : nf_nr_fwd_ln_f64;
         return a->r ? nf_nr_fwd_add_rms_f64 : nf_nr_fwd_rms_f64;
     }
-    if (a->mean && !a->r && a->d <= NF_NR_SHORT_D) {
+    if (a->mean && a->d <= NF_NR_SHORT_D) {
         *step = NF_NR_SHORT_G;
-        return nf_nr_fwd_ln_short_f32;
+        return a->r ? nf_nr_fwd_add_ln_short_f32 : nf_nr_fwd_ln_short_f32;
     }
     if (a->mean) return a->r ? nf_nr_fwd_add_ln_f32 : nf_nr_fwd_ln_f32;
     return a->r ? nf_nr_fwd_add_rms_f32 : nf_nr_fwd_rms_f32;

@@ -130,7 +130,7 @@ def test_nan_stays_in_its_row(rng, kind, dtype, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("shape", [(7, 3), (37, 769), (9, 2100)])
+@pytest.mark.parametrize("shape", [(7, 3), (19, 96), (9, 100), (37, 769), (9, 2100)])
 def test_bitwise_equal_to_unfused_ops(rng, dtype, shape):
     """add_X_norm(x, r) == X_norm(x + r), and without ds its backward == X_norm_backward: the
     fused body runs the unfused ops' arithmetic operation for operation."""
