@@ -305,6 +305,7 @@ NF_INLINE void nf_nr_fwd_ln_short_body(const nf_nr_fwd_args *a, nf_index i0, con
         if (a->stream) { s = sbuf; lds = NF_NR_SHORT_D; } else s = (float *)a->s + i0 * d;
     }
     const float *src = ADD ? s : x;
+    const float *res = ADD ? (const float *)a->r + i0 * d : NULL;   /* the residual rows */
     double mean0[G], dev[G], ssd[G], rstd[G];
     float mh[G], ml[G];
 
@@ -314,13 +315,12 @@ NF_INLINE void nf_nr_fwd_ln_short_body(const nf_nr_fwd_args *a, nf_index i0, con
     size_t pfbytes = p0 < p1 ? (size_t)((p1 - p0) * d) * sizeof(float) : 0;
     for (size_t o = 0; o < pfbytes; o += 64) {
         __builtin_prefetch((const char *)((const float *)a->x + p0 * d) + o, 0, 3);
-        if (ADD) __builtin_prefetch((const char *)((const float *)a->r + p0 * d) + o, 0, 3);
+        if (ADD) __builtin_prefetch((const char *)(res + (p0 - i0) * d) + o, 0, 3);
     }
 
     const double inv_d = 1.0 / (double)d;     /* multiplies instead of 4 divisions a row */
     for (nf_index r = 0; r < g; r++) {
-        mean0[r] = (ADD ? nf_short_add_sum(s + r * lds, x + r * d, (const float *)a->r +
-                                           (i0 + r) * d, d)
+        mean0[r] = (ADD ? nf_short_add_sum(s + r * lds, x + r * d, res + r * d, d)
                         : nf_short_sum(x + r * d, d)) * inv_d;
         nf_mean_split_f32(mean0[r], &mh[r], &ml[r]);
     }
