@@ -205,49 +205,38 @@ NF_INLINE double nf_lanes_sum_v8f(const nf_v8f *s)
     return (t[0] + t[2]) + (t[1] + t[3]);
 }
 
-/* sum(x[0:d]): 16 float lanes, then float64. */
-NF_INLINE double nf_short_sum(const float *x, nf_index d)
+/* sum(v[0:d]) in 16 float lanes, then float64, of v = x, or (ADD) v = x + r rounded once and
+ * stored to s[0:d] (as nf_sum_ex does for long rows: the add-norm's sum is the norm's on s). */
+NF_INLINE double nf_short_sum(float *restrict s, const float *restrict x,
+                              const float *restrict r, nf_index d, const int ADD)
 {
     nf_v8f s0 = {0}, s1 = {0};
     nf_index j = 0;
     for (; j + 16 <= d; j += 16) {
-        s0 += nf_load_v8f(x + j);
-        s1 += nf_load_v8f(x + j + 8);
-    }
-    if (j + 8 <= d) {
-        s0 += nf_load_v8f(x + j);
-        j += 8;
-    }
-    double tail = 0.0;
-    for (; j < d; j++) tail += (double)x[j];
-    s0 += s1;
-    return nf_lanes_sum_v8f(&s0) + tail;
-}
-
-/* s[0:d] = x + r (rounded once), and sum(s) as nf_short_sum(s, d) would give it. */
-NF_INLINE double nf_short_add_sum(float *restrict s, const float *restrict x,
-                                  const float *restrict r, nf_index d)
-{
-    nf_v8f s0 = {0}, s1 = {0};
-    nf_index j = 0;
-    for (; j + 16 <= d; j += 16) {
-        nf_v8f v0 = nf_load_v8f(x + j) + nf_load_v8f(r + j);
-        nf_v8f v1 = nf_load_v8f(x + j + 8) + nf_load_v8f(r + j + 8);
-        *(nf_v8f_u *)(s + j) = v0;
-        *(nf_v8f_u *)(s + j + 8) = v1;
+        nf_v8f v0 = nf_load_v8f(x + j), v1 = nf_load_v8f(x + j + 8);
+        if (ADD) {
+            v0 += nf_load_v8f(r + j);
+            v1 += nf_load_v8f(r + j + 8);
+            *(nf_v8f_u *)(s + j) = v0;
+            *(nf_v8f_u *)(s + j + 8) = v1;
+        }
         s0 += v0;
         s1 += v1;
     }
     if (j + 8 <= d) {
-        nf_v8f v0 = nf_load_v8f(x + j) + nf_load_v8f(r + j);
-        *(nf_v8f_u *)(s + j) = v0;
+        nf_v8f v0 = nf_load_v8f(x + j);
+        if (ADD) {
+            v0 += nf_load_v8f(r + j);
+            *(nf_v8f_u *)(s + j) = v0;
+        }
         s0 += v0;
         j += 8;
     }
     double tail = 0.0;
     for (; j < d; j++) {
-        s[j] = x[j] + r[j];
-        tail += (double)s[j];
+        float v = ADD ? x[j] + r[j] : x[j];
+        if (ADD) s[j] = v;
+        tail += (double)v;
     }
     s0 += s1;
     return nf_lanes_sum_v8f(&s0) + tail;
@@ -320,8 +309,8 @@ NF_INLINE void nf_nr_fwd_ln_short_body(const nf_nr_fwd_args *a, nf_index i0, con
 
     const double inv_d = 1.0 / (double)d;     /* multiplies instead of 4 divisions a row */
     for (nf_index r = 0; r < g; r++) {
-        mean0[r] = (ADD ? nf_short_add_sum(s + r * lds, x + r * d, res + r * d, d)
-                        : nf_short_sum(x + r * d, d)) * inv_d;
+        mean0[r] = nf_short_sum(ADD ? s + r * lds : NULL, x + r * d,
+                                ADD ? res + r * d : NULL, d, ADD) * inv_d;
         nf_mean_split_f32(mean0[r], &mh[r], &ml[r]);
     }
     for (nf_index r = 0; r < g; r++)
