@@ -245,20 +245,29 @@ NF_CLONES static void NF_T(nf_ffn_relu_bwd)(T *restrict g, nf_index ldg, T *z, n
     }
 }
 
+/* The backward reads v straight from z when there is no bias to add and a is not written over
+ * z (the saved pre-activation, a to scratch): no copy into the local chunk, whose first touch of
+ * each line of z was where the pass waited on memory.  (Recompute writes a over z: copied.) */
+#ifndef NF_V_DIRECT
+#define NF_V_DIRECT(b1, a_out, z) ((b1) == NULL && (const void *)(a_out) != (const void *)(z))
+#endif
+
 /* gelu, gelu_tanh, silu, chunk by chunk; g and a_out never overlap. */
 NF_CLONES static void NF_T(nf_ffn_smooth_bwd)(T *g, nf_index ldg, T *z, nf_index ldz,
                                               const T *b1, T *a_out, nf_index lda,
                                               double *restrict db1_acc, nf_index m, nf_index h,
                                               int act)
 {
+    const int direct = NF_V_DIRECT(b1, a_out, z);
     T v[NF_CHUNK];
     for (nf_index i = 0; i < m; i++) {
         T *restrict gi = g + i * ldg;
         const T *zi = z + i * ldz;
         for (nf_index j0 = 0; j0 < h; j0 += NF_CHUNK) {
             nf_index n = h - j0 < NF_CHUNK ? h - j0 : NF_CHUNK;
-            NF_T(nf_load_v)(v, zi + j0, b1 ? b1 + j0 : NULL, n);
-            NF_T(nf_smooth_grad_chunk)(gi + j0, a_out ? a_out + i * lda + j0 : NULL, v, n, act);
+            if (!direct) NF_T(nf_load_v)(v, zi + j0, b1 ? b1 + j0 : NULL, n);
+            NF_T(nf_smooth_grad_chunk)(gi + j0, a_out ? a_out + i * lda + j0 : NULL,
+                                       direct ? zi + j0 : v, n, act);
         }
         if (db1_acc) for (nf_index j = 0; j < h; j++) db1_acc[j] += (double)gi[j];
     }
@@ -273,16 +282,20 @@ NF_CLONES static void NF_T(nf_ffn_gated_bwd)(T *g, nf_index ldg, T *z, nf_index 
                                              nf_index h, int act)
 {
     int gate = act & ~NF_ACT_GATED;
+    const int direct = NF_V_DIRECT(b1, a_out, z);
     T vg[NF_CHUNK], vu[NF_CHUNK];
     for (nf_index i = 0; i < m; i++) {
         T *gi = g + i * ldg;
         const T *zi = z + i * ldz;
         for (nf_index j0 = 0; j0 < w; j0 += NF_CHUNK) {
             nf_index n = w - j0 < NF_CHUNK ? w - j0 : NF_CHUNK;
-            NF_T(nf_load_v)(vg, zi + j0, b1 ? b1 + j0 : NULL, n);
-            NF_T(nf_load_v)(vu, zi + h + j0, b1 ? b1 + h + j0 : NULL, n);
+            if (!direct) {
+                NF_T(nf_load_v)(vg, zi + j0, b1 ? b1 + j0 : NULL, n);
+                NF_T(nf_load_v)(vu, zi + h + j0, b1 ? b1 + h + j0 : NULL, n);
+            }
             NF_T(nf_gated_grad_chunk)(gi + j0, gi + h + j0, a_out ? a_out + i * lda + j0 : NULL,
-                                      vg, vu, n, gate);
+                                      direct ? zi + j0 : vg, direct ? zi + h + j0 : vu, n,
+                                      gate);
         }
         if (db1_acc) {
             for (nf_index j = 0; j < w; j++) db1_acc[j] += (double)gi[j];
