@@ -77,23 +77,66 @@ NF_INLINE void NF_T(nf_dead_chunk)(unsigned char *restrict dead, const T *restri
     for (nf_index j = 0; j < n; j++) dead[j] &= (s[j] == 0);
 }
 
-/* Gated, one chunk, in one loop per gate.  Forward: out = act(vg) * vu.  Backward, dA in gg on entry:
- * gg = (dA * vu) * act'(vg) (relu: dA * vu where vg is not <= 0, else 0), gu = dA * act(vg),
- * and a = act(vg) * vu when a != NULL. */
-#define NF_GATED_FWD_LOOP(ACT)                                                             \
-    for (nf_index j = 0; j < n; j++) out[j] = ACT * vu[j]
+/* Gated, one chunk, in one loop per gate.  Forward (no dead-unit flags), read straight from the
+ * GEMM output or from a local copy:
+ *   nf_gated_chunk:   out = act(vg) * vu (out apart from vg, vu);
+ *   nf_gated_inplace: vg = zg + bg, vu = zu + bu (HAS_B, a literal), act(vg) * vu over zg
+ *                     (a replaces z: inference, recompute);
+ *   nf_gated_keep:    the same v written back over zg, zu (the saved pre-activation) and
+ *                     act(vg) * vu to a, apart.
+ * NF_GATED_EACH(LOAD_G, LOAD_U, BODY): one loop per gate over [0, n) with vg = LOAD_G,
+ * vu = LOAD_U and s = act(vg) in scope of BODY. */
+#define NF_GATED_EACH(LOAD_G, LOAD_U, BODY)                                                \
+    switch (gate) {                                                                        \
+    case NF_ACT_GELU:                                                                      \
+        for (nf_index j = 0; j < n; j++) {                                                 \
+            T vg = LOAD_G, vu = LOAD_U, s = NF_T(nf_vgelu)(vg, NULL);                      \
+            BODY;                                                                          \
+        }                                                                                  \
+        break;                                                                             \
+    case NF_ACT_GELU_TANH:                                                                 \
+        for (nf_index j = 0; j < n; j++) {                                                 \
+            T vg = LOAD_G, vu = LOAD_U, s = NF_T(nf_vgelu_tanh)(vg, NULL);                 \
+            BODY;                                                                          \
+        }                                                                                  \
+        break;                                                                             \
+    case NF_ACT_SILU:                                                                      \
+        for (nf_index j = 0; j < n; j++) {                                                 \
+            T vg = LOAD_G, vu = LOAD_U, s = NF_T(nf_vsilu)(vg, NULL);                      \
+            BODY;                                                                          \
+        }                                                                                  \
+        break;                                                                             \
+    default:                                                                               \
+        for (nf_index j = 0; j < n; j++) {                                                 \
+            T vg = LOAD_G, vu = LOAD_U, s = vg < 0 ? (T)0 : vg;                            \
+            BODY;                                                                          \
+        }                                                                                  \
+        break;                                                                             \
+    }
 
-NF_INLINE void NF_T(nf_gated_chunk)(T *restrict out, const T *restrict vg, const T *restrict vu,
+NF_INLINE void NF_T(nf_gated_chunk)(T *restrict out, const T *restrict g, const T *restrict u,
                                     nf_index n, int gate)
 {
-    switch (gate) {
-    case NF_ACT_GELU:      NF_GATED_FWD_LOOP(NF_T(nf_vgelu)(vg[j], NULL)); break;
-    case NF_ACT_GELU_TANH: NF_GATED_FWD_LOOP(NF_T(nf_vgelu_tanh)(vg[j], NULL)); break;
-    case NF_ACT_SILU:      NF_GATED_FWD_LOOP(NF_T(nf_vsilu)(vg[j], NULL)); break;
-    default:               NF_GATED_FWD_LOOP((vg[j] < 0 ? (T)0 : vg[j])); break;
-    }
+    NF_GATED_EACH(g[j], u[j], out[j] = s * vu);
 }
 
+NF_INLINE void NF_T(nf_gated_inplace)(T *restrict zg, const T *restrict zu,
+                                      const T *restrict bg, const T *restrict bu, nf_index n,
+                                      int gate, const int HAS_B)
+{
+    NF_GATED_EACH(HAS_B ? zg[j] + bg[j] : zg[j], HAS_B ? zu[j] + bu[j] : zu[j], zg[j] = s * vu);
+}
+
+NF_INLINE void NF_T(nf_gated_keep)(T *restrict a, T *restrict zg, T *restrict zu,
+                                   const T *restrict bg, const T *restrict bu, nf_index n,
+                                   int gate)
+{
+    NF_GATED_EACH(zg[j] + bg[j], zu[j] + bu[j], (zg[j] = vg, zu[j] = vu, a[j] = s * vu));
+}
+#undef NF_GATED_EACH
+
+/* Backward, dA in gg on entry: gg = (dA * vu) * act'(vg) (relu: dA * vu where vg is not <= 0,
+ * else 0), gu = dA * act(vg), and a = act(vg) * vu when a != NULL. */
 #define NF_GATED_GRAD_LOOP(ACT)                                                            \
     for (nf_index j = 0; j < n; j++) {                                                     \
         T d, s = ACT(vg[j], &d), da = gg[j];                                               \
@@ -122,7 +165,6 @@ NF_INLINE void NF_T(nf_gated_grad_chunk)(T *restrict gg, T *restrict gu, T *a,
         break;
     }
 }
-#undef NF_GATED_FWD_LOOP
 #undef NF_GATED_GRAD_LOOP
 
 /* ---------------------------------------------------------------- forward
@@ -177,19 +219,24 @@ NF_CLONES static void NF_T(nf_ffn_gated_fwd)(T *z, nf_index ldz, T *a, nf_index 
         T *ai = a ? a + i * lda : zi;
         for (nf_index j0 = 0; j0 < w; j0 += NF_CHUNK) {
             nf_index n = w - j0 < NF_CHUNK ? w - j0 : NF_CHUNK;
-            NF_T(nf_load_v)(vg, zi + j0, b1 ? b1 + j0 : NULL, n);
-            NF_T(nf_load_v)(vu, zi + h + j0, b1 ? b1 + h + j0 : NULL, n);
+            T *zg = zi + j0, *zu = zi + h + j0;
+            const T *bg = b1 ? b1 + j0 : NULL, *bu = b1 ? b1 + h + j0 : NULL;
+            if (!dead) {                      /* straight from z: no local copy */
+                if (!a && b1)      NF_T(nf_gated_inplace)(zg, zu, bg, bu, n, gate, 1);
+                else if (!a)       NF_T(nf_gated_inplace)(zg, zu, NULL, NULL, n, gate, 0);
+                else if (b1)       NF_T(nf_gated_keep)(ai + j0, zg, zu, bg, bu, n, gate);
+                else               NF_T(nf_gated_chunk)(ai + j0, zg, zu, n, gate);
+                continue;
+            }
+            NF_T(nf_load_v)(vg, zg, bg, n);
+            NF_T(nf_load_v)(vu, zu, bu, n);
             if (a && b1) {
-                memcpy(zi + j0, vg, (size_t)n * sizeof(T));
-                memcpy(zi + h + j0, vu, (size_t)n * sizeof(T));
+                memcpy(zg, vg, (size_t)n * sizeof(T));
+                memcpy(zu, vu, (size_t)n * sizeof(T));
             }
-            if (dead) {
-                NF_T(nf_act_chunk)(s, vg, n, gate);
-                NF_T(nf_mul_chunk)(ai + j0, s, vu, n);
-                NF_T(nf_dead_chunk)(dead + j0, s, n);
-            } else {
-                NF_T(nf_gated_chunk)(ai + j0, vg, vu, n, gate);
-            }
+            NF_T(nf_act_chunk)(s, vg, n, gate);
+            NF_T(nf_mul_chunk)(ai + j0, s, vu, n);
+            NF_T(nf_dead_chunk)(dead + j0, s, n);
         }
     }
 }
