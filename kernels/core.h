@@ -20,6 +20,7 @@
  *   nf_prefetch_range         prefetch a byte range into L2
  *   nf_stream_copy/_fence     non-temporal stores (no read-for-ownership)
  *   nf_threads_for            the thread plan: OpenMP threads for a given amount of work
+ *   nf_max_threads / nf_set_max_threads   the calling thread's OpenMP thread count
  *   nf_chan                   Chan et al. merge of (count, mean, M2)
  *   nf_reduce_blocks          fixed-order sum of float64 block partials
  * Typed, stamped once per dtype from core_t.h (SUF = f32 for float, f64 for double):
@@ -111,8 +112,12 @@ NF_INLINE void nf_prefetch_range(const void *p, size_t from, size_t to)
 #ifdef _OPENMP
 #include <omp.h>
 static inline int nf_max_threads(void) { return omp_get_max_threads(); }
+/* The calling thread's OpenMP thread count for later calls (its own ICV: other threads keep
+ * theirs), as threadpoolctl sets it. */
+static inline void nf_set_max_threads(int n) { omp_set_num_threads(n); }
 #else
 static inline int nf_max_threads(void) { return 1; }
+static inline void nf_set_max_threads(int n) { (void)n; }
 #endif
 
 /* OpenMP threads for `work` units: honours OMP_NUM_THREADS and threadpoolctl (both set

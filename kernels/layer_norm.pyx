@@ -20,7 +20,7 @@ from libc.string cimport memset
 
 from arrays cimport (data_in, data_out, float_type, matrix_shape, opt_in, opt_out,
                      work_out)
-from core cimport nf_index, nf_max_threads
+from core cimport nf_index, nf_max_threads, nf_set_max_threads
 from norm_rows cimport (nf_nr_ahead, nf_nr_bwd_args, nf_nr_bwd_scratch, nf_nr_fwd_args,
                         nf_nr_threads, nr_backward, nr_forward)
 
@@ -112,3 +112,11 @@ def max_threads():
     """The OpenMP thread count a large kernel call would use now (OMP_NUM_THREADS,
     threadpoolctl)."""
     return nf_max_threads()
+
+
+def set_max_threads(int n):
+    """Set the calling thread's OpenMP thread count for later kernel calls (other threads keep
+    theirs); returns the previous one.  n < 1 counts as 1."""
+    cdef int before = nf_max_threads()
+    nf_set_max_threads(n if n >= 1 else 1)
+    return before

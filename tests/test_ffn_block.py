@@ -366,6 +366,36 @@ def test_threads_identical(rng, norm, placement, recompute):
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
+def test_norm_threads_with_scipy_blas(rng, monkeypatch, placement):
+    """With scipy's BLAS the sublayer's norm passes run on one OpenMP thread (its GEMMs are
+    OpenBLAS's pthreads); the caller's thread count is restored afterwards, on errors too."""
+    from normffn._kernels import layer_norm as omp
+
+    seen = []
+    real = FB.run_add_norm_backward
+
+    def spy(*args):
+        seen.append(omp.max_threads())
+        return real(*args)
+
+    monkeypatch.setattr(FB, "run_add_norm_backward", spy)
+    params = make_params(rng, 32, 16, np.float32, "relu", "layer")
+    x = rng.standard_normal((40, 32)).astype(np.float32)
+    with threadpool_limits(limits=2, user_api="openmp"):
+        y, ctx = ffn_block_forward(x, *params, "relu", placement=placement)
+        ffn_block_backward(x, ctx)
+        assert seen == [1] and omp.max_threads() == 2
+
+        def boom(*args):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(FB, "layer_norm_run_forward", boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            ffn_block_forward(x, *params, "relu", placement=placement)
+        assert omp.max_threads() == 2
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("norm", NORMS)
 def test_inputs_not_modified(rng, norm, placement):
     params = make_params(rng, 16, 8, np.float32, "relu", norm)

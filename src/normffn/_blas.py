@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-__all__ = ["SCIPY", "current", "register", "registered", "using"]
+__all__ = ["SCIPY", "current", "on_openmp_pool", "register", "registered", "using"]
 
 SCIPY = 0        # the kernels' slot of scipy's BLAS
 _SLOT = 1        # the kernels' slot of a registered BLAS
@@ -35,6 +35,13 @@ _addresses: tuple = ()
 def current() -> int:
     """The BLAS slot this thread's FFN calls use (the kernels' ``blas`` argument)."""
     return getattr(_state, "slot", SCIPY)
+
+
+def on_openmp_pool() -> bool:
+    """Whether this thread's FFN calls multiply with a BLAS that threads on the process's
+    OpenMP pool (a registered one, ``openmp=True``); False for scipy's OpenBLAS, whose own
+    pthreads run its GEMMs."""
+    return current() == _SLOT and bool(_addresses) and bool(_addresses[4])
 
 
 def registered() -> tuple[str | None, tuple]:

@@ -43,12 +43,13 @@ Layers as in every op module: ``check_forward`` / ``check_backward`` validate (t
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from . import _checks
+from . import _blas, _checks
 from ._context import Context, Field
 from ._workspace import workspace
 from .add_norm import run_add_norm_backward
@@ -56,6 +57,7 @@ from .ffn import ACTIVATIONS, GATED, FFNArgs
 from .ffn import check_forward as ffn_check_forward
 from .ffn import run_backward as ffn_run_backward
 from .ffn import run_forward as ffn_run_forward
+from ._kernels import layer_norm as _omp
 from .layer_norm import run_forward as layer_norm_run_forward
 from .rms_norm import run_rms_norm_forward
 
@@ -304,11 +306,33 @@ def check_backward(dy, ctx, *, out=None, needs=None):
 
 
 # ---------------------------------------------------------------- run layer
+@contextmanager
+def _norm_threads():
+    """The sublayer's norm passes run on the calling thread alone when the FFN multiplies with
+    scipy's OpenBLAS: after an OpenMP region libgomp's idle worker spins on its core for
+    milliseconds, and OpenBLAS's threaded GEMMs that follow need that core (docs/tuning.md).
+    With a BLAS on the OpenMP pool (normffn.torch) the norms keep the pool."""
+    if _blas.on_openmp_pool():
+        yield
+        return
+    before = _omp.set_max_threads(1)
+    try:
+        yield
+    finally:
+        _omp.set_max_threads(before)
+
+
 def _norm_forward(norm, x2, weight, bias, eps, y2, mean, rstd):
-    if norm == "rms":
-        run_rms_norm_forward(x2, weight, eps, y2, rstd)
-    else:
-        layer_norm_run_forward(x2, weight, bias, eps, y2, mean, rstd)
+    with _norm_threads():
+        if norm == "rms":
+            run_rms_norm_forward(x2, weight, eps, y2, rstd)
+        else:
+            layer_norm_run_forward(x2, weight, bias, eps, y2, mean, rstd)
+
+
+def _add_norm_backward(*args):
+    with _norm_threads():
+        run_add_norm_backward(*args)
 
 
 def run_forward(x2, norm_weight, norm_bias, w1, b1, w2, b2, activation, norm, placement, eps,
@@ -403,7 +427,7 @@ def run_backward(dy2, x2, norm_weight, norm_bias, mean, rstd, xn2, s2, hidden, w
             ffn_run_backward(dy2, xn2, hidden, w1, b1, w2, activation,
                              (need_dxn,) + ffn_needs, out=(dxn,) + ffn_w)
             if need_dxn:
-                run_add_norm_backward(dxn, x2, norm_weight, mean, rstd,
+                _add_norm_backward(dxn, x2, norm_weight, mean, rstd,
                                       dy2 if dx is not None else None, dx, dnw, dnb)
     else:
         # ds = norm_backward(dy), written into dx;  dx += ffn_backward(ds)[0] in place
@@ -412,7 +436,7 @@ def run_backward(dy2, x2, norm_weight, norm_bias, mean, rstd, xn2, s2, hidden, w
         if need_ds:
             ds = dx if dx is not None else _scratch("ffn_block.ds", n, d, dtype)
         if need_ds or dnw is not None or dnb is not None:
-            run_add_norm_backward(dy2, s2, norm_weight, mean, rstd, None, ds, dnw, dnb)
+            _add_norm_backward(dy2, s2, norm_weight, mean, rstd, None, ds, dnw, dnb)
         if need_ds:
             ffn_run_backward(ds, x2, hidden, w1, b1, w2, activation,
                              (dx is not None,) + ffn_needs, out=(dx,) + ffn_w,
