@@ -29,9 +29,9 @@
  * (libm's expf/erfcf are scalar calls GCC does not vectorise without -ffast-math, which is never
  * used: NaN and Inf propagate through every helper).  float gelu is computed in double from
  * vmath.h's nf_vphi_d and rounded once; double gelu still calls libm erfc (not vectorised).
- * Smooth and gated rows copy their pre-activation into small local chunks first, so an output
- * written over its input (a over z) is safe.  Bodies are written once, in ffn_elementwise_t.h, stamped
- * for float (SUF f32) and double (f64).
+ * Smooth and gated rows read their pre-activation in place, or from a small local copy where an
+ * output is written over it (see ffn_elementwise_t.h).  Bodies are written once, in
+ * ffn_elementwise_t.h, stamped for float (SUF f32) and double (f64).
  */
 #ifndef NORMFFN_FFN_ELEMENTWISE_H
 #define NORMFFN_FFN_ELEMENTWISE_H

@@ -3,14 +3,15 @@
  * Contract and maths: ffn_elementwise.h.  NF_T(name) expands to name_SUF. */
 
 /* ---------------------------------------------------------------- one chunk of a row
- * Rows are processed in chunks of at most NF_CHUNK columns: the pre-activation v = z + b1 (gated:
- * vg and vu) is copied into small local arrays, then one loop per activation computes act(v),
- * act'(v) and the products from them straight into the outputs.  Each loop has one activation
- * and restrict (or local) operands, so GCC vectorises it (vmath.h's functions inline into it),
- * and writing an output over its input (a over z, in place) is safe: a chunk's inputs are copied
- * before any of its outputs are stored, and later chunks read columns no earlier chunk wrote.
- * (One loop rather than a loop per step through local act(v) / act'(v) arrays: the gated
- * backward pass is bound by its loads and stores, and ran 30% faster fused; docs/tuning.md.) */
+ * Rows are processed in chunks of at most NF_CHUNK columns, and one loop per activation computes
+ * act(v), act'(v) and the products from them straight into the outputs.  The pre-activation
+ * v = z + b1 (gated: vg and vu) is read in place where that is safe — each element is read before
+ * the one store that may replace it (a over z's gate columns), or nothing is written over z — and
+ * copied into small local arrays otherwise, so a chunk's inputs are copied before any of its
+ * outputs are stored and later chunks read columns no earlier chunk wrote.  Each loop has one
+ * activation and restrict (or local) operands, so GCC vectorises it (vmath.h's functions inline
+ * into it).  (One loop rather than a loop per step through local act(v) / act'(v) arrays, and no
+ * copy where none is needed: the passes are bound by their loads and stores; docs/tuning.md.) */
 
 /* v[0:n] = z[0:n] + b[0:n] (b may be NULL). */
 NF_INLINE void NF_T(nf_load_v)(T *restrict v, const T *restrict z, const T *restrict b,

@@ -51,13 +51,13 @@ import numpy as np
 
 from . import _blas, _checks
 from ._context import Context, Field
+from ._kernels import layer_norm as _omp
 from ._workspace import workspace
 from .add_norm import run_add_norm_backward
 from .ffn import ACTIVATIONS, GATED, FFNArgs
 from .ffn import check_forward as ffn_check_forward
 from .ffn import run_backward as ffn_run_backward
 from .ffn import run_forward as ffn_run_forward
-from ._kernels import layer_norm as _omp
 from .layer_norm import run_forward as layer_norm_run_forward
 from .rms_norm import run_rms_norm_forward
 
@@ -428,7 +428,7 @@ def run_backward(dy2, x2, norm_weight, norm_bias, mean, rstd, xn2, s2, hidden, w
                              (need_dxn,) + ffn_needs, out=(dxn,) + ffn_w)
             if need_dxn:
                 _add_norm_backward(dxn, x2, norm_weight, mean, rstd,
-                                      dy2 if dx is not None else None, dx, dnw, dnb)
+                                   dy2 if dx is not None else None, dx, dnw, dnb)
     else:
         # ds = norm_backward(dy), written into dx;  dx += ffn_backward(ds)[0] in place
         need_ds = dx is not None or any(ffn_needs)
