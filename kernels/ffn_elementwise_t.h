@@ -87,32 +87,21 @@ NF_INLINE void NF_T(nf_dead_chunk)(unsigned char *restrict dead, const T *restri
  *                     act(vg) * vu to a, apart.
  * NF_GATED_EACH(LOAD_G, LOAD_U, BODY): one loop per gate over [0, n) with vg = LOAD_G,
  * vu = LOAD_U and s = act(vg) in scope of BODY. */
+#define NF_GATED_FOR(ACT, LOAD_G, LOAD_U, BODY)                                            \
+    for (nf_index j = 0; j < n; j++) {                                                     \
+        T vg = LOAD_G, vu = LOAD_U, s = ACT;                                               \
+        BODY;                                                                              \
+    }
 #define NF_GATED_EACH(LOAD_G, LOAD_U, BODY)                                                \
     switch (gate) {                                                                        \
     case NF_ACT_GELU:                                                                      \
-        for (nf_index j = 0; j < n; j++) {                                                 \
-            T vg = LOAD_G, vu = LOAD_U, s = NF_T(nf_vgelu)(vg, NULL);                      \
-            BODY;                                                                          \
-        }                                                                                  \
-        break;                                                                             \
+        NF_GATED_FOR(NF_T(nf_vgelu)(vg, NULL), LOAD_G, LOAD_U, BODY); break;               \
     case NF_ACT_GELU_TANH:                                                                 \
-        for (nf_index j = 0; j < n; j++) {                                                 \
-            T vg = LOAD_G, vu = LOAD_U, s = NF_T(nf_vgelu_tanh)(vg, NULL);                 \
-            BODY;                                                                          \
-        }                                                                                  \
-        break;                                                                             \
+        NF_GATED_FOR(NF_T(nf_vgelu_tanh)(vg, NULL), LOAD_G, LOAD_U, BODY); break;          \
     case NF_ACT_SILU:                                                                      \
-        for (nf_index j = 0; j < n; j++) {                                                 \
-            T vg = LOAD_G, vu = LOAD_U, s = NF_T(nf_vsilu)(vg, NULL);                      \
-            BODY;                                                                          \
-        }                                                                                  \
-        break;                                                                             \
+        NF_GATED_FOR(NF_T(nf_vsilu)(vg, NULL), LOAD_G, LOAD_U, BODY); break;               \
     default:                                                                               \
-        for (nf_index j = 0; j < n; j++) {                                                 \
-            T vg = LOAD_G, vu = LOAD_U, s = vg < 0 ? (T)0 : vg;                            \
-            BODY;                                                                          \
-        }                                                                                  \
-        break;                                                                             \
+        NF_GATED_FOR(vg < 0 ? (T)0 : vg, LOAD_G, LOAD_U, BODY); break;                     \
     }
 
 NF_INLINE void NF_T(nf_gated_chunk)(T *restrict out, const T *restrict g, const T *restrict u,
@@ -135,6 +124,7 @@ NF_INLINE void NF_T(nf_gated_keep)(T *restrict a, T *restrict zg, T *restrict zu
     NF_GATED_EACH(zg[j] + bg[j], zu[j] + bu[j], (zg[j] = vg, zu[j] = vu, a[j] = s * vu));
 }
 #undef NF_GATED_EACH
+#undef NF_GATED_FOR
 
 /* Backward, dA in gg on entry: gg = (dA * vu) * act'(vg) (relu: dA * vu where vg is not <= 0,
  * else 0), gu = dA * act(vg), and a = act(vg) * vu when a != NULL. */
