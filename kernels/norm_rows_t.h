@@ -166,7 +166,10 @@ NF_INLINE void NF_T(nf_nr_bwd_elem)(T *restrict dx, nf_index ldx, double *restri
 
 /* Columns [0, m) of G rows, one cache line at a time; each line step also prefetches the same
  * line of the pf_g rows at pf_dy/pf_x/pf_ds (a later group), so their stats pass finds them in
- * L2.  Full lines and the remainder are separate loops (the full-line loop has a constant trip
+ * L2, and, for writing, of pf_dx (their dx rows; NULL when dx is built in an L1 chunk): without
+ * that, the read-for-ownership of the G interleaved dx rows' lines stalled the stores (one
+ * thread, 8192 x 768 float32: 870 -> 545 ns a row, where an a + b over the three arrays takes
+ * 470; docs/tuning.md).  Full lines and the remainder are separate loops (the full-line loop has a constant trip
  * count).  The entry point's restrict parameters keep distinct buffers apart; GCC versions
  * the loop on the distance of dx's G rows (run-time stride ldx), as the LayerNorm-only
  * kernel's loop was. */
@@ -175,7 +178,8 @@ NF_INLINE void NF_T(nf_nr_bwd_cols)(T *restrict dx, nf_index ldx, double *restri
                                     const T *restrict x, const T *restrict ds, nf_index ld,
                                     const T *restrict w, nf_index m, const T *mh_, const T *ml_,
                                     const T *r_, const T *c1_, const T *c2_, const T *pf_dy,
-                                    const T *pf_x, const T *pf_ds, nf_index pf_g, const int G,
+                                    const T *pf_x, const T *pf_ds, T *pf_dx, nf_index pf_g,
+                                    const int G,
                                     const int CENTER, const int HAS_W, const int ACC_W,
                                     const int ACC_B, const int DX)
 {
@@ -190,6 +194,7 @@ NF_INLINE void NF_T(nf_nr_bwd_cols)(T *restrict dx, nf_index ldx, double *restri
             __builtin_prefetch(pf_dy + k * ld + jb, 0, 2);
             __builtin_prefetch(pf_x + k * ld + jb, 0, 2);
             if (DX == 2) __builtin_prefetch(pf_ds + k * ld + jb, 0, 2);
+            if (DX && pf_dx) __builtin_prefetch(pf_dx + k * ld + jb, 1, 2);
         }
         for (nf_index j = jb; j < jb + L; j++)
             NF_T(nf_nr_bwd_elem)(dx, ldx, dw_acc, db_acc, dy, x, ds, ld, w, j, mh, ml, r, c1, c2,
@@ -215,6 +220,7 @@ NF_INLINE void NF_T(nf_nr_bwd_group)(T *restrict dx, double *restrict aw, double
     const T *pf_dy = dy + pf * d, *pf_x = x + pf * d;
     const T *pf_ds = DX == 2 ? ds + pf * d : NULL;
     stream = DX && stream;
+    T *pf_dx = DX && !stream ? dx + pf * d : NULL;
     T mh[NF_G], ml[NF_G], r[NF_G], c1[NF_G], c2[NF_G];
     for (nf_index k = 0; k < g; k++) {
         mh[k] = 0;
@@ -242,15 +248,15 @@ NF_INLINE void NF_T(nf_nr_bwd_group)(T *restrict dx, double *restrict aw, double
         const T *pds = DX == 2 ? pf_ds + c : NULL;
         if (g == NF_G) {
             NF_T(nf_nr_bwd_cols)(out, ldo, awc, abc, dy + c, x + c, dsc, d, wc, m, mh, ml, r,
-                                 c1, c2, pf_dy + c, pf_x + c, pds, pg,
-                                 NF_G, CENTER, HAS_W, ACC_W, ACC_B, DX);
+                                 c1, c2, pf_dy + c, pf_x + c, pds, pf_dx ? pf_dx + c : NULL,
+                                 pg, NF_G, CENTER, HAS_W, ACC_W, ACC_B, DX);
         } else {
             for (nf_index k = 0; k < g; k++)
                 NF_T(nf_nr_bwd_cols)(DX ? out + k * ldo : NULL, ldo, awc, abc,
                                      dy + k * d + c, x + k * d + c,
                                      DX == 2 ? dsc + k * d : NULL, d, wc, m, mh + k, ml + k,
                                      r + k, c1 + k, c2 + k, pf_dy + c, pf_x + c, pds,
-                                     k == 0 ? pg : 0, 1, CENTER, HAS_W, ACC_W, ACC_B, DX);
+                                     pf_dx ? pf_dx + c : NULL, k == 0 ? pg : 0, 1, CENTER, HAS_W, ACC_W, ACC_B, DX);
         }
         if (stream)
             for (nf_index k = 0; k < g; k++)
@@ -425,7 +431,7 @@ NF_CLONES static void NF_T(nf_nr_bwd_rms_group)(T *restrict dx, double *restrict
 }
 
 /* Block blk: zero its partials, then its rows group by group through `group`, prefetching the
- * group NF_NR_BWD_PF_GROUPS groups ahead (rows past n: none). */
+ * group nf_nr_bwd_ahead groups ahead (rows past n: none). */
 NF_INLINE void NF_T(nf_nr_bwd_block)(const nf_nr_bwd_args *a, nf_index blk,
                                      NF_T(nf_nr_bwd_group_fn) group)
 {
@@ -438,11 +444,12 @@ NF_INLINE void NF_T(nf_nr_bwd_block)(const nf_nr_bwd_args *a, nf_index blk,
     }
     T *dx = (T *)a->dx;
     const T *dy = (const T *)a->dy, *x = (const T *)a->x, *ds = (const T *)a->ds;
+    const nf_index ahead = nf_nr_bwd_ahead(d, (nf_index)sizeof(T));
     nf_index r0 = blk * a->rows_per_block;
     nf_index r1 = r0 + a->rows_per_block < n ? r0 + a->rows_per_block : n;
     for (nf_index i = r0; i < r1;) {
         nf_index g = r1 - i < NF_G ? r1 - i : NF_G;
-        nf_index pf = i + g + (NF_NR_BWD_PF_GROUPS - 1) * NF_G;
+        nf_index pf = i + g + (ahead - 1) * NF_G;
         nf_index pg = n - pf < NF_G ? n - pf : NF_G;
         if (pg < 0) { pg = 0; pf = i; }
         group(dx ? dx + i * d : NULL, aw, ab, dy + i * d, x + i * d, ds ? ds + i * d : NULL,
