@@ -166,13 +166,14 @@ NF_INLINE void NF_T(nf_nr_bwd_elem)(T *restrict dx, nf_index ldx, double *restri
 
 /* Columns [0, m) of G rows, one cache line at a time; each line step also prefetches the same
  * line of the pf_g rows at pf_dy/pf_x/pf_ds (a later group), so their stats pass finds them in
- * L2, and, for writing, of pf_dx (their dx rows; NULL when dx is built in an L1 chunk): without
- * that, the read-for-ownership of the G interleaved dx rows' lines stalled the stores (one
- * thread, 8192 x 768 float32: 870 -> 545 ns a row, where an a + b over the three arrays takes
- * 470; docs/tuning.md).  Full lines and the remainder are separate loops (the full-line loop has a constant trip
- * count).  The entry point's restrict parameters keep distinct buffers apart; GCC versions
- * the loop on the distance of dx's G rows (run-time stride ldx), as the LayerNorm-only
- * kernel's loop was. */
+ * L2, and of pf_dx (their dx rows; NULL when dx is built in an L1 chunk): without that, the
+ * read-for-ownership of the G interleaved dx rows' lines stalled the stores (one thread,
+ * 8192 x 768 float32: 870 -> 553 ns a row, where an a + b over the three arrays takes 470;
+ * docs/tuning.md).  GCC emits the write hint as prefetcht1 unless PREFETCHW is enabled; a
+ * prefetchw build measured alike.  Full lines and the remainder are separate loops (the
+ * full-line loop has a constant trip count).  The entry point's restrict parameters keep
+ * distinct buffers apart; GCC versions the loop on the distance of dx's G rows (run-time stride
+ * ldx), as the LayerNorm-only kernel's loop was. */
 NF_INLINE void NF_T(nf_nr_bwd_cols)(T *restrict dx, nf_index ldx, double *restrict dw_acc,
                                     double *restrict db_acc, const T *restrict dy,
                                     const T *restrict x, const T *restrict ds, nf_index ld,
