@@ -17,7 +17,7 @@
  *   NF_CHUNK                  L1 chunk through which streamed outputs are built
  *   nf_tree_sum               fixed pairwise sum of NF_LANES float64 accumulators
  *   nf_split                  double -> hi + lo floats
- *   nf_prefetch_range         prefetch a byte range into L2
+ *   nf_prefetch_range(_w)     prefetch a byte range into L2 (_w: to be written)
  *   nf_stream_copy/_fence     non-temporal stores (no read-for-ownership)
  *   nf_threads_for            the thread plan: OpenMP threads for a given amount of work
  *   nf_max_threads / nf_set_max_threads   the calling thread's OpenMP thread count
@@ -105,6 +105,14 @@ NF_INLINE void nf_prefetch_range(const void *p, size_t from, size_t to)
 {
     for (size_t o = from & ~(size_t)63; o < to; o += 64)
         __builtin_prefetch((const char *)p + o, 0, 2);
+}
+
+/* The same for lines about to be written (an output): the stores then find them in cache
+ * instead of each waiting on its read-for-ownership. */
+NF_INLINE void nf_prefetch_range_w(void *p, size_t from, size_t to)
+{
+    for (size_t o = from & ~(size_t)63; o < to; o += 64)
+        __builtin_prefetch((char *)p + o, 1, 2);
 }
 
 /* ---------------------------------------------------------------- thread plan */

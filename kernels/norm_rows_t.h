@@ -33,7 +33,9 @@ NF_INLINE void NF_T(nf_nr_affine)(T *restrict y, const T *restrict x, const T *r
 
 /* Row i (thread tid): statistics, then y (and s).  Prefetches row i + ahead meanwhile:
  * LayerNorm's x during its second pass (nf_ssd), RMSNorm's x and the residual during the y
- * pass. */
+ * pass, and with the residual (four arrays in flight) that row's y and s lines for writing
+ * (one thread, add + LayerNorm 8192 x 768: 7-10% faster in the C harness; the plain forward's
+ * single output stream gained nothing). */
 NF_INLINE void NF_T(nf_nr_fwd_body)(const nf_nr_fwd_args *a, nf_index i, int tid,
                                     const int CENTER, const int ADD)
 {
@@ -74,6 +76,10 @@ NF_INLINE void NF_T(nf_nr_fwd_body)(const nf_nr_fwd_args *a, nf_index i, int tid
                            (T)rstd, CENTER);
         if (!CENTER) nf_prefetch_range(pf_x + c, 0, (size_t)m * sizeof(T));
         if (ADD) nf_prefetch_range(pf_r + c, 0, (size_t)m * sizeof(T));
+        if (ADD && !a->stream) {
+            nf_prefetch_range_w((T *)a->y + nxt * d + c, 0, (size_t)m * sizeof(T));
+            nf_prefetch_range_w((T *)a->s + nxt * d + c, 0, (size_t)m * sizeof(T));
+        }
         if (a->stream) nf_stream_copy(y + c, tmp, (size_t)m * sizeof(T));
     }
     if (ADD && a->stream) nf_stream_copy((T *)a->s + i * d, buf, (size_t)d * sizeof(T));
