@@ -34,8 +34,10 @@
  * Memory: forward reads x (and r, writing s) from memory once, in the first sum; LayerNorm's
  * second pass (nf_ssd) and the y pass find the row in L1/L2 while the row `ahead` rows on is
  * prefetched.  Backward's stats pass reads dy and x; the dx pass finds them in L1/L2 and, one
- * cache line at a time, prefetches that line of a later group.  With `stream`, outputs are built
- * in an L1 chunk (s in the per-thread row buffer) and copied out with non-temporal stores.
+ * cache line at a time, prefetches that line of a later group's dy, x and dx (dx to be
+ * written: its read-for-ownership otherwise stalls the stores); with the residual, the forward
+ * prefetches the later row's y and s lines too.  With `stream`, outputs are built in an L1
+ * chunk (s in the per-thread row buffer) and copied out with non-temporal stores.
  *
  * Specialisation: the flags (CENTER, ADD, HAS_W, ACC_W, ACC_B, DX) are `const int` parameters of
  * always-inlined bodies, passed as literals, so each combination compiles to its own
@@ -71,8 +73,8 @@
 #define NF_NR_MIN_BLOCK_ROWS 16         /* and at least this many rows each (4 groups) */
 #define NF_NR_PF_BYTES 8192             /* fwd prefetch >= this far ahead: 8192x768 f32, 2 thr */
 #define NF_NR_PF_MAX_ROWS 16            /* ... and at most this many rows ahead */
-#define NF_NR_BWD_PF_BYTES 65536       /* bwd prefetch >= a group and ~this far ahead (per array) */
-#define NF_NR_BWD_PF_MAX_GROUPS 5       /* ... and at most this many groups: 8192x768 f32 */
+#define NF_NR_BWD_PF_BYTES 65536        /* bwd prefetch: ~this far ahead in each array, */
+#define NF_NR_BWD_PF_MAX_GROUPS 5       /* ... 1 to this many groups: 8192x768, 2048x4096 f32 */
 #define NF_NR_REDUCE_CHUNK 512          /* columns per task in the partials' sum (not timed) */
 
 /* ---------------------------------------------------------------- arguments

@@ -263,7 +263,8 @@ NF_INLINE void NF_T(nf_nr_bwd_group)(T *restrict dx, double *restrict aw, double
                                      dy + k * d + c, x + k * d + c,
                                      DX == 2 ? dsc + k * d : NULL, d, wc, m, mh + k, ml + k,
                                      r + k, c1 + k, c2 + k, pf_dy + c, pf_x + c, pds,
-                                     pf_dx ? pf_dx + c : NULL, k == 0 ? pg : 0, 1, CENTER, HAS_W, ACC_W, ACC_B, DX);
+                                     pf_dx ? pf_dx + c : NULL, k == 0 ? pg : 0, 1, CENTER,
+                                     HAS_W, ACC_W, ACC_B, DX);
         }
         if (stream)
             for (nf_index k = 0; k < g; k++)
